@@ -1,0 +1,113 @@
+"""The interface every loader implements, its options, and the one place a window becomes a Batch."""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from dali_float import cache_format as cf
+from dali_float.config import Preset
+from dali_float.contract import FEATURE_DTYPE, Batch
+from dali_float.errors import UsageError
+from dali_float.loaders.sampling import EPOCH_POLICIES, REF_RULES, check_choice
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """Settings shared by the loaders; each loader ignores what does not apply to it."""
+
+    batch_size: int = 8
+    seed: int = 0
+    ref_rule: str = "first"  # first | random_in_clip | random_in_window
+    epoch_policy: str = "windows"  # windows | clips (see loaders.sampling)
+    device: str = "cpu"  # where batches are delivered: "cpu" or "cuda[:N]"
+    shard_id: int = 0  # this rank
+    num_shards: int = 1  # world size
+    num_workers: int = 2  # torch: DataLoader worker processes
+    num_threads: int = 2  # dali: pipeline CPU threads
+    prefetch_batches: int = 2  # batches prepared ahead
+    read_strategy: str = "auto"  # dali: auto | pread | roi | gds
+
+    def __post_init__(self) -> None:
+        check_choice("ref", self.ref_rule, REF_RULES)
+        check_choice("epoch_policy", self.epoch_policy, EPOCH_POLICIES)
+        if self.batch_size < 1:
+            raise UsageError(f"--batch_size must be at least 1, got {self.batch_size}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise UsageError(f"device {self.device!r}: use cpu or cuda[:N]")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+
+WindowItem = tuple[str, int, int]  # (clip id, window start, reference frame)
+
+
+class WindowLoader(abc.ABC):
+    """An endless stream of Batches (epochs follow each other), resumable from `state_dict()`.
+
+    `samples_per_epoch` is this rank's share of an epoch. A batch is valid until the next one is
+    requested (the DALI loader hands out its buffers without copying).
+    """
+
+    kind: str = ""
+
+    def __init__(self, preset: Preset, options: LoaderOptions, clip_ids: Sequence[str]):
+        self.preset, self.options = preset, options
+        self.clip_ids = list(clip_ids)
+        self.batches_consumed = 0
+
+    @property
+    @abc.abstractmethod
+    def samples_per_epoch(self) -> int: ...
+
+    @abc.abstractmethod
+    def batches(self) -> Iterator[Batch]:
+        """Batches from the current position on; each one counts as consumed once yielded."""
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.batches()
+
+    @abc.abstractmethod
+    def load_windows(self, items: Sequence[WindowItem]) -> Batch:
+        """The batch for a fixed list of (clip id, window start, reference frame): the parity hook."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "batches_consumed": self.batches_consumed,
+                "batch_size": self.options.batch_size, "seed": self.options.seed,
+                "shard_id": self.options.shard_id, "num_shards": self.options.num_shards}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where `state` was taken (call before iterating)."""
+        mine = self.state_dict()
+        for key in ("kind", "batch_size", "seed", "shard_id", "num_shards"):
+            if state.get(key) != mine[key]:
+                raise UsageError(f"cannot resume the loader: {key} was {state.get(key)!r}, now {mine[key]!r}")
+        self.batches_consumed = int(state["batches_consumed"])
+
+    def close(self) -> None:
+        """Release workers and pipelines."""
+
+    def index_of(self, clip_id: str) -> int:
+        try:
+            return self.clip_ids.index(clip_id)
+        except ValueError:
+            raise UsageError(f"clip {clip_id!r} is not among this loader's clips") from None
+
+
+def batch_from_windows(preset: Preset, windows: torch.Tensor, ref_motion: torch.Tensor, emotion: torch.Tensor,
+                       window_start: torch.Tensor, ref_frame: torch.Tensor, clip_ids: list[str]) -> Batch:
+    """Split rows of frames.npy, (B, 60, F + A) float16, into the contract's fields (views, no copy)."""
+    p = preset.timing.num_prev_frames
+    motion, audio = cf.motion_columns(preset), cf.audio_columns(preset)
+    return Batch(
+        prev_motion=windows[:, :p, motion], motion=windows[:, p:, motion],
+        prev_audio=windows[:, :p, audio], audio=windows[:, p:, audio],
+        ref_motion=ref_motion.reshape(ref_motion.shape[0], -1),
+        emotion=emotion.to(FEATURE_DTYPE),
+        window_start=window_start.reshape(-1).to(torch.int64), ref_frame=ref_frame.reshape(-1).to(torch.int64),
+        clip_id=clip_ids,
+    )

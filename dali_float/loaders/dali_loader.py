@@ -1,0 +1,221 @@
+"""`--loader dali`: a DALI pipeline cuts training windows out of the cache, no Python per sample.
+
+Per sample, inside the pipeline: `fn.readers.numpy` reads the clip's tiny clip_info.npy (shuffled,
+sharded, checkpointed: it defines the epoch), a window start is drawn from the clip's valid starts,
+the reference frame follows the `--ref` rule, the 60 rows of frames.npy are read, and on a GPU every
+output moves to the device. Read strategies for the rows:
+
+  pread  (default) `fn.dali_float_window_read` (window_read.cc): one pread per window, then `.gpu()`.
+  roi    `fn.readers.numpy` with a per-sample ROI: the stock way; it maps the file for every sample,
+         a page fault per 4 KiB, about 3x slower than pread on the CPU (docs/BENCHMARKS.md).
+  gds    `fn.readers.numpy(device="gpu")` (GPU Direct Storage): reads the WHOLE frames.npy onto the
+         GPU and slices the window there; only worth it when clips are a few windows long.
+
+The split of a window into the contract's fields is `batch_from_windows` (views); on a GPU the
+features arrive on the device already float16, as they are stored.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+
+from dali_float import cache_format as cf
+from dali_float.contract import Batch
+from dali_float.errors import CacheError, UsageError
+from dali_float.loaders.base import LoaderOptions, WindowItem, WindowLoader, batch_from_windows
+from dali_float.loaders.cached import TrainingCache
+from dali_float.loaders.plugin import load_window_reader
+from dali_float.loaders.sampling import DRAW_RANGE, epoch_clip_indices, shard_bounds
+
+log = logging.getLogger(__name__)
+
+READ_STRATEGIES = ("auto", "pread", "roi", "gds")
+READER_NAME = "clips"
+OUTPUTS = ("windows", "ref_motion", "emotion", "window_start", "ref_frame", "clip_uid")
+
+
+def _draw() -> Any:
+    """A uniform integer in [0, DRAW_RANGE) per sample."""
+    return fn.random.uniform(range=[0, DRAW_RANGE - 1], dtype=types.INT64)
+
+
+@pipeline_def(enable_checkpointing=True)
+def window_pipeline(info_files: list[str], frames_files: list[str], files_by_uid: list[str], *,
+                    window_frames: int, motion_dim: int, ref_rule: str, strategy: str, on_gpu: bool,
+                    shuffle_seed: int | None, shard_id: int, num_shards: int, given_windows: bool):
+    """Outputs per sample: windows (60, F + A) f16, ref_motion (1, F) f16, emotion (E,) f16,
+    window_start, ref_frame, clip_uid (int64 scalars)."""
+    reader = dict(shard_id=shard_id, num_shards=num_shards, cache_header_information=True)
+    if shuffle_seed is not None:  # the same seed on every rank: one global permutation per epoch
+        reader.update(shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed)
+    info = fn.readers.numpy(files=info_files, name=READER_NAME, **reader)
+    num_frames = fn.cast(info[cf.CLIP_INFO_NUM_FRAMES], dtype=types.INT64)
+    clip_uid = fn.cast(info[cf.CLIP_INFO_UID], dtype=types.INT64)
+    emotion = fn.cast(info[cf.CLIP_INFO_EMOTION:], dtype=types.FLOAT16)
+
+    if given_windows:  # a fixed list (parity checks): starts and references come from the caller
+        start = fn.external_source(name="window_start", dtype=types.INT64, ndim=0)
+        ref = fn.external_source(name="ref_frame", dtype=types.INT64, ndim=0)
+    else:
+        start = _draw() % (num_frames - (window_frames - 1))
+        if ref_rule == "first":
+            ref = start * 0
+        elif ref_rule == "random_in_clip":
+            ref = _draw() % num_frames
+        else:
+            ref = start + _draw() % window_frames
+
+    if strategy == "pread":
+        windows = fn.dali_float_window_read(clip_uid, start, files=files_by_uid, rows=window_frames)
+        ref_motion = fn.dali_float_window_read(clip_uid, ref, files=files_by_uid, rows=1, columns=motion_dim)
+    elif strategy == "roi":
+        windows = fn.readers.numpy(files=frames_files, roi_start=fn.reshape(start, shape=[1]),
+                                   roi_shape=[window_frames], roi_axes=[0], **reader)
+        ref_motion = fn.readers.numpy(files=frames_files, roi_start=fn.stack(ref, start * 0),
+                                      roi_shape=[1, motion_dim], roi_axes=[0, 1], **reader)
+    else:  # gds: the whole clip onto the GPU, sliced there
+        whole = fn.readers.numpy(device="gpu", files=frames_files, **reader)
+        windows = whole[start:start + window_frames]
+        ref_motion = whole[ref:ref + 1, :motion_dim]
+
+    outputs = (windows, ref_motion, emotion, start, ref, clip_uid)
+    return tuple(o.gpu() for o in outputs) if on_gpu else outputs
+
+
+def _to_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
+    tensor = tensor_list.as_tensor()
+    if device.type == "cpu":
+        # Zero copy: DALI's dynamic executor hands over the buffer, which stays valid while referenced.
+        return torch.from_dlpack(tensor)
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
+    feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))  # device-to-device
+    return out
+
+
+def resolve_strategy(strategy: str, on_gpu: bool) -> str:
+    if strategy not in READ_STRATEGIES:
+        raise UsageError(f"--read_strategy {strategy!r} is not one of {', '.join(READ_STRATEGIES)}")
+    if strategy == "gds" and not on_gpu:
+        raise UsageError("--read_strategy gds reads with GPU Direct Storage: it needs a CUDA device")
+    if strategy in ("auto", "pread"):
+        if load_window_reader():
+            return "pread"
+        if strategy == "pread":
+            raise UsageError("--read_strategy pread: the DALI window-read operator could not be built "
+                             "(see the warning above); use --read_strategy roi")
+        return "roi"
+    return strategy
+
+
+class DaliWindowLoader(WindowLoader):
+    """Cached windows through a DALI pipeline; CPU tensors without a GPU, CUDA tensors with one."""
+
+    kind = "dali"
+
+    def __init__(self, cache: TrainingCache, options: LoaderOptions):
+        super().__init__(cache.preset, options, [c.clip_id for c in cache.clips])
+        self.cache = cache
+        self.device = options.torch_device
+        self.strategy = resolve_strategy(options.read_strategy, self.device.type == "cuda")
+        self.clip_id_of_uid = cache.clip_id_of_uid()
+        self.files_by_uid = cache.frames_files_by_uid()
+        window = cache.preset.timing.window_frames
+        plan = epoch_clip_indices([c.num_frames for c in cache.clips], window, options.epoch_policy)
+        # DALI reshuffles after each epoch; the first epoch is shuffled here with the same seed.
+        self.plan = plan[np.random.default_rng([options.seed, 0]).permutation(len(plan))]
+        begin, end = shard_bounds(len(self.plan), options.shard_id, options.num_shards)
+        if end == begin:
+            raise UsageError(f"{len(self.plan)} samples per epoch cannot feed {options.num_shards} ranks")
+        self._samples_per_epoch = end - begin
+        self._pipe = None
+        self._checkpoint: str | None = None
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self._samples_per_epoch
+
+    def _build(self, info_files: list[str], frames_files: list[str], *, given_windows: bool,
+               batch_size: int, checkpoint: str | None = None) -> Any:
+        o = self.options
+        on_gpu = self.device.type == "cuda"
+        pipe = window_pipeline(
+            info_files, frames_files, self.files_by_uid,
+            window_frames=self.preset.timing.window_frames, motion_dim=self.preset.motion_dim,
+            ref_rule=o.ref_rule, strategy=self.strategy, on_gpu=on_gpu,
+            shuffle_seed=None if given_windows else o.seed,
+            shard_id=0 if given_windows else o.shard_id, num_shards=1 if given_windows else o.num_shards,
+            given_windows=given_windows,
+            batch_size=batch_size, num_threads=o.num_threads,
+            device_id=(self.device.index or 0) if on_gpu else None,
+            # Random draws differ per rank; the reader's shuffle seed is shared (see above).
+            seed=(o.seed * 1_000_003 + o.shard_id) % (1 << 31),
+            # A fixed list is fed one batch at a time: nothing to prefetch.
+            prefetch_queue_depth=1 if given_windows else o.prefetch_batches, checkpoint=checkpoint,
+        )
+        try:
+            pipe.build()
+        except RuntimeError as err:
+            raise CacheError(f"the DALI pipeline over {self.cache.root} failed to start ({_first_line(err)}): "
+                             f"run `python preprocess.py verify`") from None
+        return pipe
+
+    def _pipeline(self) -> Any:
+        if self._pipe is None:
+            clips = [self.cache.clips[i] for i in self.plan]
+            self._pipe = self._build([str(c.info_path) for c in clips], [str(c.frames_path) for c in clips],
+                                     given_windows=False, batch_size=self.options.batch_size,
+                                     checkpoint=self._checkpoint)
+        return self._pipe
+
+    def _run(self, pipe: Any, **feeds: np.ndarray) -> Batch:
+        try:
+            for name, data in feeds.items():
+                pipe.feed_input(name, data)
+            outputs = pipe.run()
+        except RuntimeError as err:
+            raise CacheError(f"reading the cache {self.cache.root} failed ({_first_line(err)}): "
+                             f"run `python preprocess.py verify`") from None
+        t = dict(zip(OUTPUTS, (_to_torch(o, self.device) for o in outputs)))
+        clip_ids = [self.clip_id_of_uid[int(u)] for u in t["clip_uid"].cpu().tolist()]
+        return batch_from_windows(self.preset, t["windows"], t["ref_motion"], t["emotion"], t["window_start"],
+                                  t["ref_frame"], clip_ids)
+
+    def batches(self) -> Iterator[Batch]:
+        pipe = self._pipeline()
+        while True:
+            batch = self._run(pipe)
+            self.batches_consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["dali_checkpoint"] = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
+        state["read_strategy"] = self.strategy
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._pipe is not None:
+            raise RuntimeError("load_state_dict must come before the first batch")
+        super().load_state_dict(state)
+        self._checkpoint = state.get("dali_checkpoint")
+
+    def load_windows(self, items: Sequence[WindowItem]) -> Batch:
+        clips = [self.cache.clips[self.index_of(cid)] for cid, _, _ in items]
+        pipe = self._build([str(c.info_path) for c in clips], [str(c.frames_path) for c in clips],
+                           given_windows=True, batch_size=len(items))
+        return self._run(pipe, window_start=np.array([s for _, s, _ in items], dtype=np.int64),
+                         ref_frame=np.array([r for _, _, r in items], dtype=np.int64))
+
+    def close(self) -> None:
+        self._pipe = None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.startswith(("Traceback", "  File"))]
+    return lines[0][:300] if lines else type(err).__name__

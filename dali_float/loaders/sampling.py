@@ -1,0 +1,125 @@
+"""What a sample is, what an epoch is, and how ranks share them: one definition for every loader.
+
+A sample is a clip, a window start and a reference frame. The window is frames
+[window_start, window_start + 60): 10 previous + 50 current. Valid starts are 0 .. T - 60, so a window
+never crosses the clip's end; clips shorter than a window are skipped.
+
+An epoch is a list of clips, each repeated by the epoch policy:
+  * "windows" (default): a clip of T frames appears max(1, T // 60) times, so every frame is about
+    equally likely to be trained on whatever the clip lengths (a 10-minute clip is not worth one
+    2-second clip);
+  * "clips": every clip appears once (what the community code did; short clips dominate).
+Each appearance draws its own window start (and reference frame) uniformly.
+
+Shards: the epoch's list is permuted with (seed, epoch) and cut into `num_shards` contiguous parts,
+rank r taking part r, so together the ranks see every sample of the epoch once, with no overlap
+(the same rule DALI's readers apply with `shuffle_after_epoch=True`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from dali_float.errors import UsageError
+
+REF_RULES = ("first", "random_in_clip", "random_in_window")
+EPOCH_POLICIES = ("windows", "clips")
+# Window starts are drawn as a wide integer reduced modulo the number of valid starts: exact bounds,
+# and a bias below 1e-4 for clips of up to 2e5 frames (DALI's integer uniform halves its end points).
+DRAW_RANGE = 1 << 31
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise UsageError(f"--{name} {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def num_valid_starts(num_frames: int, window_frames: int) -> int:
+    """How many windows fit in a clip (0 when the clip is shorter than one window)."""
+    return max(0, num_frames - window_frames + 1)
+
+
+def appearances_per_epoch(num_frames: int, window_frames: int, policy: str) -> int:
+    if policy == "clips":
+        return 1
+    return max(1, num_frames // window_frames)
+
+
+def epoch_clip_indices(num_frames: Sequence[int], window_frames: int, policy: str) -> np.ndarray:
+    """The unshuffled epoch: clip index i repeated appearances_per_epoch(T_i) times."""
+    counts = [appearances_per_epoch(t, window_frames, policy) for t in num_frames]
+    return np.repeat(np.arange(len(num_frames), dtype=np.int64), counts)
+
+
+def shard_bounds(total: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    """[begin, end) of shard `shard_id` in a list of `total` items (contiguous, sizes differ by <= 1)."""
+    return total * shard_id // num_shards, total * (shard_id + 1) // num_shards
+
+
+def ref_frame(rule: str, window_start: int, num_frames: int, window_frames: int, draw: int) -> int:
+    """The reference frame for a window, given a non-negative random integer `draw`."""
+    if rule == "first":
+        return 0
+    if rule == "random_in_clip":
+        return draw % num_frames
+    return window_start + draw % window_frames
+
+
+@dataclass(frozen=True)
+class WindowRequest:
+    """One sample, fully determined: used for fixed lists (parity tests) and by the torch/naive loaders."""
+
+    clip_index: int  # index into the loader's list of clips
+    window_start: int
+    ref_frame: int
+
+
+class RequestStream:
+    """The endless, deterministic stream of WindowRequests one rank sees (epochs follow each other).
+
+    Position p of epoch e is fully determined by (seed, e, p), so the stream restarts exactly from a
+    count of consumed samples (`start_sample`), which is all a checkpoint needs to store.
+    """
+
+    def __init__(self, num_frames: Sequence[int], window_frames: int, *, policy: str = "windows",
+                 ref_rule: str = "first", seed: int = 0, shard_id: int = 0, num_shards: int = 1):
+        check_choice("epoch_policy", policy, EPOCH_POLICIES)
+        check_choice("ref", ref_rule, REF_RULES)
+        if not 0 <= shard_id < num_shards:
+            raise UsageError(f"shard {shard_id} is outside 0..{num_shards - 1}")
+        self.num_frames = np.asarray(num_frames, dtype=np.int64)
+        if (self.num_frames < window_frames).any():
+            raise ValueError("every clip must hold at least one window")
+        self.window_frames = window_frames
+        self.policy, self.ref_rule, self.seed = policy, ref_rule, seed
+        self.shard_id, self.num_shards = shard_id, num_shards
+        self.plan = epoch_clip_indices(self.num_frames, window_frames, policy)
+        begin, end = shard_bounds(len(self.plan), shard_id, num_shards)
+        self._begin = begin
+        self.samples_per_epoch = end - begin  # for this shard
+        if self.samples_per_epoch == 0:
+            raise UsageError(f"{len(self.plan)} samples per epoch cannot feed {num_shards} ranks")
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """This shard's clip indices for `epoch`, in order."""
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.plan))
+        return self.plan[perm[self._begin:self._begin + self.samples_per_epoch]]
+
+    def request(self, epoch: int, position: int, clip_index: int) -> WindowRequest:
+        # One generator per sample: a resumed stream draws exactly what the uninterrupted one did.
+        rng = np.random.default_rng([self.seed, epoch, self._begin + position, 1])
+        start_draw, ref_draw = (int(x) for x in rng.integers(0, DRAW_RANGE, size=2))
+        t = int(self.num_frames[clip_index])
+        start = start_draw % num_valid_starts(t, self.window_frames)
+        return WindowRequest(clip_index, start, ref_frame(self.ref_rule, start, t, self.window_frames, ref_draw))
+
+    def __call__(self, start_sample: int = 0) -> Iterator[WindowRequest]:
+        epoch, position = divmod(start_sample, self.samples_per_epoch)
+        while True:
+            order = self.epoch_order(epoch)
+            for p in range(position, self.samples_per_epoch):
+                yield self.request(epoch, p, int(order[p]))
+            epoch, position = epoch + 1, 0

@@ -1,0 +1,282 @@
+"""The cached loaders (`torch`, `dali`): parity, window bounds, sharding, resume, memory, bad caches.
+
+Caches here are written through the real cache format with random features (tests/synthetic.py), so
+these tests need no model; parity with the naive loader on real videos is in test_parity.py.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dali_float import cache_format as cf
+from dali_float.config import get_preset
+from dali_float.errors import CacheError, UsageError
+from dali_float.loaders import LoaderOptions, RequestStream, TrainingCache, open_loader
+from dali_float.loaders.sampling import epoch_clip_indices, num_valid_starts
+from synthetic import write_synthetic_cache
+
+TINY = get_preset("tiny")
+CACHED_KINDS = ("torch", "dali")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    cache_dir = tmp_path_factory.mktemp("tiny_cache")
+    lengths = [60, 61, 75, 120, 200, 333]
+    fp = write_synthetic_cache(cache_dir, TINY, lengths)
+    return TrainingCache.open(cache_dir, TINY, fp)
+
+
+def loader(kind, cache, **options):
+    options.setdefault("num_workers", 0)
+    return open_loader(kind, cache.preset, LoaderOptions(**options), cache=cache)
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def expected_rows(cache, clip_id, start, ref):
+    """What the format says a window is, read independently with NumPy."""
+    clip = next(c for c in cache.clips if c.clip_id == clip_id)
+    frames = np.load(clip.frames_path)
+    info = np.load(clip.info_path)
+    f = cache.preset.motion_dim
+    return frames[start:start + cache.preset.timing.window_frames], frames[ref, :f], info[cf.CLIP_INFO_EMOTION:]
+
+
+@pytest.mark.parametrize("preset_name", ["tiny", "float"])
+def test_torch_and_dali_return_identical_batches_for_a_fixed_list(tmp_path, preset_name):
+    preset = get_preset(preset_name)
+    fp = write_synthetic_cache(tmp_path, preset, [64, 90, 130])
+    cache = TrainingCache.open(tmp_path, preset, fp)
+    items = [(cache.clips[0].clip_id, 0, 0), (cache.clips[1].clip_id, 30, 89), (cache.clips[2].clip_id, 70, 5),
+             (cache.clips[1].clip_id, 7, 40)]
+    batches = {kind: loader(kind, cache).load_windows(items).validate(preset) for kind in CACHED_KINDS}
+    for name, tensor in batches["torch"].tensors().items():
+        assert torch.equal(tensor, batches["dali"].tensors()[name]), name
+    assert batches["torch"].clip_id == batches["dali"].clip_id == [c for c, _, _ in items]
+    b, p = batches["dali"], preset.timing.num_prev_frames
+    for i, (clip_id, start, ref) in enumerate(items):
+        rows, ref_motion, emotion = expected_rows(cache, clip_id, start, ref)
+        assert np.array_equal(b.prev_motion[i].numpy(), rows[:p, :preset.motion_dim])
+        assert np.array_equal(b.audio[i].numpy(), rows[p:, preset.motion_dim:])
+        assert np.array_equal(b.ref_motion[i].numpy(), ref_motion)
+        assert np.array_equal(b.emotion[i].numpy(), emotion.astype(np.float16))
+
+
+@pytest.mark.parametrize("kind", CACHED_KINDS)
+@pytest.mark.parametrize("ref_rule", ["first", "random_in_clip", "random_in_window"])
+def test_streamed_batches_hold_the_cached_rows_and_follow_the_reference_rule(tiny_cache, kind, ref_rule):
+    it = iter(loader(kind, tiny_cache, batch_size=8, ref_rule=ref_rule, seed=3))
+    lengths = {c.clip_id: c.num_frames for c in tiny_cache.clips}
+    for batch in take(it, 6):
+        batch.validate(TINY)
+        for i, clip_id in enumerate(batch.clip_id):
+            start, ref = int(batch.window_start[i]), int(batch.ref_frame[i])
+            assert 0 <= start <= lengths[clip_id] - 60
+            if ref_rule == "first":
+                assert ref == 0
+            elif ref_rule == "random_in_window":
+                assert start <= ref < start + 60
+            else:
+                assert 0 <= ref < lengths[clip_id]
+            rows, ref_motion, _ = expected_rows(tiny_cache, clip_id, start, ref)
+            assert np.array_equal(batch.motion[i].numpy(), rows[10:, :TINY.motion_dim])
+            assert np.array_equal(batch.ref_motion[i].numpy(), ref_motion)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(60, 400), min_size=1, max_size=12), seed=st.integers(0, 2**16),
+       ref_rule=st.sampled_from(["first", "random_in_clip", "random_in_window"]))
+def test_request_stream_windows_never_cross_a_clip_end(lengths, seed, ref_rule):
+    stream = RequestStream(lengths, 60, ref_rule=ref_rule, seed=seed)
+    for r in (next(s) for s in [stream()] for _ in range(3 * stream.samples_per_epoch)):
+        t = lengths[r.clip_index]
+        assert 0 <= r.window_start <= t - 60
+        assert 0 <= r.ref_frame < t
+
+
+@pytest.mark.parametrize("kind", CACHED_KINDS)
+def test_window_starts_cover_the_whole_valid_range(tmp_path, kind):
+    # Short clips have few valid starts: every one of them must come up, none beyond.
+    lengths = [60, 62, 65, 69]
+    fp = write_synthetic_cache(tmp_path, TINY, lengths)
+    cache = TrainingCache.open(tmp_path, TINY, fp)
+    seen = collections.defaultdict(set)
+    it = iter(loader(kind, cache, batch_size=16, epoch_policy="clips", seed=1))
+    for batch in take(it, 40):
+        for clip_id, start in zip(batch.clip_id, batch.window_start.tolist()):
+            seen[clip_id].add(start)
+    for clip in cache.clips:
+        assert seen[clip.clip_id] == set(range(num_valid_starts(clip.num_frames, 60))), clip.clip_id
+
+
+@pytest.mark.parametrize("kind", CACHED_KINDS)
+@pytest.mark.parametrize("num_shards", [2, 3])
+def test_shards_together_see_every_sample_of_an_epoch_once(tiny_cache, kind, num_shards):
+    window = TINY.timing.window_frames
+    plan = epoch_clip_indices([c.num_frames for c in tiny_cache.clips], window, "windows")
+    expected = collections.Counter(tiny_cache.clips[i].clip_id for i in plan)
+    seen = collections.Counter()
+    for shard in range(num_shards):
+        ld = loader(kind, tiny_cache, batch_size=1, shard_id=shard, num_shards=num_shards, seed=5)
+        got = [b.clip_id[0] for b in take(iter(ld), ld.samples_per_epoch)]
+        seen.update(got)
+    assert seen == expected  # every planned sample once: no clip missing, none twice beyond its share
+
+
+@pytest.mark.parametrize("kind", CACHED_KINDS)
+def test_a_restored_loader_continues_with_the_same_batches(tiny_cache, kind):
+    first = loader(kind, tiny_cache, batch_size=4, seed=11, ref_rule="random_in_clip")
+    it = iter(first)
+    take(it, 5)
+    buffer = io.BytesIO()  # the state goes into training checkpoints: it must survive torch.save
+    torch.save(first.state_dict(), buffer)
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    reference = [b.to("cpu") for b in take(it, 20)]
+    resumed = loader(kind, tiny_cache, batch_size=4, seed=11, ref_rule="random_in_clip")
+    resumed.load_state_dict(state)
+    again = take(iter(resumed), 20)
+    for a, b in zip(reference, again):
+        assert a.clip_id == b.clip_id
+        for name, tensor in a.tensors().items():
+            assert torch.equal(tensor, b.tensors()[name]), name
+
+
+def test_resuming_with_other_settings_is_refused(tiny_cache):
+    state = loader("dali", tiny_cache, batch_size=4).state_dict()
+    with pytest.raises(UsageError, match="batch_size"):
+        loader("dali", tiny_cache, batch_size=8).load_state_dict(state)
+
+
+def test_the_batch_contract_is_checked():
+    batch = None
+    preset = TINY
+    b = 2
+    tensors = dict(prev_motion=torch.zeros(b, 10, 64, dtype=torch.float16),
+                   motion=torch.zeros(b, 50, 64, dtype=torch.float16),
+                   prev_audio=torch.zeros(b, 10, 64, dtype=torch.float16),
+                   audio=torch.zeros(b, 50, 64, dtype=torch.float32),  # wrong dtype
+                   ref_motion=torch.zeros(b, 64, dtype=torch.float16),
+                   emotion=torch.zeros(b, 6, dtype=torch.float16),  # wrong shape
+                   window_start=torch.zeros(b, dtype=torch.int64), ref_frame=torch.zeros(b, dtype=torch.int64))
+    from dali_float.contract import Batch
+
+    batch = Batch(**tensors, clip_id=["a", "b"])
+    with pytest.raises(ValueError) as err:
+        batch.validate(preset)
+    assert "audio: dtype torch.float32" in str(err.value) and "emotion: shape (2, 6)" in str(err.value)
+
+
+# --- bad caches -------------------------------------------------------------------------------
+
+def test_a_missing_cache_names_the_command_to_run(tmp_path):
+    with pytest.raises(CacheError, match=r"no feature cache .* Run `python preprocess.py"):
+        TrainingCache.open(tmp_path, TINY, "0" * 64)
+
+
+def test_a_cache_of_other_weights_is_called_stale(tmp_path):
+    write_synthetic_cache(tmp_path, TINY, [80])
+    with pytest.raises(CacheError, match="stale.*python preprocess.py"):
+        TrainingCache.open(tmp_path, TINY, "f" * 64)
+
+
+def test_a_half_written_cache_is_refused(tmp_path):
+    fp = write_synthetic_cache(tmp_path, TINY, [80, 90])
+    root = cf.cache_root(tmp_path, TINY, fp)
+    (root / "manifest.json").unlink()
+    with pytest.raises(CacheError, match="half-written"):
+        TrainingCache.open(tmp_path, TINY, fp)
+    fp = write_synthetic_cache(tmp_path / "b", TINY, [80, 90])
+    root = cf.cache_root(tmp_path / "b", TINY, fp)
+    next(root.glob("clips/*/frames.npy")).unlink()
+    with pytest.raises(CacheError, match="half-written.*preprocess.py verify"):
+        TrainingCache.open(tmp_path / "b", TINY, fp)
+
+
+def test_another_format_version_is_refused(tmp_path):
+    fp = write_synthetic_cache(tmp_path, TINY, [80])
+    manifest = cf.cache_root(tmp_path, TINY, fp) / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["format_version"] = cf.FORMAT_VERSION + 1
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(CacheError, match="format version"):
+        TrainingCache.open(tmp_path, TINY, fp)
+
+
+def test_short_clips_are_skipped_with_a_warning(tmp_path, caplog):
+    fp = write_synthetic_cache(tmp_path, TINY, [80, 90])
+    root = cf.cache_root(tmp_path, TINY, fp)
+    layout = cf.CacheLayout(root)
+    manifest = layout.load_manifest()
+    short = manifest.entries()[0]
+    short.num_frames = 40  # as if the clip were shorter than a window
+    layout.save_manifest(manifest)
+    with caplog.at_level("WARNING"):
+        cache = TrainingCache.open(tmp_path, TINY, fp)
+    assert [c.clip_id for c in cache.clips] == [manifest.entries()[1].clip_id]
+    assert "shorter than one 60-frame window" in caplog.text
+
+
+def test_a_truncated_frames_file_gives_one_line_not_a_dali_trace(tmp_path):
+    fp = write_synthetic_cache(tmp_path, TINY, [200])
+    cache = TrainingCache.open(tmp_path, TINY, fp)
+    path = cache.clips[0].frames_path
+    path.write_bytes(path.read_bytes()[:4096])  # header says 200 rows, the data stops early
+    with pytest.raises(CacheError, match="preprocess.py verify") as err:
+        next(iter(loader("dali", cache, batch_size=2)))
+    assert "\n" not in str(err.value)
+
+
+def test_batch_larger_than_an_epoch_still_streams(tiny_cache):
+    ld = loader("dali", tiny_cache, batch_size=64)
+    assert ld.samples_per_epoch < 64
+    assert next(iter(ld)).size == 64  # epochs follow each other inside the stream
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+RSS_PROBE = textwrap.dedent("""
+    import resource, sys
+    sys.path[:0] = [{repo!r}, {tests!r}]
+    from pathlib import Path
+    from dali_float.config import get_preset
+    from dali_float.loaders import LoaderOptions, TrainingCache, open_loader
+    preset = get_preset("tiny")
+    cache = TrainingCache.open(Path(sys.argv[1]), preset, sys.argv[2])
+    it = iter(open_loader(sys.argv[3], preset, LoaderOptions(batch_size=16, num_workers=0), cache=cache))
+    for _ in range(300):
+        next(it)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+""")
+
+
+@pytest.mark.parametrize("kind", CACHED_KINDS)
+def test_resident_memory_does_not_grow_with_the_cache(tmp_path, kind):
+    script = tmp_path / "probe.py"
+    script.write_text(RSS_PROBE.format(repo=str(REPO), tests=str(Path(__file__).parent)))
+    peaks = []
+    for n_clips in (12, 120):
+        cache_dir = tmp_path / f"c{n_clips}"
+        # 30 MB, then 300 MB of features: holding them would show far above the 10% margin.
+        fp = write_synthetic_cache(cache_dir, TINY, [10_000] * n_clips)
+        out = subprocess.run([sys.executable, str(script), str(cache_dir), fp, kind], capture_output=True,
+                             text=True, check=True, cwd=REPO)
+        peaks.append(int(out.stdout.split()[-1]))
+        shutil.rmtree(cache_dir)
+    print(f"{kind}: peak RSS {peaks[0] / 2**20:.0f} MiB (30 MB cache), {peaks[1] / 2**20:.0f} MiB (300 MB cache)")
+    assert peaks[1] <= 1.10 * peaks[0], f"peak RSS {peaks[0] / 2**20:.0f} MiB -> {peaks[1] / 2**20:.0f} MiB"

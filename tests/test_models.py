@@ -1,0 +1,510 @@
+"""Models: shapes for both presets, FLOAT's key names, strict checkpoint loading, 25 fps audio, emotions, FMT."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import dali_float.models as models
+from dali_float.cli import add_model_arguments
+from dali_float.config import EMOTION_CLASSES, FLOAT_PRESET, TINY_PRESET
+from dali_float.errors import CheckpointError, MediaError, UsageError
+from dali_float.models import (AudioEncoder, EmotionEncoder, FloatMotionModel, FlowMatchingTransformer, ModelSources,
+                               MotionEncoder, build_encoders, count_parameters, emotion_from_filename, emotion_vector,
+                               load_motion_checkpoint, model_identities, uniform_emotion)
+from dali_float.models.motion_encoder import FLOAT_DIRECTION_KEY, FLOAT_ENCODER_PREFIX
+
+TINY = TINY_PRESET
+F_TINY = TINY.motion_dim
+A_TINY = TINY.audio_feature_dim
+SAMPLES_PER_FRAME = TINY.timing.audio_samples_per_frame
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _float_layout(encoder: MotionEncoder, with_buffers: bool = True) -> dict[str, torch.Tensor]:
+    """A MotionEncoder's weights under FLOAT's names, plus keys of other FLOAT models (to be ignored)."""
+    buffers = {name for name, _ in encoder.named_buffers()}
+    state = {}
+    for key, value in encoder.state_dict().items():
+        if key in buffers and not with_buffers:
+            continue
+        state[FLOAT_DIRECTION_KEY if key == "direction.weight" else FLOAT_ENCODER_PREFIX + key] = value.clone()
+    state["fmt.blocks.0.attn.qkv.weight"] = torch.zeros(3, 3)
+    state["motion_autoencoder.dec.to_flows.0.conv.weight"] = torch.zeros(2, 2)
+    state["audio_encoder.audio_projection.0.weight"] = torch.zeros(4, 4)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- motion encoder
+
+def test_motion_encoder_tiny_shapes_and_basis():
+    enc = MotionEncoder(TINY.motion, seed=TINY.init_seed).eval()
+    with torch.no_grad():
+        out = enc(_images(4, TINY.motion.input_size))
+    assert out.identity.shape == (4, F_TINY)
+    assert out.coefficients.shape == (4, TINY.motion.num_coefficients)
+    assert out.motion_latents.shape == (4, F_TINY)
+    assert all(t.dtype == torch.float32 for t in out)
+    q = enc.basis()
+    assert q.shape == (F_TINY, TINY.motion.num_coefficients)
+    torch.testing.assert_close(q.T @ q, torch.eye(q.shape[1]), atol=1e-5, rtol=0)
+    # r = Q lambda, and lambda is recovered from r because Q is orthonormal.
+    torch.testing.assert_close(out.motion_latents, out.coefficients @ q.T)
+    torch.testing.assert_close(out.motion_latents @ q, out.coefficients, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="expects"):
+        enc(_images(1, TINY.motion.input_size * 2))
+
+
+def test_motion_encoder_init_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a, b = MotionEncoder(TINY.motion, seed=5), MotionEncoder(TINY.motion, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    c = MotionEncoder(TINY.motion, seed=6)
+    assert not torch.equal(a.direction.weight, c.direction.weight)
+
+
+def _official_encoder_keys() -> dict[str, tuple[int, ...]]:
+    """FLOAT's motion_autoencoder.enc.* / dec.direction.weight keys for 512x512, written out from its layer list."""
+    channels = {512: 32, 256: 64, 128: 128, 64: 256, 32: 512, 16: 512, 8: 512, 4: 512}
+    keys = {"net_app.convs.0.0.weight": (32, 3, 1, 1), "net_app.convs.0.1.bias": (1, 32, 1, 1)}
+    size, index = 512, 1
+    while size > 4:
+        cin, cout = channels[size], channels[size // 2]
+        p = f"net_app.convs.{index}."
+        keys |= {p + "conv1.0.weight": (cin, cin, 3, 3), p + "conv1.1.bias": (1, cin, 1, 1),
+                 p + "conv2.0.kernel": (4, 4), p + "conv2.1.weight": (cout, cin, 3, 3),
+                 p + "conv2.2.bias": (1, cout, 1, 1),
+                 p + "skip.0.kernel": (4, 4), p + "skip.1.weight": (cout, cin, 1, 1)}
+        size, index = size // 2, index + 1
+    keys[f"net_app.convs.{index}.weight"] = (512, 512, 4, 4)  # final 4x4 conv, no bias
+    for i in range(4):
+        keys |= {f"fc.{i}.weight": (512, 512), f"fc.{i}.bias": (512,)}
+    keys |= {"fc.4.weight": (20, 512), "fc.4.bias": (20,), "direction.weight": (512, 20)}
+    return keys
+
+
+def test_motion_encoder_float_keys_shapes_and_forward():
+    enc = MotionEncoder(FLOAT_PRESET.motion).eval()
+    found = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
+    assert found == _official_encoder_keys()
+    # The blur kernels are buffers in FLOAT too (Blur.register_buffer), the rest are parameters.
+    assert {n for n, _ in enc.named_buffers()} == {k for k in found if k.endswith(".kernel")}
+    assert "net_app.convs.8.bias" not in found
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = enc(_images(1, 512))
+        elapsed = time.perf_counter() - start
+    logging.getLogger(__name__).info("float motion encoder: %.2f s per 512x512 frame on the CPU", elapsed)
+    assert out.identity.shape == (1, 512) and out.coefficients.shape == (1, 20) and out.motion_latents.shape == (1, 512)
+    assert torch.isfinite(out.motion_latents).all()
+
+
+@pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
+def test_load_float_layout_checkpoint(tmp_path, wrap):
+    source = MotionEncoder(TINY.motion, seed=1).eval()
+    state = _float_layout(source, with_buffers=wrap is None)  # FLOAT saves may or may not hold the blur buffers
+    path = tmp_path / "float.pth"
+    torch.save({wrap: state} if wrap else state, path)
+    target = MotionEncoder(TINY.motion, seed=2).eval()
+    load_motion_checkpoint(target, path)
+    images = _images(2, TINY.motion.input_size)
+    with torch.no_grad():
+        for a, b in zip(source(images), target(images)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_load_own_state_dict(tmp_path):
+    source = MotionEncoder(TINY.motion, seed=3)
+    path = tmp_path / "motion.pt"
+    torch.save(source.state_dict(), path)
+    target = load_motion_checkpoint(MotionEncoder(TINY.motion, seed=4), path)
+    assert torch.equal(target.direction.weight, source.direction.weight)
+
+
+def test_motion_checkpoint_errors(tmp_path):
+    enc = MotionEncoder(TINY.motion)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_motion_checkpoint(enc, tmp_path / "nope.pth")
+
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a torch checkpoint"):
+        load_motion_checkpoint(enc, text)
+
+    state = _float_layout(MotionEncoder(TINY.motion))
+    renamed = dict(state)
+    renamed[FLOAT_ENCODER_PREFIX + "fc.9.weight"] = renamed.pop(FLOAT_ENCODER_PREFIX + "fc.4.weight")
+    torch.save(renamed, tmp_path / "renamed.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_motion_checkpoint(enc, tmp_path / "renamed.pth")
+    message = str(err.value)
+    assert "renamed.pth" in message and "1 missing, 1 unexpected" in message
+    assert "fc.4.weight" in message and "fc.9.weight" in message and "\n" not in message
+
+    reshaped = dict(state)
+    reshaped[FLOAT_DIRECTION_KEY] = torch.zeros(F_TINY, 7)
+    torch.save(reshaped, tmp_path / "reshaped.pth")
+    with pytest.raises(CheckpointError, match=r"direction\.weight expected \(64, 20\) found \(64, 7\)"):
+        load_motion_checkpoint(enc, tmp_path / "reshaped.pth")
+
+    # A float-preset checkpoint given to the tiny preset: many mismatches, one line, says what to do.
+    torch.save(MotionEncoder(FLOAT_PRESET.motion).state_dict(), tmp_path / "float_sized.pth")
+    with pytest.raises(CheckpointError, match="--preset float") as err:
+        load_motion_checkpoint(enc, tmp_path / "float_sized.pth")
+    assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------- audio encoder
+
+@pytest.fixture(scope="module")
+def tiny_audio() -> AudioEncoder:
+    return AudioEncoder(TINY)
+
+
+@pytest.mark.parametrize("num_frames", [1, 10, 50, 60, 137])
+@pytest.mark.parametrize("num_samples", [400, 640 * 50, 12_345])
+def test_audio_encoder_gives_exactly_t_frames(tiny_audio, num_samples, num_frames):
+    wave = torch.randn(2, num_samples, generator=torch.Generator().manual_seed(num_samples))
+    out = tiny_audio.encode(wave, num_frames)
+    assert out.shape == (2, num_frames, A_TINY) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_audio_encoder_matches_manual_layers(tiny_audio):
+    """Interpolate the conv features, then run projection + every transformer layer by hand."""
+    wave = torch.randn(1, 50 * SAMPLES_PER_FRAME, generator=torch.Generator().manual_seed(0))
+    model = tiny_audio.model
+    with torch.no_grad():
+        conv = torch.nn.functional.interpolate(model.feature_extractor(wave), size=50, mode="linear",
+                                               align_corners=True)
+        hidden, _ = model.feature_projection(conv.transpose(1, 2))
+        hidden = model.encoder.layer_norm(hidden + model.encoder.pos_conv_embed(hidden))
+        layers = []
+        for layer in model.encoder.layers:
+            hidden = layer(hidden)
+            layers.append(hidden)
+    torch.testing.assert_close(tiny_audio.encode(wave, 50), torch.cat(layers, dim=-1))
+
+
+def test_audio_encoder_frozen_and_too_short(tiny_audio):
+    tiny_audio.train()
+    assert not tiny_audio.model.training
+    assert not any(p.requires_grad for p in tiny_audio.parameters())
+    with pytest.raises(MediaError, match="too short"):
+        tiny_audio.encode(torch.zeros(1, 399), 1)
+
+
+def test_audio_encoder_float_sizes():
+    enc = AudioEncoder(FLOAT_PRESET)
+    assert enc.feature_dim == FLOAT_PRESET.audio_feature_dim == 9216
+    out = enc.encode(torch.randn(1, 25 * 640), 25)
+    assert out.shape == (1, 25, 9216)
+
+
+def test_wav2vec2_path_roundtrip_and_wrong_size(tmp_path, tiny_audio):
+    tiny_audio.model.save_pretrained(tmp_path / "w2v")
+    loaded = AudioEncoder(TINY, tmp_path / "w2v")
+    wave = torch.randn(1, 30 * SAMPLES_PER_FRAME)
+    torch.testing.assert_close(loaded.encode(wave, 30), tiny_audio.encode(wave, 30), atol=0, rtol=0)
+    with pytest.raises(CheckpointError, match="use --preset tiny"):
+        AudioEncoder(FLOAT_PRESET, tmp_path / "w2v")
+    with pytest.raises(CheckpointError, match="does not load"):
+        AudioEncoder(TINY, tmp_path)  # a folder without weights
+    with pytest.raises(CheckpointError, match="does not exist"):
+        AudioEncoder(TINY, tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------- emotion
+
+@pytest.fixture(scope="module")
+def tiny_emotion() -> EmotionEncoder:
+    return EmotionEncoder(TINY)
+
+
+def test_emotion_predict_is_a_distribution(tiny_emotion):
+    probs = tiny_emotion.predict(torch.randn(1, 16_000))
+    assert probs.shape == (7,) and probs.dtype == torch.float32
+    assert abs(float(probs.sum()) - 1.0) < 1e-5 and (probs > 0).all()
+
+
+def test_emotion_from_pretrained_in_rf_layout(tmp_path, tiny_emotion):
+    """Saved like the r-f checkpoint: config with id2label and pooling_mode, legacy weight-norm names, .bin."""
+    folder = tmp_path / "ser"
+    tiny_emotion.model.save_pretrained(tmp_path / "saved")
+    folder.mkdir()
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["pooling_mode"] == "mean" and config["id2label"]["0"] == "angry"
+    config["architectures"] = ["Wav2Vec2ForSpeechClassification"]
+    (folder / "config.json").write_text(json.dumps(config))
+    legacy = {k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1",
+                                                                                 "weight_v"): v
+              for k, v in tiny_emotion.model.state_dict().items()}
+    assert any(k.endswith("weight_g") for k in legacy) and any(k.startswith("classifier.out_proj") for k in legacy)
+    torch.save(legacy, folder / "pytorch_model.bin")
+    wave = torch.randn(1, 16_000)
+    torch.testing.assert_close(EmotionEncoder(TINY, folder).predict(wave), tiny_emotion.predict(wave))
+
+    # Another label order in the checkpoint: the output is still in EMOTION_CLASSES order.
+    order = list(reversed(EMOTION_CLASSES))
+    config["id2label"] = {str(i): name for i, name in enumerate(order)}
+    config["label2id"] = {name: i for i, name in enumerate(order)}
+    (folder / "config.json").write_text(json.dumps(config))
+    permuted = EmotionEncoder(TINY, folder).predict(wave)
+    torch.testing.assert_close(permuted, tiny_emotion.predict(wave).flip(0))
+
+    config["id2label"] = {str(i): f"LABEL_{i}" for i in range(7)}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="expected the 7 classes"):
+        EmotionEncoder(TINY, folder)
+
+
+@pytest.mark.parametrize("name, emotion", [
+    ("01-01-01-01-01-01-01.mp4", "neutral"), ("02-01-02-02-01-02-12.mp4", "neutral"),  # calm -> neutral
+    ("01-01-03-01-01-01-12.mp4", "happy"), ("01-01-04-01-01-01-12.wav", "sad"),
+    ("01-01-05-01-01-01-12.mp4", "angry"), ("01-01-06-01-01-01-12.mp4", "fear"),
+    ("01-01-07-01-01-01-12.mp4", "disgust"), ("Actor_24/01-01-08-02-02-02-24.mp4", "surprise"),
+])
+def test_ravdess_names(name, emotion):
+    vector = emotion_from_filename(name)
+    assert vector.dtype == np.float32 and vector.shape == (7,)
+    assert vector[EMOTION_CLASSES.index(emotion)] == 1.0 and vector.sum() == 1.0
+
+
+@pytest.mark.parametrize("name", ["WDA_BarackObama_000.mp4", "01-01-09-01-01-01-12.mp4", "01-01-03-01-01-01.mp4"])
+def test_bad_ravdess_name(name):
+    with pytest.raises(MediaError, match="MM-VC-EE-II-SS-RR-AA"):
+        emotion_from_filename(name)
+
+
+def test_uniform_emotion():
+    vector = uniform_emotion()
+    assert vector.shape == (7,) and vector.dtype == np.float32
+    np.testing.assert_allclose(vector, 1 / 7)
+
+
+# ---------------------------------------------------------------------------------------------- FMT
+
+def _fmt_inputs(preset, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f, a, e = preset.motion_dim, preset.audio_feature_dim, preset.emotion_dim
+    return dict(t=torch.rand(batch, generator=g), x=torch.randn(batch, 50, f, generator=g),
+                prev_x=torch.randn(batch, 10, f, generator=g), audio=torch.randn(batch, 50, a, generator=g),
+                prev_audio=torch.randn(batch, 10, a, generator=g), wr=torch.randn(batch, f, generator=g),
+                we=torch.softmax(torch.randn(batch, e, generator=g), -1))
+
+
+def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    """Undo adaLN-Zero (which makes the output exactly zero) so the tests see real dependencies."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_fmt_shapes_and_zero_init():
+    model = FloatMotionModel(TINY).eval()
+    inputs = _fmt_inputs(TINY)
+    out = model(**inputs)
+    assert out.shape == (2, TINY.timing.window_frames, F_TINY)
+    assert torch.count_nonzero(out) == 0  # adaLN-Zero: the untrained model predicts zero velocity
+    assert not model.fmt.pos_embed.requires_grad
+    assert model.fmt.alignment_mask.dtype == torch.bool
+
+
+def test_fmt_banded_attention():
+    preset = dataclasses.replace(TINY, fmt=dataclasses.replace(TINY.fmt, depth=1))
+    model = FloatMotionModel(preset).eval()
+    _randomise(model)
+    inputs = _fmt_inputs(preset, batch=1)
+    base = model(**inputs)
+    window = preset.fmt.attention_window
+    for j in (0, 17, 49):  # current frame j is window frame 10 + j
+        changed = dict(inputs, x=inputs["x"].clone())
+        changed["x"][:, j] += 1.0
+        diff = (model(**changed) - base).abs().amax(dim=(0, 2))
+        moved = set(torch.nonzero(diff > 1e-6).flatten().tolist())
+        frame = 10 + j
+        assert moved == {i for i in range(60) if abs(i - frame) <= window}
+
+
+def test_fmt_does_not_modify_inputs_and_keep_masks():
+    model = FloatMotionModel(TINY).eval()
+    _randomise(model)
+    inputs = _fmt_inputs(TINY)
+    copies = {k: v.clone() for k, v in inputs.items()}
+    keep = torch.tensor([0.0, 1.0])
+    out = model(**inputs, audio_keep=keep)
+    assert all(torch.equal(inputs[k], copies[k]) for k in inputs)
+    # A dropped audio condition is zero after the projection (FLOAT), not zero raw features.
+    wa = model.audio_projection(inputs["audio"]) * keep[:, None, None]
+    expected = model.fmt(inputs["t"], inputs["x"], inputs["prev_x"], wa, model.audio_projection(inputs["prev_audio"]),
+                         inputs["wr"], inputs["we"])
+    torch.testing.assert_close(out, expected)
+
+
+def test_velocity_with_guidance():
+    model = FloatMotionModel(TINY).eval()
+    _randomise(model)
+    inputs = _fmt_inputs(TINY)
+    zeros = torch.zeros(2)
+    with torch.no_grad():
+        uncond = model(**dict(inputs, we=torch.zeros_like(inputs["we"])), audio_keep=zeros)
+        all_cond = model(**inputs)
+        audio_only = model(**dict(inputs, we=torch.zeros_like(inputs["we"])))
+    expected = uncond + 2.0 * (audio_only - uncond) + 1.0 * (all_cond - audio_only)
+    torch.testing.assert_close(model.velocity_with_guidance(**inputs), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.velocity_with_guidance(**inputs, a_scale=1.0, e_scale=1.0), all_cond)
+
+
+def test_fmt_float_parameter_count_and_names():
+    fmt = FlowMatchingTransformer(FLOAT_PRESET)
+    count = count_parameters(fmt)
+    print(f"float FMT parameters: {count:,}")
+    assert abs(count - 157e6) / 157e6 < 0.02
+    shapes = {k: tuple(v.shape) for k, v in fmt.state_dict().items()}
+    expected = {
+        "x_embedder.proj.weight": (1024, 512), "pos_embed": (1, 60, 1024), "t_embedder.mlp.0.weight": (1024, 256),
+        "t_embedder.mlp.2.weight": (1024, 1024), "c_embedder.weight": (1024, 1031),
+        "blocks.7.attn.qkv.weight": (3072, 1024), "blocks.7.attn.qkv.bias": (3072,),
+        "blocks.7.attn.proj.weight": (1024, 1024), "blocks.7.mlp.fc1.weight": (4096, 1024),
+        "blocks.7.mlp.fc2.weight": (1024, 4096), "blocks.7.adaLN_modulation.1.weight": (6144, 1024),
+        "decoder.adaLN_modulation.1.weight": (2048, 1024), "decoder.linear.weight": (512, 1024),
+        "alignment_mask": (60, 60),
+    }
+    assert {k: shapes.get(k) for k in expected} == expected
+    assert "blocks.8.attn.qkv.weight" not in shapes
+    assert not any("norm1.weight" in k or "norm_final.weight" in k for k in shapes)  # LayerNorms without affine
+
+
+def test_float_model_audio_projection_size():
+    projection = torch.nn.Sequential(torch.nn.Linear(9216, 512), torch.nn.LayerNorm(512), torch.nn.SiLU())
+    assert count_parameters(projection) == 4_720_128  # what FloatMotionModel adds to the FMT (FLOAT.md: ~4.72 M)
+
+
+def test_load_float_checkpoint(tmp_path):
+    source = FloatMotionModel(TINY, seed=7).eval()
+    _randomise(source, seed=7)
+    state = {}
+    for key, value in source.state_dict().items():
+        if key.startswith("audio_projection."):
+            key = "audio_encoder." + key
+        if key != "fmt.alignment_mask":  # a checkpoint of named_parameters only lacks the buffer
+            state[key] = value.clone()
+    state["motion_autoencoder.enc.fc.0.weight"] = torch.zeros(2, 2)
+    torch.save(state, tmp_path / "float.pth")
+    target = FloatMotionModel(TINY, seed=8).eval().load_float_checkpoint(tmp_path / "float.pth")
+    inputs = _fmt_inputs(TINY)
+    torch.testing.assert_close(target(**inputs), source(**inputs), atol=0, rtol=0)
+
+    del state["fmt.blocks.1.mlp.fc2.bias"]
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match=r"1 missing.*fmt\.blocks\.1\.mlp\.fc2\.bias"):
+        FloatMotionModel(TINY).load_float_checkpoint(tmp_path / "broken.pth")
+    torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="no fmt"):
+        FloatMotionModel(TINY).load_float_checkpoint(tmp_path / "other.pth")
+
+
+# ---------------------------------------------------------------------------------------------- autocast / CUDA
+
+def test_encoders_return_float32_under_autocast(tiny_audio):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        motion = MotionEncoder(TINY.motion)(_images(2, TINY.motion.input_size))
+        audio = tiny_audio.encode(torch.randn(1, 20 * SAMPLES_PER_FRAME), 20)
+    assert all(t.dtype == torch.float32 for t in motion) and audio.dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_models_on_cuda_under_fp16_autocast():
+    device = torch.device("cuda")
+    motion, audio = MotionEncoder(TINY.motion).to(device), AudioEncoder(TINY).to(device)
+    emotion, model = EmotionEncoder(TINY).to(device), FloatMotionModel(TINY).to(device)
+    _randomise(model)
+    images, wave = _images(2, TINY.motion.input_size).to(device), torch.randn(1, 50 * SAMPLES_PER_FRAME, device=device)
+    inputs = {k: v.to(device) for k, v in _fmt_inputs(TINY).items()}
+    with torch.no_grad():
+        ref_r, ref_a = motion(images).motion_latents, audio.encode(wave, 50)
+    with torch.autocast("cuda", dtype=torch.float16):
+        with torch.no_grad():
+            r, a = motion(images).motion_latents, audio.encode(wave, 50)
+            probs = emotion.predict(wave)
+        loss = model(**inputs).float().square().mean()
+    loss.backward()
+    assert r.dtype == a.dtype == torch.float32 and probs.shape == (7,)
+    torch.testing.assert_close(r, ref_r, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(a, ref_a, atol=5e-2, rtol=5e-2)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_model_sources_from_args(tmp_path):
+    (tmp_path / "ser").mkdir()
+    assert ModelSources.from_args(_parse([])) == ModelSources()
+    sources = ModelSources.from_args(_parse(["--emotion", "filename"]))
+    assert sources.emotion == "filename" and sources.emotion_path is None
+    assert ModelSources.from_args(_parse(["--emotion_path", str(tmp_path / "ser")])).emotion == "model"
+    with pytest.raises(UsageError, match="--emotion_path"):
+        ModelSources.from_args(_parse(["--emotion", "none", "--emotion_path", str(tmp_path / "ser")]))
+    with pytest.raises(UsageError):
+        ModelSources(emotion="happy")
+
+
+def test_model_identities(tmp_path):
+    assert model_identities(TINY, ModelSources()) == {
+        "motion": f"random-init:{TINY.init_seed}", "audio": f"random-init:{TINY.init_seed}",
+        "emotion": f"random-init:{TINY.init_seed}"}
+    assert model_identities(TINY, ModelSources(emotion="none"))["emotion"] == "none"
+    assert model_identities(TINY, ModelSources(emotion="filename"))["emotion"] == "filename"
+
+    ckpt = tmp_path / "motion.pt"
+    torch.save(MotionEncoder(TINY.motion, seed=0).state_dict(), ckpt)
+    folder = tmp_path / "w2v"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    sources = ModelSources(motion_ckpt=ckpt, wav2vec2_path=folder, emotion_path=folder)
+    first = model_identities(TINY, sources)
+    assert first["motion"].startswith("sha256:") and first["audio"] == first["emotion"]
+    assert model_identities(TINY, sources) == first  # stable
+
+    torch.save(MotionEncoder(TINY.motion, seed=1).state_dict(), ckpt)
+    (folder / "config.json").write_text('{"hidden_size": 1}')
+    second = model_identities(TINY, sources)
+    assert second["motion"] != first["motion"] and second["audio"] != first["audio"]
+
+
+def test_build_encoders_warns_once_and_emotion_vector(monkeypatch, caplog):
+    monkeypatch.setattr(models, "_random_init_warned", False)
+    with caplog.at_level(logging.WARNING, logger="dali_float.models"):
+        encoders = build_encoders(TINY, ModelSources(), "cpu")
+        build_encoders(TINY, ModelSources(emotion="none"), "cpu")
+    warnings = [r for r in caplog.records if "RANDOM WEIGHTS" in r.getMessage()]
+    assert len(warnings) == 1 and "motion, audio, emotion" in warnings[0].getMessage()
+    for module in (encoders.motion, encoders.audio, encoders.emotion):
+        assert not module.training and not any(p.requires_grad for p in module.parameters())
+
+    wave = np.random.default_rng(0).standard_normal((1, 16_000)).astype(np.float32)
+    probs = emotion_vector(encoders, wave, "clip.mp4")
+    assert probs.shape == (7,) and probs.dtype == np.float32 and abs(probs.sum() - 1) < 1e-5
+    by_name = dataclasses.replace(encoders, sources=ModelSources(emotion="filename"))
+    assert emotion_vector(by_name, wave, "01-01-05-01-01-01-01.mp4")[EMOTION_CLASSES.index("angry")] == 1
+    uniform = dataclasses.replace(encoders, sources=ModelSources(emotion="none"))
+    np.testing.assert_allclose(emotion_vector(uniform, wave, "x.mp4"), 1 / 7)
