@@ -38,52 +38,49 @@ READER_NAME = "clips"
 OUTPUTS = ("windows", "ref_motion", "emotion", "window_start", "ref_frame", "clip_uid")
 
 
-def _draw() -> Any:
-    """A uniform integer in [0, DRAW_RANGE) per sample."""
-    return fn.random.uniform(range=[0, DRAW_RANGE - 1], dtype=types.INT64)
-
-
 @pipeline_def(enable_checkpointing=True)
 def window_pipeline(info_files: list[str], frames_files: list[str], files_by_uid: list[str], *,
                     window_frames: int, motion_dim: int, ref_rule: str, strategy: str, on_gpu: bool,
-                    shuffle_seed: int | None, shard_id: int, num_shards: int, given_windows: bool):
-    """Outputs per sample: windows (60, F + A) f16, ref_motion (1, F) f16, emotion (E,) f16,
+                    shuffle_seed: int | None, draw_seed: int, shard_id: int, num_shards: int,
+                    given_windows: bool):
+    """Outputs per sample: windows (60, F + A) f16, ref_motion (F,) f16, emotion (E,) f16,
     window_start, ref_frame, clip_uid (int64 scalars)."""
     reader = dict(shard_id=shard_id, num_shards=num_shards, cache_header_information=True)
     if shuffle_seed is not None:  # the same seed on every rank: one global permutation per epoch
         reader.update(shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed)
     info = fn.readers.numpy(files=info_files, name=READER_NAME, **reader)
-    num_frames = fn.cast(info[cf.CLIP_INFO_NUM_FRAMES], dtype=types.INT64)
-    clip_uid = fn.cast(info[cf.CLIP_INFO_UID], dtype=types.INT64)
-    emotion = fn.cast(info[cf.CLIP_INFO_EMOTION:], dtype=types.FLOAT16)
-
-    if given_windows:  # a fixed list (parity checks): starts and references come from the caller
-        start = fn.external_source(name="window_start", dtype=types.INT64, ndim=0)
-        ref = fn.external_source(name="ref_frame", dtype=types.INT64, ndim=0)
-    else:
-        start = _draw() % (num_frames - (window_frames - 1))
-        if ref_rule == "first":
-            ref = start * 0
-        elif ref_rule == "random_in_clip":
-            ref = _draw() % num_frames
-        else:
-            ref = start + _draw() % window_frames
+    if given_windows:  # a fixed list (parity checks): (window start, reference frame) from the caller
+        draws = fn.external_source(name="windows", dtype=types.INT64, ndim=1)
+    else:  # wide integers, reduced modulo the valid range (see loaders.sampling.DRAW_RANGE)
+        draws = fn.random.uniform(range=[0, DRAW_RANGE - 1], shape=[2], dtype=types.INT64, seed=draw_seed)
 
     if strategy == "pread":
-        windows = fn.dali_float_window_read(clip_uid, start, files=files_by_uid, rows=window_frames)
-        ref_motion = fn.dali_float_window_read(clip_uid, ref, files=files_by_uid, rows=1, columns=motion_dim)
-    elif strategy == "roi":
-        windows = fn.readers.numpy(files=frames_files, roi_start=fn.reshape(start, shape=[1]),
-                                   roi_shape=[window_frames], roi_axes=[0], **reader)
-        ref_motion = fn.readers.numpy(files=frames_files, roi_start=fn.stack(ref, start * 0),
-                                      roi_shape=[1, motion_dim], roi_axes=[0, 1], **reader)
-    else:  # gds: the whole clip onto the GPU, sliced there
-        whole = fn.readers.numpy(device="gpu", files=frames_files, **reader)
-        windows = whole[start:start + window_frames]
-        ref_motion = whole[ref:ref + 1, :motion_dim]
-
-    outputs = (windows, ref_motion, emotion, start, ref, clip_uid)
-    return tuple(o.gpu() for o in outputs) if on_gpu else outputs
+        outputs = fn.dali_float_window_read(
+            info, draws, files=files_by_uid, rows=window_frames, ref_columns=motion_dim,
+            ref_rule="given" if given_windows else ref_rule, num_frames_field=cf.CLIP_INFO_NUM_FRAMES,
+            uid_field=cf.CLIP_INFO_UID, emotion_field=cf.CLIP_INFO_EMOTION)
+    else:  # the same rules as DALI arithmetic (loaders.sampling is the reference)
+        num_frames = fn.cast(info[cf.CLIP_INFO_NUM_FRAMES], dtype=types.INT64)
+        clip_uid = fn.cast(info[cf.CLIP_INFO_UID], dtype=types.INT64)
+        emotion = fn.cast(info[cf.CLIP_INFO_EMOTION:], dtype=types.FLOAT16)
+        if given_windows:
+            start, ref = draws[0], draws[1]
+        else:
+            start = draws[0] % (num_frames - (window_frames - 1))
+            ref = {"first": start * 0, "random_in_clip": draws[1] % num_frames,
+                   "random_in_window": start + draws[1] % window_frames}[ref_rule]
+        if strategy == "roi":  # ROI arguments are int32
+            start32, ref32 = fn.cast(start, dtype=types.INT32), fn.cast(ref, dtype=types.INT32)
+            windows = fn.readers.numpy(files=frames_files, roi_start=fn.reshape(start32, shape=[1]),
+                                       roi_shape=[window_frames], roi_axes=[0], **reader)
+            ref_motion = fn.readers.numpy(files=frames_files, roi_start=fn.stack(ref32, ref32 * 0),
+                                          roi_shape=[1, motion_dim], roi_axes=[0, 1], **reader)
+        else:  # gds: the whole clip onto the GPU, sliced there
+            whole = fn.readers.numpy(device="gpu", files=frames_files, **reader)
+            windows = whole[start:start + window_frames]
+            ref_motion = whole[ref:ref + 1, :motion_dim]
+        outputs = (windows, fn.reshape(ref_motion, shape=[motion_dim]), emotion, start, ref, clip_uid)
+    return tuple(o.gpu() for o in outputs) if on_gpu else tuple(outputs)
 
 
 def _to_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
@@ -149,12 +146,12 @@ class DaliWindowLoader(WindowLoader):
             window_frames=self.preset.timing.window_frames, motion_dim=self.preset.motion_dim,
             ref_rule=o.ref_rule, strategy=self.strategy, on_gpu=on_gpu,
             shuffle_seed=None if given_windows else o.seed,
+            # Random draws differ per rank; the reader's shuffle seed is shared (see above).
+            draw_seed=(o.seed * 1_000_003 + o.shard_id) % (1 << 31),
             shard_id=0 if given_windows else o.shard_id, num_shards=1 if given_windows else o.num_shards,
             given_windows=given_windows,
             batch_size=batch_size, num_threads=o.num_threads,
-            device_id=(self.device.index or 0) if on_gpu else None,
-            # Random draws differ per rank; the reader's shuffle seed is shared (see above).
-            seed=(o.seed * 1_000_003 + o.shard_id) % (1 << 31),
+            device_id=(self.device.index or 0) if on_gpu else None, seed=o.seed,
             # A fixed list is fed one batch at a time: nothing to prefetch.
             prefetch_queue_depth=1 if given_windows else o.prefetch_batches, checkpoint=checkpoint,
         )
@@ -209,8 +206,7 @@ class DaliWindowLoader(WindowLoader):
         clips = [self.cache.clips[self.index_of(cid)] for cid, _, _ in items]
         pipe = self._build([str(c.info_path) for c in clips], [str(c.frames_path) for c in clips],
                            given_windows=True, batch_size=len(items))
-        return self._run(pipe, window_start=np.array([s for _, s, _ in items], dtype=np.int64),
-                         ref_frame=np.array([r for _, _, r in items], dtype=np.int64))
+        return self._run(pipe, windows=np.array([(s, r) for _, s, r in items], dtype=np.int64))
 
     def close(self) -> None:
         self._pipe = None
