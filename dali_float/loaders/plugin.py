@@ -81,3 +81,9 @@ def load_window_reader() -> bool:
                     "ROI reads instead (slower on the CPU)", err)
         return False
     return True
+
+
+if __name__ == "__main__":  # `python -m dali_float.loaders.plugin`: build now, say where
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ok = load_window_reader()
+    log.info("DALI window-read operator: %s", library_path() if ok else "not available (ROI reads will be used)")

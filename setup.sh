@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# dali-float set-up: a virtual environment in .venv with everything installed, then one job.
+#   ./setup.sh          install, then train on the built-in demo corpus (preprocesses it first)
+#   ./setup.sh test     install, then run the whole test suite
+#   ./setup.sh install  install only
+set -euo pipefail
+cd "$(dirname "$0")"
+job="${1:-demo}"
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
+# Build the DALI window-read operator now rather than at the first training run (needs g++).
+.venv/bin/python -m dali_float.loaders.plugin
+case "$job" in
+  demo) exec .venv/bin/python train.py ;;
+  test) exec .venv/bin/python -m pytest -q ;;
+  install) ;;
+  *) echo "usage: ./setup.sh [demo|test|install]" >&2; exit 2 ;;
+esac
