@@ -1,0 +1,194 @@
+"""What a preprocessing run is asked to do, what it reports, and which cache folder it writes.
+
+The fingerprint (cache_format.fingerprint over the preset and the identity of every encoder's
+weights) names the cache folder: another preset or other weights write to another folder, so stale
+features are never mixed with fresh ones.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dali_float import cache_format as cf
+from dali_float import paths
+from dali_float.cli import env_rank, visible_cuda_devices
+from dali_float.config import Preset
+from dali_float.errors import CheckpointError, UsageError
+from dali_float.models import ModelSources, model_identities
+
+log = logging.getLogger(__name__)
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+# Frames per motion-encoder batch by device type. On the CPU, batches past ~32 frames fall out of the
+# caches: tiny preset, 2 cores: 400 frames/s at 8-16, 220 at 64, 73 at 128 (float: ~1 frame/s at 8-16).
+# A GPU wants large batches.
+FRAME_BATCH_BY_DEVICE = {"cpu": 16, "cuda": 64}
+_CUDA_DEVICE = re.compile(r"^cuda(:\d+)?$")
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """One preprocessing run.
+
+    data_root: folder of source videos (nested folders are searched).
+    cache_dir: parent of the fingerprinted cache folders.
+    force: recompute every clip, even those whose source is unchanged.
+    device: "auto" (cuda if present), "cpu", "cuda" or "cuda:N"; ignored when `gpus` is given.
+    gpus: CUDA device indices, one worker process per GPU.
+    workers: CPU worker processes (each builds its own encoders and decoder).
+    frame_batch: frames per motion-encoder batch (every batch has exactly this size; the last is padded).
+        64 suits a GPU; on the CPU 16 is ~2x faster (see FRAME_BATCH_BY_DEVICE, frame_batch_for).
+    progress: tqdm bars on stderr.
+    """
+
+    data_root: Path
+    cache_dir: Path
+    preset: Preset
+    sources: ModelSources
+    force: bool = False
+    device: str = "cpu"
+    gpus: tuple[int, ...] = ()
+    workers: int = 1
+    frame_batch: int = 64
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise UsageError(f"--workers must be at least 1, got {self.workers}")
+        if self.frame_batch < 1:
+            raise UsageError(f"--frame_batch must be at least 1, got {self.frame_batch}")
+        if self.device not in DEVICE_CHOICES and not _CUDA_DEVICE.match(self.device):
+            raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if len(set(self.gpus)) != len(self.gpus) or any(g < 0 for g in self.gpus):
+            raise UsageError(f"--gpus must list distinct device indices, got {','.join(map(str, self.gpus))}")
+
+
+@dataclass
+class PreprocessResult:
+    """What a run did and what the cache holds afterwards.
+
+    counts: clips per status in the cache after the run (cached / failed / skipped).
+    processed: clips per status written by this run (this rank, under torchrun).
+    up_to_date: clips whose entry was kept as it was (source unchanged).
+    failures / skipped: (clip id, one-line reason) of every failed / skipped clip in the cache.
+    not_retried: failed or skipped entries kept from earlier runs (their source is unchanged).
+    removed: entries dropped because their source is gone.
+    total_frames: frames (at the preset's fps) processed by this run.
+    stage_fps: frames per second of each stage (decode, motion, audio, emotion) summed over workers,
+        i.e. the throughput of one worker; wall_fps: total_frames / wall seconds of the whole run.
+    exit_code: 0 when no clip failed, 1 when any clip in the cache failed.
+    """
+
+    fingerprint: str
+    cache_root: Path
+    counts: dict[str, int] = field(default_factory=dict)
+    processed: dict[str, int] = field(default_factory=dict)
+    up_to_date: int = 0
+    removed: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    not_retried: int = 0
+    total_frames: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_fps: dict[str, float] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    wall_fps: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failures else 0
+
+
+def default_data_root() -> Path:
+    """The built-in demo corpus (generated on first use)."""
+    from dali_float.demo import ensure_demo_corpus
+
+    return ensure_demo_corpus()
+
+
+def default_cache_dir() -> Path:
+    return paths.default_cache_dir()
+
+
+def check_sources(sources: ModelSources) -> None:
+    """CheckpointError (exit 2) for a weight path that does not exist (before anything is hashed)."""
+    for flag, path in (("--motion_ckpt", sources.motion_ckpt), ("--wav2vec2_path", sources.wav2vec2_path),
+                       ("--emotion_path", sources.emotion_path)):
+        if path is not None and not Path(path).exists():
+            raise CheckpointError(f"{flag} {path} does not exist; give the local file or folder")
+
+
+def cache_fingerprint(preset: Preset, sources: ModelSources) -> str:
+    """The cache fingerprint for this preset and these weights (hashes the weight files)."""
+    return cache_identity(preset, sources)[0]
+
+
+def cache_identity(preset: Preset, sources: ModelSources) -> tuple[str, dict[str, str]]:
+    """(fingerprint, model identities): the weights are hashed once for both."""
+    check_sources(sources)
+    models = model_identities(preset, sources)
+    return cf.fingerprint(preset, models), models
+
+
+def new_manifest(preset: Preset, fp: str, models: dict[str, str], data_root: Path) -> cf.Manifest:
+    """An empty manifest of this fingerprint (its header is what `CacheLayout.create` records)."""
+    return cf.Manifest(fingerprint=fp, preset_name=preset.name, preset=preset.to_dict(), models=dict(models),
+                       data_root=str(Path(data_root).resolve()))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_devices(options: PreprocessOptions) -> list[str]:
+    """The device of each local worker: one per GPU with `gpus`, else `workers` on the resolved device."""
+    return resolve_worker_devices(options.device, options.gpus, options.workers)
+
+
+def resolve_worker_devices(device: str, gpus: tuple[int, ...], workers: int) -> list[str]:
+    """Devices of the local workers; UsageError (exit 2) for GPUs this machine lacks or CUDA without CUDA.
+
+    Cheap (asks torch how many CUDA devices it sees), so scripts call it before anything slow.
+    """
+    available = visible_cuda_devices()
+    if gpus:
+        if workers > 1:
+            log.warning("--workers %d is ignored with --gpus: one worker process runs per GPU", workers)
+        missing = [g for g in gpus if g >= available]
+        if missing:
+            have = f"{available} CUDA device(s)" + (f" (0..{available - 1})" if available else "")
+            raise UsageError(f"--gpus {','.join(map(str, gpus))}: this machine has {have}; "
+                             f"drop --gpus to preprocess on the CPU")
+        return [f"cuda:{g}" for g in gpus]
+    if device == "auto":
+        device = "cuda" if available else "cpu"
+    if device.startswith("cuda"):
+        if not available:
+            raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if device == "cuda":
+            # Under torchrun each rank takes its own GPU of this machine.
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % available}"
+        elif int(device.split(":")[1]) >= available:
+            raise UsageError(f"--device {device}: this machine has {available} CUDA device(s)")
+    return [device] * workers
+
+
+def frame_batch_for(device: str) -> int:
+    """The frame batch that suits `device` ("cpu", "cuda[:N]"): what `--frame_batch auto` picks."""
+    return FRAME_BATCH_BY_DEVICE["cuda" if str(device).startswith("cuda") else "cpu"]
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) from the torchrun environment; (0, 1) otherwise."""
+    rank, world = env_rank()
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} WORLD_SIZE={world}: the rank must lie in [0, WORLD_SIZE)")
+    return rank, world

@@ -1,0 +1,224 @@
+"""Planning a run: find the sources, compare them with the entries on disk, split the work.
+
+The entries on disk (`clips/<key>/entry.json`) are the truth; `manifest.json` is derived from them.
+A clip is up to date when its entry has the source's size and mtime (or, after a mere `touch`, the
+same content hash: then only the entry's mtime is updated). Everything else found is pending: new,
+changed, damaged (a cached entry whose arrays are gone) or forced. Entries whose source disappeared
+are dropped at the end of the run.
+
+Work is split so workers finish together: greedy longest-first by duration onto the least-loaded
+worker. The rule is deterministic, so torchrun ranks that plan from the same manifest snapshot
+take disjoint shares without talking to each other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dali_float import cache_format as cf
+from dali_float import media
+from dali_float.errors import MediaError
+from dali_float.hashing import sha256_file
+
+log = logging.getLogger(__name__)
+
+# Why a clip is (re)processed.
+NEW, CHANGED, DAMAGED, FORCED = "new", "changed", "damaged", "forced"
+
+# Fixed cost of a clip for balancing (hashing, probing, model calls): spreads clips that fail fast.
+_PER_CLIP_OVERHEAD_S = 0.1
+
+
+@dataclass(frozen=True)
+class Source:
+    """One video found under the data root, as `stat` sees it (size and mtime -1 when stat failed)."""
+
+    clip_id: str
+    path: Path
+    size_bytes: int
+    mtime_ns: int
+    regular: bool  # a regular file; FIFOs and devices are never opened (reading one could block)
+
+
+def discover_sources(data_root: Path) -> list[Source]:
+    """Every video under `data_root` (media.discover_videos: recursive, any case), sorted by clip id."""
+    found = []
+    for clip_id, path in media.discover_videos(Path(data_root)):
+        try:
+            st = os.stat(path)  # follows symlinks: the clip is what the link points to
+            found.append(Source(clip_id, path, st.st_size, st.st_mtime_ns, stat.S_ISREG(st.st_mode)))
+        except OSError:  # a dangling symlink, a file that vanished: the worker records why
+            found.append(Source(clip_id, path, -1, -1, False))
+    return found
+
+
+def _content_hash(path: Path) -> str:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return ""
+
+
+@dataclass
+class Reconciliation:
+    """How the sources compare with the entries.
+
+    up_to_date: clip ids whose entry stays. touched: entries whose content is unchanged but whose
+    mtime (or absolute path) moved: rewrite them with these values. pending: clip id -> NEW /
+    CHANGED / DAMAGED / FORCED. gone: entries whose source disappeared.
+    """
+
+    up_to_date: list[str] = field(default_factory=list)
+    touched: list[cf.ClipEntry] = field(default_factory=list)
+    pending: dict[str, str] = field(default_factory=dict)
+    gone: list[cf.ClipEntry] = field(default_factory=list)
+
+
+def _arrays_present(layout: cf.CacheLayout, entry: cf.ClipEntry) -> bool:
+    return all(layout.stream_path(entry.key, s).exists() for s in cf.STREAMS)
+
+
+def reconcile(sources: list[Source], entries: dict[str, cf.ClipEntry], layout: cf.CacheLayout,
+              force: bool = False) -> Reconciliation:
+    """Classify every source and entry (reads files only to hash sources whose mtime alone changed)."""
+    rec = Reconciliation()
+    found = {s.clip_id for s in sources}
+    rec.gone = [e for cid, e in sorted(entries.items()) if cid not in found]
+    for src in sources:
+        entry = entries.get(src.clip_id)
+        if entry is None:
+            rec.pending[src.clip_id] = NEW
+        elif force:
+            rec.pending[src.clip_id] = FORCED
+        elif entry.status == cf.STATUS_CACHED and not _arrays_present(layout, entry):
+            rec.pending[src.clip_id] = DAMAGED
+        elif entry.size_bytes != src.size_bytes:
+            rec.pending[src.clip_id] = CHANGED
+        elif entry.mtime_ns == src.mtime_ns:
+            rec.up_to_date.append(src.clip_id)
+            if entry.source_path != str(src.path):  # the data root moved: same bytes, new address
+                rec.touched.append(dataclasses.replace(entry, source_path=str(src.path)))
+        elif src.regular and entry.content_hash and _content_hash(src.path) == entry.content_hash:
+            # `touch`, a copy that kept the bytes: nothing to recompute, only the mtime to remember.
+            rec.up_to_date.append(src.clip_id)
+            rec.touched.append(dataclasses.replace(entry, mtime_ns=src.mtime_ns, source_path=str(src.path)))
+        else:
+            rec.pending[src.clip_id] = CHANGED
+    return rec
+
+
+def recover(layout: cf.CacheLayout, manifest: cf.Manifest, sources: list[Source],
+            force: bool = False) -> tuple[cf.Manifest, Reconciliation]:
+    """Bring the cache folder to a consistent state before any clip is processed (one process only).
+
+    Creates the folder, removes temporary files and clip folders without an entry (what a killed run
+    leaves), rewrites the entries of touched sources, and rebuilds the manifest from the entries.
+    Entries of vanished sources stay until the run ends, so the next free uid (`Manifest.next_uid`)
+    still counts theirs. Writes manifest.json only when it changed (a rerun rewrites nothing).
+    """
+    layout.create(manifest)
+    removed = cf.remove_temporary_files(layout.root)
+    entries = layout.read_entries()
+    # Folders without a readable entry: a clip killed before its commit point, or a damaged entry.json.
+    committed = {e.key for e in entries.values()}
+    orphans = [d.name for d in layout.clips_dir.iterdir() if d.is_dir() and d.name not in committed]
+    for key in orphans:
+        layout.remove_clip(key)
+    if orphans:
+        entries = layout.read_entries()
+    if removed or orphans:
+        log.info("recovered an interrupted run: removed %d temporary file(s) and %d unfinished clip folder(s)",
+                 removed, len(orphans))
+    rec = reconcile(sources, entries, layout, force)
+    for entry in rec.touched:
+        cf.write_json_atomic(layout.entry_path(entry.key), entry.to_dict())
+        entries[entry.clip_id] = entry
+    manifest = dataclasses.replace(manifest, clips=entries)
+    save_manifest_if_changed(layout, manifest)
+    return manifest, rec
+
+
+def save_manifest_if_changed(layout: cf.CacheLayout, manifest: cf.Manifest) -> bool:
+    """Write manifest.json unless the one on disk already says the same (ignoring its timestamp)."""
+    try:
+        old = layout.load_manifest()
+    except cf.CacheError:
+        old = None
+    if old is not None and _comparable(old) == _comparable(manifest):
+        return False
+    layout.save_manifest(manifest)
+    return True
+
+
+def _comparable(manifest: cf.Manifest) -> str:
+    """The manifest as its JSON would say it (tuples become lists), without its timestamp."""
+    d = manifest.to_dict()
+    d.pop("updated_at", None)
+    return json.dumps(d, sort_keys=True)
+
+
+@dataclass
+class ClipTask:
+    """One clip to process: where it is, its uid, and (if probing worked) what probing found."""
+
+    clip_id: str
+    path: str
+    key: str
+    clip_uid: int
+    size_bytes: int
+    mtime_ns: int
+    regular: bool
+    info: media.VideoInfo | None = None  # None: not probed or probing failed (the worker says why)
+    duration_s: float = 0.0  # weight for balancing; 0 for clips that will fail fast
+
+
+def make_tasks(sources: list[Source], rec: Reconciliation, manifest: cf.Manifest) -> list[ClipTask]:
+    """The pending clips as tasks, sorted by clip id. A clip keeps its uid; new ones get the next free
+    uids in clip-id order (`manifest.next_uid()` counts every entry, failed and vanished ones too)."""
+    base = manifest.next_uid()
+    tasks = []
+    for src in sources:
+        if src.clip_id not in rec.pending:
+            continue
+        old = manifest.clips.get(src.clip_id)
+        if old is not None and old.clip_uid >= 0:
+            uid = old.clip_uid
+        else:
+            uid, base = base, base + 1
+        tasks.append(ClipTask(src.clip_id, str(src.path), cf.clip_key(src.clip_id), uid, src.size_bytes,
+                              src.mtime_ns, src.regular))
+    return tasks
+
+
+def probe_tasks(tasks: list[ClipTask], progress: bool = False) -> None:
+    """Probe each regular-file task (demux only) for its duration; a MediaError leaves info None."""
+    for task in tqdm(tasks, desc="probing", unit="clip", disable=not progress or len(tasks) < 20, leave=False):
+        if not task.regular:
+            continue
+        try:
+            task.info = media.probe_video(Path(task.path))
+            task.duration_s = task.info.duration_s
+        except MediaError:
+            task.info = None  # the worker probes again and records the one-line reason
+        except Exception:  # noqa: BLE001 - a probing bug costs this clip (in the worker), not the plan
+            log.debug("probing %s failed", task.path, exc_info=True)
+            task.info = None
+
+
+def balance(tasks: list[ClipTask], bins: int) -> list[list[ClipTask]]:
+    """Split tasks into `bins` lists of about equal total duration (greedy longest first onto the
+    least-loaded bin; ties by clip id and bin index, so every process computes the same split)."""
+    shares: list[list[ClipTask]] = [[] for _ in range(bins)]
+    loads = [0.0] * bins
+    for task in sorted(tasks, key=lambda t: (-t.duration_s, t.clip_id)):
+        i = min(range(bins), key=lambda b: (loads[b], b))
+        shares[i].append(task)
+        loads[i] += task.duration_s + _PER_CLIP_OVERHEAD_S
+    return shares

@@ -1,0 +1,363 @@
+"""`run_preprocessing`: recover the cache, plan, process the pending clips, write the manifest, report.
+
+Order of a run (the same on every torchrun rank):
+
+    1. rank 0: create the folder, remove what a killed run left, rewrite touched entries,
+       write manifest.json (the snapshot every rank plans from)              -- barrier
+    2. every rank: reconcile sources with the snapshot, make tasks (stable uids), probe them,
+       take its share (deterministic split by duration), run it on its local workers
+                                                                             -- barrier
+    3. rank 0: drop entries of vanished sources, rebuild manifest.json from the entries
+                                                                             -- barrier (readers may open the cache)
+
+Workers write entries (crash-safe, entry.json last); only rank 0's parent process writes the manifest.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import logging
+import multiprocessing as mp
+import queue as queue_module
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from dali_float import cache_format as cf
+from dali_float import media
+from dali_float.errors import CheckpointError, UsageError
+from dali_float.preprocess import plan
+from dali_float.preprocess.options import (PreprocessOptions, PreprocessResult, cache_identity, new_manifest,
+                                           rank_and_world, usable_cores, worker_devices)
+from dali_float.preprocess.worker import STAGES, ClipProcessor, run_tasks, worker_main
+
+log = logging.getLogger(__name__)
+
+# A rank may wait for the others for as long as preprocessing a large data set takes.
+_BARRIER_TIMEOUT = datetime.timedelta(days=7)
+_POLL_S = 0.5  # how often the parent checks that its workers are alive while none reports
+
+
+def run_preprocessing(options: PreprocessOptions) -> PreprocessResult:
+    """Bring the cache of (preset, weights) up to date with the videos under `options.data_root`.
+
+    A quick no-op ("N up to date") when nothing changed: nothing is built, nothing rewritten.
+    Raises UsageError / CheckpointError (exit 2) for a bad path, GPU list or weights; a clip that
+    cannot be used only becomes a failed or skipped entry (result.exit_code 1 if any failed).
+    """
+    start = time.perf_counter()
+    preset = options.preset
+    devices = worker_devices(options)  # before anything slow: --gpus this machine lacks is exit 2 at once
+    rank, world = rank_and_world()
+    if Path(options.cache_dir).exists() and not Path(options.cache_dir).is_dir():
+        raise UsageError(f"--cache_dir {options.cache_dir} is a file, not a folder")
+    fp, model_ids = cache_identity(preset, options.sources)
+    layout = cf.CacheLayout(cf.cache_root(options.cache_dir, preset, fp))
+    sources = plan.discover_sources(options.data_root)  # UsageError when the folder does not exist
+    if not sources and rank == 0:
+        log.warning("no video files (%s) under %s", ", ".join(media.VIDEO_EXTENSIONS), options.data_root)
+    header = new_manifest(preset, fp, model_ids, options.data_root)
+    stats = _RunStats()
+
+    with _process_group(world) as barrier:
+        if rank == 0:
+            snapshot, _ = plan.recover(layout, header, sources, options.force)
+        barrier()
+        if rank != 0:
+            snapshot = layout.load_manifest()
+        rec = plan.reconcile(sources, snapshot.clips, layout, options.force)
+        tasks = plan.make_tasks(sources, rec, snapshot)
+        if tasks:
+            plan.probe_tasks(tasks, progress=options.progress and rank == 0)
+            share = plan.balance(tasks, world)[rank]
+            if world > 1:
+                log.info("rank %d of %d: %d of %d pending clip(s)", rank, world, len(share), len(tasks))
+            _run_share(share, devices, options, layout, stats)
+        barrier()
+        if rank == 0:
+            final = _finish(layout, snapshot, rec)
+        barrier()  # the final manifest is on disk before any rank returns (and maybe opens the cache)
+        if rank != 0:
+            final = layout.load_manifest()
+
+    result = _result(fp, layout, final, rec, stats, time.perf_counter() - start)
+    if rank == 0:
+        _log_summary(result, rec, len(tasks), options)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Running one rank's share on its local workers
+
+
+@dataclasses.dataclass
+class _RunStats:
+    processed: dict[str, int] = dataclasses.field(default_factory=lambda: defaultdict(int))
+    frames: int = 0  # frames of clips cached by this run
+    stage_seconds: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+    def add(self, entry: cf.ClipEntry) -> None:
+        self.processed[entry.status] += 1
+        if entry.status == cf.STATUS_CACHED:
+            self.frames += entry.num_frames
+            for stage, s in entry.stage_seconds.items():
+                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + float(s)
+
+
+class _Progress:
+    """Two tqdm bars (clips; frames with frames/s) fed by every worker of this process."""
+
+    def __init__(self, tasks: list[plan.ClipTask], fps: int, enabled: bool, stats: _RunStats) -> None:
+        self.stats = stats
+        self.expected = {t.clip_id: media.num_frames_at_fps(t.duration_s, fps) for t in tasks}
+        self.reported: dict[str, int] = defaultdict(int)
+        self.current: dict[int, str] = {}
+        self.clips = tqdm(total=len(tasks), desc="clips", unit="clip", position=0, disable=not enabled)
+        self.frames_bar = tqdm(total=sum(self.expected.values()), desc="frames", unit="frame", position=1,
+                               disable=not enabled, smoothing=0.1)
+
+    def start(self, worker: int, clip_id: str) -> None:
+        self.current[worker] = clip_id
+        self.clips.set_postfix_str(clip_id[-40:], refresh=False)
+
+    def frames(self, worker: int, n: int) -> None:
+        self.reported[self.current.get(worker, "")] += n
+        self.frames_bar.update(n)
+
+    def done(self, worker: int, entry: cf.ClipEntry) -> None:
+        self.current.pop(worker, None)
+        self.stats.add(entry)
+        if entry.status != cf.STATUS_CACHED:  # its frames will never come: shrink the frame total
+            self.frames_bar.total -= max(0, self.expected.get(entry.clip_id, 0) - self.reported[entry.clip_id])
+            self.frames_bar.refresh()
+        self.clips.update(1)
+
+    def close(self) -> None:
+        self.frames_bar.close()
+        self.clips.close()
+
+
+class _LocalReporter:
+    """Reporter of the in-process worker (worker id 0)."""
+
+    def __init__(self, progress: _Progress) -> None:
+        self.progress = progress
+
+    def start(self, clip_id: str) -> None:
+        self.progress.start(0, clip_id)
+
+    def frames(self, n: int) -> None:
+        self.progress.frames(0, n)
+
+    def done(self, entry: cf.ClipEntry) -> None:
+        self.progress.done(0, entry)
+
+
+def _run_share(share: list[plan.ClipTask], devices: list[str], options: PreprocessOptions,
+               layout: cf.CacheLayout, stats: _RunStats) -> None:
+    """Process this rank's clips: in this process with one worker, else in spawned worker processes."""
+    if not share:
+        return
+    n = min(len(devices), len(share))
+    progress = _Progress(share, options.preset.timing.fps, options.progress, stats)
+    try:
+        with logging_redirect_tqdm():
+            if n == 1:
+                processor = ClipProcessor(options.preset, options.sources, devices[0], options.frame_batch)
+                run_tasks(processor, layout, share, _LocalReporter(progress))
+            else:
+                _run_processes(plan.balance(share, n), devices[:n], options, layout, progress)
+    finally:
+        progress.close()
+
+
+def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], options: PreprocessOptions,
+                   layout: cf.CacheLayout, progress: _Progress) -> None:
+    """One spawned process per share (CUDA cannot be forked); progress and entries come back on a Queue.
+
+    A worker that dies (a decoder crash, the OOM killer) costs the clip it was on: that clip gets a
+    failed entry, and a fresh worker takes over the rest of its share.
+    """
+    ctx = mp.get_context("spawn")
+    messages = ctx.Queue()
+    threads = max(1, usable_cores() // len(shares))
+    level = logging.getLogger("dali_float").getEffectiveLevel()
+    remaining = {w: {t.clip_id: t for t in share} for w, share in enumerate(shares)}
+    current: dict[int, str | None] = {}  # the clip each worker is on
+    finished: dict[int, int] = {}  # clips each worker's current process has finished
+    procs: dict[int, mp.process.BaseProcess] = {}
+
+    def launch(w: int) -> None:
+        tasks = list(remaining[w].values())
+        procs[w] = ctx.Process(target=worker_main, name=f"preprocess-worker{w}", daemon=True,
+                               args=(w, options.preset, options.sources, devices[w], options.frame_batch,
+                                     threads, str(layout.root), tasks, messages, level))
+        current[w], finished[w] = None, 0
+        procs[w].start()
+
+    def handle(kind: str, w: int, payload) -> None:
+        if kind == "start":
+            current[w] = payload
+            progress.start(w, payload)
+        elif kind == "frames":
+            progress.frames(w, payload)
+        elif kind == "done":
+            entry = cf.ClipEntry.from_dict(payload)
+            remaining[w].pop(entry.clip_id, None)
+            current[w] = None
+            finished[w] += 1
+            progress.done(w, entry)
+        elif kind == "exit":
+            procs.pop(w).join()
+        elif kind == "fatal":
+            error, message = payload
+            raise {"CheckpointError": CheckpointError, "UsageError": UsageError,
+                   "CacheError": UsageError}.get(error, RuntimeError)(message)
+
+    for w in range(len(shares)):
+        launch(w)
+    try:
+        while procs:
+            try:
+                handle(*messages.get(timeout=_POLL_S))
+                continue
+            except queue_module.Empty:
+                pass
+            for w, proc in list(procs.items()):
+                if proc.is_alive():
+                    continue
+                # Messages it sent before dying may still be in the pipe: take them first.
+                with contextlib.suppress(queue_module.Empty):
+                    while True:
+                        handle(*messages.get(timeout=_POLL_S))
+                if w not in procs:  # its "exit" was among them
+                    continue
+                if current[w] is None and not finished[w] and remaining[w]:
+                    raise RuntimeError(f"preprocessing worker {w} died ({_how(proc)}) before processing any "
+                                       f"clip; run with --workers 1 -v to see why")
+                if current[w] is not None:
+                    _worker_died(w, proc, current[w], remaining, layout, progress)
+                if remaining[w]:
+                    launch(w)  # a fresh process for the rest of its share
+                else:
+                    del procs[w]
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.join(timeout=10)
+
+
+def _how(proc) -> str:
+    code = proc.exitcode
+    return f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+
+
+def _worker_died(w: int, proc, clip_id: str, remaining: dict[int, dict[str, plan.ClipTask]],
+                 layout: cf.CacheLayout, progress: _Progress) -> None:
+    """Record the clip a dead worker was on as failed (written here: the worker cannot any more)."""
+    how = _how(proc)
+    task = remaining[w].pop(clip_id)
+    entry = cf.ClipEntry(clip_id=task.clip_id, key=task.key, source_path=task.path, size_bytes=task.size_bytes,
+                         mtime_ns=task.mtime_ns, content_hash="", status=cf.STATUS_FAILED, clip_uid=task.clip_uid,
+                         reason=f"the worker process died ({how}) while processing this clip; re-encode the "
+                                f"file or remove it")
+    log.warning("worker %d died (%s) on %s; %d clip(s) of its share go to a new worker", w, how, clip_id,
+                len(remaining[w]))
+    progress.done(w, layout.write_uncached(entry))
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun: two barriers around the work (gloo, initialised from the environment)
+
+
+@contextlib.contextmanager
+def _process_group(world: int) -> Iterator:
+    """A barrier() across torchrun ranks (a no-op for a single process).
+
+    Uses the caller's process group if one exists (a new gloo group beside it: barriers on NCCL need
+    a device), else creates a gloo group from the torchrun environment and destroys it afterwards.
+    """
+    if world <= 1:
+        yield lambda: None
+        return
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", timeout=_BARRIER_TIMEOUT)
+        group = None
+    else:
+        group = dist.new_group(backend="gloo", timeout=_BARRIER_TIMEOUT)
+    try:
+        yield lambda: dist.barrier(group=group)
+    finally:
+        if created:
+            dist.destroy_process_group()
+        elif group is not None:
+            dist.destroy_process_group(group)
+
+
+# --------------------------------------------------------------------------------------------------
+# Finishing and reporting
+
+
+def _finish(layout: cf.CacheLayout, snapshot: cf.Manifest, rec: plan.Reconciliation) -> cf.Manifest:
+    """Drop the entries of vanished sources; rebuild manifest.json from the entries on disk."""
+    for entry in rec.gone:
+        layout.remove_clip(entry.key)
+    manifest = dataclasses.replace(snapshot, clips=layout.read_entries())
+    plan.save_manifest_if_changed(layout, manifest)
+    return manifest
+
+
+def _result(fp: str, layout: cf.CacheLayout, final: cf.Manifest, rec: plan.Reconciliation, stats: _RunStats,
+            wall_s: float) -> PreprocessResult:
+    counts = {status: len(final.entries(status)) for status in cf.STATUSES}
+    fresh = set(rec.pending)
+    kept_bad = [e for e in final.entries() if e.status != cf.STATUS_CACHED and e.clip_id not in fresh]
+    return PreprocessResult(
+        fingerprint=fp, cache_root=layout.root, counts=counts, processed=dict(stats.processed),
+        up_to_date=len(rec.up_to_date), removed=len(rec.gone),
+        failures=[(e.clip_id, e.reason) for e in final.entries(cf.STATUS_FAILED)],
+        skipped=[(e.clip_id, e.reason) for e in final.entries(cf.STATUS_SKIPPED)],
+        not_retried=len(kept_bad), total_frames=stats.frames, stage_seconds=dict(stats.stage_seconds),
+        stage_fps={s: stats.frames / sec for s, sec in stats.stage_seconds.items() if sec > 0},
+        wall_seconds=wall_s, wall_fps=stats.frames / wall_s if wall_s > 0 else 0.0,
+    )
+
+
+def _log_summary(result: PreprocessResult, rec: plan.Reconciliation, num_tasks: int,
+                 options: PreprocessOptions) -> None:
+    log.info("feature cache %s (preset %s, fingerprint %s)", result.cache_root, options.preset.name,
+             result.fingerprint[:12])
+    if not num_tasks and not result.removed:
+        log.info("%d up to date (nothing to do)", result.up_to_date)
+    else:
+        done = result.processed
+        why = defaultdict(int)
+        for reason in rec.pending.values():
+            why[reason] += 1
+        log.info("%d clip(s) processed (%s): %d cached, %d skipped, %d failed; %d up to date; %d removed "
+                 "(source gone)", num_tasks, ", ".join(f"{n} {k}" for k, n in sorted(why.items())) or "none",
+                 done.get(cf.STATUS_CACHED, 0), done.get(cf.STATUS_SKIPPED, 0), done.get(cf.STATUS_FAILED, 0),
+                 result.up_to_date, result.removed)
+    c = result.counts
+    log.info("the cache holds %d cached, %d skipped, %d failed clip(s)", c.get(cf.STATUS_CACHED, 0),
+             c.get(cf.STATUS_SKIPPED, 0), c.get(cf.STATUS_FAILED, 0))
+    for clip_id, reason in result.skipped:
+        log.info("skipped %s: %s", clip_id, reason)
+    for clip_id, reason in result.failures:
+        log.warning("failed %s: %s", clip_id, reason)
+    if result.not_retried:
+        log.info("%d failed/skipped clip(s) from earlier runs were not retried: their source is unchanged "
+                 "(fix or replace the file, or pass --force_preprocess)", result.not_retried)
+    if result.total_frames:
+        stages = ", ".join(f"{s} {result.stage_fps[s]:.0f}" for s in STAGES if s in result.stage_fps)
+        log.info("%d frames in %.1f s (%.1f frames/s overall); frames/s per stage and worker: %s",
+                 result.total_frames, result.wall_seconds, result.wall_fps, stages)

@@ -1,0 +1,270 @@
+"""One clip -> features -> cache entry (`ClipProcessor.process`), and the worker process around it.
+
+Per clip, every model runs once:
+
+    probe -> T = frames at 25 fps, source frame of each tick
+    audio:   prepare_clip_audio -> wav2vec2 over the WHOLE clip -> (T, A)   (the whole-clip convention)
+    emotion: classifier / file name / uniform -> (E,)
+    decode:  FrameDecoder (DALI mixed/NVDEC on a GPU, DALI CPU for VP8/VP9/MJPEG, PyAV otherwise)
+    motion:  fixed batches of `frame_batch` frames -> r (T, F), lambda (T, M), s of frame 0 (F,)
+
+A clip that cannot be used becomes a `failed` (MediaError, or a bug: its one line) or `skipped`
+(ClipSkipped) entry and the run goes on; only UsageError (a problem of the whole run) escapes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from dali_float import cache_format as cf
+from dali_float import media
+from dali_float.config import Preset
+from dali_float.errors import ClipSkipped, DaliFloatError, MediaError, UsageError
+from dali_float.hashing import sha256_file
+from dali_float.models import ModelSources, build_encoders, emotion_vector, encode_motion
+from dali_float.preprocess.plan import ClipTask
+
+log = logging.getLogger(__name__)
+
+STAGES = ("decode", "motion", "audio", "emotion")
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: its message with whitespace collapsed (its type if it has none)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+class Reporter(Protocol):
+    """Where a worker says what it is doing (progress bars in-process, a Queue from a worker process)."""
+
+    def start(self, clip_id: str) -> None: ...
+
+    def frames(self, n: int) -> None: ...
+
+    def done(self, entry: cf.ClipEntry) -> None: ...
+
+
+class ClipProcessor:
+    """The encoders and the frame decoder of one worker, on one device, reused for every clip.
+
+    frame_batch: frames per motion-encoder call. Every call has exactly this many frames (the last
+    batch of a clip is padded with stale frames whose outputs are dropped), so the encoder always
+    sees one shape: one cuDNN plan on a GPU, and batch-independent numerics across clips.
+    """
+
+    def __init__(self, preset: Preset, sources: ModelSources, device: str | torch.device, frame_batch: int,
+                 num_threads: int | None = None) -> None:
+        self.preset = preset
+        self.device = torch.device(device)
+        self.frame_batch = int(frame_batch)
+        self.encoders = build_encoders(preset, sources, self.device)
+        self.decoder = media.FrameDecoder(preset.motion.input_size, self.device, num_threads=num_threads)
+        size = preset.motion.input_size
+        # One batch buffer for the whole run: decoded chunks are copied in (device to device on a GPU).
+        self._batch = torch.zeros((self.frame_batch, 3, size, size), dtype=self.decoder.out_dtype,
+                                  device=self.device)
+
+    # -- one clip, never raising for a problem of the clip ---------------------------------------
+
+    def process(self, task: ClipTask, layout: cf.CacheLayout,
+                on_frames: Callable[[int], None] | None = None) -> cf.ClipEntry:
+        """Compute the clip's features and write them (or its failed/skipped entry); returns the entry."""
+        entry = cf.ClipEntry(clip_id=task.clip_id, key=task.key, source_path=task.path, size_bytes=task.size_bytes,
+                             mtime_ns=task.mtime_ns, content_hash="", status=cf.STATUS_FAILED,
+                             clip_uid=task.clip_uid, fps=float(self.preset.timing.fps))
+        try:
+            features = self._compute(task, entry, on_frames)
+        except ClipSkipped as err:
+            entry.status, entry.reason = cf.STATUS_SKIPPED, one_line(err)
+            return layout.write_uncached(entry)
+        except MediaError as err:
+            entry.status, entry.reason = cf.STATUS_FAILED, one_line(err)
+            log.debug("failed %s: %s", task.clip_id, entry.reason)  # the summary lists every failure
+            return layout.write_uncached(entry)
+        except UsageError:
+            raise  # wrong for every clip (no CUDA, bad weights): stop the run
+        except Exception as err:  # noqa: BLE001 - a bug must cost one clip, not the run
+            log.debug("bug while processing %s", task.clip_id, exc_info=True)
+            entry.status, entry.reason = cf.STATUS_FAILED, f"{type(err).__name__}: {one_line(err)} (a bug; run with -v)"
+            log.debug("failed %s: %s", task.clip_id, entry.reason)  # the summary lists every failure
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # e.g. out of memory: give the next clip its chance
+            return layout.write_uncached(entry)
+        return layout.write_clip(entry, features, self.preset)
+
+    def _compute(self, task: ClipTask, entry: cf.ClipEntry,
+                 on_frames: Callable[[int], None] | None) -> cf.ClipFeatures:
+        timing = self.preset.timing
+        path = Path(task.path)
+        _check_regular_file(path)
+        try:
+            entry.content_hash = sha256_file(path)
+        except OSError:
+            pass  # unreadable: probing says why, in one line
+        info = task.info if task.info is not None else media.probe_video(path)
+        entry.source_fps = float(info.source_fps)
+        t = media.num_frames_at_fps(info.duration_s, timing.fps)
+        entry.num_frames = t
+        if t < timing.window_frames:
+            raise ClipSkipped(f"{t} frames at {timing.fps} fps ({info.duration_s:.2f} s), fewer than one "
+                              f"{timing.window_frames}-frame training window")
+        if info.audio_source is not None:
+            entry.audio_source = "track" if Path(info.audio_source) == Path(info.path) else info.audio_source.name
+        indices = media.frame_indices_at_fps(info.frame_times_s, info.duration_s, timing.fps)
+        seconds = dict.fromkeys(STAGES, 0.0)
+        entry.stage_seconds = seconds
+
+        # Audio first: it is cheap and fails a clip (no audio, bad track) before the costly decode.
+        with self._stage(seconds, "audio"):
+            wave = media.prepare_clip_audio(info, t, timing)  # (T * 640,) float32, normalised
+            audio = self.encoders.audio.encode(wave[None].to(self.device), t)[0]  # whole clip -> (T, A)
+            if not bool(torch.isfinite(audio).all()):
+                raise MediaError(f"{path}: wav2vec2 features hold non-finite values (silent or broken audio "
+                                 f"track?); check the audio or remove the clip")
+            audio_np = audio.cpu().numpy()  # one device -> host copy per clip
+        with self._stage(seconds, "emotion"):
+            emotion = emotion_vector(self.encoders, wave[None], info.path)
+        entry.emotion_source = self.encoders.sources.emotion
+
+        latents, coefficients, identity = self._encode_video(info, indices, seconds, on_frames)
+        entry.decoder = self.decoder.last_decoder or ""
+        features = cf.ClipFeatures(motion_latents=latents, audio_features=audio_np,
+                                   motion_coefficients=coefficients, identity=identity, emotion=emotion)
+        try:
+            features.check(self.preset)  # finite, float16 range, shapes: a failed clip, not a bad file
+        except ValueError as err:
+            raise MediaError(f"{path}: features rejected: {err}") from None
+        entry.stage_seconds = {k: round(v, 6) for k, v in seconds.items()}
+        return features
+
+    # -- decode + motion in fixed-size batches -----------------------------------------------------
+
+    def _encode_video(self, info: media.VideoInfo, indices: np.ndarray, seconds: dict[str, float],
+                      on_frames: Callable[[int], None] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """r (T, F), lambda (T, M) float32 and s (F,) float32 of the first frame."""
+        batch, size = self._batch, self.frame_batch
+        latents: list[torch.Tensor] = []
+        coefficients: list[torch.Tensor] = []
+        identity: list[torch.Tensor] = []
+
+        def encode(n: int) -> None:
+            with self._stage(seconds, "motion"):
+                out = encode_motion(self.encoders.motion, batch)  # always (frame_batch, 3, S, S)
+                latents.append(out.motion_latents[:n])  # outputs of padded rows are dropped
+                coefficients.append(out.coefficients[:n])
+                if not identity:
+                    identity.append(out.identity[0])
+            if on_frames is not None:
+                on_frames(n)
+
+        filled = decoded = 0
+        chunks = self.decoder.decode(info, indices)
+        while True:
+            with self._stage(seconds, "decode"):
+                chunk = next(chunks, None)  # (n, 3, S, S) on self.device; NVDEC frames stay on the GPU
+            if chunk is None:
+                break
+            decoded += len(chunk)
+            pos = 0
+            while pos < len(chunk):
+                take = min(size - filled, len(chunk) - pos)
+                batch[filled:filled + take].copy_(chunk[pos:pos + take])  # device-local copy
+                filled, pos = filled + take, pos + take
+                if filled == size:
+                    encode(size)
+                    filled = 0
+        if filled:
+            encode(filled)
+        if decoded != len(indices):
+            raise MediaError(f"{info.path}: the decoder returned {decoded} frames, {len(indices)} were asked for; "
+                             f"re-encode the clip or remove it")
+        # One device -> host copy per stream per clip (a sync point on the GPU).
+        return (torch.cat(latents).cpu().numpy(), torch.cat(coefficients).cpu().numpy(),
+                identity[0].cpu().numpy())
+
+    @contextmanager
+    def _stage(self, seconds: dict[str, float], name: str) -> Iterator[None]:
+        """Add the wall time of the block to seconds[name]; on a GPU, wait for its kernels first
+        (a sync point per block: without it, the time of one stage would be billed to the next)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds[name] += time.perf_counter() - start
+
+
+def _check_regular_file(path: Path) -> None:
+    """MediaError for a missing path or anything but a regular file (a FIFO would block every reader)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MediaError(f"{path}: file not found (a dangling symlink, or removed during the run)") from None
+    except OSError as err:
+        raise MediaError(f"{path}: cannot stat the file ({one_line(err)})") from None
+    if not stat.S_ISREG(mode):
+        raise MediaError(f"{path}: not a regular file (a pipe, socket or device); replace it with the video file")
+
+
+def run_tasks(processor: ClipProcessor, layout: cf.CacheLayout, tasks: list[ClipTask], reporter: Reporter) -> None:
+    """Process `tasks` in order, reporting each clip's start, frames and entry."""
+    for task in tasks:
+        reporter.start(task.clip_id)
+        entry = processor.process(task, layout, reporter.frames)
+        reporter.done(entry)
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker processes (spawned: each builds its own encoders and decoder)
+
+class QueueReporter:
+    """A worker process's reporter: messages (kind, worker id, payload) on a multiprocessing Queue."""
+
+    def __init__(self, queue, worker_id: int) -> None:
+        self.queue, self.worker_id = queue, worker_id
+
+    def start(self, clip_id: str) -> None:
+        self.queue.put(("start", self.worker_id, clip_id))
+
+    def frames(self, n: int) -> None:
+        self.queue.put(("frames", self.worker_id, n))
+
+    def done(self, entry: cf.ClipEntry) -> None:
+        self.queue.put(("done", self.worker_id, entry.to_dict()))
+
+
+def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: str, frame_batch: int,
+                num_threads: int, root: str, tasks: list[ClipTask], queue, log_level: int) -> None:
+    """Entry point of a spawned worker: process `tasks`, then put ("exit", id) on the queue.
+
+    A DaliFloatError (bad weights, no CUDA) is sent as ("fatal", id, (error class, message)); the
+    parent stops every worker and raises it. Entries are written here; the manifest is the parent's.
+    """
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname).1s worker{worker_id} %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for name in ("transformers", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Each of N workers gets its share of the cores (torch intra-op threads and DALI threads).
+    torch.set_num_threads(num_threads)
+    try:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        processor = ClipProcessor(preset, sources, device, frame_batch, num_threads=num_threads)
+        run_tasks(processor, cf.CacheLayout(Path(root)), tasks, QueueReporter(queue, worker_id))
+    except DaliFloatError as err:
+        queue.put(("fatal", worker_id, (type(err).__name__, str(err))))
+        return
+    except BaseException as err:  # a bug outside any clip: the parent shows it and stops
+        queue.put(("fatal", worker_id, ("bug", f"{type(err).__name__}: {one_line(err)}\n{traceback.format_exc()}")))
+        return
+    queue.put(("exit", worker_id, None))

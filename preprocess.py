@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Preprocess talking-head videos into the feature cache (every model runs once per clip).
+
+    python preprocess.py                                   # the demo corpus, tiny preset, CPU
+    python preprocess.py --data_root /data/HDTF --preset float --gpus 0,1 \\
+        --motion_ckpt float.pth --wav2vec2_path wav2vec2-base-960h --emotion_path wav2vec-emotion
+    python preprocess.py status [--json]                   # what is cached, stale, pending, failed
+    python preprocess.py verify [--json]                   # check every cached array (exit 1 on problems)
+    python preprocess.py clear [--confirm] [--all]         # delete this fingerprint's cache folder
+    torchrun --nnodes 2 --nproc_per_node 1 ... preprocess.py --data_root /shared/data --device cuda
+
+Exit codes: 0 all clips usable, 1 some clip failed (the others are cached), 2 usage error.
+This script only parses arguments; the work is in dali_float.preprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dali_float.cli import add_data_arguments, add_model_arguments, add_preset_argument, run_main, setup_logging
+from dali_float.errors import UsageError
+
+COMMANDS = ("run", "status", "verify", "clear")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one `error:` line, exit 2, via run_main) instead of printing usage."""
+
+    def error(self, message: str):
+        command = " ".join(self.prog.split()[1:])  # "preprocess.py run" -> "run"
+        raise UsageError(f"{message} (see python preprocess.py {command + ' ' if command else ''}--help)")
+
+
+def _gpu_list(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip() != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gpus takes device indices like 0,1, got {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    add_preset_argument(common)
+    add_data_arguments(common)
+    add_model_arguments(common)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging (tracebacks of failed clips)")
+
+    parser = _Parser(prog="preprocess.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    run = sub.add_parser("run", parents=[common], help="compute the features of new and changed clips (default)")
+    run.add_argument("--gpus", type=_gpu_list, default=(), help="CUDA devices, one worker process each (e.g. 0,1)")
+    run.add_argument("--workers", type=int, default=1, help="CPU worker processes (default 1)")
+    run.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda[:N]; default auto")
+    run.add_argument("--frame_batch", type=int, default=None,
+                     help="frames per motion-encoder batch (default: 64 on a GPU, 16 on the CPU)")
+    run.add_argument("--no_progress", action="store_true", help="no progress bars")
+    for name, text in (("status", "what is cached, stale, pending, failed or skipped"),
+                       ("verify", "check every cached clip's files, shapes, dtypes and values")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+    clear = sub.add_parser("clear", parents=[common], help="delete this fingerprint's cache folder")
+    clear.add_argument("--confirm", action="store_true", help="really delete (otherwise only say what)")
+    clear.add_argument("--all", action="store_true", help="every cache folder in --cache_dir, all fingerprints")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    # `run` is the default command: `preprocess.py --preset tiny` means `preprocess.py run --preset tiny`.
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]
+    return build_parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.verbose)
+    data_root = Path(args.data_root) if args.data_root else None
+    if data_root is not None and not data_root.exists():  # before the slow imports: a typo fails at once
+        raise UsageError(f"--data_root {data_root} does not exist")
+
+    from dali_float.config import get_preset
+    from dali_float.models import ModelSources
+    from dali_float import preprocess as pp
+    from dali_float.preprocess.options import frame_batch_for, resolve_worker_devices
+
+    preset = get_preset(args.preset)
+    sources = ModelSources.from_args(args)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else pp.default_cache_dir()
+
+    if args.command == "run":
+        # Cheap checks first: a bad --gpus must not wait for the demo corpus to be generated.
+        devices = resolve_worker_devices(args.device, args.gpus, args.workers)
+        frame_batch = args.frame_batch if args.frame_batch is not None else frame_batch_for((devices or ["cpu"])[0])
+        options = pp.PreprocessOptions(
+            data_root=data_root or pp.default_data_root(), cache_dir=cache_dir, preset=preset, sources=sources,
+            force=args.force_preprocess, device=args.device, gpus=args.gpus, workers=args.workers,
+            frame_batch=frame_batch, progress=not args.no_progress)
+        return pp.run_preprocessing(options).exit_code
+    if args.command == "status":
+        status = pp.cache_status(data_root or pp.default_data_root(), cache_dir, preset, sources)
+        print(json.dumps(status, indent=1) if args.json else "\n".join(pp.format_status(status)))
+        return 0
+    if args.command == "verify":
+        report = pp.verify_cache(cache_dir, preset, sources)
+        if args.json:
+            print(json.dumps(report, indent=1))
+        else:
+            print(f"{report['cache_root']}: {report['clips']} entries, "
+                  f"{'OK' if report['ok'] else str(len(report['problems'])) + ' problem(s)'}")
+            for p in report["problems"]:
+                print(f"  {p['clip'] or '(cache)'}: {p['problem']}")
+        return 0 if report["ok"] else 1
+    pp.clear_cache(cache_dir, preset, sources, confirm=args.confirm, all_caches=args.all)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,582 @@
+"""Preprocessing: videos -> feature cache. Decoders, parity with the naive loader, 25 fps, reruns,
+crash recovery, workers and ranks, bad inputs, status/verify/clear and the script's exit codes.
+
+Everything runs the tiny preset with random-init encoders on the CPU; corpora are a few 64 px clips.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dali_float import cache_format as cf
+from dali_float import demo, media
+from dali_float.config import FLOAT_PRESET, TINY_PRESET
+from dali_float.errors import CheckpointError, UsageError
+from dali_float.models import ModelSources, MotionEncoder, build_encoders
+from dali_float.preprocess import (PreprocessOptions, cache_fingerprint, cache_status, clear_cache, run_preprocessing,
+                                   verify_cache)
+from dali_float.preprocess import plan
+from dali_float.preprocess.options import usable_cores
+
+P = TINY_PRESET
+SOURCES = ModelSources()
+REPO = Path(__file__).resolve().parents[1]
+WINDOW = P.timing.window_frames
+MOTION, AUDIO = cf.motion_columns(P), cf.audio_columns(P)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def make_clip(path: Path, num_frames: int = 66, fps: float = 25.0, seed: int = 0, audio: bool = True,
+              timestamps_s: np.ndarray | None = None, size: int = 64) -> Path:
+    frames, wave, _ = demo.synth_talking_head(num_frames, size, fps=25.0 if timestamps_s is not None else fps,
+                                              seed=seed)
+    return demo.write_clip(path, frames, fps, timestamps_s=timestamps_s, audio=wave if audio else None)
+
+
+def vfr_times(num_frames: int) -> np.ndarray:
+    """Alternating 30 ms and 50 ms frame intervals: 25 fps on average, never two equal neighbours."""
+    return np.concatenate([[0.0], np.cumsum(np.where(np.arange(num_frames - 1) % 2 == 0, 0.03, 0.05))])
+
+
+# Test clips are 65-70 frames: batches of 16 pad a clip by at most 15 frames (64 would nearly double the work).
+FRAME_BATCH = 16
+
+
+def options(data_root: Path, cache_dir: Path, **kw) -> PreprocessOptions:
+    kw.setdefault("progress", False)
+    kw.setdefault("frame_batch", FRAME_BATCH)
+    kw.setdefault("sources", SOURCES)
+    return PreprocessOptions(data_root=Path(data_root), cache_dir=Path(cache_dir), preset=P, **kw)
+
+
+def layout_of(cache_dir: Path, sources: ModelSources = SOURCES, preset=P) -> cf.CacheLayout:
+    return cf.CacheLayout(cf.cache_root(cache_dir, preset, cache_fingerprint(preset, sources)))
+
+
+def file_mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def temp_files(root: Path) -> list[Path]:
+    return list(root.rglob(f"*{cf.TMP_MARKER}*"))
+
+
+def entry_fields(entry: cf.ClipEntry) -> dict:
+    d = entry.to_dict()
+    d.pop("stage_seconds")  # wall times differ from run to run
+    return d
+
+
+def assert_same_cache(a: cf.CacheLayout, b: cf.CacheLayout) -> None:
+    ea, eb = a.read_entries(), b.read_entries()
+    assert ea.keys() == eb.keys()
+    for clip_id, entry in ea.items():
+        assert entry_fields(entry) == entry_fields(eb[clip_id]), clip_id
+        for stream in cf.STREAMS if entry.status == cf.STATUS_CACHED else ():
+            x, y = np.load(a.stream_path(entry.key, stream)), np.load(b.stream_path(entry.key, stream))
+            assert x.dtype == y.dtype and np.array_equal(x, y), (clip_id, stream.name)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _copy_file(src: str, dst: str) -> None:
+    """shutil.copy2 that recreates FIFOs instead of blocking on them."""
+    if stat.S_ISFIFO(os.lstat(src).st_mode):
+        os.mkfifo(dst)
+        shutil.copystat(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def copy_cache(src_data: Path, src_cache: Path, dst: Path) -> tuple[Path, Path]:
+    """A copy of a corpus and its cache (mtimes kept) under `dst`: the data root has moved."""
+    data, cache = dst / "data", dst / "cache"
+    shutil.copytree(src_data, data, symlinks=True, copy_function=_copy_file)
+    shutil.copytree(src_cache, cache)
+    return data, cache
+
+
+def script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "preprocess.py"), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def demo_cache(dali_float_home, tmp_path_factory):
+    """The demo corpus preprocessed once (in this process): (data root, cache dir, result)."""
+    root = demo.ensure_demo_corpus()
+    cache_dir = tmp_path_factory.mktemp("demo_cache")
+    return root, cache_dir, run_preprocessing(options(root, cache_dir))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """Four short clips (H.264 25 fps, VP9 in a nested folder with an odd name, 30 fps, variable frame rate)
+    preprocessed once with one worker using a worker's share of the cores (so `--workers 2` must match it
+    bit for bit): (data root, cache dir, result)."""
+    base = tmp_path_factory.mktemp("small")
+    data = base / "data"
+    make_clip(data / "a.mp4", 66, seed=1)
+    make_clip(data / "Sub Dir" / "b ü.WEBM", 66, seed=2)
+    make_clip(data / "c30.mp4", 78, fps=30.0, seed=3)  # 2.6 s at 30 fps -> 65 frames at 25 fps
+    make_clip(data / "vfr.mp4", 70, fps=25.0, seed=4, timestamps_s=vfr_times(70))
+    (data / "notes.txt").write_text("not a video")
+    with torch_threads(max(1, usable_cores() // 2)):
+        result = run_preprocessing(options(data, base / "cache"))
+    return data, base / "cache", result
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    """One good clip, one with a side .wav, and every kind of bad input: (data root, cache dir, result)."""
+    base = tmp_path_factory.mktemp("bad")
+    data = base / "data"
+    good = make_clip(data / "good.mp4", 66, seed=5)
+    raw = good.read_bytes()
+    (data / "zero.mp4").write_bytes(b"")
+    (data / "text.mp4").write_text("this is text, renamed to .mp4\n")
+    (data / "truncated.mp4").write_bytes(raw[: len(raw) // 2])
+    webm = make_clip(base / "whole.webm", 70, seed=6).read_bytes()
+    (data / "truncated.webm").write_bytes(webm[: int(len(webm) * 0.6)])
+    make_clip(data / "no_audio.mp4", 66, seed=7, audio=False)
+    make_clip(data / "side_audio.mp4", 66, seed=8, audio=False)
+    frames, wave, _ = demo.synth_talking_head(66, 64, seed=8)
+    demo.write_audio(data / "side_audio.wav", wave, 16_000)
+    make_clip(data / "short.mp4", 40, seed=9)
+    (data / "codec.mp4").write_bytes(raw.replace(b"avc1", b"zzzz"))  # a codec nobody decodes
+    os.symlink(data / "gone.mp4", data / "dangling.mp4")  # unreadable even for root
+    os.mkfifo(data / "pipe.mp4")  # would block whoever opens it
+    result = run_preprocessing(options(data, base / "cache"))
+    return data, base / "cache", result
+
+
+# ---------------------------------------------------------------------------------------------- the demo
+
+def test_demo_corpus_caches_with_both_cpu_decoders(demo_cache):
+    root, cache_dir, result = demo_cache
+    assert result.exit_code == 0 and not result.failures and not result.skipped
+    assert result.counts[cf.STATUS_CACHED] == 12 and result.processed == {cf.STATUS_CACHED: 12}
+    layout = layout_of(cache_dir)
+    assert result.cache_root == layout.root and layout.root.name.startswith("tiny-")
+    manifest = layout.load_manifest()
+    decoders = {cid: e.decoder for cid, e in manifest.clips.items()}
+    assert {d for cid, d in decoders.items() if cid.endswith(".webm")} == {media.DALI_CPU}  # VP9
+    assert {d for cid, d in decoders.items() if cid.endswith(".mp4")} == {media.PYAV}  # H.264 without a GPU
+    # uids: 0..N-1 in clip-id order on a fresh cache; clip_info.npy agrees with the entry
+    assert [e.clip_uid for e in manifest.entries()] == list(range(12))
+    for e in manifest.entries():
+        info = np.load(layout.stream_path(e.key, cf.CLIP_INFO))
+        assert int(info[cf.CLIP_INFO_UID]) == e.clip_uid and int(info[cf.CLIP_INFO_NUM_FRAMES]) == e.num_frames
+        assert set(e.stage_seconds) == {"decode", "motion", "audio", "emotion"}
+        assert e.audio_source == "track" and e.emotion_source == "model" and e.fps == 25.0
+    assert cf.verify(layout, P) == []
+    assert result.total_frames == sum(e.num_frames for e in manifest.entries())
+    assert set(result.stage_fps) >= {"decode", "motion", "audio"}
+
+
+def test_cached_features_equal_the_naive_loader(demo_cache):
+    from dali_float.loaders.base import LoaderOptions
+    from dali_float.loaders.naive import NaiveWindowLoader
+
+    root, cache_dir, _ = demo_cache
+    layout = layout_of(cache_dir)
+    manifest = layout.load_manifest()
+    encoders = build_encoders(P, SOURCES, "cpu")  # the same (seeded) weights the cache was made with
+    loader = NaiveWindowLoader(root, P, encoders, LoaderOptions(batch_size=1, device="cpu", num_workers=0))
+    picks = ["Actor_01/01-01-01-01-01-01-01.mp4",  # pyav
+             "Actor_01/01-01-02-01-01-01-01.webm",  # dali-cpu
+             "Actor_02/01-01-05-01-01-01-02.mp4"]  # 30 fps source
+    for clip_id in picks:
+        entry = manifest.clips[clip_id]
+        t = entry.num_frames
+        for start, ref in ((t - WINDOW, t // 2),):  # the last window, a reference outside it
+            batch = loader.load_windows([(clip_id, start, ref)])
+            rows = torch.from_numpy(np.load(layout.stream_path(entry.key, cf.FRAMES))[start:start + WINDOW])
+            motion = torch.cat([batch.prev_motion[0], batch.motion[0]])
+            audio = torch.cat([batch.prev_audio[0], batch.audio[0]])
+            # motion: one float16 rounding apart (other batch sizes inside the encoder)
+            torch.testing.assert_close(motion.float(), rows[:, MOTION].float(), rtol=2e-3, atol=2e-3)
+            # audio: wav2vec2 over the whole clip in both: identical
+            assert torch.equal(audio, rows[:, AUDIO]), clip_id
+            ref_row = torch.from_numpy(np.load(layout.stream_path(entry.key, cf.FRAMES))[ref, MOTION])
+            torch.testing.assert_close(batch.ref_motion[0].float(), ref_row.float(), rtol=2e-3, atol=2e-3)
+        info = np.load(layout.stream_path(entry.key, cf.CLIP_INFO))
+        torch.testing.assert_close(batch.emotion[0].float(), torch.from_numpy(info[cf.CLIP_INFO_EMOTION:]).half().float())
+
+
+def test_rerun_of_the_demo_is_a_quick_noop(demo_cache, caplog):
+    root, cache_dir, _ = demo_cache
+    before = file_mtimes(cache_dir)
+    caplog.set_level(logging.INFO, logger="dali_float")
+    start = time.perf_counter()
+    result = run_preprocessing(options(root, cache_dir))
+    assert time.perf_counter() - start < 10  # nothing is built
+    assert result.up_to_date == 12 and result.processed == {} and result.exit_code == 0
+    assert "12 up to date" in caplog.text
+    assert file_mtimes(cache_dir) == before  # not a single file rewritten, manifest.json included
+
+
+# ---------------------------------------------------------------------------------------------- 25 fps
+
+def test_30fps_and_variable_frame_rate_come_out_at_25fps(small):
+    data, cache_dir, result = small
+    assert result.counts == {cf.STATUS_CACHED: 4, cf.STATUS_FAILED: 0, cf.STATUS_SKIPPED: 0}
+    layout = layout_of(cache_dir)
+    entries = layout.read_entries()
+    assert sorted(entries) == ["Sub Dir/b ü.WEBM", "a.mp4", "c30.mp4", "vfr.mp4"]  # nested, any case, any chars
+    assert entries["c30.mp4"].num_frames == 65 and entries["c30.mp4"].source_fps == pytest.approx(30.0, abs=0.01)
+    for clip_id, entry in entries.items():
+        info = media.probe_video(data / clip_id)
+        t = entry.num_frames
+        assert t == int(np.floor(info.duration_s * 25 + 1e-3)), clip_id  # T = duration x 25
+        frames = np.load(layout.stream_path(entry.key, cf.FRAMES))
+        assert frames.shape == (t, P.motion_dim + P.audio_feature_dim)  # motion and audio: T rows each
+        assert np.load(layout.stream_path(entry.key, cf.COEFFICIENTS)).shape == (t, P.motion.num_coefficients)
+        assert np.load(layout.stream_path(entry.key, cf.CLIP_INFO))[cf.CLIP_INFO_NUM_FRAMES] == t
+    assert entries["vfr.mp4"].num_frames in (69, 70)  # 2.75 s of 30/50 ms frames plus the last one's duration
+    assert entries["Sub Dir/b ü.WEBM"].decoder == media.DALI_CPU
+
+
+# ---------------------------------------------------------------------------------------------- reruns
+
+def test_moved_data_root_touch_change_and_delete(small, tmp_path, caplog):
+    data, cache_dir = copy_cache(small[0], small[1], tmp_path)
+    layout = layout_of(cache_dir)
+    uids = {cid: e.clip_uid for cid, e in layout.read_entries().items()}
+
+    # The data root moved (same bytes, same mtimes): entries get the new path, nothing is recomputed.
+    result = run_preprocessing(options(data, cache_dir))
+    assert result.processed == {} and result.up_to_date == 4
+    assert all(e.source_path.startswith(str(data)) for e in layout.read_entries().values())
+
+    # touch: same content, new mtime -> only the entry's mtime changes
+    arrays_before = file_mtimes(layout.clips_dir)
+    os.utime(data / "a.mp4", ns=(time.time_ns(), time.time_ns() + 10**9))
+    result = run_preprocessing(options(data, cache_dir))
+    assert result.processed == {} and result.up_to_date == 4
+    assert layout.read_entries()["a.mp4"].mtime_ns == (data / "a.mp4").stat().st_mtime_ns
+    assert {k: v for k, v in file_mtimes(layout.clips_dir).items() if not k.endswith("entry.json")} == \
+        {k: v for k, v in arrays_before.items() if not k.endswith("entry.json")}
+
+    # change one source: only it is processed, and it keeps its uid
+    before = file_mtimes(layout.clips_dir)
+    make_clip(data / "c30.mp4", 84, fps=30.0, seed=33)  # 2.8 s -> 70 frames
+    result = run_preprocessing(options(data, cache_dir))
+    assert result.processed == {cf.STATUS_CACHED: 1} and result.up_to_date == 3
+    entries = layout.read_entries()
+    assert entries["c30.mp4"].num_frames == 70 and entries["c30.mp4"].clip_uid == uids["c30.mp4"]
+    after = file_mtimes(layout.clips_dir)
+    changed = {k.split("/")[0] for k in after if after[k] != before.get(k)}
+    assert changed == {cf.clip_key("c30.mp4")}
+
+    # delete one source: its entry and files go, the manifest follows; a new clip gets a fresh uid
+    (data / "a.mp4").unlink()
+    make_clip(data / "new.mp4", 66, seed=44)
+    result = run_preprocessing(options(data, cache_dir))
+    assert result.removed == 1 and result.processed == {cf.STATUS_CACHED: 1}
+    manifest = layout.load_manifest()
+    assert "a.mp4" not in manifest.clips and not layout.clip_dir(cf.clip_key("a.mp4")).exists()
+    assert manifest.clips["new.mp4"].clip_uid == max(uids.values()) + 1  # never a uid seen in this run
+    assert cf.verify(layout, P) == []
+
+
+def test_recovery_from_a_crash_state(small, tmp_path):
+    """What a killed run can leave: temp files, a clip folder without entry.json, a broken manifest."""
+    data, cache_dir = copy_cache(small[0], small[1], tmp_path)
+    layout = layout_of(cache_dir)
+    key = cf.clip_key("a.mp4")
+    (layout.clip_dir(key) / f"frames.npy{cf.TMP_MARKER}999").write_bytes(b"half")
+    layout.entry_path(cf.clip_key("c30.mp4")).unlink()  # arrays written, entry not yet: uncommitted
+    orphan = layout.clips_dir / "orphan-0123456789"
+    orphan.mkdir()
+    (orphan / "frames.npy").write_bytes(b"junk")
+    layout.manifest_path.write_text("{ not json")
+    result = run_preprocessing(options(data, cache_dir))
+    assert result.processed == {cf.STATUS_CACHED: 1}  # only the uncommitted clip
+    assert not temp_files(layout.root) and not orphan.exists()
+    assert cf.verify(layout, P) == []
+
+
+def test_sigkill_mid_run_then_rerun_verifies(small, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(small[0], data, copy_function=_copy_file)
+    cache_dir = tmp_path / "cache"
+    layout = layout_of(cache_dir)
+    proc = subprocess.Popen([sys.executable, str(REPO / "preprocess.py"), "--preset", "tiny", "--data_root",
+                             str(data), "--cache_dir", str(cache_dir), "--no_progress", "--frame_batch", "8"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+
+    def committed() -> bool:
+        return layout.clips_dir.exists() and any(layout.clips_dir.glob("*/entry.json"))
+
+    try:
+        deadline = time.monotonic() + 120
+        while not committed():
+            assert proc.poll() is None, "preprocessing ended before writing any entry"
+            assert time.monotonic() < deadline, "no entry after 120 s"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    kept = len(layout.read_entries())
+    result = run_preprocessing(options(data, cache_dir))
+    assert result.exit_code == 0 and result.counts[cf.STATUS_CACHED] == 4
+    assert result.processed.get(cf.STATUS_CACHED, 0) == 4 - kept  # committed clips are kept
+    assert not temp_files(layout.root)
+    assert cf.verify(layout, P) == []
+
+
+# ---------------------------------------------------------------------------------------------- parallelism
+
+def test_two_workers_make_the_same_cache_as_one(small, tmp_path):
+    data, cache_one, _ = small
+    result = run_preprocessing(options(data, tmp_path / "cache", workers=2))
+    assert result.exit_code == 0 and result.processed == {cf.STATUS_CACHED: 4}
+    assert_same_cache(layout_of(cache_one), layout_of(tmp_path / "cache"))
+    assert cf.verify(layout_of(tmp_path / "cache"), P) == []
+
+
+def test_balance_splits_by_duration_without_overlap():
+    tasks = [plan.ClipTask(f"c{i}", f"/x/c{i}", cf.clip_key(f"c{i}"), i, 1, 1, True, duration_s=d)
+             for i, d in enumerate([10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0])]
+    shares = plan.balance(tasks, 3)
+    ids = [t.clip_id for share in shares for t in share]
+    assert sorted(ids) == sorted(t.clip_id for t in tasks) and len(ids) == len(set(ids))
+    loads = [sum(t.duration_s for t in share) for share in shares]
+    assert max(loads) - min(loads) <= 10  # within the longest clip
+    assert [[t.clip_id for t in s] for s in plan.balance(list(reversed(tasks)), 3)] == \
+        [[t.clip_id for t in s] for s in shares]  # the same split whatever the input order
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_share_one_cache(small, tmp_path):
+    """RANK/WORLD_SIZE as torchrun sets them: each rank takes its share, rank 0 writes the manifest."""
+    data, _, _ = small
+    cache_dir = tmp_path / "cache"
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "preprocess.py"), "--preset", "tiny", "--data_root",
+                                       str(data), "--cache_dir", str(cache_dir), "--no_progress",
+                                       "--frame_batch", str(FRAME_BATCH)],
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    shares = [int(line.split("rank ")[1].split(": ")[1].split(" of")[0]) for out in outputs
+              for line in out.splitlines() if ": rank " in line and "pending clip" in line]
+    assert sorted(shares) != [] and sum(shares) == 4, outputs  # every clip processed once
+    layout = layout_of(cache_dir)
+    assert len(layout.load_manifest().entries(cf.STATUS_CACHED)) == 4
+    assert cf.verify(layout, P) == []
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+
+BAD_EXPECTED = {
+    "zero.mp4": (cf.STATUS_FAILED, "empty"),
+    "text.mp4": (cf.STATUS_FAILED, "not a readable media file"),
+    "truncated.mp4": (cf.STATUS_FAILED, ""),
+    "truncated.webm": (cf.STATUS_FAILED, ""),
+    "no_audio.mp4": (cf.STATUS_FAILED, "no audio"),
+    "short.mp4": (cf.STATUS_SKIPPED, "fewer than one 60-frame"),
+    "codec.mp4": (cf.STATUS_FAILED, ""),
+    "dangling.mp4": (cf.STATUS_FAILED, "not found"),
+    "pipe.mp4": (cf.STATUS_FAILED, "not a regular file"),
+}
+
+
+def test_every_bad_input_ends_as_a_failed_or_skipped_entry(bad):
+    data, cache_dir, result = bad
+    layout = layout_of(cache_dir)
+    entries = layout.load_manifest().clips
+    assert entries["good.mp4"].status == cf.STATUS_CACHED
+    assert entries["side_audio.mp4"].status == cf.STATUS_CACHED
+    assert entries["side_audio.mp4"].audio_source == "side_audio.wav"
+    for clip_id, (status, words) in BAD_EXPECTED.items():
+        entry = entries[clip_id]
+        assert entry.status == status, (clip_id, entry.reason)
+        assert entry.reason and "\n" not in entry.reason and words in entry.reason, (clip_id, entry.reason)
+        assert not any(layout.stream_path(entry.key, s).exists() for s in cf.STREAMS)  # no partial entry
+    assert result.exit_code == 1  # some clip failed, the others are cached
+    assert {c for c, _ in result.failures} == {c for c, (s, _) in BAD_EXPECTED.items() if s == cf.STATUS_FAILED}
+    assert [c for c, _ in result.skipped] == ["short.mp4"]
+    assert not temp_files(layout.root) and cf.verify(layout, P) == []
+
+
+def test_bad_inputs_are_not_retried_until_they_change(bad, tmp_path, caplog):
+    data, cache_dir = copy_cache(bad[0], bad[1], tmp_path)
+    caplog.set_level(logging.INFO, logger="dali_float")
+    result = run_preprocessing(options(data, cache_dir))
+    assert result.processed == {} and result.exit_code == 1 and result.not_retried == len(BAD_EXPECTED)
+    assert "not retried" in caplog.text
+    (data / "zero.mp4").unlink()
+    make_clip(data / "zero.mp4", 66, seed=12)  # fixed
+    result = run_preprocessing(options(data, cache_dir))
+    assert result.processed == {cf.STATUS_CACHED: 1}
+    assert layout_of(cache_dir).read_entries()["zero.mp4"].status == cf.STATUS_CACHED
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads chmod-000 files; the dangling-symlink and FIFO "
+                                              "variants of an unreadable clip run instead")
+def test_unreadable_file_fails(tmp_path):
+    data = tmp_path / "data"
+    clip = make_clip(data / "locked.mp4", 66, seed=13)
+    clip.chmod(0)
+    result = run_preprocessing(options(data, tmp_path / "cache"))
+    assert [c for c, _ in result.failures] == ["locked.mp4"] and "permission" in result.failures[0][1]
+
+
+# ---------------------------------------------------------------------------------------------- fingerprint
+
+def test_another_preset_or_checkpoint_writes_another_folder(small, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy2(small[0] / "a.mp4", data / "a.mp4")
+    ckpt = tmp_path / "motion.pt"
+    torch.save(MotionEncoder(P.motion, seed=7).state_dict(), ckpt)
+    with_ckpt = ModelSources(motion_ckpt=ckpt)
+    fp = cache_fingerprint(P, SOURCES)
+    assert len({fp, cache_fingerprint(FLOAT_PRESET, SOURCES), cache_fingerprint(P, with_ckpt),
+                cache_fingerprint(P, ModelSources(emotion="none"))}) == 4
+    assert cf.cache_root(tmp_path, FLOAT_PRESET, cache_fingerprint(FLOAT_PRESET, SOURCES)).name.startswith("float-")
+    cache_dir = shutil.copytree(small[1], tmp_path / "cache")
+    uid = layout_of(cache_dir).read_entries()["a.mp4"].clip_uid
+    first = run_preprocessing(options(data, cache_dir, force=True))  # --force_preprocess: recomputed, same uid
+    assert first.processed == {cf.STATUS_CACHED: 1} and first.removed == 3
+    assert layout_of(cache_dir).read_entries()["a.mp4"].clip_uid == uid
+    second = run_preprocessing(options(data, cache_dir, sources=with_ckpt))
+    assert first.cache_root != second.cache_root and second.processed == {cf.STATUS_CACHED: 1}
+    assert second.cache_root == layout_of(cache_dir, with_ckpt).root and first.cache_root.exists()
+    a = np.load(layout_of(cache_dir).stream_path(cf.clip_key("a.mp4"), cf.FRAMES)).astype(np.float32)
+    b = np.load(layout_of(cache_dir, with_ckpt).stream_path(cf.clip_key("a.mp4"), cf.FRAMES)).astype(np.float32)
+    assert np.abs(a[:, MOTION] - b[:, MOTION]).max() > 0.1  # other motion weights
+    np.testing.assert_allclose(a[:, AUDIO], b[:, AUDIO], atol=1e-2)  # the same audio weights
+    with pytest.raises(CheckpointError):
+        run_preprocessing(PreprocessOptions(data, cache_dir, P, ModelSources(motion_ckpt=tmp_path / "nope.pt")))
+
+
+def test_usage_errors_are_raised_before_any_work(tmp_path):
+    with pytest.raises(UsageError, match="no such folder"):
+        run_preprocessing(options(tmp_path / "missing", tmp_path / "cache"))
+    with pytest.raises(UsageError, match="--gpus"):
+        run_preprocessing(options(tmp_path, tmp_path / "cache", gpus=(torch.cuda.device_count(),)))
+    with pytest.raises(UsageError):
+        options(tmp_path, tmp_path / "cache", workers=0)
+    assert not (tmp_path / "cache").exists()
+
+
+# ---------------------------------------------------------------------------------------------- manage + CLI
+
+def test_status_clear_and_verify_api(bad, tmp_path):
+    data, cache_dir = copy_cache(bad[0], bad[1], tmp_path)
+    make_clip(data / "pending.mp4", 66, seed=14)
+    make_clip(data / "good.mp4", 70, seed=15)  # changed since cached
+    (data / "zero.mp4").unlink()
+    status = cache_status(data, cache_dir, P, SOURCES)
+    assert status["clips"] == {"cached": 1, "failed": 7, "skipped": 1, "stale": 1, "pending": 1,
+                               "missing_source": 1}
+    assert {"clip": "short.mp4", "reason": status["skipped"][0]["reason"]} == status["skipped"][0]
+    assert status["pending_clips"] == ["pending.mp4"] and status["stale_clips"] == ["good.mp4"]
+    assert verify_cache(cache_dir, P, SOURCES)["ok"]
+    root = layout_of(cache_dir).root
+    assert clear_cache(cache_dir, P, SOURCES) == [root] and root.exists()  # without confirm: nothing deleted
+    assert clear_cache(cache_dir, P, SOURCES, confirm=True) == [root] and not root.exists()
+
+
+def test_script_exit_codes_and_status_json(bad, tmp_path):
+    data, cache_dir, _ = bad
+    common = ["--preset", "tiny", "--data_root", str(data), "--cache_dir", str(cache_dir)]
+
+    out = script("status", "--json", *common)
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)  # exactly one JSON object on stdout
+    for key in ("fingerprint", "cache_dir", "bytes", "clips", "failures", "skipped"):
+        assert key in status
+    assert set(status["clips"]) >= {"cached", "failed", "skipped", "stale", "pending"}
+    assert status["bytes"] > 0 and status["clips"]["failed"] == 8
+    assert all(set(f) == {"clip", "error"} and f["error"] for f in status["failures"])
+    assert status["skipped"] == [{"clip": "short.mp4", "reason": bad[2].skipped[0][1]}]
+
+    before = file_mtimes(cache_dir)
+    out = script("clear", *common)  # without --confirm: says what, deletes nothing
+    assert out.returncode == 0 and "would delete" in out.stderr and "--confirm" in out.stderr
+    assert file_mtimes(cache_dir) == before
+
+    out = script(*common, "--no_progress")  # up to date, but a clip failed: exit 1
+    assert out.returncode == 1 and "up to date" in out.stderr and "failed" in out.stderr
+
+    for args, words in ((["--gpus", "0", *common], "--gpus"), (["--data_root", str(tmp_path / "nope")], "nope"),
+                        (["--preset", "huge"], "huge"), (["--workers", "x"], "--workers")):
+        if args[:2] == ["--gpus", "0"] and torch.cuda.is_available():
+            continue
+        out = script(*args)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], \
+            (args, out.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+def test_gpu_features_match_cpu_within_fp16(small, tmp_path):
+    data, cpu_cache, _ = small
+    result = run_preprocessing(options(data, tmp_path / "gpu", device="cuda"))
+    assert result.exit_code == 0 and result.processed == {cf.STATUS_CACHED: 4}
+    cpu, gpu = layout_of(cpu_cache), layout_of(tmp_path / "gpu")
+    entries = gpu.read_entries()
+    assert entries["a.mp4"].decoder == media.DALI_GPU  # H.264 through NVDEC
+    assert entries["Sub Dir/b ü.WEBM"].decoder == media.DALI_GPU  # VP9 too
+    for clip_id, entry in entries.items():
+        x = np.load(cpu.stream_path(entry.key, cf.FRAMES)).astype(np.float32)
+        y = np.load(gpu.stream_path(entry.key, cf.FRAMES)).astype(np.float32)
+        assert x.shape == y.shape
+        # motion: NVDEC's colour conversion and fp16 frames + fp16 autocast against PyAV/DALI CPU in float32;
+        # audio: the same samples through float32 wav2vec2 on another device. Relative error of the whole clip.
+        for cols, tol in ((MOTION, 5e-2), (AUDIO, 1e-2)):
+            err = np.linalg.norm(y[:, cols] - x[:, cols]) / np.linalg.norm(x[:, cols])
+            assert err < tol, (clip_id, cols, err)
+    assert cf.verify(gpu, P) == []
+
+
+@pytest.mark.gpu
+def test_gpus_flag_runs_one_worker_per_gpu(small, tmp_path):
+    data, _, _ = small
+    gpus = tuple(range(min(2, torch.cuda.device_count())))
+    result = run_preprocessing(options(data, tmp_path / "cache", gpus=gpus))
+    assert result.exit_code == 0 and result.counts[cf.STATUS_CACHED] == 4
+    assert cf.verify(layout_of(tmp_path / "cache"), P) == []
