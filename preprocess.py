@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from dali_float.config import get_preset
     from dali_float.models import ModelSources
     from dali_float import preprocess as pp
-    from dali_float.preprocess.options import frame_batch_for, resolve_worker_devices
+    from dali_float.preprocess.options import resolve_worker_devices
 
     preset = get_preset(args.preset)
     sources = ModelSources.from_args(args)
@@ -91,12 +91,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "run":
         # Cheap checks first: a bad --gpus must not wait for the demo corpus to be generated.
-        devices = resolve_worker_devices(args.device, args.gpus, args.workers)
-        frame_batch = args.frame_batch if args.frame_batch is not None else frame_batch_for((devices or ["cpu"])[0])
+        resolve_worker_devices(args.device, args.gpus, args.workers)
         options = pp.PreprocessOptions(
             data_root=data_root or pp.default_data_root(), cache_dir=cache_dir, preset=preset, sources=sources,
             force=args.force_preprocess, device=args.device, gpus=args.gpus, workers=args.workers,
-            frame_batch=frame_batch, progress=not args.no_progress)
+            frame_batch=args.frame_batch, progress=not args.no_progress)
         return pp.run_preprocessing(options).exit_code
     if args.command == "status":
         status = pp.cache_status(data_root or pp.default_data_root(), cache_dir, preset, sources)

@@ -198,7 +198,11 @@ def _video_stream(container):
 
 
 def _codec_name(stream: av.video.stream.VideoStream) -> str:
-    name = stream.codec_context.codec.name
+    context = stream.codec_context
+    if context is None or context.codec is None:  # FFmpeg has no decoder for this stream's codec tag
+        raise MediaError(f"{stream.container.name}: unsupported video codec (tag {stream.codec_tag!r}); "
+                         f"re-encode it (e.g. ffmpeg -i in -c:v libx264 out.mp4) or remove it")
+    name = context.codec.name
     return _CODEC_ALIASES.get(name, name)
 
 

@@ -100,12 +100,12 @@ def model_identities(preset: Preset, sources: ModelSources) -> dict[str, str]:
     These enter the cache fingerprint (with the preset's digest, which fixes the random-init sizes).
     """
     random = f"random-init:{preset.init_seed}"
-    motion = f"sha256:{sha256_file(sources.motion_ckpt)}" if sources.motion_ckpt else random
-    audio = f"sha256:{sha256_tree(sources.wav2vec2_path)}" if sources.wav2vec2_path else random
+    motion = f"sha256:{sha256_file(sources.motion_ckpt, remember=True)}" if sources.motion_ckpt else random
+    audio = f"sha256:{sha256_tree(sources.wav2vec2_path, remember=True)}" if sources.wav2vec2_path else random
     if sources.emotion != "model":
         emotion = sources.emotion
     else:
-        emotion = f"sha256:{sha256_tree(sources.emotion_path)}" if sources.emotion_path else random
+        emotion = f"sha256:{sha256_tree(sources.emotion_path, remember=True)}" if sources.emotion_path else random
     return {"motion": motion, "audio": audio, "emotion": emotion}
 
 

@@ -41,7 +41,7 @@ class PreprocessOptions:
     gpus: CUDA device indices, one worker process per GPU.
     workers: CPU worker processes (each builds its own encoders and decoder).
     frame_batch: frames per motion-encoder batch (every batch has exactly this size; the last is padded).
-        64 suits a GPU; on the CPU 16 is ~2x faster (see FRAME_BATCH_BY_DEVICE, frame_batch_for).
+        None: what suits the device (FRAME_BATCH_BY_DEVICE: 64 on a GPU; 16 on the CPU, ~2x faster there).
     progress: tqdm bars on stderr.
     """
 
@@ -53,13 +53,13 @@ class PreprocessOptions:
     device: str = "cpu"
     gpus: tuple[int, ...] = ()
     workers: int = 1
-    frame_batch: int = 64
+    frame_batch: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise UsageError(f"--workers must be at least 1, got {self.workers}")
-        if self.frame_batch < 1:
+        if self.frame_batch is not None and self.frame_batch < 1:
             raise UsageError(f"--frame_batch must be at least 1, got {self.frame_batch}")
         if self.device not in DEVICE_CHOICES and not _CUDA_DEVICE.match(self.device):
             raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")

@@ -31,6 +31,7 @@ from dali_float.config import Preset
 from dali_float.errors import ClipSkipped, DaliFloatError, MediaError, UsageError
 from dali_float.hashing import sha256_file
 from dali_float.models import ModelSources, build_encoders, emotion_vector, encode_motion
+from dali_float.preprocess.options import frame_batch_for
 from dali_float.preprocess.plan import ClipTask
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,11 @@ class ClipProcessor:
     sees one shape: one cuDNN plan on a GPU, and batch-independent numerics across clips.
     """
 
-    def __init__(self, preset: Preset, sources: ModelSources, device: str | torch.device, frame_batch: int,
+    def __init__(self, preset: Preset, sources: ModelSources, device: str | torch.device, frame_batch: int | None,
                  num_threads: int | None = None) -> None:
         self.preset = preset
         self.device = torch.device(device)
-        self.frame_batch = int(frame_batch)
+        self.frame_batch = int(frame_batch or frame_batch_for(str(self.device)))
         self.encoders = build_encoders(preset, sources, self.device)
         self.decoder = media.FrameDecoder(preset.motion.input_size, self.device, num_threads=num_threads)
         size = preset.motion.input_size
@@ -243,7 +244,7 @@ class QueueReporter:
         self.queue.put(("done", self.worker_id, entry.to_dict()))
 
 
-def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: str, frame_batch: int,
+def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: str, frame_batch: int | None,
                 num_threads: int, root: str, tasks: list[ClipTask], queue, log_level: int) -> None:
     """Entry point of a spawned worker: process `tasks`, then put ("exit", id) on the queue.
 

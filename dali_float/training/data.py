@@ -1,0 +1,93 @@
+"""Where the trainer's batches come from: the feature cache (made or refreshed first) or, for `naive`, the videos.
+
+`prepare_data` runs preprocessing for the cached loaders on every start: it is the one authority on
+what is up to date (new, changed or damaged clips, other weights) and a quick no-op ("N up to date")
+when nothing changed. Under torchrun every rank calls it: `run_preprocessing` is rank-aware (rank 0
+recovers and plans, the ranks split the pending clips, all meet at its barriers), so no rank opens
+the cache before it is complete. `open_training_loader` then gives this rank its shard.
+"""
+from __future__ import annotations
+
+import logging
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from dali_float import cache_format as cf
+from dali_float.config import Preset
+from dali_float.errors import UsageError
+from dali_float.loaders import LoaderOptions, TrainingCache, WindowLoader, open_loader
+from dali_float.models import Encoders, build_encoders
+from dali_float.training.config import TrainConfig
+from dali_float.training.distributed import Distributed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataSource:
+    """What a loader reads: a cache (dali, torch) or a data root with encoders (naive); and the features'
+    fingerprint (preset + encoder weights), which every checkpoint records."""
+
+    fingerprint: str
+    cache: TrainingCache | None = None
+    data_root: Path | None = None
+    encoders: Encoders | None = None
+
+    @classmethod
+    def from_cache(cls, cache: TrainingCache) -> DataSource:
+        return cls(fingerprint=cache.fingerprint, cache=cache)
+
+    def describe(self) -> str:
+        return str(self.cache.root) if self.cache is not None else f"{self.data_root} (no cache: naive loader)"
+
+
+def preprocess_command(cfg: TrainConfig) -> str:
+    """The preprocess.py command for this run's data and weights (named in cache errors)."""
+    words = ["python", "preprocess.py", "--preset", cfg.preset, "--cache_dir", str(cfg.resolved_cache_dir)]
+    for flag in ("data_root", "motion_ckpt", "wav2vec2_path", "emotion_path", "emotion"):
+        value = getattr(cfg, flag)
+        if value is not None:
+            words += [f"--{flag}", str(value)]
+    return shlex.join(words)
+
+
+def prepare_data(cfg: TrainConfig, preset: Preset, dist: Distributed) -> DataSource:
+    """The data source for `cfg.loader`; preprocesses first (all ranks together) for the cached loaders."""
+    from dali_float import preprocess as pp
+
+    sources = cfg.sources
+    if cfg.data_root is not None and not Path(cfg.data_root).is_dir():
+        raise UsageError(f"--data_root {cfg.data_root} is not a folder")
+    data_root = Path(cfg.data_root) if cfg.data_root is not None else pp.default_data_root()
+    if cfg.loader == "naive":
+        if cfg.force_preprocess:
+            log.info("--force_preprocess: the naive loader reads no cache; nothing to preprocess")
+        return DataSource(fingerprint=pp.cache_fingerprint(preset, sources), data_root=data_root,
+                          encoders=build_encoders(preset, sources, dist.device))
+    options = pp.PreprocessOptions(
+        data_root=data_root, cache_dir=cfg.resolved_cache_dir, preset=preset, sources=sources,
+        force=cfg.force_preprocess, device=str(dist.device), progress=cfg.progress and dist.is_main)
+    result = pp.run_preprocessing(options)
+    if result.exit_code and dist.is_main:
+        log.warning("%d clip(s) could not be preprocessed (listed above); training on the %d cached one(s)",
+                    len(result.failures), result.counts.get(cf.STATUS_CACHED, 0))
+    cache = TrainingCache.open(cfg.resolved_cache_dir, preset, result.fingerprint,
+                               preprocess_command=preprocess_command(cfg))
+    return DataSource.from_cache(cache)
+
+
+def open_training_loader(cfg: TrainConfig, preset: Preset, source: DataSource, dist: Distributed) -> WindowLoader:
+    """This rank's loader (its shard of every epoch); UsageError when one batch needs more than an epoch."""
+    options = LoaderOptions(
+        batch_size=cfg.batch_size, seed=cfg.seed, ref_rule=cfg.ref, epoch_policy=cfg.epoch_policy,
+        device=str(dist.device), shard_id=dist.rank, num_shards=dist.world_size, num_workers=cfg.num_workers,
+        num_threads=cfg.num_threads, read_strategy=cfg.read_strategy)
+    loader = open_loader(cfg.loader, preset, options, cache=source.cache, data_root=source.data_root,
+                         encoders=source.encoders)
+    if cfg.batch_size > loader.samples_per_epoch:
+        loader.close()
+        raise UsageError(f"--batch_size {cfg.batch_size} is larger than the data: one epoch holds "
+                         f"{loader.samples_per_epoch} sample(s) per rank ({dist.world_size} rank(s), --epoch_policy "
+                         f"{cfg.epoch_policy}); lower --batch_size or add clips")
+    return loader

@@ -1,0 +1,126 @@
+"""One process or many (torchrun): the device, the process group, and how ranks agree and stop together.
+
+Under `torchrun --nproc_per_node N [--nnodes M ...]` every rank runs the same trainer: DDP over
+NCCL on GPUs, gloo on the CPU. A rank never decides alone to skip a step or to stop: the per-step
+flags (non-finite loss, stop requested by a signal) are summed over ranks in the one all-reduce each
+step makes (`Distributed.sum`), so every rank takes the same branch at the same step.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from dali_float.cli import env_rank, visible_cuda_devices
+from dali_float.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """auto: cuda if there is one, else cpu. Under torchrun each rank takes the GPU of its LOCAL_RANK."""
+    gpus = visible_cuda_devices()
+    if requested == "auto":
+        requested = "cuda" if gpus else "cpu"
+    if requested == "cpu":
+        return torch.device("cpu")
+    if not gpus:
+        raise UsageError("--device cuda: CUDA is not available on this machine; use --device cpu (or auto)")
+    if local_rank >= gpus:
+        raise UsageError(f"LOCAL_RANK {local_rank} but this machine has {gpus} CUDA device(s): "
+                         f"start at most {gpus} processes per node")
+    return torch.device("cuda", local_rank)
+
+
+@dataclass
+class Distributed:
+    """This process's place in the run: rank, world size, device; the process group when world > 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def start(cls, device: str) -> Distributed:
+        """Read the torchrun environment, pick the device, and join the process group if there is one."""
+        rank, world = env_rank()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        dev = resolve_device(device, local_rank)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        me = cls(rank, world, local_rank, dev)
+        if rank != 0:  # only rank 0 talks; the others still warn
+            logging.getLogger("dali_float").setLevel(logging.WARNING)
+        if world > 1:
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+            log.info("rank %d of %d on %s (%s)", rank, world, dev, backend)
+        return me
+
+    def sum(self, values: Sequence[torch.Tensor | float]) -> list[float]:
+        """Sum scalars over ranks and bring them to the host: the step's one sync point (and collective)."""
+        flat = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device).detach().reshape(())
+                            for v in values])
+        if self.enabled:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        return flat.tolist()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank (small objects: loader and RNG states)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class StopSignal:
+    """Turns SIGINT / SIGTERM into a request to stop after the current step (save, then exit).
+
+    A second SIGINT stops at once (KeyboardInterrupt). SIGTERM never does: torchrun forwards a
+    SIGTERM right after the terminal's SIGINT, and that must not cut the save short.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested and signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
+        if not self.requested:
+            self.requested, self.signal_name = True, signal.Signals(signum).name
+            log.warning("%s: stopping after this step and saving a checkpoint (press Ctrl-C again to stop at once)",
+                        self.signal_name)
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
