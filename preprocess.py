@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     preset = get_preset(args.preset)
     sources = ModelSources.from_args(args)
-    cache_dir = Path(args.cache_dir) if args.cache_dir else pp.default_cache_dir()
+    cache_dir = Path(args.cache_dir) if args.cache_dir else pp.default_cache_dir(data_root)
 
     if args.command == "run":
         # Cheap checks first: a bad --gpus must not wait for the demo corpus to be generated.

@@ -1,7 +1,9 @@
 """Where dali-float keeps generated things by default (demo corpus, feature caches, runs)."""
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 
 
@@ -10,8 +12,18 @@ def home() -> Path:
     return Path(os.environ.get("DALI_FLOAT_HOME", Path.home() / ".cache" / "dali_float")).expanduser()
 
 
-def default_cache_dir() -> Path:
-    return home() / "features"
+def default_cache_dir(data_root: Path | None = None) -> Path:
+    """The feature caches of one corpus: $DALI_FLOAT_HOME/features/<folder name>-<hash of its path>.
+
+    One folder per data root, so the caches of two corpora never meet (None: the demo corpus).
+    """
+    if data_root is None:
+        from dali_float.demo import demo_corpus_dir
+
+        data_root = demo_corpus_dir()
+    resolved = Path(data_root).expanduser().resolve()
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", resolved.name)[-40:] or "root"
+    return home() / "features" / f"{slug}-{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
 
 
 def default_output_dir() -> Path:

@@ -580,3 +580,22 @@ def test_gpus_flag_runs_one_worker_per_gpu(small, tmp_path):
     result = run_preprocessing(options(data, tmp_path / "cache", gpus=gpus))
     assert result.exit_code == 0 and result.counts[cf.STATUS_CACHED] == 4
     assert cf.verify(layout_of(tmp_path / "cache"), P) == []
+
+
+def test_a_cache_of_another_corpus_is_never_overwritten(tmp_path):
+    preset = TINY_PRESET
+    first, second = tmp_path / "first", tmp_path / "second"
+    for root in (first, second):
+        root.mkdir()
+    shutil.copy(next(demo.ensure_demo_corpus().rglob("*.webm")), first / "a.webm")
+    shutil.copy(next(demo.ensure_demo_corpus().rglob("*.mp4")), second / "b.mp4")
+    cache_dir = tmp_path / "cache"
+    run_preprocessing(PreprocessOptions(first, cache_dir, preset, ModelSources(), progress=False))
+    with pytest.raises(UsageError, match="holds the features of .*another --cache_dir"):
+        run_preprocessing(PreprocessOptions(second, cache_dir, preset, ModelSources(), progress=False))
+    layout = cf.CacheLayout(cf.cache_root(cache_dir, preset, cache_fingerprint(preset, ModelSources())))
+    assert list(layout.load_manifest().clips) == ["a.webm"]
+    # By default every corpus gets a cache folder of its own.
+    from dali_float.paths import default_cache_dir
+
+    assert default_cache_dir(first) != default_cache_dir(second)

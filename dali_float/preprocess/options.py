@@ -110,8 +110,9 @@ def default_data_root() -> Path:
     return ensure_demo_corpus()
 
 
-def default_cache_dir() -> Path:
-    return paths.default_cache_dir()
+def default_cache_dir(data_root: Path | None = None) -> Path:
+    """The default --cache_dir of a corpus (one per data root; None: the demo corpus)."""
+    return paths.default_cache_dir(data_root)
 
 
 def check_sources(sources: ModelSources) -> None:

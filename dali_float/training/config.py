@@ -116,7 +116,7 @@ class TrainConfig:
 
     @property
     def resolved_cache_dir(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir is not None else paths.default_cache_dir()
+        return Path(self.cache_dir) if self.cache_dir is not None else paths.default_cache_dir(self.data_root)
 
     @property
     def resolved_wandb_mode(self) -> str:
