@@ -58,9 +58,9 @@ def run_preprocessing(options: PreprocessOptions) -> PreprocessResult:
         raise UsageError(f"--cache_dir {options.cache_dir} is a file, not a folder")
     fp, model_ids = cache_identity(preset, options.sources)
     layout = cf.CacheLayout(cf.cache_root(options.cache_dir, preset, fp))
-    if not options.force:
-        _refuse_another_corpus(layout, Path(options.data_root))
     sources = plan.discover_sources(options.data_root)  # UsageError when the folder does not exist
+    if not options.force:
+        _refuse_another_corpus(layout, Path(options.data_root), {s.clip_id for s in sources})
     if not sources and rank == 0:
         log.warning("no video files (%s) under %s", ", ".join(media.VIDEO_EXTENSIONS), options.data_root)
     header = new_manifest(preset, fp, model_ids, options.data_root)
@@ -93,13 +93,17 @@ def run_preprocessing(options: PreprocessOptions) -> PreprocessResult:
     return result
 
 
-def _refuse_another_corpus(layout: cf.CacheLayout, data_root: Path) -> None:
-    """A cache holds one corpus: pointing it at another would drop every clip of the first."""
+def _refuse_another_corpus(layout: cf.CacheLayout, data_root: Path, clip_ids: set[str]) -> None:
+    """A cache holds one corpus: pointing it at another would drop every clip of the first.
+
+    A data root that moved (or was edited) shares clip ids with the cache and is followed; one that
+    shares none is another corpus, and is refused rather than replacing the cache.
+    """
     if not layout.manifest_path.exists():
         return
     manifest = layout.load_manifest()
     recorded = manifest.data_root
-    if manifest.clips and recorded and Path(recorded) != data_root.resolve():
+    if manifest.clips and recorded and Path(recorded) != data_root.resolve() and not clip_ids & manifest.clips.keys():
         raise UsageError(f"the cache {layout.root} holds the features of {recorded}, not of --data_root {data_root}: "
                          f"give another --cache_dir (or --force_preprocess to rebuild it for {data_root})")
 
