@@ -31,6 +31,7 @@ from dali_float.preprocess import (PreprocessOptions, cache_fingerprint, cache_s
                                    verify_cache)
 from dali_float.preprocess import plan
 from dali_float.preprocess.options import usable_cores
+from unprivileged import run_python
 
 P = TINY_PRESET
 SOURCES = ModelSources()
@@ -451,14 +452,21 @@ def test_bad_inputs_are_not_retried_until_they_change(bad, tmp_path, caplog):
     assert layout_of(cache_dir).read_entries()["zero.mp4"].status == cf.STATUS_CACHED
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads chmod-000 files; the dangling-symlink and FIFO "
-                                              "variants of an unreadable clip run instead")
 def test_unreadable_file_fails(tmp_path):
     data = tmp_path / "data"
+    make_clip(data / "fine.mp4", 66, seed=14)
     clip = make_clip(data / "locked.mp4", 66, seed=13)
     clip.chmod(0)
-    result = run_preprocessing(options(data, tmp_path / "cache"))
-    assert [c for c, _ in result.failures] == ["locked.mp4"] and "permission" in result.failures[0][1]
+    # Root reads a chmod-000 file anyway: the run goes without that privilege (tests/unprivileged.py).
+    done = run_python("import runpy, sys; sys.argv = ['preprocess.py'] + sys.argv[1:]; "
+                      "runpy.run_path('preprocess.py', run_name='__main__')",
+                      "--data_root", str(data), "--cache_dir", str(tmp_path / "cache"), "--preset", P.name,
+                      "--no_progress")
+    clip.chmod(0o644)
+    assert done.returncode == 1, done.stderr  # one clip failed, the other is cached
+    entries = layout_of(tmp_path / "cache").read_entries()
+    assert entries["fine.mp4"].status == cf.STATUS_CACHED
+    assert entries["locked.mp4"].status == cf.STATUS_FAILED and "permission" in entries["locked.mp4"].reason
 
 
 # ---------------------------------------------------------------------------------------------- fingerprint

@@ -99,9 +99,10 @@ def _refuse_another_corpus(layout: cf.CacheLayout, data_root: Path, clip_ids: se
     A data root that moved (or was edited) shares clip ids with the cache and is followed; one that
     shares none is another corpus, and is refused rather than replacing the cache.
     """
-    if not layout.manifest_path.exists():
+    try:
+        manifest = layout.load_manifest()
+    except cf.CacheError:  # none yet, or damaged: recovery rebuilds it from the entries
         return
-    manifest = layout.load_manifest()
     recorded = manifest.data_root
     if manifest.clips and recorded and Path(recorded) != data_root.resolve() and not clip_ids & manifest.clips.keys():
         raise UsageError(f"the cache {layout.root} holds the features of {recorded}, not of --data_root {data_root}: "
