@@ -19,18 +19,11 @@ import json
 import sys
 from pathlib import Path
 
-from dali_float.cli import add_data_arguments, add_model_arguments, add_preset_argument, run_main, setup_logging
+from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_arguments, add_preset_argument, run_main,
+                            setup_logging)
 from dali_float.errors import UsageError
 
 COMMANDS = ("run", "status", "verify", "clear")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises UsageError (one `error:` line, exit 2, via run_main) instead of printing usage."""
-
-    def error(self, message: str):
-        command = " ".join(self.prog.split()[1:])  # "preprocess.py run" -> "run"
-        raise UsageError(f"{message} (see python preprocess.py {command + ' ' if command else ''}--help)")
 
 
 def _gpu_list(value: str) -> tuple[int, ...]:
@@ -41,14 +34,14 @@ def _gpu_list(value: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
+    common = ArgumentParser(add_help=False)
     add_preset_argument(common)
     add_data_arguments(common)
     add_model_arguments(common)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging (tracebacks of failed clips)")
 
-    parser = _Parser(prog="preprocess.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    parser = ArgumentParser(prog="preprocess.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
     run = sub.add_parser("run", parents=[common], help="compute the features of new and changed clips (default)")
     run.add_argument("--gpus", type=_gpu_list, default=(), help="CUDA devices, one worker process each (e.g. 0,1)")
     run.add_argument("--workers", type=int, default=1, help="CPU worker processes (default 1)")

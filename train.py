@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dali_float.cli import add_data_arguments, add_model_arguments, add_preset_argument, run_main, setup_logging
+from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_arguments, add_preset_argument, run_main,
+                            setup_logging)
 from dali_float.loaders import EPOCH_POLICIES, LOADER_KINDS, REF_RULES
 from dali_float.loaders.dali_loader import READ_STRATEGIES
 from dali_float.training.config import DEVICES, LR_SCHEDULES, PRECISIONS, WANDB_MODES, TrainConfig
@@ -25,7 +26,7 @@ D = TrainConfig()  # the defaults, defined once
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
+    parser = ArgumentParser(prog="train.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_preset_argument(parser)
     add_data_arguments(parser)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from dali_float.config import PRESETS
-from dali_float.errors import DaliFloatError
+from dali_float.errors import DaliFloatError, UsageError
 
 log = logging.getLogger("dali_float")
 
@@ -37,6 +37,13 @@ def run_main(main: Callable[[], int | None]) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     sys.exit(code or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are a UsageError: one `error:` line and exit 2 (via run_main), no usage dump."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see python {self.prog} --help)")
 
 
 def existing_path(value: str) -> Path:
@@ -72,7 +79,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data_root", type=Path, default=None,
                    help="folder of talking-head videos (default: the built-in demo corpus)")
     g.add_argument("--cache_dir", type=Path, default=None,
-                   help="where feature caches live (default: $DALI_FLOAT_HOME/features)")
+                   help="where feature caches live (default: $DALI_FLOAT_HOME/features/<data root name>-<hash>, "
+                        "one per corpus)")
     g.add_argument("--force_preprocess", action="store_true", help="recompute every clip's features")
 
 

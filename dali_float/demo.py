@@ -454,3 +454,32 @@ def ensure_demo_corpus() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def generate_large_corpus(out_dir: Path, total_seconds: float = 120.0, size: int = 512, clip_seconds: float = 10.0,
+                          video_codec: str = "h264", seed: int = 1) -> list[Path]:
+    """Talking heads at `size` x `size` (H.264 + AAC by default) for decode and preprocessing
+    throughput checks: ceil(total_seconds / clip_seconds) clips. Not part of the demo corpus."""
+    out_dir = Path(out_dir)
+    count = int(np.ceil(total_seconds / clip_seconds))
+    ext = ".webm" if video_codec in ("vp8", "vp9") else ".mp4"
+    paths = []
+    for i in range(count):
+        frames, audio, _ = synth_talking_head(int(round(clip_seconds * 25)), size, fps=25.0, seed=seed * 1000 + i)
+        paths.append(write_clip(out_dir / f"speaker_{i % 4:02d}" / f"clip_{i:03d}{ext}", frames, 25.0, audio=audio,
+                                audio_rate=16_000, video_codec=video_codec))
+    return paths
+
+
+if __name__ == "__main__":  # python -m dali_float.demo OUT_DIR [--seconds 120] [--size 512] [--codec h264]
+    import argparse
+
+    parser = argparse.ArgumentParser(description="write a larger synthetic corpus for throughput checks")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--seconds", type=float, default=120.0, help="total video seconds")
+    parser.add_argument("--size", type=int, default=512, help="frame side in pixels")
+    parser.add_argument("--codec", default="h264", help="h264 | vp9 | mjpeg | ...")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    written = generate_large_corpus(args.out_dir, args.seconds, args.size, video_codec=args.codec)
+    log.info("%d clips in %s", len(written), args.out_dir)
