@@ -15,7 +15,7 @@ fi
 # Build the DALI window-read operator now rather than at the first training run (needs g++).
 .venv/bin/python -m dali_float.loaders.plugin
 case "$job" in
-  demo) exec .venv/bin/python train.py ;;
+  demo) exec .venv/bin/python train.py --output_dir "runs/demo-$(date +%Y%m%d-%H%M%S)" ;;
   test) exec .venv/bin/python -m pytest -q ;;
   install) ;;
   *) echo "usage: ./setup.sh [demo|test|install]" >&2; exit 2 ;;

@@ -30,7 +30,7 @@ from dali_float.models import ModelSources, MotionEncoder, build_encoders
 from dali_float.preprocess import (PreprocessOptions, cache_fingerprint, cache_status, clear_cache, run_preprocessing,
                                    verify_cache)
 from dali_float.preprocess import plan
-from dali_float.preprocess.options import usable_cores
+from dali_float.cli import usable_cores
 from unprivileged import run_python
 
 P = TINY_PRESET

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dali_float import cache_format as cf
 from dali_float import paths
-from dali_float.cli import env_rank, visible_cuda_devices
+from dali_float.cli import env_rank, usable_cores, visible_cuda_devices
 from dali_float.config import Preset
 from dali_float.errors import CheckpointError, UsageError
 from dali_float.models import ModelSources, model_identities
@@ -139,14 +139,6 @@ def new_manifest(preset: Preset, fp: str, models: dict[str, str], data_root: Pat
     """An empty manifest of this fingerprint (its header is what `CacheLayout.create` records)."""
     return cf.Manifest(fingerprint=fp, preset_name=preset.name, preset=preset.to_dict(), models=dict(models),
                        data_root=str(Path(data_root).resolve()))
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (the affinity mask, which containers and taskset narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def worker_devices(options: PreprocessOptions) -> list[str]:

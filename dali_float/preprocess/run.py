@@ -30,10 +30,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dali_float import cache_format as cf
 from dali_float import media
+from dali_float.cli import usable_cores
 from dali_float.errors import CheckpointError, UsageError
 from dali_float.preprocess import plan
 from dali_float.preprocess.options import (PreprocessOptions, PreprocessResult, cache_identity, new_manifest,
-                                           rank_and_world, usable_cores, worker_devices)
+                                           rank_and_world, worker_devices)
 from dali_float.preprocess.worker import STAGES, ClipProcessor, run_tasks, worker_main
 
 log = logging.getLogger(__name__)

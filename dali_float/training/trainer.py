@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from dali_float import __version__
+from dali_float.cli import usable_cores
 from dali_float.config import Preset, get_preset
 from dali_float.errors import DaliFloatError, UsageError
 from dali_float.models import FloatMotionModel
@@ -76,6 +78,8 @@ def _train(cfg: TrainConfig, dist: Distributed, source: DataSource | None) -> Tr
     preset = get_preset(cfg.preset)
     device = dist.device
     precision = resolve_precision(cfg.mixed_precision, device)
+    if device.type == "cpu":
+        _share_cores_with_the_loader(cfg)
     random.seed(cfg.seed + dist.rank)
     np.random.seed(cfg.seed + dist.rank)
     torch.manual_seed(cfg.seed + dist.rank)
@@ -224,6 +228,22 @@ def weights_digest(model: torch.nn.Module) -> str:
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _share_cores_with_the_loader(cfg: TrainConfig) -> None:
+    """Leave the loader's threads (dali) or worker processes (torch, naive) cores of their own.
+
+    torch's compute threads busy-wait: sharing cores with DALI's threads, tiny training on 2 cores ran
+    at 4.3 steps/s instead of 31. OMP_NUM_THREADS, when set, is the user's choice and is kept.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    loader_cores = cfg.num_threads if cfg.loader == "dali" else cfg.num_workers
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    threads = max(1, usable_cores() // ranks_here - loader_cores)
+    torch.set_num_threads(threads)
+    log.info("%d torch thread(s) on the CPU (%d core(s) per rank, %d for the %s loader; set OMP_NUM_THREADS to "
+             "choose)", threads, usable_cores() // ranks_here, loader_cores, cfg.loader)
 
 
 def _read_resume(cfg: TrainConfig, store: CheckpointStore, preset: Preset, world_size: int) -> tuple[Path, dict] | None:
