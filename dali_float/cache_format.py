@@ -27,7 +27,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -36,13 +35,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from dali_float.atomic import TMP_MARKER, write_atomic, write_json_atomic
 from dali_float.config import Preset
 from dali_float.errors import CacheError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-TMP_MARKER = ".tmp-"
 
 STATUS_CACHED = "cached"
 STATUS_FAILED = "failed"
@@ -128,48 +127,11 @@ def clip_key(clip_id: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic writes
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f"{path.name}{TMP_MARKER}{os.getpid()}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
+# Atomic writes (shared with checkpoints: dali_float.atomic)
 
 def write_array_atomic(path: Path, array: np.ndarray) -> None:
-    """np.save to a temporary name, fsync, rename: the final name only ever holds a whole file."""
-    tmp = _tmp_path(path)
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = _tmp_path(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def remove_temporary_files(root: Path) -> int:
-    """Delete leftovers of writes killed half-way; returns how many were removed."""
-    removed = 0
-    if root.exists():
-        for p in root.rglob(f"*{TMP_MARKER}*"):
-            p.unlink(missing_ok=True)
-            removed += 1
-    return removed
+    """np.save under a temporary name, fsync, rename: the final name only ever holds a whole file."""
+    write_atomic(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from dali_float.atomic import write_atomic
 from dali_float.paths import home
 
 _CHUNK_BYTES = 1 << 20
@@ -54,8 +54,6 @@ def _write_memo(memo: dict[str, str]) -> None:
     path = home() / _MEMO_NAME
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: f.write(json.dumps(memo).encode()))
     except OSError:
         pass  # a cache of hashes: losing it costs time, not correctness

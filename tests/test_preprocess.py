@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from dali_float import cache_format as cf
+from dali_float.atomic import TMP_MARKER
 from dali_float import demo, media
 from dali_float.config import FLOAT_PRESET, TINY_PRESET
 from dali_float.errors import CheckpointError, UsageError
@@ -74,7 +75,7 @@ def file_mtimes(root: Path) -> dict[str, int]:
 
 
 def temp_files(root: Path) -> list[Path]:
-    return list(root.rglob(f"*{cf.TMP_MARKER}*"))
+    return list(root.rglob(f"*{TMP_MARKER}*"))
 
 
 def entry_fields(entry: cf.ClipEntry) -> dict:
@@ -317,7 +318,7 @@ def test_recovery_from_a_crash_state(small, tmp_path):
     data, cache_dir = copy_cache(small[0], small[1], tmp_path)
     layout = layout_of(cache_dir)
     key = cf.clip_key("a.mp4")
-    (layout.clip_dir(key) / f"frames.npy{cf.TMP_MARKER}999").write_bytes(b"half")
+    (layout.clip_dir(key) / f"frames.npy{TMP_MARKER}999").write_bytes(b"half")
     layout.entry_path(cf.clip_key("c30.mp4")).unlink()  # arrays written, entry not yet: uncommitted
     orphan = layout.clips_dir / "orphan-0123456789"
     orphan.mkdir()

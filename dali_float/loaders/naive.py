@@ -9,21 +9,21 @@ samples) and the same sampling rules and batch assembly as the cached loaders, s
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from dali_float import media
 from dali_float.config import Preset
-from dali_float.contract import FEATURE_DTYPE, Batch
+from dali_float.contract import FEATURE_DTYPE
 from dali_float.errors import MediaError, UsageError
-from dali_float.loaders.base import LoaderOptions, WindowItem, WindowLoader, batch_from_windows
-from dali_float.loaders.sampling import RequestStream, WindowRequest
+from dali_float.loaders.base import LoaderOptions
+from dali_float.loaders.sampling import WindowRequest
+from dali_float.loaders.torch_loader import RequestLoader
 from dali_float.models import Encoders, emotion_vector, encode_motion
 
 log = logging.getLogger(__name__)
@@ -98,48 +98,21 @@ class NaiveWindowDataset(Dataset):
         return self.__getitems__([request])
 
 
-def _as_batch(data: dict[str, Any]) -> dict[str, Any]:
-    return data
-
-
-class NaiveWindowLoader(WindowLoader):
-    """The per-sample baseline; same sampling stream as the torch loader for the same seed."""
+class NaiveWindowLoader(RequestLoader):
+    """The per-sample baseline; the same sampling stream as the torch loader for the same seed."""
 
     kind = "naive"
 
     def __init__(self, data_root: Path, preset: Preset, encoders: Encoders, options: LoaderOptions):
         clips = discover_clips(data_root, preset)
-        super().__init__(preset, options, [c.clip_id for c in clips])
-        self.device = options.torch_device
-        self.dataset = NaiveWindowDataset(clips, preset, encoders, self.device)
-        self.stream = RequestStream([c.num_frames for c in clips], preset.timing.window_frames,
-                                    policy=options.epoch_policy, ref_rule=options.ref_rule, seed=options.seed,
-                                    shard_id=options.shard_id, num_shards=options.num_shards)
+        super().__init__(preset, options, [c.clip_id for c in clips], [c.num_frames for c in clips],
+                         NaiveWindowDataset(clips, preset, encoders, options.torch_device))
 
     @property
-    def samples_per_epoch(self) -> int:
-        return self.stream.samples_per_epoch
+    def num_workers(self) -> int:
+        # The encoders run where the samples are made: forked workers cannot use CUDA.
+        return 0 if self.options.torch_device.type == "cuda" else self.options.num_workers
 
-    def _to_batch(self, data: dict[str, Any]) -> Batch:
-        return batch_from_windows(self.preset, data["windows"], data["ref_motion"], data["emotion"],
-                                  data["window_start"].to(self.device), data["ref_frame"].to(self.device),
-                                  [self.clip_ids[i] for i in data["clip_index"]])
-
-    def batches(self) -> Iterator[Batch]:
-        from dali_float.loaders.torch_loader import _RequestBatches
-
-        o = self.options
-        # Encoders run where the samples are made: forked workers cannot use CUDA.
-        workers = 0 if self.device.type == "cuda" else o.num_workers
-        sampler = _RequestBatches(self.stream, o.batch_size, self.batches_consumed * o.batch_size)
-        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_as_batch, num_workers=workers,
-                            prefetch_factor=o.prefetch_batches if workers else None)
-        if workers:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // (workers + 1)))
-        for data in loader:
-            self.batches_consumed += 1
-            yield self._to_batch(data)
-
-    def load_windows(self, items: Sequence[WindowItem]) -> Batch:
-        requests = [WindowRequest(self.index_of(cid), start, ref) for cid, start, ref in items]
-        return self._to_batch(self.dataset.__getitems__(requests))
+    @property
+    def pin_memory(self) -> bool:
+        return False  # the samples are made on the device already

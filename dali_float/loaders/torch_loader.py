@@ -116,37 +116,44 @@ class _RequestBatches:
             yield list(itertools.islice(requests, self.batch_size))
 
 
-class TorchWindowLoader(WindowLoader):
-    """Cached windows through torch.utils.data.DataLoader (num_workers, pinned memory)."""
+class RequestLoader(WindowLoader):
+    """A loader whose dataset builds whole batches from WindowRequests (`__getitems__`), driven by a
+    torch DataLoader over this rank's RequestStream: the torch and naive loaders (same seed, same samples)."""
 
-    kind = "torch"
-
-    def __init__(self, cache: TrainingCache, options: LoaderOptions):
-        super().__init__(cache.preset, options, [c.clip_id for c in cache.clips])
-        self.dataset = CachedWindowDataset(cache)
-        self.stream = RequestStream([c.num_frames for c in cache.clips], cache.preset.timing.window_frames,
-                                    policy=options.epoch_policy, ref_rule=options.ref_rule, seed=options.seed,
-                                    shard_id=options.shard_id, num_shards=options.num_shards)
+    def __init__(self, preset: Preset, options: LoaderOptions, clip_ids: list[str], num_frames: list[int],
+                 dataset: Dataset):
+        super().__init__(preset, options, clip_ids)
+        self.dataset = dataset
+        self.stream = RequestStream(num_frames, preset.timing.window_frames, policy=options.epoch_policy,
+                                    ref_rule=options.ref_rule, seed=options.seed, shard_id=options.shard_id,
+                                    num_shards=options.num_shards)
 
     @property
     def samples_per_epoch(self) -> int:
         return self.stream.samples_per_epoch
 
+    @property
+    def num_workers(self) -> int:
+        return self.options.num_workers
+
+    @property
+    def pin_memory(self) -> bool:
+        """Page-locked host batches, so the copy to the GPU can overlap (non_blocking)."""
+        return self.options.torch_device.type == "cuda"
+
     def _to_batch(self, data: dict[str, Any]) -> Batch:
         batch = batch_from_windows(self.preset, data["windows"], data["ref_motion"], data["emotion"],
                                    data["window_start"], data["ref_frame"],
                                    [self.clip_ids[i] for i in data["clip_index"]])
-        device = self.options.torch_device
-        return batch if device.type == "cpu" else batch.to(device, non_blocking=True)
+        return batch.to(self.options.torch_device, non_blocking=True)  # no-op where the batch already is
 
     def batches(self) -> Iterator[Batch]:
         o = self.options
         sampler = _RequestBatches(self.stream, o.batch_size, self.batches_consumed * o.batch_size)
         loader = DataLoader(
-            self.dataset, batch_sampler=sampler, collate_fn=_as_batch, num_workers=o.num_workers,
-            pin_memory=self.options.torch_device.type == "cuda",
-            prefetch_factor=o.prefetch_batches if o.num_workers else None,
-            persistent_workers=False,
+            self.dataset, batch_sampler=sampler, collate_fn=_as_batch, num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=o.prefetch_batches if self.num_workers else None,
         )
         for data in loader:
             self.batches_consumed += 1
@@ -155,3 +162,13 @@ class TorchWindowLoader(WindowLoader):
     def load_windows(self, items: Sequence[WindowItem]) -> Batch:
         requests = [WindowRequest(self.index_of(cid), start, ref) for cid, start, ref in items]
         return self._to_batch(self.dataset.__getitems__(requests))
+
+
+class TorchWindowLoader(RequestLoader):
+    """Cached windows through torch.utils.data.DataLoader (num_workers, pinned memory)."""
+
+    kind = "torch"
+
+    def __init__(self, cache: TrainingCache, options: LoaderOptions):
+        super().__init__(cache.preset, options, [c.clip_id for c in cache.clips], [c.num_frames for c in cache.clips],
+                         CachedWindowDataset(cache))

@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dali_float import cache_format as cf
+from dali_float.atomic import remove_temporary_files, write_json_atomic
 from dali_float import media
 from dali_float.errors import MediaError
 from dali_float.hashing import sha256_file
@@ -124,7 +125,7 @@ def recover(layout: cf.CacheLayout, manifest: cf.Manifest, sources: list[Source]
     still counts theirs. Writes manifest.json only when it changed (a rerun rewrites nothing).
     """
     layout.create(manifest)
-    removed = cf.remove_temporary_files(layout.root)
+    removed = remove_temporary_files(layout.root)
     entries = layout.read_entries()
     # Folders without a readable entry: a clip killed before its commit point, or a damaged entry.json.
     committed = {e.key for e in entries.values()}
@@ -138,7 +139,7 @@ def recover(layout: cf.CacheLayout, manifest: cf.Manifest, sources: list[Source]
                  removed, len(orphans))
     rec = reconcile(sources, entries, layout, force)
     for entry in rec.touched:
-        cf.write_json_atomic(layout.entry_path(entry.key), entry.to_dict())
+        write_json_atomic(layout.entry_path(entry.key), entry.to_dict())
         entries[entry.clip_id] = entry
     manifest = dataclasses.replace(manifest, clips=entries)
     save_manifest_if_changed(layout, manifest)

@@ -12,7 +12,6 @@ file, in place.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from dali_float.config import Preset
+from dali_float.atomic import TMP_MARKER, write_atomic
 from dali_float.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -29,29 +29,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 LATEST = "latest"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
-_TMP = ".tmp-"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    """`write(file)` into a temporary sibling, fsync, rename over `path`, fsync the folder."""
-    tmp = path.with_name(f"{path.name}{_TMP}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 class CheckpointStore:
@@ -85,13 +62,13 @@ class CheckpointStore:
         """Write `state` as the checkpoint of `step`, point `latest` at it, drop all but the newest K."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path_for(step)
-        _write_atomic(path, lambda f: torch.save(state, f))
-        _write_atomic(self.directory / LATEST, lambda f: f.write(f"{path.name}\n".encode()))
+        write_atomic(path, lambda f: torch.save(state, f))
+        write_atomic(self.directory / LATEST, lambda f: f.write(f"{path.name}\n".encode()))
         self._prune(keep_path=path)
         return path
 
     def _prune(self, keep_path: Path) -> None:
-        for leftover in self.directory.glob(f"*{_TMP}*"):  # a save killed half-way
+        for leftover in self.directory.glob(f"*{TMP_MARKER}*"):  # a save killed half-way
             leftover.unlink(missing_ok=True)
         if self.keep:
             for old in [p for p in self.checkpoints() if p != keep_path][:-(self.keep - 1) or None]:

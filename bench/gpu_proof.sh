@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU proof (issue "Prove the GPU path on a real GPU"), as one prepared script for a lent GPU machine.
+#
+# Before the first device call, on the development machine (see docs/GPU.md):
+#   pip download --no-deps nvidia-dali-cuda120==2.4.0 av hypothesis sortedcontainers attrs -d /tmp/w
+#   python ../shared/tools/split_file.py split /tmp/w/nvidia_dali_cuda120-2.4.0-*.whl .gpu/dali --size 60
+#   cp /tmp/w/av-*.whl /tmp/w/hypothesis-*.whl /tmp/w/sortedcontainers-*.whl /tmp/w/attrs-*.whl ../shared/tools/split_file.py .gpu/
+#   python -m dali_float.demo .gpu/corpus512 --seconds 120 --size 512     # 2 min of 512x512 H.264 (~13 MB)
+#   echo .gpu/ >> .git/info/exclude
+# Then one device call per part (carry .gpu/dali/part-NNN, the first also .gpu/dali/NAME) that copies it to
+# /root/parts/, back to back, and finally: carry .gpu (without dali/), run `bash bench/gpu_proof.sh`.
+# Everything the checks print lands in $OUT (at most 8 files come back).
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_proof_out}
+mkdir -p "$OUT"
+export DALI_FLOAT_HOME=/root/dali_float_home PYTHONUNBUFFERED=1
+log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/summary.txt"; }
+
+log "install"
+python3 .gpu/split_file.py join /root/parts /root/wheel || exit 1
+python3 -m pip install -q --no-deps /root/wheel/nvidia_dali_cuda120-*.whl .gpu/*.whl || exit 1
+{ nvidia-smi; python3 -c "import torch, nvidia.dali, transformers; print(torch.__version__, nvidia.dali.__version__, transformers.__version__)"; } \
+  > "$OUT/machine.txt" 2>&1
+
+log "NVDEC: a DALI mixed decode of one H.264 clip"
+python3 - <<'EOF' 2>&1 | tee -a "$OUT/summary.txt"
+from pathlib import Path
+import numpy as np
+from dali_float import media
+clip = sorted(Path(".gpu/corpus512").rglob("*.mp4"))[0]
+info = media.probe_video(clip)
+decoder = media.FrameDecoder(512, "cuda")
+frames = list(decoder.decode(info, np.arange(min(50, info.num_frames))))
+print(f"{clip.name}: codec {info.codec}, decoder {decoder.last_decoder}, {sum(len(f) for f in frames)} frames, "
+      f"{frames[0].dtype} on {frames[0].device}")
+assert decoder.last_decoder == "dali-gpu", "NVDEC was not used"
+EOF
+
+log "pytest -m gpu"
+python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tail -40 > "$OUT/pytest_gpu.txt"
+tail -3 "$OUT/pytest_gpu.txt" | tee -a "$OUT/summary.txt"
+
+log "preprocess: demo corpus and 2 minutes of 512x512 H.264, float preset, on the GPU"
+{ python3 preprocess.py --preset float --device cuda --no_progress
+  python3 preprocess.py --preset float --device cuda --no_progress --data_root .gpu/corpus512
+  python3 preprocess.py status --json --preset float --data_root .gpu/corpus512; } > "$OUT/preprocess.txt" 2>&1
+grep -E "frames/s|cached|failed|decoder" "$OUT/preprocess.txt" | tail -12 | tee -a "$OUT/summary.txt"
+
+log "bench/compare.py --device cuda --preset float"
+python3 bench/compare.py --device cuda --preset float --json "$OUT/bench.json" --plot "$OUT/bench.png" \
+  --no_progress > "$OUT/bench.md" 2>&1
+tail -30 "$OUT/bench.md" >> "$OUT/summary.txt"
+
+log "train.py --loader dali --preset float --steps 300"
+python3 train.py --loader dali --preset float --steps 300 --log_every 25 --no_progress --output_dir /root/run \
+  > "$OUT/train.txt" 2>&1
+grep -E "done:|data-wait" "$OUT/train.txt" | tail -5 | tee -a "$OUT/summary.txt"
+log "done"
