@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 READ_STRATEGIES = ("auto", "pread", "roi", "gds")
 READER_NAME = "clips"
-OUTPUTS = ("windows", "ref_motion", "emotion", "window_start", "ref_frame", "clip_uid")
+OUTPUTS = ("windows", "ref_motion", "emotion", "indices")  # indices: (window_start, ref_frame, clip_uid)
 
 
 @pipeline_def(enable_checkpointing=True)
@@ -47,11 +47,11 @@ def window_pipeline(info_files: list[str], frames_files: list[str], files_by_uid
                     shuffle_seed: int | None, draw_seed: int, shard_id: int, num_shards: int,
                     given_windows: bool):
     """Outputs per sample: windows (60, F + A) f16, ref_motion (F,) f16, emotion (E,) f16,
-    window_start, ref_frame, clip_uid (int64 scalars)."""
+    indices (3,) int64: window_start, ref_frame, clip_uid."""
     reader = dict(shard_id=shard_id, num_shards=num_shards, cache_header_information=True)
     if shuffle_seed is not None:  # the same seed on every rank: one global permutation per epoch
         reader.update(shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed)
-    info = fn.readers.numpy(files=info_files, name=READER_NAME, **reader)
+    info = fn.readers.numpy(files=info_files, name=READER_NAME, dont_use_mmap=True, **reader)
     if given_windows:  # a fixed list (parity checks): (window start, reference frame) from the caller
         draws = fn.external_source(name="windows", dtype=types.INT64, ndim=1)
     else:  # wide integers, reduced modulo the valid range (see loaders.sampling.DRAW_RANGE)
@@ -82,7 +82,7 @@ def window_pipeline(info_files: list[str], frames_files: list[str], files_by_uid
             whole = fn.readers.numpy(device="gpu", files=frames_files, **reader)
             windows = whole[start:start + window_frames]
             ref_motion = whole[ref:ref + 1, :motion_dim]
-        outputs = (windows, fn.reshape(ref_motion, shape=[motion_dim]), emotion, start, ref, clip_uid)
+        outputs = (windows, fn.reshape(ref_motion, shape=[motion_dim]), emotion, fn.stack(start, ref, clip_uid))
     return tuple(o.gpu() for o in outputs) if on_gpu else tuple(outputs)
 
 
@@ -182,9 +182,10 @@ class DaliWindowLoader(WindowLoader):
             raise CacheError(f"reading the cache {self.cache.root} failed ({_first_line(err)}): "
                              f"run `python preprocess.py verify`") from None
         t = dict(zip(OUTPUTS, (_to_torch(o, self.device) for o in outputs)))
-        clip_ids = [self.clip_id_of_uid[int(u)] for u in t["clip_uid"].cpu().tolist()]
-        return batch_from_windows(self.preset, t["windows"], t["ref_motion"], t["emotion"], t["window_start"],
-                                  t["ref_frame"], clip_ids)
+        indices = t["indices"]
+        clip_ids = [self.clip_id_of_uid[u] for u in indices[:, 2].tolist()]  # (a sync point on a GPU)
+        return batch_from_windows(self.preset, t["windows"], t["ref_motion"], t["emotion"], indices[:, 0],
+                                  indices[:, 1], clip_ids)
 
     def batches(self) -> Iterator[Batch]:
         pipe = self._pipeline()

@@ -19,7 +19,7 @@
 //
 // Inputs:  0: clip_info record (float32: num_frames, clip_uid, emotion...), 1: (2,) int64.
 // Outputs: 0: (rows, columns) window, 1: (ref_columns,) reference row prefix (the files' dtype),
-//          2: emotion (float16), 3: window_start, 4: ref_frame, 5: clip_uid (int64 scalars).
+//          2: emotion (float16), 3: (window_start, ref_frame, clip_uid) int64.
 // Arguments: files (frames.npy paths indexed by clip uid, "" where unused), rows, ref_columns, ref_rule.
 // The record layout (field offsets) is cache_format.CLIP_INFO_*; they are passed in as arguments.
 
@@ -182,16 +182,14 @@ class WindowRead : public ::dali::StatelessOperator<::dali::CPUBackend> {
       DALI_ENFORCE(h.type == type && h.num_columns == columns,
                    ::dali::make_string(path, " differs in dtype or width from the other files"));
     }
-    output_desc.resize(6);
+    output_desc.resize(4);
     output_desc[0].type = output_desc[1].type = type;
     output_desc[0].shape = ::dali::uniform_list_shape(n, ::dali::TensorShape<2>{rows_, columns});
     output_desc[1].shape = ::dali::uniform_list_shape(n, ::dali::TensorShape<1>{ref_columns_});
     output_desc[2].type = DALI_FLOAT16;
     output_desc[2].shape = ::dali::uniform_list_shape(n, ::dali::TensorShape<1>{emotion_dim});
-    for (int o = 3; o < 6; o++) {
-      output_desc[o].type = DALI_INT64;
-      output_desc[o].shape = ::dali::uniform_list_shape(n, ::dali::TensorShape<0>{});
-    }
+    output_desc[3].type = DALI_INT64;
+    output_desc[3].shape = ::dali::uniform_list_shape(n, ::dali::TensorShape<1>{3});
     return true;
   }
 
@@ -204,9 +202,10 @@ class WindowRead : public ::dali::StatelessOperator<::dali::CPUBackend> {
     int64_t emotion_dim = emotion.tensor_shape(0)[0];
     for (int i = 0; i < windows.num_samples(); i++) {
       const Sample &s = samples_[i];
-      *ws.Output<::dali::CPUBackend>(3).mutable_tensor<int64_t>(i) = s.start;
-      *ws.Output<::dali::CPUBackend>(4).mutable_tensor<int64_t>(i) = s.ref;
-      *ws.Output<::dali::CPUBackend>(5).mutable_tensor<int64_t>(i) = s.uid;
+      int64_t *ids = ws.Output<::dali::CPUBackend>(3).mutable_tensor<int64_t>(i);
+      ids[0] = s.start;
+      ids[1] = s.ref;
+      ids[2] = s.uid;
       const float *record = info.tensor<float>(i) + emotion_field_;
       ::dali::float16 *emo = emotion.mutable_tensor<::dali::float16>(i);
       for (int64_t k = 0; k < emotion_dim; k++) emo[k] = ::dali::float16(record[k]);
@@ -277,7 +276,7 @@ DALI_REGISTER_OPERATOR(DaliFloatWindowRead, ::dali_float::WindowRead, ::dali::CP
 DALI_SCHEMA(DaliFloatWindowRead)
     .DocStr("A training window of a frames.npy file, read with pread, from a clip_info record and two draws.")
     .NumInput(2)
-    .NumOutput(6)
+    .NumOutput(4)
     .MakeStateless()
     .AddArg("files", "frames.npy paths indexed by clip uid (empty where unused).", DALI_STRING_VEC)
     .AddArg("rows", "Rows of the window.", DALI_INT32)

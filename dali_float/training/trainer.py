@@ -231,16 +231,17 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def _share_cores_with_the_loader(cfg: TrainConfig) -> None:
-    """Leave the loader's threads (dali) or worker processes (torch, naive) cores of their own.
+    """Leave the loader's threads (dali) or worker processes (torch, naive), and the Python thread that
+    drives them, cores of their own.
 
-    torch's compute threads busy-wait: sharing cores with DALI's threads, tiny training on 2 cores ran
-    at 4.3 steps/s instead of 31. OMP_NUM_THREADS, when set, is the user's choice and is kept.
+    torch's compute threads busy-wait: oversubscribed, tiny training on 2 cores ran at 1-4 steps/s
+    instead of 31-35. OMP_NUM_THREADS, when set, is the user's choice and is kept.
     """
     if "OMP_NUM_THREADS" in os.environ:
         return
     loader_cores = cfg.num_threads if cfg.loader == "dali" else cfg.num_workers
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    threads = max(1, usable_cores() // ranks_here - loader_cores)
+    threads = max(1, usable_cores() // ranks_here - loader_cores - 1)
     torch.set_num_threads(threads)
     log.info("%d torch thread(s) on the CPU (%d core(s) per rank, %d for the %s loader; set OMP_NUM_THREADS to "
              "choose)", threads, usable_cores() // ranks_here, loader_cores, cfg.loader)
