@@ -134,6 +134,7 @@ class DaliWindowLoader(WindowLoader):
             raise UsageError(f"{len(self.plan)} samples per epoch cannot feed {options.num_shards} ranks")
         self._samples_per_epoch = end - begin
         self._pipe = None
+        self._prefetcher: Prefetcher | None = None
         self._checkpoint: str | None = None
 
     @property
@@ -198,6 +199,7 @@ class DaliWindowLoader(WindowLoader):
         # Batches are assembled on a thread of their own (pipe.run() releases the GIL; the tensor
         # views take ~0.3 ms of Python): the training loop finds them ready instead of waiting.
         with Prefetcher(produce, depth=self.options.prefetch_batches) as ready:
+            self._prefetcher = ready
             while True:
                 batch, self._checkpoint = ready.get()
                 self.batches_consumed += 1
@@ -222,6 +224,9 @@ class DaliWindowLoader(WindowLoader):
         return self._run(pipe, windows=np.array([(s, r) for _, s, r in items], dtype=np.int64))
 
     def close(self) -> None:
+        if self._prefetcher is not None:  # stop the background thread before the pipeline goes
+            self._prefetcher.__exit__(None, None, None)
+            self._prefetcher = None
         self._pipe = None
 
 
@@ -242,7 +247,7 @@ class Prefetcher:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: Any) -> None:  # idempotent
         self._stop.set()
         while self._thread.is_alive():  # unblock a producer waiting on a full queue
             with contextlib.suppress(queue.Empty):
