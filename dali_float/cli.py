@@ -74,14 +74,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "names, or a uniform vector")
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def add_data_arguments(parser: argparse.ArgumentParser, *, force_preprocess: bool = True) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--data_root", type=Path, default=None,
                    help="folder of talking-head videos (default: the built-in demo corpus)")
     g.add_argument("--cache_dir", type=Path, default=None,
                    help="where feature caches live (default: $DALI_FLOAT_HOME/features/<data root name>-<hash>, "
                         "one per corpus)")
-    g.add_argument("--force_preprocess", action="store_true", help="recompute every clip's features")
+    if force_preprocess:
+        g.add_argument("--force_preprocess", action="store_true", help="recompute every clip's features")
 
 
 def visible_cuda_devices() -> int:

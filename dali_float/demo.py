@@ -38,7 +38,7 @@ DEMO_VERSION = 1
 
 # Where the mouth is, as fractions of the centre square of a frame (rows y0:y1, columns x0:x1):
 # the middle of the mouth, which stays dark-lipped-or-open over the whole head sway.
-# Tests read pixels there (after the centre-square crop media.py applies) to check lip motion.
+# Tests read pixels there (after the centre-square crop dali_float.media applies) to check lip motion.
 MOUTH_BOX_REL: tuple[float, float, float, float] = (0.665, 0.735, 0.44, 0.56)
 
 # Encoder names per codec (FFmpeg names). libx264 and libvpx-vp9 are the ones the PyAV wheel bundles.

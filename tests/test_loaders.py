@@ -304,3 +304,45 @@ def test_dali_read_strategies_agree_sample_for_sample(tiny_cache, ref_rule):
     a, b = (loader("dali", tiny_cache, read_strategy=s).load_windows(items) for s in ("pread", "roi"))
     for name, tensor in a.tensors().items():
         assert torch.equal(tensor, b.tensors()[name]), name
+
+
+FREED_BATCH_PROBE = textwrap.dedent("""
+    import collections, queue, resource, sys, threading
+    import numpy as np
+    sys.path.insert(0, {repo!r})
+    if sys.argv[1] == "open_loader":  # what every loader does on construction
+        from dali_float.loaders.base import keep_freed_host_memory
+        assert keep_freed_host_memory()
+    batch_bytes = 9_347_184  # a float batch of 8 windows
+    ready = queue.Queue(maxsize=2)
+    def produce():  # as the loaders do: batches allocated on a worker thread, freed by the consumer
+        for i in range(260):
+            batch = np.empty(batch_bytes + (i % 3) * 4096, np.uint8)
+            batch[::4096] = 1  # touch every page, as a read into it does
+            ready.put(batch)
+        ready.put(None)
+    threading.Thread(target=produce).start()
+    held, n, before = collections.deque(), 0, 0
+    while (batch := ready.get()) is not None:
+        held.append(batch)  # the batch in the training step and the one before it
+        if len(held) > 2:
+            held.popleft()
+        n += 1
+        if n == 60:  # past warm-up
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 200 / (batch_bytes / 4096))
+""")
+
+
+def test_freed_batch_buffers_are_reused_not_faulted_in_again(tmp_path):
+    # By default glibc hands large freed blocks back to the kernel, and new batches fault their pages
+    # in again: half the float loaders' samples/s on 2 cores (docs/BENCHMARKS.md).
+    script = tmp_path / "probe.py"
+    script.write_text(FREED_BATCH_PROBE.format(repo=str(REPO)))
+    faulted = {}
+    for mode in ("defaults", "open_loader"):
+        out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, check=True)
+        faulted[mode] = float(out.stdout.split()[-1])
+    print(f"share of each batch's pages faulted in: {faulted}")
+    assert faulted["defaults"] > 0.01, f"glibc's defaults no longer fault batches in here: {faulted}"
+    assert faulted["open_loader"] < 0.1 * faulted["defaults"], faulted

@@ -199,12 +199,14 @@ def test_probe_unreadable_file(tmp_path, clips):
 
 def test_permission_errors_become_media_errors(tmp_path, clips, monkeypatch):
     """Root reads any file, so the OS refusal is simulated where PyAV opens the file."""
-    import dali_float.media as media
+    from dali_float.media import audio, probe
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(media.av, "open", refuse)
+    # probe_video (media.probe) and load_audio (media.audio) both call `av.open`: one module object.
+    assert probe.av is audio.av
+    monkeypatch.setattr(probe.av, "open", refuse)
     with pytest.raises(MediaError, match="permission denied.*chmod"):
         probe_video(clips["webm"])
     with pytest.raises(MediaError, match="permission denied"):
@@ -424,12 +426,13 @@ def test_dali_failure_becomes_media_error_and_pipeline_recovers(tmp_path, clips,
 def test_dali_failure_on_the_first_batch_falls_back_to_pyav(clips, decoder, monkeypatch, caplog):
     """An automatically chosen DALI decoder that cannot decode the clip (say NVDEC and an H.264 4:4:4
     profile) hands the clip to PyAV; simulated with H.264 sent to DALI's CPU decoder."""
-    import dali_float.media as media
+    from dali_float.media import video
 
     info = probe_video(clips["mp4"])
     expected, _ = _decode_all(decoder, info, kind=PYAV)
-    monkeypatch.setattr(media, "choose_decoder", lambda codec, device, colorspace=None: DALI_CPU)
-    with caplog.at_level("WARNING", logger="dali_float.media"):
+    # FrameDecoder.decode looks choose_decoder up in dali_float.media.video, not in the package.
+    monkeypatch.setattr(video, "choose_decoder", lambda codec, device, colorspace=None: DALI_CPU)
+    with caplog.at_level("WARNING", logger="dali_float.media.video"):
         got, kind = _decode_all(decoder, info)
     assert kind == PYAV and torch.equal(got, expected)
     assert "decoding it with PyAV instead" in caplog.text

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import abc
+import ctypes
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -12,6 +14,14 @@ from dali_float.config import Preset
 from dali_float.contract import FEATURE_DTYPE, Batch
 from dali_float.errors import UsageError
 from dali_float.loaders.sampling import EPOCH_POLICIES, REF_RULES, check_choice
+
+log = logging.getLogger(__name__)
+
+# glibc's mallopt parameters (malloc.h) and the values the loaders run with (see keep_freed_host_memory).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's own ceiling for its adaptive threshold
+TRIM_THRESHOLD_BYTES = 256 << 20
+_allocator_tuned: bool | None = None  # None: not tried yet
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,7 @@ class WindowLoader(abc.ABC):
     kind: str = ""
 
     def __init__(self, preset: Preset, options: LoaderOptions, clip_ids: Sequence[str]):
+        keep_freed_host_memory()
         self.preset, self.options = preset, options
         self.clip_ids = list(clip_ids)
         self.batches_consumed = 0
@@ -96,6 +107,29 @@ class WindowLoader(abc.ABC):
             return self.clip_ids.index(clip_id)
         except ValueError:
             raise UsageError(f"clip {clip_id!r} is not among this loader's clips") from None
+
+
+def keep_freed_host_memory() -> bool:
+    """Let glibc keep freed batch buffers for reuse instead of handing them back to the kernel.
+
+    Every batch is a fresh host allocation (DALI's outputs, torch's collated tensors): a float batch
+    of 8 is 9.3 MB. By default glibc unmaps or trims such blocks on free, so the next batch faults
+    in ~2,300 zeroed pages again, which halved the float loaders' samples/s on 2 cores
+    (docs/BENCHMARKS.md). Pinning the thresholds keeps up to 256 MiB of freed heap in the process.
+    Process-wide, once; returns whether the thresholds are pinned (False where the C library has no
+    mallopt, i.e. is not glibc: allocations keep their defaults).
+    """
+    global _allocator_tuned
+    if _allocator_tuned is None:
+        try:
+            mallopt = ctypes.CDLL(None).mallopt
+            _allocator_tuned = (mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+                                and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1)
+        except (OSError, AttributeError):
+            _allocator_tuned = False
+        log.debug("malloc thresholds pinned (mmap %d MiB, trim %d MiB): %s",
+                  MMAP_THRESHOLD_BYTES >> 20, TRIM_THRESHOLD_BYTES >> 20, _allocator_tuned)
+    return _allocator_tuned
 
 
 def batch_from_windows(preset: Preset, windows: torch.Tensor, ref_motion: torch.Tensor, emotion: torch.Tensor,

@@ -1,31 +1,15 @@
-"""Media: find clips, probe them, pick 25 fps frames, decode + crop/resize them, load audio.
+"""Video: choose a decoder per clip, decode the chosen frames, centre-crop/resize/normalise them.
 
-Preprocessing (batched, DALI) and the per-sample naive loader both go through this module, so both
-see exactly the same pixels and audio samples:
-
-    info = probe_video(path)                                   # demux only, no decoding
-    idx = frame_indices_at_fps(info.frame_times_s, info.duration_s, 25)   # T source frame indices
-    for chunk in FrameDecoder(512).decode(info, idx): ...      # (n, 3, 512, 512) in [-1, 1]
-    audio = prepare_clip_audio(info, len(idx), timing)         # (T * 640,) float32, normalised
-
-Decoding: DALI decodes VP8/VP9/MJPEG on the CPU and (NVDEC) H.264/HEVC/VP8/VP9/MPEG-4/MJPEG on a GPU;
-everything else (H.264 on a machine without a GPU, AV1, ...) is decoded by PyAV and fed into the same
-DALI graph through `fn.external_source`. Both sources share `process_frames` (centre square crop,
-antialiased linear resize, normalisation to [-1, 1], FCHW).
-
-Every problem with one input file raises `MediaError` with one line (what is wrong, what to do);
-PyAV/FFmpeg/DALI exceptions never escape as anything else.
+DALI's video decoder (CPU or NVDEC) or PyAV feeds one DALI graph, `process_frames`; the package
+docstring (dali_float.media) says which codec goes where. `FrameDecoder` does it chunk by chunk,
+`decode_frames` all at once with a process-wide decoder (`get_frame_decoder`).
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
-import math
 import os
-import stat
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -33,13 +17,10 @@ import av
 import numpy as np
 import torch
 
-from dali_float.config import TimingConfig
 from dali_float.errors import MediaError, UsageError
+from dali_float.media.probe import VideoInfo, _media_errors, _video_stream
 
 log = logging.getLogger(__name__)
-
-VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".mov", ".mkv", ".webm", ".avi")
-AUDIO_SIDE_EXTENSIONS: tuple[str, ...] = (".wav", ".flac")
 
 # Decoders a caller records per clip.
 DALI_GPU, DALI_CPU, PYAV = "dali-gpu", "dali-cpu", "pyav"
@@ -47,14 +28,6 @@ DALI_GPU, DALI_CPU, PYAV = "dali-gpu", "dali-cpu", "pyav"
 # has no H.264/HEVC/AV1 software decoders.
 NVDEC_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "mpeg4", "mjpeg"})
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
-# FFmpeg decoder names that differ from the codec (descriptor) name.
-_CODEC_ALIASES = {"libdav1d": "av1", "libaom-av1": "av1", "libvpx-vp9": "vp9", "libvpx": "vp8",
-                  "libopenh264": "h264", "h264_cuvid": "h264", "hevc_cuvid": "hevc"}
-
-# Exceptions PyAV/FFmpeg (and the OS underneath) raise for a bad file; each becomes a MediaError.
-# (av.FFmpegError subclasses also derive from OSError/ValueError/...; listed for clarity.)
-_MEDIA_EXCEPTIONS = (av.FFmpegError, OSError, EOFError, ValueError, RuntimeError, IndexError,
-                     StopIteration)
 
 # AVColorSpace codes DALI's CPU decoder converts correctly: unspecified, BT.470BG, SMPTE 170M (BT.601).
 _BT601_COLORSPACES = frozenset({2, 5, 6})
@@ -64,276 +37,6 @@ _BT601_COLORSPACES = frozenset({2, 5, 6})
 # VP9; swscale's default flags are ~1.2 levels darker with up to 38 levels off at colour edges.
 _SWS_FLAGS = (av.video.reformatter.Interpolation.BILINEAR | av.video.reformatter.Interpolation.ACCURATE_RND
               | av.video.reformatter.Interpolation.FULL_CHR_H_INT)
-
-# Audio and video starting further apart than this are taken as broken timestamps, not as an offset.
-_MAX_AV_OFFSET_S = 10.0
-
-# A clip whose packets end this much earlier than the container says is taken as truncated.
-_TRUNCATION_TOLERANCE_S = 0.5
-
-
-# --------------------------------------------------------------------------------------------------
-# Discovery
-
-
-def discover_videos(root: Path) -> list[tuple[str, Path]]:
-    """All video files under `root` (recursive, symlinked folders followed), sorted by clip id.
-
-    A clip id is the path relative to `root` with '/' separators (e.g. "Actor_01/01-01-03-01-01-01-01.mp4").
-    Extensions match VIDEO_EXTENSIONS in any letter case; other files are ignored, and so are macOS
-    resource forks ("._name.mp4"). A file reachable by several paths (symlinks) is listed once, under
-    its smallest id; symlink loops are not followed. `root` may also be a single video file.
-    """
-    root = Path(root)
-    if root.is_file():
-        return [(root.name, root)] if root.suffix.lower() in VIDEO_EXTENSIONS else []
-    if not root.is_dir():
-        raise UsageError(f"{root}: no such folder; give the folder that holds the videos")
-    found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        here = os.path.realpath(dirpath)
-        # Prune links back to a folder on the current path (loops).
-        ancestors = {os.path.realpath(p) for p in [dirpath, *Path(dirpath).parents]}
-        dirnames[:] = [d for d in dirnames
-                       if not (os.path.islink(os.path.join(dirpath, d))
-                               and os.path.realpath(os.path.join(dirpath, d)) in ancestors | {here})]
-        for name in filenames:
-            if name.startswith("._") or os.path.splitext(name)[1].lower() not in VIDEO_EXTENSIONS:
-                continue
-            path = Path(dirpath) / name
-            found.append((path.relative_to(root).as_posix(), path))
-    found.sort(key=lambda item: item[0])
-    unique, seen = [], set()
-    for clip_id, path in found:
-        real = os.path.realpath(path)
-        if real in seen:
-            log.debug("%s: same file as an earlier clip, skipped", clip_id)
-            continue
-        seen.add(real)
-        unique.append((clip_id, path))
-    return unique
-
-
-def find_side_audio(video: Path) -> Path | None:
-    """A same-stem .wav or .flac (any letter case) next to `video`; .wav wins; None if there is none."""
-    video = Path(video)
-    try:
-        siblings = sorted(p for p in video.parent.iterdir() if p.stem == video.stem and p.is_file())
-    except OSError:
-        return None
-    for ext in AUDIO_SIDE_EXTENSIONS:
-        for p in siblings:
-            if p.suffix.lower() == ext:
-                return p
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Probing
-
-
-@dataclass(frozen=True, eq=False)
-class VideoInfo:
-    """What probing a clip found (demuxed packets only, nothing decoded).
-
-    frame_times_s: (N,) float64, presentation time (s) of every frame, in presentation order,
-        relative to the first frame (so frame_times_s[0] == 0).
-    duration_s: time from the first frame to the end of the last one (last pts - first pts + the last
-        frame's duration), in seconds.
-    source_fps: average frame rate, N / duration_s.
-    audio_source: the side .wav/.flac if present, else the clip itself when it has an audio stream,
-        else None.
-    start_time_s: absolute presentation time (s) of the first frame in the container's timeline
-        (used to line the clip's own audio track up with its first frame).
-    colorspace: the YUV matrix the stream declares (FFmpeg AVColorSpace code); see choose_decoder.
-    """
-
-    path: Path
-    codec: str
-    width: int
-    height: int
-    frame_times_s: np.ndarray
-    duration_s: float
-    source_fps: float
-    audio_source: Path | None
-    start_time_s: float = 0.0
-    colorspace: int = 2  # FFmpeg AVColorSpace of the YUV data: 1 BT.709, 5/6 BT.601, 2 unspecified
-
-    @property
-    def num_frames(self) -> int:
-        return int(len(self.frame_times_s))
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
-
-
-@contextlib.contextmanager
-def _media_errors(path: Path, action: str, advice: str = "check the file or remove it from the data set"):
-    """Turn any PyAV/FFmpeg/OS failure while `action`-ing `path` into one MediaError line."""
-    try:
-        yield
-    except MediaError:
-        raise
-    except PermissionError:
-        raise MediaError(f"{path}: permission denied while {action}; make it readable (chmod +r)") from None
-    except FileNotFoundError:
-        raise MediaError(f"{path}: file not found while {action}; check the path, or re-run discovery") from None
-    except IsADirectoryError:
-        raise MediaError(f"{path}: is a folder, not a media file; rename or remove it") from None
-    except av.InvalidDataError as err:
-        raise MediaError(f"{path}: not a readable media file ({_one_line(err)}) while {action}; "
-                         f"it may be corrupt, truncated or not a video: {advice}") from None
-    except _MEDIA_EXCEPTIONS as err:
-        raise MediaError(f"{path}: {type(err).__name__} while {action}: {_one_line(err)}; {advice}") from None
-
-
-def _video_stream(container):
-    """The clip's video stream: the first one that is not a cover picture (attached_pic); or None."""
-    for stream in container.streams.video:
-        if not stream.disposition & av.stream.Disposition.attached_pic:
-            return stream
-    return None
-
-
-def _codec_name(stream: av.video.stream.VideoStream) -> str:
-    context = stream.codec_context
-    if context is None or context.codec is None:  # FFmpeg has no decoder for this stream's codec tag
-        raise MediaError(f"{stream.container.name}: unsupported video codec (tag {stream.codec_tag!r}); "
-                         f"re-encode it (e.g. ffmpeg -i in -c:v libx264 out.mp4) or remove it")
-    name = context.codec.name
-    return _CODEC_ALIASES.get(name, name)
-
-
-def _check_readable_file(path: Path, action: str) -> None:
-    """MediaError unless `path` is a non-empty regular file we may read (checked before FFmpeg opens it)."""
-    with _media_errors(path, action):
-        st = path.stat()
-    if stat.S_ISDIR(st.st_mode):
-        raise MediaError(f"{path}: is a folder, not a media file; rename or remove it")
-    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or stream forever
-        raise MediaError(f"{path}: not a regular file (a pipe, socket or device); remove it from the data set")
-    if st.st_size == 0:
-        raise MediaError(f"{path}: file is empty (0 bytes); re-copy or re-encode it, or remove it")
-    if not os.access(path, os.R_OK):
-        raise MediaError(f"{path}: permission denied while {action}; make it readable (chmod +r)")
-
-
-def probe_video(path: Path) -> VideoInfo:
-    """Demux `path` (no decoding) and describe its video stream; MediaError for anything unusable.
-
-    Detected: missing/unreadable file, zero bytes, not a media container (e.g. text renamed .mp4),
-    no video stream, no frames, an MP4 whose index is cut off, a file whose packets stop well before
-    the duration its header declares or whose last packet is cut (truncated download).
-    """
-    path = Path(path)
-    _check_readable_file(path, "probing")
-
-    with _media_errors(path, "probing"), av.open(str(path), metadata_errors="ignore") as container:
-        stream = _video_stream(container)
-        if stream is None:
-            kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
-            raise MediaError(f"{path}: has no video stream (found: {kinds}); remove it or give the video file")
-        if stream.codec_context is None:  # FFmpeg knows no decoder for this codec (tag)
-            raise MediaError(f"{path}: its video codec is unknown to FFmpeg (no decoder); re-encode it "
-                             f"(e.g. ffmpeg -i in -c:v libx264 out.mp4) or remove it")
-        codec = _codec_name(stream)
-        width, height = stream.codec_context.width, stream.codec_context.height
-        colorspace = int(stream.codec_context.colorspace)
-        tb = stream.time_base
-        pts: list[int] = []
-        last_duration = 0
-        corrupt = 0
-        end_s = -math.inf  # end of the latest packet over all streams (s)
-        demuxed = 0  # video packets including empty ones (AVI marks dropped frames with those)
-        for packet in container.demux():
-            if packet.stream.index == stream.index and (packet.size or packet.dts is not None):
-                demuxed += 1
-            if packet.size == 0 or packet.is_discard:
-                continue
-            t = packet.pts if packet.pts is not None else packet.dts
-            if t is not None and packet.time_base is not None:
-                end_s = max(end_s, float((t + (packet.duration or 0)) * packet.time_base))
-            if packet.stream.index != stream.index:
-                continue
-            corrupt += bool(packet.is_corrupt)
-            if t is None:
-                raise MediaError(f"{path}: video packets carry no timestamps; remux it "
-                                 f"(ffmpeg -i in -c copy out.mkv) or re-encode it")
-            pts.append(t)
-            last_duration = packet.duration or 0
-        declared_frames = stream.frames
-        declared_s = container.duration / av.time_base if container.duration else None
-        start_s = float(container.start_time / av.time_base) if container.start_time is not None else 0.0
-        has_audio = bool(container.streams.audio)
-
-    if not pts:
-        raise MediaError(f"{path}: the video stream has no frames; re-encode or remove it")
-    if width <= 0 or height <= 0:
-        raise MediaError(f"{path}: video stream has no frame size ({width}x{height}); re-encode it")
-    truncated_hint = "the file looks truncated (incomplete copy or download); re-copy or re-encode it"
-    if corrupt:
-        raise MediaError(f"{path}: {corrupt} corrupt video packet(s): {truncated_hint}")
-    if declared_frames and demuxed < declared_frames:
-        raise MediaError(f"{path}: header declares {declared_frames} frames but only {len(pts)} are "
-                         f"present: {truncated_hint}")
-    # Without a frame count (Matroska/WebM), compare the declared duration with where the data ends.
-    if (not declared_frames and declared_s is not None and end_s > -math.inf
-            and end_s - start_s < declared_s - _TRUNCATION_TOLERANCE_S):
-        raise MediaError(f"{path}: header declares {declared_s:.2f} s but the data ends at "
-                         f"{end_s - start_s:.2f} s: {truncated_hint}")
-
-    ticks = np.sort(np.asarray(pts, dtype=np.int64))  # decode order -> presentation order (B-frames)
-    if np.any(np.diff(ticks) == 0):
-        raise MediaError(f"{path}: two video frames share a timestamp; remux or re-encode it")
-    frame_times = (ticks - ticks[0]).astype(np.float64) * float(tb)
-    if last_duration <= 0 and len(ticks) > 1:  # no packet duration: assume the median frame interval
-        last_duration = int(np.median(np.diff(ticks)))
-    duration_s = float(frame_times[-1] + last_duration * float(tb))
-    if duration_s <= 0:
-        duration_s = 1.0 / float(stream.guessed_rate or stream.average_rate or 25)
-    side = find_side_audio(path)
-    return VideoInfo(
-        path=path, codec=codec, width=int(width), height=int(height), frame_times_s=frame_times,
-        duration_s=duration_s, source_fps=len(frame_times) / duration_s,
-        audio_source=side if side is not None else (path if has_audio else None),
-        start_time_s=float(ticks[0] * tb), colorspace=colorspace,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# 25 fps
-
-
-def num_frames_at_fps(duration_s: float, fps: float) -> int:
-    """T = floor(duration_s * fps + 0.05): the whole 1/fps ticks that fit in the clip.
-
-    The 0.05 frame (2 ms at 25 fps) absorbs timestamps rounded to the container's clock (Matroska/WebM
-    store milliseconds, so a 30 fps clip can end 1 ms early), so a clip of exactly N frames at `fps`
-    gives T = N; a clip a quarter frame short of N frames gives N - 1.
-    """
-    return max(int(math.floor(duration_s * fps + 0.05)), 0)
-
-
-def frame_indices_at_fps(frame_times_s: np.ndarray, duration_s: float, fps: float) -> np.ndarray:
-    """For each tick k / fps (k = 0..T-1, T = num_frames_at_fps), the index of the nearest source frame.
-
-    frame_times_s: (N,) presentation times (s), non-decreasing, first at 0 (VideoInfo.frame_times_s).
-    Ties go to the earlier frame. Returns (T,) int64, non-decreasing, each in [0, N).
-    A 25 fps source maps to 0..N-1; 30 fps for 3 s gives 75 indices; variable frame rate works the same.
-    """
-    times = np.asarray(frame_times_s, dtype=np.float64)
-    if times.ndim != 1 or len(times) == 0:
-        raise ValueError("frame_times_s must be a non-empty 1-D array")
-    count = num_frames_at_fps(duration_s, fps)
-    ticks = np.arange(count, dtype=np.float64) / fps
-    after = np.searchsorted(times, ticks, side="left")  # first frame at or after the tick
-    after = np.clip(after, 0, len(times) - 1)
-    before = np.clip(after - 1, 0, len(times) - 1)
-    # Earlier frame wins ties; 1e-9 s tolerance so float noise in k/fps does not break ties.
-    take_before = (ticks - times[before]) <= (times[after] - ticks) + 1e-9
-    return np.where(take_before, before, after).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -769,104 +472,3 @@ def decode_frames(info: VideoInfo, frame_indices: np.ndarray, decoder: FrameDeco
         return torch.empty((0, 3, decoder.input_size, decoder.input_size), dtype=decoder.out_dtype,
                            device=decoder.device)
     return torch.cat(chunks)
-
-
-# --------------------------------------------------------------------------------------------------
-# Audio
-
-
-def load_audio(source: Path, sample_rate_hz: int, *, start_s: float | None = None) -> torch.Tensor:
-    """Decode the first audio stream of `source`, mix to mono (channel mean), resample: (N,) float32.
-
-    source: a video with an audio track or an audio file (.wav, .flac, ...); any sample format, rate
-        and channel count. Resampling: torchaudio.functional.resample (band-limited sinc).
-    start_s: if given, sample 0 of the result is the sound at time `start_s` of the source's timeline
-        (leading samples dropped, or silence prepended when the audio starts later): this lines a
-        video's own track up with its first video frame. None: start at the first decoded sample.
-    Raises MediaError when the file has no audio stream or cannot be decoded.
-    """
-    import torchaudio.functional as AF
-
-    source = Path(source)
-    _check_readable_file(source, "decoding audio")
-    blocks: list[np.ndarray] = []
-    first_pts_s: float | None = None
-    with _media_errors(source, "decoding audio"), av.open(str(source), metadata_errors="ignore") as container:
-        if not container.streams.audio:
-            raise MediaError(f"{source}: has no audio stream; add a same-name .wav/.flac next to the video "
-                             f"or remove the clip")
-        stream = container.streams.audio[0]
-        # AAC decoders return whole 1024-sample frames; the container's duration says where the
-        # sound really ends (the last packet's duration), so trim the encoder padding to it.
-        declared_s = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
-        # Planar float keeps the channels apart whatever the source format (packed s16, s32p, ...).
-        resampler = None
-        rate = None
-        for frame in container.decode(stream):
-            if rate is None:
-                rate = frame.sample_rate
-                resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=rate)
-                if frame.pts is not None and frame.time_base is not None:
-                    first_pts_s = float(frame.pts * frame.time_base)
-            for converted in resampler.resample(frame):
-                blocks.append(converted.to_ndarray())
-        if resampler is not None:
-            for converted in resampler.resample(None):
-                blocks.append(converted.to_ndarray())
-    if not blocks or rate is None:
-        raise MediaError(f"{source}: the audio stream holds no samples; re-encode it or remove the clip")
-    wave = np.concatenate(blocks, axis=1).astype(np.float32).mean(axis=0)  # (channels, n) -> (n,)
-    if declared_s is not None and declared_s > 0:
-        wave = wave[:int(round(declared_s * rate))]
-    if start_s is not None and first_pts_s is not None and abs(first_pts_s - start_s) > _MAX_AV_OFFSET_S:
-        log.warning("%s: audio starts %.1f s away from the video; not lining them up",
-                    source, first_pts_s - start_s)
-    elif start_s is not None and first_pts_s is not None:
-        shift = int(round((first_pts_s - start_s) * rate))
-        if shift > 0:  # audio starts after the first video frame
-            wave = np.concatenate([np.zeros(shift, np.float32), wave])
-        elif shift < 0:
-            wave = wave[-shift:]
-    tensor = torch.from_numpy(np.ascontiguousarray(wave))
-    if rate != sample_rate_hz:
-        tensor = AF.resample(tensor, orig_freq=int(rate), new_freq=int(sample_rate_hz))
-    return tensor.to(torch.float32)
-
-
-def fit_to_frames(waveform: torch.Tensor, num_frames: int, samples_per_frame: int) -> torch.Tensor:
-    """Trim, or replicate-pad (repeat the last sample), to exactly num_frames * samples_per_frame samples."""
-    target = int(num_frames) * int(samples_per_frame)
-    if waveform.ndim != 1:
-        raise ValueError(f"waveform must be 1-D, got {tuple(waveform.shape)}")
-    if waveform.numel() >= target:
-        return waveform[:target]
-    if waveform.numel() == 0:
-        raise ValueError("cannot pad an empty waveform")
-    return torch.cat([waveform, waveform[-1:].expand(target - waveform.numel())])
-
-
-def normalize_utterance(x: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / sqrt(var + 1e-7) over the whole clip, as Wav2Vec2FeatureExtractor does. float32.
-
-    Computed in float64 (population variance) for a long clip's sake, returned as float32.
-    """
-    x64 = x.to(torch.float64)
-    return ((x64 - x64.mean()) / torch.sqrt(x64.var(unbiased=False) + 1e-7)).to(torch.float32)
-
-
-def prepare_clip_audio(info: VideoInfo, num_frames: int, timing: TimingConfig) -> torch.Tensor:
-    """The clip's audio as the models take it: (num_frames * samples_per_frame,) float32.
-
-    Order: load (side file if any, else the clip's track lined up with its first frame), mix to mono,
-    resample to timing.sample_rate_hz, fit to num_frames frames (trim / repeat the last sample),
-    THEN normalise per utterance, so the padding is part of the utterance statistics (as when the
-    feature extractor sees the padded clip). Both preprocessing and the naive loader call this.
-    """
-    if info.audio_source is None:
-        raise MediaError(f"{info.path}: no audio (no audio stream and no same-name .wav/.flac beside it); "
-                         f"add one or remove the clip")
-    start = info.start_time_s if info.audio_source == info.path else None
-    wave = load_audio(info.audio_source, timing.sample_rate_hz, start_s=start)
-    if wave.numel() == 0:
-        raise MediaError(f"{info.audio_source}: the audio is empty; re-encode it or remove the clip")
-    return normalize_utterance(fit_to_frames(wave, num_frames, timing.audio_samples_per_frame))

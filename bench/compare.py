@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Measure every way dali-float can feed FLOAT training, in one run on one machine, and compare them.
+
+    python bench/compare.py --quick                              # < 3 min on 2 CPU cores (tiny, demo corpus)
+    python bench/compare.py --json out/bench.json --plot out/bench.png     # the full run (logs its expected time)
+    python bench/compare.py --preset float --device cuda --json out/bench_float.json
+    python bench/compare.py --from_json out/bench.json --plot out/bench.png   # print / draw a saved run again
+    python bench/compare.py --from_json out/run1.json out/run2.json out/run3.json   # medians over runs
+
+Loaders (naive, torch with num_workers 0 and N, dali per read strategy) against a plain copy of the same
+bytes, training steps/s and data-wait with each loader, preprocessing frames/s per decode path, and the
+cache's bytes per hour against decoded frames. Each measurement runs in a process of its own. The
+markdown tables go to stdout, progress and logs to stderr. Exit codes: 0 done, 1 some measurement failed
+(the others are reported), 2 usage error. This script only parses arguments; the work is in dali_float.bench.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+
+from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_arguments, add_preset_argument,  # noqa: E402
+                            run_main, setup_logging)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="bench/compare.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_preset_argument(parser)
+    add_data_arguments(parser, force_preprocess=False)  # the bench preprocesses only what is stale
+    add_model_arguments(parser)
+    g = parser.add_argument_group("measurement")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto (default): cuda if present, else cpu")
+    g.add_argument("--batch_size", type=int, default=8, help="windows per batch, every loader and run (default 8)")
+    g.add_argument("--quick", action="store_true",
+                   help="fewer and shorter runs: under 3 minutes with the tiny preset on 2 CPU cores")
+    g.add_argument("--train_preset", choices=("tiny", "float"), default=None,
+                   help="preset of the training runs (default: tiny on the CPU, --preset on a GPU)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
+    g = parser.add_argument_group("output")
+    g.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every figure as JSON")
+    g.add_argument("--plot", type=Path, default=None, metavar="PATH.png", help="draw the comparison")
+    g.add_argument("--from_json", type=Path, nargs="+", default=None, metavar="PATH",
+                   help="measure nothing: print (and --plot) the results saved in PATH; with several files, "
+                        "the medians over those runs")
+    g.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    setup_logging(args.verbose)
+    from dali_float.bench import BenchOptions, format_table, run_benchmark
+    from dali_float.bench.plot import plot_results
+    from dali_float.errors import UsageError
+    from dali_float.models import ModelSources
+
+    if args.from_json is not None:
+        from dali_float.bench.figures import median_of_runs
+
+        runs = []
+        for path in args.from_json:
+            try:
+                runs.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as err:
+                raise UsageError(f"--from_json {path}: {err}") from None
+        results = runs[0] if len(runs) == 1 else median_of_runs(runs)
+    else:
+        options = BenchOptions(preset=args.preset, data_root=args.data_root, cache_dir=args.cache_dir,
+                               sources=ModelSources.from_args(args), device=args.device, batch_size=args.batch_size,
+                               quick=args.quick, train_preset=args.train_preset, progress=args.progress,
+                               seed=args.seed)
+        results = run_benchmark(options)
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.plot is not None:
+        plot_results(results, args.plot)
+    sys.stdout.write(format_table(results))
+    return 1 if results.get("errors") else 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,200 @@
+"""The benchmark's results as one markdown document: the tables `bench/compare.py` prints on stdout.
+
+`format_table(results)` reads only the results dict (the JSON), so a saved JSON can be printed again:
+`python bench/compare.py --from_json results.json`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    """A rate with `digits` significant figures and thousands separators ("n/a" for missing/NaN)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    v = float(value)
+    if v == 0:
+        return "0"
+    if abs(v) >= 10 ** (digits - 1):
+        return f"{v:,.0f}"
+    return f"{v:.{max(0, digits - 1 - math.floor(math.log10(abs(v))))}f}"
+
+
+def _ratio(value: Any) -> str:
+    return "n/a" if value is None else f"{_num(value)}x"
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * float(value):.{1 if float(value) < 0.1 else 0}f}%"
+
+
+def _mib(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value) / 2**20:,.0f}"
+
+
+def _bytes(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    v = float(value)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if v < 1000 or unit == "TB":
+            return f"{v:.3g} {unit}"
+        v /= 1000
+    return f"{v:.3g} TB"
+
+
+def _commit(source: dict[str, Any] | None) -> str:
+    if not source or not source.get("commit"):
+        return "(commit unknown)"
+    return source["commit"][:10] + (" + local changes" if source.get("modified") else "")
+
+
+def _load(value: Any) -> str:
+    return "n/a" if not value else "/".join(f"{x:.2f}" for x in value)
+
+
+def _spread(entry: dict[str, Any]) -> str:
+    spread = entry.get("spread")
+    return f"{_num(spread[0])}-{_num(spread[1])}" if spread else "n/a"
+
+
+def _config_label(cfg: dict[str, Any]) -> str:
+    """A training run's loader configuration; "per run: a; b" where merged runs chose differently."""
+    if "per_run" in cfg:
+        return "per run: " + "; ".join(_config_label(c) for c in cfg["per_run"])
+    return ", ".join(f"{k} {cfg[k]}" for k in ("num_workers", "read_strategy", "num_threads") if k in cfg)
+
+
+def _rows(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|",
+            *["| " + " | ".join(r) + " |" for r in rows]]
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Every figure of `results` as markdown: loaders, training, preprocessing, cache, targets."""
+    m, s = results["machine"], results["settings"]
+    gpu = m.get("gpu")
+    v = m["versions"]
+    runs = results.get("runs", 1)
+    lines = [
+        f"# dali-float benchmark: preset {s['preset']}, batch {s['batch_size']}, {s['device']}"
+        f"{' (quick)' if s['quick'] else ''}",
+        "",
+        *([f"Medians over {runs} runs of bench/compare.py ({', '.join(m['dates_utc'])}); spreads cover every "
+           f"timed run of every run.", ""] if runs > 1 else []),
+        f"{m['date_utc']}; CPU {m['cpu_model']} ({m['usable_cores']} usable cores); "
+        + (f"GPU {gpu['name']} x{gpu['count']}, driver {gpu['driver']}, CUDA {gpu['cuda']}" if gpu else "no GPU")
+        + f"; load average {_load(m.get('load_average_start'))} -> {_load(m.get('load_average_end'))}; "
+        f"torch {v['torch']}, DALI {v['dali']}, transformers {v['transformers']}; dali-float "
+        f"{_commit(m.get('source'))}; "
+        f"{results.get('elapsed_s', 0):.0f} s{' per run' if runs > 1 else ''}.",
+        "",
+        f"## Loaders (samples/s: median of {s['loader_timing']['runs']} timed runs after warm-up; naive "
+        f"{s['naive_timing']['runs']} runs; MB/s of the batch contract, {s['sample_bytes']:,} B per sample)",
+        "",
+    ]
+    ceiling = results["ceiling"]
+    best = {k: results["loaders"][k].get("label") for k in results["loaders"]}
+    rows = []
+    for c in results["loader_configs"]:
+        name = c["loader"] + (" (best)" if c.get("label") == best.get(c["loader"]) and "error" not in c else "")
+        if "error" in c:
+            rows.append([name, c["label"], f"error: {c['error'][:80]}", "", "", "", "", ""])
+            continue
+        rows.append([name, c["label"], _num(c.get("samples_per_s")), _spread(c), _num(c.get("mb_per_s")),
+                     _mib(c.get("peak_rss_bytes")), _ratio(c.get("x_naive")), _pct(c.get("fraction_of_ceiling"))])
+    if "error" in ceiling:
+        rows.append(["ceiling", "os.preadv copy", f"error: {ceiling['error'][:80]}", "", "", "", "", ""])
+    else:
+        rows.append(["ceiling", "os.preadv copy, 1 thread", _num(ceiling.get("samples_per_s")), _spread(ceiling),
+                     _num(ceiling.get("mb_per_s")), _mib(ceiling.get("peak_rss_bytes")), "", "100%"])
+        if isinstance(ceiling.get("to_device"), dict):
+            d = ceiling["to_device"]
+            rows.append(["ceiling", "copy + pinned -> GPU", _num(d.get("samples_per_s")), _spread(d),
+                         _num(d.get("mb_per_s")), "", "", ""])
+    lines += _rows(["loader", "configuration", "samples/s", "spread", "MB/s", "peak RSS MiB", "x naive",
+                    "of ceiling"], rows)
+    r = results["ratios"]
+    lines += ["", f"dali / naive {_ratio(r.get('dali_vs_naive'))}; torch / naive {_ratio(r.get('torch_vs_naive'))}; "
+              f"dali / torch (best) {_ratio(r.get('dali_vs_torch'))}; dali / torch (num_workers 0) "
+              f"{_ratio(r.get('dali_vs_torch_workers0'))}; dali moves {_pct(r.get('dali_fraction_of_ceiling'))} "
+              f"of the ceiling's MB/s, torch {_pct(r.get('torch_fraction_of_ceiling'))}.", ""]
+
+    t = results["training"]
+    lines += [f"## Training (preset {s['train_preset']}, precision {s['precision']}, batch {s['batch_size']}; "
+              f"first steps excluded)", ""]
+    rows = []
+    for kind, e in t.items():
+        if "error" in e:
+            rows.append([kind, "", f"error: {e['error'][:80]}", "", "", "", ""])
+            continue
+        label = _config_label(e.get("config", {}))
+        rows.append([kind, label or "-", _num(e.get("steps_per_s")), _pct(e.get("data_wait_fraction")),
+                     f"{e.get('measured_steps')} (+{e.get('excluded_steps')})", _mib(e.get("peak_rss_bytes")),
+                     _ratio(e.get("x_naive"))])
+    lines += _rows(["loader", "configuration", "steps/s", "data-wait", "steps measured (+excluded)",
+                    "peak RSS MiB", "x naive"], rows)
+
+    p = results["preprocess"]
+    lines += ["", f"## Preprocessing (preset {s['preset']}, {s['device']})", ""]
+    if "error" in p:
+        lines.append(f"error: {p['error']}")
+    else:
+        cap = p.get("motion_max_frames_per_clip")
+        lines += [f"Decode paths on the same {p['clips']} clip(s) ({', '.join(p['codecs'])}, {p['frames']} frames), "
+                  f"output {p['input_size']}x{p['input_size']}; motion encoder in batches of {p['frame_batch']}"
+                  + (f" on the first {cap} frames of {p['motion_clips']} clip(s)" if cap else "")
+                  + "; end to end = decode + motion + audio features.", ""]
+        rows = []
+        for path in ("dali", "pyav"):
+            e = p[path]
+            rows.append([f"{path} ({e['kind']})", _num(e["frames_per_s"]), _spread(e),
+                         _num(e["decode_motion"]["frames_per_s"]), _num(e.get("end_to_end_frames_per_s"))])
+            for n, par in (e.get("parallel") or {}).items():
+                rows.append([f"{path}, {n} pipeline(s) in parallel", _num(par["frames_per_s"]), _spread(par), "", ""])
+        lines += _rows(["decode path", "decode frames/s", "spread", "decode + motion frames/s",
+                        "end to end frames/s"], rows)
+        a = p["audio"]
+        lines += ["", f"Audio features (load, resample, wav2vec2 at 25 Hz): {_num(a['audio_s_per_s'])} s of audio "
+                  f"per s "
+                  f"({_spread(a)}) over {a['audio_seconds']:.0f} s of audio in {a['clips']} clips"
+                  + (f"; emotion classifier {_num(p['emotion']['audio_s_per_s'])} s/s" if "emotion" in p else "")
+                  + "."]
+        for key, what in (("first_run", "this run's preprocessing of the cache"),
+                          ("run", "a forced preprocessing run, 1 worker")):
+            if key in p and "error" not in p[key]:
+                e = p[key]
+                fps = e.get("wall_fps", e.get("frames_per_s"))
+                lines.append(f"Whole pipeline ({what}): {_num(fps)} frames/s over {e.get('total_frames')} frames "
+                             f"(stages per worker: " + ", ".join(f"{k} {_num(x)}" for k, x in
+                                                                 (e.get("stage_fps") or {}).items()) + ").")
+    c = results["cache"]
+    at = c["at_512"]
+    lines += ["", f"## Cache (bytes per hour of video; {c['clips']} clips, {c['video_seconds']:.0f} s cached)", ""]
+    rows = [[f"cache, preset {s['preset']} (measured: folder bytes / seconds cached x 3600)",
+             _bytes(c["bytes_per_hour"]), ""],
+            [f"uint8 frames {c['input_size']}x{c['input_size']}", _bytes(c["uint8_frames_bytes_per_hour"]),
+             _ratio(c["x_smaller_than_uint8"])],
+            [f"float32 frames {c['input_size']}x{c['input_size']}", _bytes(c["float32_frames_bytes_per_hour"]),
+             _ratio(c["x_smaller_than_float32"])]]
+    if s["preset"] != "float":  # the float preset's own rows above are already the 512x512 figures
+        rows += [[f"cache, preset float ({at['source']})", _bytes(at["bytes_per_hour"]), ""],
+                 ["uint8 frames 512x512", _bytes(at["uint8_frames_bytes_per_hour"]),
+                  _ratio(at["x_smaller_than_uint8"])],
+                 ["float32 frames 512x512", _bytes(at["float32_frames_bytes_per_hour"]),
+                  _ratio(at["x_smaller_than_float32"])]]
+    lines += _rows(["what", "bytes/hour", "cache is smaller by"], rows)
+    lines += ["", "## Targets (issue #6)", ""]
+    rows = []
+    for tg in results.get("targets", []):
+        met = {True: "met", False: "MISSED", None: "n/a"}[tg["met"]]
+        measured = tg["measured"]
+        shown = _pct(measured) if "data-wait" in tg["target"] or "ceiling" in tg["target"] else (
+            f"{_num(measured)} s" if "minutes" in tg["target"] else
+            (_num(measured) if "frames/s" in tg["target"] else _ratio(measured)))
+        rows.append([tg["target"], shown, met + (f" ({tg['note']})" if tg.get("note") else "")])
+    lines += _rows(["target", "measured", "status"], rows)
+    if results.get("errors"):
+        lines += ["", "## Errors", "", *[f"- {e}" for e in results["errors"]]]
+    return "\n".join(lines) + "\n"

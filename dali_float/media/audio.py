@@ -1,0 +1,120 @@
+"""Audio: load a clip's sound (side file, or its own track lined up with the first frame), mono,
+resampled, fitted to the clip's frames and normalised per utterance, as the models take it."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from dali_float.config import TimingConfig
+from dali_float.errors import MediaError
+from dali_float.media.probe import VideoInfo, _check_readable_file, _media_errors
+
+log = logging.getLogger(__name__)
+
+# Audio and video starting further apart than this are taken as broken timestamps, not as an offset.
+_MAX_AV_OFFSET_S = 10.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Audio
+
+
+def load_audio(source: Path, sample_rate_hz: int, *, start_s: float | None = None) -> torch.Tensor:
+    """Decode the first audio stream of `source`, mix to mono (channel mean), resample: (N,) float32.
+
+    source: a video with an audio track or an audio file (.wav, .flac, ...); any sample format, rate
+        and channel count. Resampling: torchaudio.functional.resample (band-limited sinc).
+    start_s: if given, sample 0 of the result is the sound at time `start_s` of the source's timeline
+        (leading samples dropped, or silence prepended when the audio starts later): this lines a
+        video's own track up with its first video frame. None: start at the first decoded sample.
+    Raises MediaError when the file has no audio stream or cannot be decoded.
+    """
+    import torchaudio.functional as AF
+
+    source = Path(source)
+    _check_readable_file(source, "decoding audio")
+    blocks: list[np.ndarray] = []
+    first_pts_s: float | None = None
+    with _media_errors(source, "decoding audio"), av.open(str(source), metadata_errors="ignore") as container:
+        if not container.streams.audio:
+            raise MediaError(f"{source}: has no audio stream; add a same-name .wav/.flac next to the video "
+                             f"or remove the clip")
+        stream = container.streams.audio[0]
+        # AAC decoders return whole 1024-sample frames; the container's duration says where the
+        # sound really ends (the last packet's duration), so trim the encoder padding to it.
+        declared_s = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
+        # Planar float keeps the channels apart whatever the source format (packed s16, s32p, ...).
+        resampler = None
+        rate = None
+        for frame in container.decode(stream):
+            if rate is None:
+                rate = frame.sample_rate
+                resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=rate)
+                if frame.pts is not None and frame.time_base is not None:
+                    first_pts_s = float(frame.pts * frame.time_base)
+            for converted in resampler.resample(frame):
+                blocks.append(converted.to_ndarray())
+        if resampler is not None:
+            for converted in resampler.resample(None):
+                blocks.append(converted.to_ndarray())
+    if not blocks or rate is None:
+        raise MediaError(f"{source}: the audio stream holds no samples; re-encode it or remove the clip")
+    wave = np.concatenate(blocks, axis=1).astype(np.float32).mean(axis=0)  # (channels, n) -> (n,)
+    if declared_s is not None and declared_s > 0:
+        wave = wave[:int(round(declared_s * rate))]
+    if start_s is not None and first_pts_s is not None and abs(first_pts_s - start_s) > _MAX_AV_OFFSET_S:
+        log.warning("%s: audio starts %.1f s away from the video; not lining them up",
+                    source, first_pts_s - start_s)
+    elif start_s is not None and first_pts_s is not None:
+        shift = int(round((first_pts_s - start_s) * rate))
+        if shift > 0:  # audio starts after the first video frame
+            wave = np.concatenate([np.zeros(shift, np.float32), wave])
+        elif shift < 0:
+            wave = wave[-shift:]
+    tensor = torch.from_numpy(np.ascontiguousarray(wave))
+    if rate != sample_rate_hz:
+        tensor = AF.resample(tensor, orig_freq=int(rate), new_freq=int(sample_rate_hz))
+    return tensor.to(torch.float32)
+
+
+def fit_to_frames(waveform: torch.Tensor, num_frames: int, samples_per_frame: int) -> torch.Tensor:
+    """Trim, or replicate-pad (repeat the last sample), to exactly num_frames * samples_per_frame samples."""
+    target = int(num_frames) * int(samples_per_frame)
+    if waveform.ndim != 1:
+        raise ValueError(f"waveform must be 1-D, got {tuple(waveform.shape)}")
+    if waveform.numel() >= target:
+        return waveform[:target]
+    if waveform.numel() == 0:
+        raise ValueError("cannot pad an empty waveform")
+    return torch.cat([waveform, waveform[-1:].expand(target - waveform.numel())])
+
+
+def normalize_utterance(x: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-7) over the whole clip, as Wav2Vec2FeatureExtractor does. float32.
+
+    Computed in float64 (population variance) for a long clip's sake, returned as float32.
+    """
+    x64 = x.to(torch.float64)
+    return ((x64 - x64.mean()) / torch.sqrt(x64.var(unbiased=False) + 1e-7)).to(torch.float32)
+
+
+def prepare_clip_audio(info: VideoInfo, num_frames: int, timing: TimingConfig) -> torch.Tensor:
+    """The clip's audio as the models take it: (num_frames * samples_per_frame,) float32.
+
+    Order: load (side file if any, else the clip's track lined up with its first frame), mix to mono,
+    resample to timing.sample_rate_hz, fit to num_frames frames (trim / repeat the last sample),
+    THEN normalise per utterance, so the padding is part of the utterance statistics (as when the
+    feature extractor sees the padded clip). Both preprocessing and the naive loader call this.
+    """
+    if info.audio_source is None:
+        raise MediaError(f"{info.path}: no audio (no audio stream and no same-name .wav/.flac beside it); "
+                         f"add one or remove the clip")
+    start = info.start_time_s if info.audio_source == info.path else None
+    wave = load_audio(info.audio_source, timing.sample_rate_hz, start_s=start)
+    if wave.numel() == 0:
+        raise MediaError(f"{info.audio_source}: the audio is empty; re-encode it or remove the clip")
+    return normalize_utterance(fit_to_frames(wave, num_frames, timing.audio_samples_per_frame))

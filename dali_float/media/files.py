@@ -1,0 +1,69 @@
+"""Media files: find the video clips under a folder, and the side audio file beside a clip."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from dali_float.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+AUDIO_SIDE_EXTENSIONS: tuple[str, ...] = (".wav", ".flac")
+
+
+# --------------------------------------------------------------------------------------------------
+# Discovery
+
+
+def discover_videos(root: Path) -> list[tuple[str, Path]]:
+    """All video files under `root` (recursive, symlinked folders followed), sorted by clip id.
+
+    A clip id is the path relative to `root` with '/' separators (e.g. "Actor_01/01-01-03-01-01-01-01.mp4").
+    Extensions match VIDEO_EXTENSIONS in any letter case; other files are ignored, and so are macOS
+    resource forks ("._name.mp4"). A file reachable by several paths (symlinks) is listed once, under
+    its smallest id; symlink loops are not followed. `root` may also be a single video file.
+    """
+    root = Path(root)
+    if root.is_file():
+        return [(root.name, root)] if root.suffix.lower() in VIDEO_EXTENSIONS else []
+    if not root.is_dir():
+        raise UsageError(f"{root}: no such folder; give the folder that holds the videos")
+    found: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = os.path.realpath(dirpath)
+        # Prune links back to a folder on the current path (loops).
+        ancestors = {os.path.realpath(p) for p in [dirpath, *Path(dirpath).parents]}
+        dirnames[:] = [d for d in dirnames
+                       if not (os.path.islink(os.path.join(dirpath, d))
+                               and os.path.realpath(os.path.join(dirpath, d)) in ancestors | {here})]
+        for name in filenames:
+            if name.startswith("._") or os.path.splitext(name)[1].lower() not in VIDEO_EXTENSIONS:
+                continue
+            path = Path(dirpath) / name
+            found.append((path.relative_to(root).as_posix(), path))
+    found.sort(key=lambda item: item[0])
+    unique, seen = [], set()
+    for clip_id, path in found:
+        real = os.path.realpath(path)
+        if real in seen:
+            log.debug("%s: same file as an earlier clip, skipped", clip_id)
+            continue
+        seen.add(real)
+        unique.append((clip_id, path))
+    return unique
+
+
+def find_side_audio(video: Path) -> Path | None:
+    """A same-stem .wav or .flac (any letter case) next to `video`; .wav wins; None if there is none."""
+    video = Path(video)
+    try:
+        siblings = sorted(p for p in video.parent.iterdir() if p.stem == video.stem and p.is_file())
+    except OSError:
+        return None
+    for ext in AUDIO_SIDE_EXTENSIONS:
+        for p in siblings:
+            if p.suffix.lower() == ext:
+                return p
+    return None
