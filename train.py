@@ -27,7 +27,7 @@ D = TrainConfig()  # the defaults, defined once
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_preset_argument(parser)
     add_data_arguments(parser)
     add_model_arguments(parser)

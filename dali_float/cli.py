@@ -43,7 +43,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are a UsageError: one `error:` line and exit 2 (via run_main), no usage dump."""
 
     def error(self, message: str):
-        raise UsageError(f"{message} (see python {self.prog} --help)")
+        command = self.prog if self.prog.startswith("python") else f"python {self.prog}"
+        raise UsageError(f"{message} (see {command} --help)")
 
 
 def existing_path(value: str) -> Path:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dali_float.cli import run_main, setup_logging
+from dali_float.cli import ArgumentParser, run_main, setup_logging
 from dali_float.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def plot_runs(paths: Sequence[Path], out: Path, labels: Sequence[str] | None = N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dali_float.plots", description=__doc__,
+    parser = ArgumentParser(prog="python -m dali_float.plots", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", type=Path, help="metrics.jsonl file(s), then the output .png")
     parser.add_argument("--labels", nargs="+", default=None, help="one label per metrics file")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from dali_float import media
-from dali_float.cli import run_main, setup_logging
+from dali_float.cli import ArgumentParser, run_main, setup_logging
 from dali_float.config import Preset, get_preset
 from dali_float.errors import CheckpointError, UsageError
 from dali_float.loaders import TrainingCache
@@ -195,7 +195,7 @@ def measure_audio_following(models: dict[str, TrainedModel], clips: list[ClipDat
 # --- command line --------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dali_float.sampler", description=__doc__,
+    parser = ArgumentParser(prog="python -m dali_float.sampler", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)

@@ -307,29 +307,24 @@ def test_dali_read_strategies_agree_sample_for_sample(tiny_cache, ref_rule):
 
 
 FREED_BATCH_PROBE = textwrap.dedent("""
-    import collections, queue, resource, sys, threading
+    import resource, sys
     import numpy as np
     sys.path.insert(0, {repo!r})
     if sys.argv[1] == "open_loader":  # what every loader does on construction
         from dali_float.loaders.base import keep_freed_host_memory
         assert keep_freed_host_memory()
     batch_bytes = 9_347_184  # a float batch of 8 windows
-    ready = queue.Queue(maxsize=2)
-    def produce():  # as the loaders do: batches allocated on a worker thread, freed by the consumer
-        for i in range(260):
-            batch = np.empty(batch_bytes + (i % 3) * 4096, np.uint8)
-            batch[::4096] = 1  # touch every page, as a read into it does
-            ready.put(batch)
-        ready.put(None)
-    threading.Thread(target=produce).start()
-    held, n, before = collections.deque(), 0, 0
-    while (batch := ready.get()) is not None:
-        held.append(batch)  # the batch in the training step and the one before it
-        if len(held) > 2:
-            held.popleft()
-        n += 1
-        if n == 60:  # past warm-up
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    def step():  # the batch in the training step and the next one being read, both freed after
+        batch = np.empty(batch_bytes, np.uint8)
+        batch[::4096] = 1  # touch every page, as a read into it does
+        following = np.empty(batch_bytes, np.uint8)
+        following[::4096] = 1
+        del batch, following  # two adjacent freed blocks at the heap's top: glibc trims them by default
+    for _ in range(10):  # past glibc's adaptive thresholds settling
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(100):
+        step()
     print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 200 / (batch_bytes / 4096))
 """)
 
@@ -344,5 +339,5 @@ def test_freed_batch_buffers_are_reused_not_faulted_in_again(tmp_path):
         out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, check=True)
         faulted[mode] = float(out.stdout.split()[-1])
     print(f"share of each batch's pages faulted in: {faulted}")
-    assert faulted["defaults"] > 0.01, f"glibc's defaults no longer fault batches in here: {faulted}"
-    assert faulted["open_loader"] < 0.1 * faulted["defaults"], faulted
+    assert faulted["defaults"] > 0.05, f"glibc's defaults no longer fault batches in here: {faulted}"
+    assert faulted["open_loader"] < 0.01, faulted
