@@ -77,8 +77,8 @@ class TrainingCache:
             raise CacheError(f"the feature cache {root} is half-written (preprocessing did not finish). Run `{fix}`")
         manifest = layout.load_manifest()
         if manifest.fingerprint != fingerprint:
-            raise CacheError(f"{layout.manifest_path} belongs to fingerprint {manifest.fingerprint[:12]}, "
-                             f"expected {fingerprint[:12]}. Run `{fix} --force_preprocess`")
+            raise CacheError(f"{layout.manifest_path} belongs to fingerprint {manifest.fingerprint}, "
+                             f"expected {fingerprint}. Run `{fix} --force_preprocess`")
         window = preset.timing.window_frames
         clips, short = [], []
         for entry in manifest.entries(cf.STATUS_CACHED):
