@@ -331,7 +331,7 @@ FREED_BATCH_PROBE = textwrap.dedent("""
 
 def test_freed_batch_buffers_are_reused_not_faulted_in_again(tmp_path):
     # By default glibc hands large freed blocks back to the kernel, and new batches fault their pages
-    # in again: half the float loaders' samples/s on 2 cores (docs/BENCHMARKS.md).
+    # in again: up to half the float loaders' samples/s on 2 cores (docs/BENCHMARKS.md).
     script = tmp_path / "probe.py"
     script.write_text(FREED_BATCH_PROBE.format(repo=str(REPO)))
     faulted = {}

@@ -383,6 +383,7 @@ def preprocess_probe(spec: dict[str, Any]) -> dict[str, Any]:
     from dali_float import media
     from dali_float.models import build_encoders, emotion_vector, encode_motion
     from dali_float.preprocess.options import frame_batch_for
+    from dali_float.preprocess.worker import fill_fixed_batches
 
     preset, sources = _context(spec)
     device = spec.get("device", "cpu")
@@ -408,22 +409,13 @@ def preprocess_probe(spec: dict[str, Any]) -> dict[str, Any]:
         batch = torch.zeros((frame_batch, 3, size, size), dtype=decoder.out_dtype, device=torch_device)
         frames, t0 = 0, time.perf_counter()
         for info in clips:
-            idx = indices[id(info)][:cap] if cap else indices[id(info)]
-            filled = 0
-            for chunk in decoder.decode(info, idx, kind=kind):
-                frames += len(chunk)
-                if not motion:
-                    continue
-                pos = 0
-                while pos < len(chunk):  # fixed-size batches, as preprocess.worker does
-                    take = min(frame_batch - filled, len(chunk) - pos)
-                    batch[filled:filled + take].copy_(chunk[pos:pos + take])
-                    filled, pos = filled + take, pos + take
-                    if filled == frame_batch:
-                        encode_motion(encoders.motion, batch)
-                        filled = 0
-            if motion and filled:
+            chunks = decoder.decode(info, indices[id(info)][:cap] if cap else indices[id(info)], kind=kind)
+            if not motion:
+                frames += sum(len(chunk) for chunk in chunks)
+                continue
+            for n in fill_fixed_batches(chunks, batch):  # as preprocessing feeds the encoder
                 encode_motion(encoders.motion, batch)
+                frames += n
         _sync(device)
         return frames, time.perf_counter() - t0
 

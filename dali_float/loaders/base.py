@@ -113,9 +113,9 @@ def keep_freed_host_memory() -> bool:
     """Let glibc keep freed batch buffers for reuse instead of handing them back to the kernel.
 
     Every batch is a fresh host allocation (DALI's outputs, torch's collated tensors): a float batch
-    of 8 is 9.3 MB. By default glibc unmaps or trims such blocks on free, so the next batch faults
-    in ~2,300 zeroed pages again, which halved the float loaders' samples/s on 2 cores
-    (docs/BENCHMARKS.md). Pinning the thresholds keeps up to 256 MiB of freed heap in the process.
+    of 8 is 9.3 MB (~2,300 pages). By default glibc unmaps or trims such blocks on free, so later
+    batches fault zeroed pages in again (50-380 per float batch measured on 2 cores), which cost the
+    float loaders up to half their samples/s (docs/BENCHMARKS.md). Pinning the thresholds keeps up to 256 MiB of freed heap in the process.
     Process-wide, once; returns whether the thresholds are pinned (False where the C library has no
     mallopt, i.e. is not glibc: allocations keep their defaults).
     """

@@ -20,7 +20,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -152,7 +152,7 @@ class ClipProcessor:
     def _encode_video(self, info: media.VideoInfo, indices: np.ndarray, seconds: dict[str, float],
                       on_frames: Callable[[int], None] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """r (T, F), lambda (T, M) float32 and s (F,) float32 of the first frame."""
-        batch, size = self._batch, self.frame_batch
+        batch = self._batch
         latents: list[torch.Tensor] = []
         coefficients: list[torch.Tensor] = []
         identity: list[torch.Tensor] = []
@@ -167,24 +167,21 @@ class ClipProcessor:
             if on_frames is not None:
                 on_frames(n)
 
-        filled = decoded = 0
-        chunks = self.decoder.decode(info, indices)
-        while True:
-            with self._stage(seconds, "decode"):
-                chunk = next(chunks, None)  # (n, 3, S, S) on self.device; NVDEC frames stay on the GPU
-            if chunk is None:
-                break
-            decoded += len(chunk)
-            pos = 0
-            while pos < len(chunk):
-                take = min(size - filled, len(chunk) - pos)
-                batch[filled:filled + take].copy_(chunk[pos:pos + take])  # device-local copy
-                filled, pos = filled + take, pos + take
-                if filled == size:
-                    encode(size)
-                    filled = 0
-        if filled:
-            encode(filled)
+        decoded = 0
+
+        def timed_chunks() -> Iterator[torch.Tensor]:
+            nonlocal decoded
+            chunks = self.decoder.decode(info, indices)
+            while True:
+                with self._stage(seconds, "decode"):
+                    chunk = next(chunks, None)  # (n, 3, S, S) on self.device; NVDEC frames stay on the GPU
+                if chunk is None:
+                    return
+                decoded += len(chunk)
+                yield chunk
+
+        for n in fill_fixed_batches(timed_chunks(), batch):
+            encode(n)
         if decoded != len(indices):
             raise MediaError(f"{info.path}: the decoder returned {decoded} frames, {len(indices)} were asked for; "
                              f"re-encode the clip or remove it")
@@ -242,6 +239,24 @@ class QueueReporter:
 
     def done(self, entry: cf.ClipEntry) -> None:
         self.queue.put(("done", self.worker_id, entry.to_dict()))
+
+
+def fill_fixed_batches(chunks: Iterable[torch.Tensor], batch: torch.Tensor) -> Iterator[int]:
+    """Copy the frames of `chunks` into `batch` (device-local) and yield its number of valid rows
+    each time it is full, and once more for a partial last batch. Every motion-encoder call then sees
+    the same shape (one compiled kernel set, no reallocation); rows past the count are stale."""
+    size, filled = len(batch), 0
+    for chunk in chunks:
+        pos = 0
+        while pos < len(chunk):
+            take = min(size - filled, len(chunk) - pos)
+            batch[filled:filled + take].copy_(chunk[pos:pos + take])
+            filled, pos = filled + take, pos + take
+            if filled == size:
+                yield size
+                filled = 0
+    if filled:
+        yield filled
 
 
 def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: str, frame_batch: int | None,
