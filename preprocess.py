@@ -4,12 +4,17 @@
     python preprocess.py                                   # the demo corpus, tiny preset, CPU
     python preprocess.py --data_root /data/HDTF --preset float --gpus 0,1 \\
         --motion_ckpt float.pth --wav2vec2_path wav2vec2-base-960h --emotion_path wav2vec-emotion
+    python preprocess.py --data_root /data/HDTF --segments hdtf_clips.csv   # clips = rows video,start_s,end_s[,name]
     python preprocess.py status [--json]                   # what is cached, stale, pending, failed
+    python preprocess.py show CLIP_ID [--json]             # one clip: status, source, crop box, files, timings
     python preprocess.py verify [--json]                   # check every cached array (exit 1 on problems)
     python preprocess.py clear [--confirm] [--all]         # delete this fingerprint's cache folder
     torchrun --nnodes 2 --nproc_per_node 1 ... preprocess.py --data_root /shared/data --device cuda
 
-Exit codes: 0 all clips usable, 1 some clip failed (the others are cached), 2 usage error.
+Framing (--crop): face (default: FLOAT's crop around the detected face, one per clip), center, none;
+the built-in demo corpus uses center.
+Exit codes: 0 all clips usable, 1 some clip failed (the others are cached) or no video was found,
+2 usage error.
 This script only parses arguments; the work is in dali_float.preprocess.
 """
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_argume
                             setup_logging)
 from dali_float.errors import UsageError
 
-COMMANDS = ("run", "status", "verify", "clear")
+COMMANDS = ("run", "status", "show", "verify", "clear")
 
 
 def _gpu_list(value: str) -> tuple[int, ...]:
@@ -50,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="frames per motion-encoder batch (default: 64 on a GPU, 16 on the CPU)")
     run.add_argument("--no_progress", action="store_true", help="no progress bars")
     for name, text in (("status", "what is cached, stale, pending, failed or skipped"),
+                       ("show", "one clip's entry: status and reason, source, crop box, faces, timings, files"),
                        ("verify", "check every cached clip's files, shapes, dtypes and values")):
         p = sub.add_parser(name, parents=[common], help=text)
+        if name == "show":
+            p.add_argument("clip_id", help="the clip's id (its video's path under --data_root, or its segment id)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
     clear = sub.add_parser("clear", parents=[common], help="delete this fingerprint's cache folder")
     clear.add_argument("--confirm", action="store_true", help="really delete (otherwise only say what)")
@@ -74,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--data_root {data_root} does not exist")
 
     from dali_float.config import get_preset
+    from dali_float.media.framing import default_crop
     from dali_float.models import ModelSources
     from dali_float import preprocess as pp
     from dali_float.preprocess.options import resolve_worker_devices
@@ -81,21 +90,27 @@ def main(argv: list[str] | None = None) -> int:
     preset = get_preset(args.preset)
     sources = ModelSources.from_args(args)
     cache_dir = Path(args.cache_dir) if args.cache_dir else pp.default_cache_dir(data_root)
+    crop = args.crop or default_crop(data_root)
 
     if args.command == "run":
         # Cheap checks first: a bad --gpus must not wait for the demo corpus to be generated.
         resolve_worker_devices(args.device, args.gpus, args.workers)
         options = pp.PreprocessOptions(
             data_root=data_root or pp.default_data_root(), cache_dir=cache_dir, preset=preset, sources=sources,
-            force=args.force_preprocess, device=args.device, gpus=args.gpus, workers=args.workers,
+            crop=crop, segments=args.segments, force=args.force_preprocess, device=args.device, gpus=args.gpus,
+            workers=args.workers,
             frame_batch=args.frame_batch, progress=not args.no_progress)
         return pp.run_preprocessing(options).exit_code
     if args.command == "status":
-        status = pp.cache_status(data_root or pp.default_data_root(), cache_dir, preset, sources)
+        status = pp.cache_status(data_root or pp.default_data_root(), cache_dir, preset, sources, crop, args.segments)
         print(json.dumps(status, indent=1) if args.json else "\n".join(pp.format_status(status)))
         return 0
+    if args.command == "show":
+        shown = pp.show_clip(args.clip_id, cache_dir, preset, sources, crop)
+        print(json.dumps(shown, indent=1) if args.json else "\n".join(pp.format_clip(shown)))
+        return 0
     if args.command == "verify":
-        report = pp.verify_cache(cache_dir, preset, sources)
+        report = pp.verify_cache(cache_dir, preset, sources, crop)
         if args.json:
             print(json.dumps(report, indent=1))
         else:
@@ -104,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             for p in report["problems"]:
                 print(f"  {p['clip'] or '(cache)'}: {p['problem']}")
         return 0 if report["ok"] else 1
-    pp.clear_cache(cache_dir, preset, sources, confirm=args.confirm, all_caches=args.all)
+    pp.clear_cache(cache_dir, preset, sources, crop, confirm=args.confirm, all_caches=args.all)
     return 0
 
 

@@ -74,7 +74,7 @@ def main() -> int:
         options = BenchOptions(preset=args.preset, data_root=args.data_root, cache_dir=args.cache_dir,
                                sources=ModelSources.from_args(args), device=args.device, batch_size=args.batch_size,
                                quick=args.quick, train_preset=args.train_preset, progress=args.progress,
-                               seed=args.seed)
+                               seed=args.seed, crop=args.crop, segments=args.segments)
         results = run_benchmark(options)
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)

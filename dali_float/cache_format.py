@@ -102,14 +102,16 @@ def audio_columns(preset: Preset) -> slice:
 # ---------------------------------------------------------------------------------------------
 # Fingerprint and folders
 
-def fingerprint(preset: Preset, model_ids: dict[str, str]) -> str:
-    """SHA-256 over the format version, the preset and the identity of every model's weights.
+def fingerprint(preset: Preset, model_ids: dict[str, str], framing: str) -> str:
+    """SHA-256 over the format version, the preset, the identity of every model's weights and the framing.
 
     `model_ids` maps a model role ("motion", "audio", "emotion") to its identity string
     (a weight-file hash, or "random-init:<seed>"; see `dali_float.models.model_identities`).
+    `framing`: the crop mode and, for face crops, the detector and its calibration
+    (`dali_float.media.framing.framing_identity`): other framing, other pixels, other features.
     """
-    blob = json.dumps({"format_version": FORMAT_VERSION, "preset": preset.to_dict(), "models": model_ids},
-                      sort_keys=True, separators=(",", ":"))
+    blob = json.dumps({"format_version": FORMAT_VERSION, "preset": preset.to_dict(), "models": model_ids,
+                       "framing": framing}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -141,7 +143,7 @@ def write_array_atomic(path: Path, array: np.ndarray) -> None:
 class ClipEntry:
     """What the manifest knows of one source video."""
 
-    clip_id: str  # path relative to the data root, '/'-separated
+    clip_id: str  # path relative to the data root, '/'-separated; a segment's id (media.segments)
     key: str  # folder name under clips/
     source_path: str  # absolute path of the video
     size_bytes: int
@@ -157,7 +159,16 @@ class ClipEntry:
     audio_source: str = ""  # "track" or the side file name
     emotion_source: str = ""
     files: dict[str, str] = field(default_factory=dict)  # stream -> file name inside clips/<key>/
-    stage_seconds: dict[str, float] = field(default_factory=dict)  # decode / motion / audio / emotion
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # framing / decode / motion / audio / emotion
+    segment_s: list[float] | None = None  # [start, end) seconds of the video for a segment clip; None: whole
+    source_width: int = 0  # frame size of the source video (pixels)
+    source_height: int = 0
+    crop: str = ""  # face | center | none (media.framing)
+    crop_box: list[float] = field(default_factory=list)  # x0, y0, x1, y1 source pixels; may reach past the frame
+    face_box: list[float] | None = None  # the clip's median face box (crop face), source pixels
+    faces_seen: int = 0  # most faces on one sampled frame (crop face)
+    detect_frames: int = 0  # frames the face detector saw
+    face_frames: int = 0  # of which the chosen face was found on
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,6 +188,7 @@ class Manifest:
     preset: dict[str, Any]
     models: dict[str, str]
     data_root: str = ""
+    framing: str = ""  # crop mode and detector (media.framing.framing_identity)
     format_version: int = FORMAT_VERSION
     updated_at: float = 0.0
     clips: dict[str, ClipEntry] = field(default_factory=dict)

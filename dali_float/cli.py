@@ -82,6 +82,13 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, force_preprocess: boo
     g.add_argument("--cache_dir", type=Path, default=None,
                    help="where feature caches live (default: $DALI_FLOAT_HOME/features/<data root name>-<hash>, "
                         "one per corpus)")
+    g.add_argument("--segments", type=existing_path, default=None,
+                   help="CSV of clip segments, one clip per row: video,start_s,end_s[,clip_name] (video relative "
+                        "to --data_root); default: every video under --data_root is a clip")
+    g.add_argument("--crop", default=None, choices=("face", "center", "none"),
+                   help="framing of the motion encoder's input: 'face' (FLOAT's: the detected face box's "
+                        "centre, 1.6x its larger half-side, one crop per clip), 'center' (the centred square), "
+                        "'none' (square video, resize only). Default: face; center for the built-in demo corpus")
     if force_preprocess:
         g.add_argument("--force_preprocess", action="store_true", help="recompute every clip's features")
 

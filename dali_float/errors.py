@@ -29,6 +29,10 @@ class CacheError(UsageError):
     """
 
 
+class NoSourcesError(DaliFloatError):
+    """The data root (or segment list) holds no video to preprocess: exit 1, nothing is touched."""
+
+
 class MediaError(DaliFloatError):
     """One clip cannot be used (unreadable, no video stream, no audio, unsupported codec).
 

@@ -5,8 +5,9 @@
     python -m dali_float.sampler measure --checkpoint runs/audio --baseline runs/no_audio
 
 Generation (FLOAT's inference): chunks of 50 frames; each chunk starts from Gaussian noise at t = 0
-and is integrated to t = 1 with `nfe` Euler steps of the classifier-free guided velocity
-(audio scale 2.0, emotion scale 1.0). The first chunk has no previous frames: zeros, with the previous
+and is integrated to t = 1 by Euler on the time grid `linspace(0, 1, nfe)` of the classifier-free
+guided velocity (audio scale 2.0, emotion scale 1.0). As in the official code (torchdiffeq's fixed-grid
+Euler over that grid), `nfe` counts the grid's points, so `nfe=10` is 9 Euler steps of 1/9. The first chunk has no previous frames: zeros, with the previous
 audio dropped (prev_audio_keep = 0); every later chunk is conditioned on the last 10 generated frames
 and their audio. The reference is the clip's first frame, the emotion the clip's. A last partial chunk
 is padded by repeating the last audio row and cut back.
@@ -46,7 +47,7 @@ RIDGE = 1e-4  # ridge strength, relative to the number of frames (the probe is w
 
 @dataclass(frozen=True)
 class GuidanceOptions:
-    nfe: int = 10  # Euler steps per chunk
+    nfe: int = 10  # points of the time grid linspace(0, 1, nfe): nfe - 1 Euler steps per chunk (FLOAT's meaning)
     a_scale: float = 2.0  # audio guidance
     e_scale: float = 1.0  # emotion guidance
 
@@ -99,6 +100,14 @@ def read_clip(cache: TrainingCache, clip_id: str) -> ClipData:
                     np.asarray(feats.emotion, np.float32), Path(entry.source_path))
 
 
+def time_grid(nfe: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """FLOAT's integration times: linspace(0, 1, nfe), float32 (nfe >= 2: nfe - 1 Euler steps)."""
+    if nfe < 2:
+        raise UsageError(f"--nfe counts the points of the time grid linspace(0, 1, nfe) as FLOAT does: "
+                         f"at least 2 (one Euler step), got {nfe}")
+    return torch.linspace(0, 1, nfe, device=device)
+
+
 @torch.no_grad()
 def generate_motion(model: FloatMotionModel, audio: torch.Tensor, ref_motion: torch.Tensor, emotion: torch.Tensor,
                     guidance: GuidanceOptions = GuidanceOptions(), generator: torch.Generator | None = None
@@ -116,6 +125,7 @@ def generate_motion(model: FloatMotionModel, audio: torch.Tensor, ref_motion: to
     prev_x = torch.zeros(1, prev, dims, device=device)
     prev_audio = torch.zeros(1, prev, audio.shape[1], device=device)
     prev_keep = torch.zeros(1, device=device)  # the first chunk has no previous frames
+    grid = time_grid(guidance.nfe, device)
     out = []
     for start in range(0, frames, chunk):
         a = audio[start:start + chunk]
@@ -123,11 +133,11 @@ def generate_motion(model: FloatMotionModel, audio: torch.Tensor, ref_motion: to
         if n < chunk:  # the last, partial chunk: repeat its last audio row, cut the motion back
             a = torch.cat([a, a[-1:].expand(chunk - n, -1)])
         x = torch.randn(1, chunk, dims, generator=generator, device=device)
-        for i in range(guidance.nfe):
-            t = torch.full((1,), i / guidance.nfe, device=device)
-            v = model.velocity_with_guidance(t, x, prev_x, a[None], prev_audio, wr, we, a_scale=guidance.a_scale,
-                                             e_scale=guidance.e_scale, prev_audio_keep=prev_keep)
-            x = x + v[:, prev:] / guidance.nfe
+        for t0, t1 in zip(grid[:-1], grid[1:]):  # fixed-grid Euler: x += (t1 - t0) * v(t0, x)
+            v = model.velocity_with_guidance(t0.reshape(1), x, prev_x, a[None], prev_audio, wr, we,
+                                             a_scale=guidance.a_scale, e_scale=guidance.e_scale,
+                                             prev_audio_keep=prev_keep)
+            x = x + (t1 - t0) * v[:, prev:]
         out.append(x[0, :n])
         prev_x, prev_audio, prev_keep = x[:, -prev:], a[None, -prev:], torch.ones_like(prev_keep)
     return torch.cat(out)
@@ -201,7 +211,9 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     common.add_argument("--cache_dir", type=Path, default=None, help="feature caches (default: the run's)")
-    common.add_argument("--nfe", type=int, default=GuidanceOptions.nfe, help="Euler steps per chunk (default 10)")
+    common.add_argument("--nfe", type=int, default=GuidanceOptions.nfe,
+                        help="points of the time grid linspace(0, 1, NFE), as in FLOAT: NFE - 1 Euler steps "
+                             "per chunk (default 10: 9 steps)")
     common.add_argument("--a_scale", type=float, default=GuidanceOptions.a_scale, help="audio guidance (default 2)")
     common.add_argument("--e_scale", type=float, default=GuidanceOptions.e_scale, help="emotion guidance (default 1)")
     common.add_argument("--no_ema", action="store_true", help="use the raw weights even when the run kept an EMA")
@@ -220,8 +232,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging()
-    if args.nfe < 1:
-        raise UsageError(f"--nfe must be at least 1, got {args.nfe}")
+    time_grid(args.nfe)  # a usage error for --nfe < 2, before the model is loaded
     guidance = GuidanceOptions(args.nfe, args.a_scale, args.e_scale)
     trained = load_trained(args.checkpoint, args.device, use_ema=not args.no_ema)
     cache = open_cache(trained, args.cache_dir)

@@ -15,7 +15,7 @@ SYNTHETIC_MODELS = {"motion": "synthetic", "audio": "synthetic", "emotion": "syn
 def write_synthetic_cache(cache_dir: Path, preset: Preset, lengths: Sequence[int], seed: int = 0,
                           prefix: str = "speaker/clip") -> str:
     """Write one cached clip per length; returns the cache's fingerprint."""
-    fp = cf.fingerprint(preset, SYNTHETIC_MODELS)
+    fp = cf.fingerprint(preset, SYNTHETIC_MODELS, "center")
     layout = cf.CacheLayout(cf.cache_root(cache_dir, preset, fp))
     manifest = cf.Manifest(fingerprint=fp, preset_name=preset.name, preset=preset.to_dict(),
                            models=dict(SYNTHETIC_MODELS))

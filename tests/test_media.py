@@ -16,8 +16,9 @@ from dali_float.config import TimingConfig
 from dali_float.demo import synth_talking_head, write_audio, write_clip
 from dali_float.errors import MediaError
 from dali_float.media import (
+    clip_frame_indices,
     DALI_CPU, DALI_GPU, PYAV, FrameDecoder, choose_decoder, decode_frames, discover_videos,
-    find_side_audio, fit_to_frames, frame_indices_at_fps, load_audio, normalize_utterance,
+    find_side_audio, frame_indices_at_fps, pad_to_frames, trim_to_frames, load_audio, normalize_utterance,
     num_frames_at_fps, prepare_clip_audio, probe_video,
 )
 from unprivileged import run_python
@@ -312,6 +313,69 @@ def test_choose_decoder():
     assert choose_decoder("vp9", "cpu", colorspace=2) == DALI_CPU
 
 
+def reference_window(rgb: np.ndarray, box_px: tuple[int, int, int, int], out: int) -> tuple[torch.Tensor, tuple]:
+    """FLOAT's framing of decoded frames (N, H, W, 3) in plain torch: the square box (pixels, may reach past
+    the frame), zero outside the frame, the inside part resized (antialiased bilinear) to its share of the
+    out x out output; [-1, 1]. Also the (top, bottom, left, right) rows/columns the frame lands on."""
+    x0, y0, x1, y1 = box_px
+    t = torch.from_numpy(rgb).permute(0, 3, 1, 2).float()
+    h, w = t.shape[2:]
+    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    scale = out / (x1 - x0)
+    top, bottom = round((cy0 - y0) * scale), round((cy1 - y0) * scale)
+    left, right = round((cx0 - x0) * scale), round((cx1 - x0) * scale)
+    part = F.interpolate(t[:, :, cy0:cy1, cx0:cx1], size=(bottom - top, right - left), mode="bilinear",
+                         antialias=True, align_corners=False)
+    canvas = torch.zeros(t.shape[0], 3, out, out)
+    canvas[:, :, top:bottom, left:right] = part
+    return (canvas - 127.5) / 127.5, (top, bottom, left, right)
+
+
+@pytest.mark.parametrize("kind", [DALI_CPU, PYAV])
+def test_a_crop_window_past_the_frame_is_zero_padded_like_floats_framing(clips, decoder, kind):
+    """A face near the edge: FLOAT pads the frame with black (copyMakeBorder) before cutting its square.
+    Both decode sources feed the same graph; compared with the frames PyAV decodes, framed in plain torch."""
+    from dali_float.media.video import _pyav_decode_chunks
+
+    info = probe_video(clips["webm"])
+    rgb = next(_pyav_decode_chunks(info, [np.arange(N_FRAMES)]))
+    box = (-32, -16, 96, 112)  # 128 px square reaching 32 px past the left, 16 past the top and bottom
+    expected, (top, bottom, left, right) = reference_window(rgb, box, S)
+    window = (box[0] / WIDTH, box[1] / HEIGHT, box[2] / WIDTH, box[3] / HEIGHT)
+    got = torch.cat(list(decoder.decode(info, np.arange(N_FRAMES), kind=kind, window=window)))
+    assert got.shape == (N_FRAMES, 3, S, S)
+    inside = torch.zeros(S, S, dtype=torch.bool)
+    inside[top:bottom, left:right] = True
+    assert (got[:, :, ~inside] == -1).all()  # black padding, exactly
+    diff = (got - expected).abs()
+    assert diff.mean() < 0.005 and diff.max() < 0.1, (float(diff.mean()), float(diff.max()))
+    # Against the centred square the picture moved: the window was honoured, not ignored.
+    assert (got - torch.cat(list(decoder.decode(info, np.arange(N_FRAMES), kind=kind)))).abs().mean() > 0.1
+
+
+def test_pyav_starts_a_late_segment_at_the_key_frame_before_it(tmp_path, decoder, monkeypatch):
+    """Frames of a segment deep in a video decode the same with the seek as from the start of the file."""
+    from dali_float.media import video
+
+    frames, _, _ = synth_talking_head(150, (HEIGHT, WIDTH), fps=25, seed=3)
+    info = probe_video(write_clip(tmp_path / "long.mp4", frames, 25, gop_frames=25))
+    wanted = np.arange(100, 140)
+    opened = []
+    original_open = video._PyavCursor._open
+
+    def spy(self, index, seek):
+        opened.append((index, seek and index >= video._SEEK_AFTER_FRAMES))
+        return original_open(self, index, seek)
+
+    monkeypatch.setattr(video._PyavCursor, "_open", spy)
+    seeking = torch.cat(list(decoder.decode(info, wanted, kind=PYAV)))
+    assert opened == [(100, True)]  # one open, at the segment, seeking
+    monkeypatch.setattr(video, "_SEEK_AFTER_FRAMES", 10**9)
+    from_start = torch.cat(list(decoder.decode(info, wanted, kind=PYAV)))
+    assert torch.equal(seeking, from_start)
+    assert (seeking - reference_process(frames[wanted], S)).abs().mean() < 0.03
+
+
 def _decode_all(decoder, info, kind=None):
     chunks = list(decoder.decode(info, np.arange(info.num_frames), kind=kind))
     return torch.cat(chunks), decoder.last_decoder
@@ -552,10 +616,11 @@ def test_load_audio_stereo_is_mixed_to_mono(tmp_path):
     np.testing.assert_allclose(x.numpy(), 0.95 * tone, atol=2e-4)
 
 
-def test_fit_to_frames_and_normalize():
+def test_trim_pad_to_frames_and_normalize():
     x = torch.arange(10, dtype=torch.float32)
-    assert torch.equal(fit_to_frames(x, 2, 4), x[:8])
-    padded = fit_to_frames(x, 3, 4)
+    assert torch.equal(trim_to_frames(x, 2, 4), x[:8]) and torch.equal(trim_to_frames(x, 3, 4), x)
+    assert torch.equal(pad_to_frames(x, 2, 4), x[:8])
+    padded = pad_to_frames(x, 3, 4)
     assert len(padded) == 12 and torch.equal(padded[10:], torch.tensor([9.0, 9.0]))
     y = normalize_utterance(torch.randn(16_000) * 3 + 2)
     assert y.dtype == torch.float32
@@ -587,6 +652,27 @@ def test_prepare_clip_audio_length_and_sync(tmp_path, content, clip):
         assert abs(onset - 20 * 640) <= 48  # within 3 ms
 
 
+def test_clip_audio_is_normalised_then_padded_in_floats_order(tmp_path, content):
+    """FLOAT's order: Wav2Vec2FeatureExtractor normalises the waveform, then AudioEncoder replicate-pads it
+    to T x 640 samples. A clip whose sound stops early (a short side file) shows the order: padding first
+    would put the padded samples into the mean and variance."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    frames, _ = content
+    video = write_clip(tmp_path / "talk.webm", frames, 25)
+    short = (_tone(220, 1.0, 16_000) * np.linspace(0.2, 1.0, 16_000) + 0.1).astype(np.float32)  # 1 s of N_FRAMES/25
+    write_audio(tmp_path / "talk.wav", short, 16_000)
+    info = probe_video(video)
+    ours = prepare_clip_audio(info, N_FRAMES, TIMING)
+    extractor = Wav2Vec2FeatureExtractor(do_normalize=True, sampling_rate=16_000, return_attention_mask=False)
+    normalised = torch.from_numpy(extractor(load_audio(tmp_path / "talk.wav", 16_000).numpy(), sampling_rate=16_000,
+                                            return_tensors="np").input_values[0])
+    expected = torch.nn.functional.pad(normalised[None, None], (0, N_FRAMES * 640 - len(normalised)),
+                                       mode="replicate")[0, 0]
+    assert len(normalised) < N_FRAMES * 640  # the clip really is padded
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
 def test_side_file_preferred_over_the_track(tmp_path, content):
     frames, _ = content
     video = write_clip(tmp_path / "talk.mp4", frames, 25, audio=_tone(440, 1.6, 16_000), audio_rate=16_000)
@@ -609,3 +695,65 @@ def test_no_audio_anywhere_is_a_media_error(tmp_path, content):
     os.mkfifo(fifo)
     with pytest.raises(MediaError, match="not a regular file"):  # and no hang
         load_audio(fifo, 16_000)
+
+
+# ------------------------------------------------------------------------------------------------
+# Segments
+
+
+def test_segments_csv_rows_become_clips(tmp_path):
+    from dali_float.media.segments import read_segments
+
+    csv = tmp_path / "clips.csv"
+    csv.write_text("video,start_s,end_s,clip_name\n"
+                   "talks/a.mp4,0,2.5\n"
+                   "# a comment line\n"
+                   "\n"
+                   "talks/a.mp4, 12.50 ,20,\n"
+                   "b.webm,3,4.25,b_intro\n")
+    clips = read_segments(csv, tmp_path)
+    assert [(c.clip_id, c.path, c.span_s) for c in clips] == [
+        ("b_intro", tmp_path / "b.webm", (3.0, 4.25)),
+        ("talks/a.mp4#0-2.5", tmp_path / "talks/a.mp4", (0.0, 2.5)),
+        ("talks/a.mp4#12.5-20", tmp_path / "talks/a.mp4", (12.5, 20.0)),  # "12.50" and "12.5" are one id
+    ]
+
+
+@pytest.mark.parametrize("row, words", [
+    ("a.mp4,1", "found 2 column"),
+    ("a.mp4,x,2", "must be seconds"),
+    ("a.mp4,3,2", "0 <= start_s < end_s"),
+    ("a.mp4,-1,2", "0 <= start_s < end_s"),
+    ("/abs/a.mp4,0,2", "relative to --data_root"),
+    ("../a.mp4,0,2", "relative to --data_root"),
+    ("a.mp4,0,2\na.mp4,0.0,2.0", "already defined on line 2"),
+])
+def test_a_bad_segments_row_is_one_usage_error_naming_the_line(tmp_path, row, words):
+    from dali_float.errors import UsageError
+    from dali_float.media.segments import read_segments
+
+    csv = tmp_path / "clips.csv"
+    csv.write_text("video,start_s,end_s\n" + row + "\n")
+    with pytest.raises(UsageError) as err:
+        read_segments(csv, tmp_path)
+    assert words in str(err.value) and f"{csv}:" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_segment_takes_its_frames_and_its_audio_from_its_span(tmp_path):
+    """A 6 s clip with a click at 3.0 s; the segment [2, 4.5) s has 62 frames at 25 fps (its 63rd tick
+    would lie at 4.52 s) whose frame 25 is the video's frame 75, and its click is at sample 25 x 640."""
+    frames, _, _ = synth_talking_head(150, (HEIGHT, WIDTH), fps=25, seed=1)
+    audio = np.zeros(6 * 16_000, np.float32)
+    audio[3 * 16_000:3 * 16_000 + 80] = 0.8
+    info = probe_video(write_clip(tmp_path / "long.webm", frames, 25, audio=audio, audio_rate=16_000))
+    idx = clip_frame_indices(info, 25, (2.0, 4.5))
+    assert len(idx) == num_frames_at_fps(2.5, 25) == 62 and idx[0] == 50 and idx[25] == 75
+    np.testing.assert_array_equal(idx, np.arange(50, 112))
+    wave = prepare_clip_audio(info, len(idx), TIMING, start_s=2.0)
+    assert wave.shape == (62 * 640,)
+    onset = int(np.argmax(np.abs(wave.numpy()) > 0.5 * float(wave.abs().max())))
+    assert abs(onset - 25 * 640) <= 48  # within 3 ms
+    with pytest.raises(MediaError, match="starts after the video ends"):
+        clip_frame_indices(info, 25, (7.0, 8.0))
+    with pytest.raises(MediaError, match="ends after the video"):
+        clip_frame_indices(info, 25, (5.0, 9.0))

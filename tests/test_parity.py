@@ -21,13 +21,13 @@ from dali_float.preprocess import PreprocessOptions, cache_fingerprint, run_prep
 
 
 def cached_and_naive(data_root, cache_dir, preset, sources, device="cpu"):
-    result = run_preprocessing(PreprocessOptions(data_root, cache_dir, preset, sources, device=device,
+    result = run_preprocessing(PreprocessOptions(data_root, cache_dir, preset, sources, crop="center", device=device,
                                                  progress=False))
     assert result.exit_code == 0, result.failures
-    cache = TrainingCache.open(cache_dir, preset, cache_fingerprint(preset, sources))
+    cache = TrainingCache.open(cache_dir, preset, cache_fingerprint(preset, sources, "center"))
     options = LoaderOptions(batch_size=4, num_workers=0, device=device)
     loaders = {kind: open_loader(kind, preset, options, cache=cache) for kind in ("torch", "dali")}
-    loaders["naive"] = open_loader("naive", preset, options, data_root=data_root,
+    loaders["naive"] = open_loader("naive", preset, options, data_root=data_root, crop="center",
                                    encoders=build_encoders(preset, sources, device))
     return cache, loaders
 
@@ -78,7 +78,7 @@ def test_the_same_seed_gives_the_same_stream_through_naive_and_torch(tiny_demo):
     options = LoaderOptions(batch_size=3, num_workers=0, seed=9, ref_rule="random_in_window")
     torch_batch = next(iter(open_loader("torch", preset, options, cache=cache)))
     naive = loaders["naive"]
-    naive_batch = next(iter(open_loader("naive", preset, options, data_root=ensure_demo_corpus(),
+    naive_batch = next(iter(open_loader("naive", preset, options, data_root=ensure_demo_corpus(), crop="center",
                                         encoders=naive.dataset.encoders)))
     assert torch_batch.clip_id == naive_batch.clip_id
     assert torch.equal(torch_batch.window_start, naive_batch.window_start)

@@ -63,11 +63,12 @@ def options(data_root: Path, cache_dir: Path, **kw) -> PreprocessOptions:
     kw.setdefault("progress", False)
     kw.setdefault("frame_batch", FRAME_BATCH)
     kw.setdefault("sources", SOURCES)
+    kw.setdefault("crop", "center")  # the synthetic heads are drawn already framed
     return PreprocessOptions(data_root=Path(data_root), cache_dir=Path(cache_dir), preset=P, **kw)
 
 
 def layout_of(cache_dir: Path, sources: ModelSources = SOURCES, preset=P) -> cf.CacheLayout:
-    return cf.CacheLayout(cf.cache_root(cache_dir, preset, cache_fingerprint(preset, sources)))
+    return cf.CacheLayout(cf.cache_root(cache_dir, preset, cache_fingerprint(preset, sources, "center")))
 
 
 def file_mtimes(root: Path) -> dict[str, int]:
@@ -122,6 +123,8 @@ def copy_cache(src_data: Path, src_cache: Path, dst: Path) -> tuple[Path, Path]:
 
 
 def script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """preprocess.py with `args` (and --crop center, the test clips' framing, unless args choose one)."""
+    args = (*args, "--crop", "center") if "--crop" not in args and args[:1] != ("--help",) else args
     return subprocess.run([sys.executable, str(REPO / "preprocess.py"), *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env=dict(os.environ))
 
@@ -200,7 +203,10 @@ def test_demo_corpus_caches_with_both_cpu_decoders(demo_cache):
     for e in manifest.entries():
         info = np.load(layout.stream_path(e.key, cf.CLIP_INFO))
         assert int(info[cf.CLIP_INFO_UID]) == e.clip_uid and int(info[cf.CLIP_INFO_NUM_FRAMES]) == e.num_frames
-        assert set(e.stage_seconds) == {"decode", "motion", "audio", "emotion"}
+        assert set(e.stage_seconds) == {"framing", "decode", "motion", "audio", "emotion"}
+        w, h = e.source_width, e.source_height
+        side = min(w, h)
+        assert e.crop == "center" and e.crop_box == [(w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2]
         assert e.audio_source == "track" and e.emotion_source == "model" and e.fps == 25.0
     assert cf.verify(layout, P) == []
     assert result.total_frames == sum(e.num_frames for e in manifest.entries())
@@ -215,7 +221,7 @@ def test_cached_features_equal_the_naive_loader(demo_cache):
     layout = layout_of(cache_dir)
     manifest = layout.load_manifest()
     encoders = build_encoders(P, SOURCES, "cpu")  # the same (seeded) weights the cache was made with
-    loader = NaiveWindowLoader(root, P, encoders, LoaderOptions(batch_size=1, device="cpu", num_workers=0))
+    loader = NaiveWindowLoader(root, P, encoders, LoaderOptions(batch_size=1, device="cpu", num_workers=0), crop="center")
     picks = ["Actor_01/01-01-01-01-01-01-01.mp4",  # pyav
              "Actor_01/01-01-02-01-01-01-01.webm",  # dali-cpu
              "Actor_02/01-01-05-01-01-01-02.mp4"]  # 30 fps source
@@ -271,6 +277,47 @@ def test_30fps_and_variable_frame_rate_come_out_at_25fps(small):
 
 
 # ---------------------------------------------------------------------------------------------- reruns
+
+def test_segments_of_one_video_are_clips_and_only_edited_rows_are_redone(tmp_path, caplog):
+    """Three rows of a segments CSV over one 8 s video: three clips with their own frames and audio; editing
+    one row re-does only that clip; changing the video re-does all of its segments."""
+    data, cache_dir = tmp_path / "data", tmp_path / "cache"
+    make_clip(data / "talk" / "long.mp4", num_frames=200, seed=5)
+    csv = tmp_path / "clips.csv"
+    csv.write_text("video,start_s,end_s,clip_name\ntalk/long.mp4,0,3\ntalk/long.mp4,2.5,5.5\ntalk/long.mp4,5,8,tail\n")
+    result = run_preprocessing(options(data, cache_dir, segments=csv))
+    assert result.exit_code == 0 and result.processed == {cf.STATUS_CACHED: 3}
+    layout = layout_of(cache_dir)
+    entries = layout.read_entries()
+    assert sorted(entries) == ["tail", "talk/long.mp4#0-3", "talk/long.mp4#2.5-5.5"]
+    frames = {cid: np.load(layout.stream_path(e.key, cf.FRAMES)) for cid, e in entries.items()}
+    for cid, e in entries.items():
+        assert e.num_frames == 75 and frames[cid].shape[0] == 75  # 3 s at 25 fps: motion and audio rows
+        assert e.source_path == str(data / "talk" / "long.mp4")
+    assert entries["tail"].segment_s == [5.0, 8.0]
+    # The overlap [2.5, 3) s: the same frames -> the same motion latents in both clips (rows 62.. and 0..)
+    torch.testing.assert_close(torch.from_numpy(frames["talk/long.mp4#0-3"][62:75, MOTION]).float(),
+                               torch.from_numpy(frames["talk/long.mp4#2.5-5.5"][0:13, MOTION]).float(),
+                               rtol=2e-3, atol=2e-3)
+    assert not np.array_equal(frames["talk/long.mp4#0-3"][:, MOTION], frames["tail"][:, MOTION])
+
+    before = file_mtimes(layout.clips_dir)
+    csv.write_text("video,start_s,end_s,clip_name\ntalk/long.mp4,0,3\ntalk/long.mp4,2.5,6\ntalk/long.mp4,5,7.5,tail\n")
+    caplog.set_level(logging.INFO, logger="dali_float")
+    result = run_preprocessing(options(data, cache_dir, segments=csv))
+    assert result.processed == {cf.STATUS_CACHED: 2} and result.removed == 1 and result.up_to_date == 1
+    entries = layout.read_entries()
+    assert sorted(entries) == ["tail", "talk/long.mp4#0-3", "talk/long.mp4#2.5-6"]
+    assert entries["tail"].num_frames == 62 and entries["talk/long.mp4#2.5-6"].num_frames == 87
+    kept = entries["talk/long.mp4#0-3"].key
+    assert {k: v for k, v in file_mtimes(layout.clips_dir).items() if k.startswith(kept)} == \
+        {k: v for k, v in before.items() if k.startswith(kept)}  # the unchanged row was not touched
+
+    make_clip(data / "talk" / "long.mp4", num_frames=200, seed=6)  # new content: every segment is redone
+    result = run_preprocessing(options(data, cache_dir, segments=csv))
+    assert result.processed == {cf.STATUS_CACHED: 3} and result.up_to_date == 0
+    assert cf.verify(layout, P) == []
+
 
 def test_moved_data_root_touch_change_and_delete(small, tmp_path, caplog):
     data, cache_dir = copy_cache(small[0], small[1], tmp_path)
@@ -336,7 +383,8 @@ def test_sigkill_mid_run_then_rerun_verifies(small, tmp_path):
     cache_dir = tmp_path / "cache"
     layout = layout_of(cache_dir)
     proc = subprocess.Popen([sys.executable, str(REPO / "preprocess.py"), "--preset", "tiny", "--data_root",
-                             str(data), "--cache_dir", str(cache_dir), "--no_progress", "--frame_batch", "8"],
+                             str(data), "--cache_dir", str(cache_dir), "--no_progress", "--frame_batch", "8",
+                             "--crop", "center"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
 
     def committed() -> bool:
@@ -395,7 +443,7 @@ def test_two_torchrun_ranks_share_one_cache(small, tmp_path):
                    MASTER_PORT=port, OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, str(REPO / "preprocess.py"), "--preset", "tiny", "--data_root",
                                        str(data), "--cache_dir", str(cache_dir), "--no_progress",
-                                       "--frame_batch", str(FRAME_BATCH)],
+                                       "--frame_batch", str(FRAME_BATCH), "--crop", "center"],
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
@@ -462,7 +510,7 @@ def test_unreadable_file_fails(tmp_path):
     done = run_python("import runpy, sys; sys.argv = ['preprocess.py'] + sys.argv[1:]; "
                       "runpy.run_path('preprocess.py', run_name='__main__')",
                       "--data_root", str(data), "--cache_dir", str(tmp_path / "cache"), "--preset", P.name,
-                      "--no_progress")
+                      "--no_progress", "--crop", "center")
     clip.chmod(0o644)
     assert done.returncode == 1, done.stderr  # one clip failed, the other is cached
     entries = layout_of(tmp_path / "cache").read_entries()
@@ -479,10 +527,10 @@ def test_another_preset_or_checkpoint_writes_another_folder(small, tmp_path):
     ckpt = tmp_path / "motion.pt"
     torch.save(MotionEncoder(P.motion, seed=7).state_dict(), ckpt)
     with_ckpt = ModelSources(motion_ckpt=ckpt)
-    fp = cache_fingerprint(P, SOURCES)
-    assert len({fp, cache_fingerprint(FLOAT_PRESET, SOURCES), cache_fingerprint(P, with_ckpt),
-                cache_fingerprint(P, ModelSources(emotion="none"))}) == 4
-    assert cf.cache_root(tmp_path, FLOAT_PRESET, cache_fingerprint(FLOAT_PRESET, SOURCES)).name.startswith("float-")
+    fp = cache_fingerprint(P, SOURCES, "center")
+    assert len({fp, cache_fingerprint(FLOAT_PRESET, SOURCES, "center"), cache_fingerprint(P, with_ckpt, "center"),
+                cache_fingerprint(P, ModelSources(emotion="none"), "center")}) == 4
+    assert cf.cache_root(tmp_path, FLOAT_PRESET, cache_fingerprint(FLOAT_PRESET, SOURCES, "center")).name.startswith("float-")
     cache_dir = shutil.copytree(small[1], tmp_path / "cache")
     uid = layout_of(cache_dir).read_entries()["a.mp4"].clip_uid
     first = run_preprocessing(options(data, cache_dir, force=True))  # --force_preprocess: recomputed, same uid
@@ -496,7 +544,7 @@ def test_another_preset_or_checkpoint_writes_another_folder(small, tmp_path):
     assert np.abs(a[:, MOTION] - b[:, MOTION]).max() > 0.1  # other motion weights
     np.testing.assert_allclose(a[:, AUDIO], b[:, AUDIO], atol=1e-2)  # the same audio weights
     with pytest.raises(CheckpointError):
-        run_preprocessing(PreprocessOptions(data, cache_dir, P, ModelSources(motion_ckpt=tmp_path / "nope.pt")))
+        run_preprocessing(PreprocessOptions(data, cache_dir, P, ModelSources(motion_ckpt=tmp_path / "nope.pt"), crop="center"))
 
 
 def test_usage_errors_are_raised_before_any_work(tmp_path):
@@ -516,15 +564,15 @@ def test_status_clear_and_verify_api(bad, tmp_path):
     make_clip(data / "pending.mp4", 66, seed=14)
     make_clip(data / "good.mp4", 70, seed=15)  # changed since cached
     (data / "zero.mp4").unlink()
-    status = cache_status(data, cache_dir, P, SOURCES)
+    status = cache_status(data, cache_dir, P, SOURCES, "center")
     assert status["clips"] == {"cached": 1, "failed": 7, "skipped": 1, "stale": 1, "pending": 1,
                                "missing_source": 1}
     assert {"clip": "short.mp4", "reason": status["skipped"][0]["reason"]} == status["skipped"][0]
     assert status["pending_clips"] == ["pending.mp4"] and status["stale_clips"] == ["good.mp4"]
-    assert verify_cache(cache_dir, P, SOURCES)["ok"]
+    assert verify_cache(cache_dir, P, SOURCES, "center")["ok"]
     root = layout_of(cache_dir).root
-    assert clear_cache(cache_dir, P, SOURCES) == [root] and root.exists()  # without confirm: nothing deleted
-    assert clear_cache(cache_dir, P, SOURCES, confirm=True) == [root] and not root.exists()
+    assert clear_cache(cache_dir, P, SOURCES, "center") == [root] and root.exists()  # without confirm: nothing deleted
+    assert clear_cache(cache_dir, P, SOURCES, "center", confirm=True) == [root] and not root.exists()
 
 
 def test_script_exit_codes_and_status_json(bad, tmp_path):
@@ -548,6 +596,20 @@ def test_script_exit_codes_and_status_json(bad, tmp_path):
 
     out = script(*common, "--no_progress")  # up to date, but a clip failed: exit 1
     assert out.returncode == 1 and "up to date" in out.stderr and "failed" in out.stderr
+
+    out = script("show", "short.mp4", "--json", *common)  # one clip's entry: a skipped one, with its reason
+    shown = json.loads(out.stdout)
+    assert out.returncode == 0 and shown["status"] == "skipped" and shown["reason"] == bad[2].skipped[0][1]
+    out = script("show", "nope.mp4", *common)
+    assert out.returncode == 2 and out.stderr.startswith("error: no clip 'nope.mp4'"), out.stderr
+
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("no video here")
+    out = script("--data_root", str(empty), "--cache_dir", str(tmp_path / "empty-cache"), "--no_progress")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: no video files"), out.stderr
+    assert not (tmp_path / "empty-cache").exists()  # nothing was created
 
     for args, words in ((["--gpus", "0", *common], "--gpus"), (["--data_root", str(tmp_path / "nope")], "nope"),
                         (["--preset", "huge"], "huge"), (["--workers", "x"], "--workers")):
@@ -599,10 +661,10 @@ def test_a_cache_of_another_corpus_is_never_overwritten(tmp_path):
     shutil.copy(next(demo.ensure_demo_corpus().rglob("*.webm")), first / "a.webm")
     shutil.copy(next(demo.ensure_demo_corpus().rglob("*.mp4")), second / "b.mp4")
     cache_dir = tmp_path / "cache"
-    run_preprocessing(PreprocessOptions(first, cache_dir, preset, ModelSources(), progress=False))
+    run_preprocessing(PreprocessOptions(first, cache_dir, preset, ModelSources(), crop="center", progress=False))
     with pytest.raises(UsageError, match="holds the features of .*another --cache_dir"):
-        run_preprocessing(PreprocessOptions(second, cache_dir, preset, ModelSources(), progress=False))
-    layout = cf.CacheLayout(cf.cache_root(cache_dir, preset, cache_fingerprint(preset, ModelSources())))
+        run_preprocessing(PreprocessOptions(second, cache_dir, preset, ModelSources(), crop="center", progress=False))
+    layout = cf.CacheLayout(cf.cache_root(cache_dir, preset, cache_fingerprint(preset, ModelSources(), "center")))
     assert list(layout.load_manifest().clips) == ["a.webm"]
     # By default every corpus gets a cache folder of its own.
     from dali_float.paths import default_cache_dir

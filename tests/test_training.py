@@ -104,7 +104,7 @@ def synthetic(tmp_path_factory) -> DataSource:
 def demo_source(dali_float_home) -> DataSource:
     """The demo corpus preprocessed into the default cache folder (what train.py uses without flags)."""
     result = run_preprocessing(PreprocessOptions(data_root=demo.ensure_demo_corpus(), cache_dir=default_cache_dir(),
-                                                 preset=P, sources=ModelSources(), progress=False))
+                                                 preset=P, sources=ModelSources(), crop="center", progress=False))
     return DataSource.from_cache(TrainingCache.open(default_cache_dir(), P, result.fingerprint))
 
 
@@ -378,9 +378,9 @@ def test_a_stale_cache_is_preprocessed_first_and_naive_needs_none(tmp_path, capl
         demo.write_clip(data / f"clip{i}.mp4", frames, 25.0, audio=wave)
     write_synthetic_cache(cache_dir, P, (100,))
     with pytest.raises(CacheError, match="stale"):
-        TrainingCache.open(cache_dir, P, cache_fingerprint(P, ModelSources()))
+        TrainingCache.open(cache_dir, P, cache_fingerprint(P, ModelSources(), "center"))
     caplog.set_level(logging.INFO, logger="dali_float")
-    common = dict(data_root=data, cache_dir=cache_dir, steps=2, batch_size=2)
+    common = dict(data_root=data, cache_dir=cache_dir, crop="center", steps=2, batch_size=2)
     assert train(config(tmp_path / "a", **common)).step == 2
     assert "2 clip(s) processed (2 new)" in caplog.text
     caplog.clear()
@@ -389,7 +389,7 @@ def test_a_stale_cache_is_preprocessed_first_and_naive_needs_none(tmp_path, capl
     caplog.clear()
     naive = train(config(tmp_path / "c", loader="naive", num_workers=0, **common))
     assert naive.step == 2 and "processed" not in caplog.text
-    assert load_checkpoint(naive.checkpoint)["fingerprint"] == cache_fingerprint(P, ModelSources())
+    assert load_checkpoint(naive.checkpoint)["fingerprint"] == cache_fingerprint(P, ModelSources(), "center")
 
 
 # ---------------------------------------------------------------------------------------------- the demo corpus

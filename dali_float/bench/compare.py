@@ -39,7 +39,8 @@ def _prepare(options: BenchOptions, preset: str, device: str, cache_dir: Path) -
     """The cache of `preset` up to date (preprocessing with progress bars when it is not)."""
     spec = {"probe": "prepare", "preset": preset, "sources": sources_spec(options.sources),
             "cache_dir": str(cache_dir), "device": device, "progress": options.progress,
-            "data_root": str(options.data_root) if options.data_root else None}
+            "data_root": str(options.data_root) if options.data_root else None, "crop": options.resolved_crop,
+            "segments": str(options.segments) if options.segments else None}
     log.info("checking the %s feature cache in %s (the first run preprocesses the corpus)", preset, cache_dir)
     result = probes.run_probe(spec, show_stderr=True)
     if "error" in result:
@@ -90,7 +91,8 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
                     "than on a quiet machine (recorded in the JSON)", load[0], machine["usable_cores"])
 
     common_base = {"sources": sources_spec(options.sources), "cache_dir": str(cache_dir), "device": device,
-                   "batch_size": settings.batch_size, "seed": settings.seed}
+                   "batch_size": settings.batch_size, "seed": settings.seed, "crop": options.resolved_crop,
+                   "segments": str(options.segments) if options.segments else None}
     # Placeholders for the estimate; the real fingerprints come from the prepare step.
     estimate = sum(j.expected_s for j in loader_jobs(settings, common_base)
                    + train_jobs(settings, common_base, {}) + preprocess_jobs(settings, common_base))
@@ -118,7 +120,7 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     _run_jobs(later, options.progress, "training, preprocessing")
     jobs += later
 
-    results = assemble(settings, machine, jobs, prepared, cache_dir, options.sources)
+    results = assemble(settings, machine, jobs, prepared, cache_dir, options.sources, options.resolved_crop)
     results["machine"]["load_average_end"] = load_average()
     results["elapsed_s"] = time.perf_counter() - started
     results["targets"] = targets(results)

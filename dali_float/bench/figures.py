@@ -77,7 +77,7 @@ def computed_cache_bytes_per_hour(preset: Preset, mean_clip_frames: float,
 
 
 def cache_section(prepared: dict[str, dict[str, Any]], settings: Settings, cache_dir: Path,
-                  sources: ModelSources) -> dict[str, Any]:
+                  sources: ModelSources, crop: str) -> dict[str, Any]:
     """This preset's cache, measured; and the float preset's at 512x512, measured where its cache
     exists in cache_dir, computed from the format otherwise."""
     preset = get_preset(settings.preset)
@@ -89,7 +89,7 @@ def cache_section(prepared: dict[str, dict[str, Any]], settings: Settings, cache
     else:
         from dali_float.preprocess import cache_fingerprint
 
-        candidate = cf.CacheLayout(cf.cache_root(cache_dir, FLOAT_PRESET, cache_fingerprint(FLOAT_PRESET, sources)))
+        candidate = cf.CacheLayout(cf.cache_root(cache_dir, FLOAT_PRESET, cache_fingerprint(FLOAT_PRESET, sources, crop)))
         if candidate.manifest_path.exists() and candidate.load_manifest().entries(cf.STATUS_CACHED):
             float_root = candidate.root
     if float_root is not None:
@@ -149,9 +149,12 @@ def preprocess_section(jobs: list[Job], first_run: dict[str, Any]) -> dict[str, 
     """The decode/audio probe's figures; `run`: a forced whole run (full mode); `first_run`: this run's
     preprocessing of the cache, when it had clips to process."""
     preprocess = dict(next((j.result for j in jobs if j.section == "preprocess"), {"error": "not run"}))
-    run = next((j.result for j in jobs if j.section == "preprocess_run"), None)
-    if run is not None:
-        preprocess["run"] = run
+    runs = {j.result.get("crop", "center"): j.result for j in jobs if j.section == "preprocess_run"}
+    if runs:
+        preprocess["run"] = runs.get("center") or next(iter(runs.values()))
+        preprocess["runs_by_crop"] = runs
+        face, center = runs.get("face", {}), runs.get("center", {})
+        preprocess["face_vs_center"] = _ratio(face.get("frames_per_s"), center.get("frames_per_s"))
     if first_run.get("processed", {}).get("cached"):
         preprocess["first_run"] = {k: first_run[k] for k in ("total_frames", "wall_seconds", "wall_fps", "stage_fps")}
     return preprocess
@@ -178,7 +181,7 @@ def ratio_section(loaders: dict[str, Any], configs: list[dict[str, Any]], ceilin
 
 
 def assemble(settings: Settings, machine: dict[str, Any], jobs: list[Job], prepared: dict[str, dict[str, Any]],
-             cache_dir: Path, sources: ModelSources) -> dict[str, Any]:
+             cache_dir: Path, sources: ModelSources, crop: str) -> dict[str, Any]:
     """The results dict (the JSON): machine, settings, loaders (the best configuration of each) and
     loader_configs (every one), ceiling, ratios, training, preprocess, cache, errors."""
     preset = get_preset(settings.preset)
@@ -189,13 +192,13 @@ def assemble(settings: Settings, machine: dict[str, Any], jobs: list[Job], prepa
         "machine": machine,
         "settings": {**settings.to_dict(), "data_root": first["data_root"], "cache_dir": str(cache_dir),
                      "cache_root": first["cache_root"], "fingerprint": first["fingerprint"],
-                     "sources": sources_spec(sources), "window_frames": preset.timing.window_frames,
+                     "sources": sources_spec(sources), "crop": crop, "window_frames": preset.timing.window_frames,
                      "sample_bytes": probes.sample_bytes(preset),
                      "train_cache_root": prepared[settings.train_preset]["cache_root"]},
         "loaders": loaders, "loader_configs": configs, "ceiling": ceiling,
         "ratios": ratio_section(loaders, configs, ceiling, training),
         "training": training, "preprocess": preprocess_section(jobs, first),
-        "cache": cache_section(prepared, settings, cache_dir, sources),
+        "cache": cache_section(prepared, settings, cache_dir, sources, crop),
         "errors": [f"{j.section} {j.name} ({j.label}): {j.result['error']}" for j in jobs if not j.ok],
     }
 
@@ -228,6 +231,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         target("cache >= 40x smaller than uint8 frames at 512x512 (float)",
                results["cache"]["at_512"]["x_smaller_than_uint8"], 40.0, note=results["cache"]["at_512"]["source"]),
     ]
+    if pre.get("face_vs_center") is not None:
+        out.append(target("preprocessing with --crop face >= 85% of --crop center frames/s", pre["face_vs_center"],
+                          0.85, applies=not on_gpu))
     if s["quick"]:
         out.append(target("--quick under 3 minutes", results.get("elapsed_s"), 180.0, below=True,
                           applies=not on_gpu))

@@ -16,6 +16,7 @@ from typing import Any
 from dali_float.cli import usable_cores
 from dali_float.config import get_preset
 from dali_float.errors import UsageError
+from dali_float.media.framing import check_crop, default_crop
 from dali_float.models import ModelSources
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -35,11 +36,15 @@ class BenchOptions:
     device: auto | cpu | cuda. batch_size: windows per batch for every loader and training run.
     quick: fewer and shorter runs (CI smoke, newcomers; under 3 minutes with tiny on 2 cores).
     train_preset: preset of the training runs (None: tiny on the CPU, `preset` on a GPU).
+    crop: framing of the preprocessed features (None: face; center for the demo corpus; media.framing).
+    segments: a CSV of clip segments (media.segments); None: every video is a clip.
     """
 
     preset: str = "tiny"
     data_root: Path | None = None
     cache_dir: Path | None = None
+    crop: str | None = None
+    segments: Path | None = None
     sources: ModelSources = ModelSources()
     device: str = "auto"
     batch_size: int = 8
@@ -58,6 +63,11 @@ class BenchOptions:
             raise UsageError(f"--batch_size must be at least 1, got {self.batch_size}")
         if self.data_root is not None and not Path(self.data_root).is_dir():
             raise UsageError(f"--data_root {self.data_root} is not a folder")
+        check_crop(self.resolved_crop)
+
+    @property
+    def resolved_crop(self) -> str:
+        return self.crop if self.crop is not None else default_crop(self.data_root)
 
 
 @dataclass(frozen=True)
@@ -229,8 +239,10 @@ def preprocess_jobs(s: Settings, common: dict[str, Any]) -> list[Job]:
     expected = 240.0 if float_on_cpu else 8.0 + 6.0 * s.preprocess_runs
     jobs = [Job("preprocess", "preprocess", "decode paths, motion encoder, audio", spec, _PROCESS_START_S + expected)]
     if s.preprocess_run:
-        jobs.append(Job("preprocess_run", "preprocess_run", "forced preprocessing run, 1 worker",
-                        {**common, "probe": "preprocess_run"}, _PROCESS_START_S + 15.0))
+        # The same corpus end to end with each framing: what face detection costs against the centred square.
+        for crop in ("center", "face"):
+            jobs.append(Job("preprocess_run", f"preprocess_run_{crop}", f"forced preprocessing run, --crop {crop}",
+                            {**common, "probe": "preprocess_run", "crop": crop}, _PROCESS_START_S + 15.0))
     return jobs
 
 

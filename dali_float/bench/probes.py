@@ -194,6 +194,10 @@ def _context(spec: dict[str, Any]):
     return preset, sources
 
 
+def _segments(spec: dict[str, Any]) -> Path | None:
+    return Path(spec["segments"]) if spec.get("segments") else None
+
+
 def sample_bytes(preset) -> int:
     """Bytes one sample of the batch contract carries (float16): the window's rows, the reference
     motion and the emotion vector."""
@@ -221,7 +225,8 @@ def prepare_probe(spec: dict[str, Any]) -> dict[str, Any]:
     preset, sources = _context(spec)
     data_root = Path(spec["data_root"]) if spec.get("data_root") else pp.default_data_root()
     options = pp.PreprocessOptions(data_root=data_root, cache_dir=Path(spec["cache_dir"]), preset=preset,
-                                   sources=sources, device=spec.get("device", "cpu"),
+                                   sources=sources, crop=spec["crop"], segments=_segments(spec),
+                                   device=spec.get("device", "cpu"),
                                    frame_batch=frame_batch_for(spec.get("device", "cpu")),
                                    progress=spec.get("progress", True))
     result = pp.run_preprocessing(options)
@@ -244,7 +249,8 @@ def loader_probe(spec: dict[str, Any]) -> dict[str, Any]:
         from dali_float.models import build_encoders
 
         encoders = build_encoders(preset, sources, options.device)
-        loader = open_loader("naive", preset, options, data_root=Path(spec["data_root"]), encoders=encoders)
+        loader = open_loader("naive", preset, options, data_root=Path(spec["data_root"]), encoders=encoders,
+                             crop=spec["crop"], segments=_segments(spec))
     else:
         loader = open_loader(spec["kind"], preset, options, cache=_open_cache(spec, preset))
     if spec["timing"].get("warmup_items"):  # naive: one sample builds the decoder and runs every model once
@@ -332,7 +338,8 @@ def train_probe(spec: dict[str, Any]) -> dict[str, Any]:
         from dali_float.models import build_encoders
 
         source = DataSource(fingerprint=spec["fingerprint"], data_root=Path(spec["data_root"]),
-                            encoders=build_encoders(preset, sources, device))
+                            encoders=build_encoders(preset, sources, device), crop=spec["crop"],
+                            segments=_segments(spec))
     else:
         source = DataSource.from_cache(_open_cache(spec, preset))
     out = Path(tempfile.mkdtemp(prefix="dali_float_bench_train_"))
@@ -509,13 +516,15 @@ def preprocess_run_probe(spec: dict[str, Any]) -> dict[str, Any]:
     cache_dir = Path(tempfile.mkdtemp(prefix="dali_float_bench_cache_"))
     try:
         options = pp.PreprocessOptions(data_root=Path(spec["data_root"]), cache_dir=cache_dir, preset=preset,
-                                       sources=sources, device=spec.get("device", "cpu"), force=True,
+                                       sources=sources, crop=spec["crop"], segments=_segments(spec),
+                                       device=spec.get("device", "cpu"), force=True,
                                        frame_batch=frame_batch_for(spec.get("device", "cpu")), progress=False)
         result = pp.run_preprocessing(options)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    return {"frames_per_s": result.wall_fps, "total_frames": result.total_frames, "wall_seconds": result.wall_seconds,
-            "stage_fps": result.stage_fps, "counts": result.counts,
+    return {"crop": spec["crop"], "frames_per_s": result.wall_fps, "total_frames": result.total_frames,
+            "wall_seconds": result.wall_seconds, "stage_fps": result.stage_fps, "counts": result.counts,
+            "skipped": [list(s) for s in result.skipped],
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 

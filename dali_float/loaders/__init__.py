@@ -23,8 +23,10 @@ __all__ = ["EPOCH_POLICIES", "LOADER_KINDS", "LoaderOptions", "REF_RULES", "Requ
 
 
 def open_loader(kind: str, preset: Preset, options: LoaderOptions, *, cache: TrainingCache | None = None,
-                data_root: Path | None = None, encoders=None) -> WindowLoader:
-    """The loader `kind`: `dali`/`torch` read `cache`; `naive` reads `data_root` with `encoders`."""
+                data_root: Path | None = None, encoders=None, crop: str = "face",
+                segments: Path | None = None) -> WindowLoader:
+    """The loader `kind`: `dali`/`torch` read `cache`; `naive` reads `data_root` (its videos, or the clips
+    of `segments`) with `encoders`, framing them by `crop` as preprocessing does."""
     if kind == "dali":
         from dali_float.loaders.dali_loader import DaliWindowLoader
 
@@ -38,7 +40,7 @@ def open_loader(kind: str, preset: Preset, options: LoaderOptions, *, cache: Tra
 
         if data_root is None or encoders is None:
             raise ValueError("the naive loader needs data_root and encoders")
-        return NaiveWindowLoader(data_root, preset, encoders, options)
+        return NaiveWindowLoader(data_root, preset, encoders, options, crop=crop, segments=segments)
     raise UsageError(f"--loader {kind!r} is not one of {', '.join(LOADER_KINDS)}")
 
 

@@ -2,7 +2,9 @@
 
 Every sample decodes its frames, loads and resamples the clip's audio, runs wav2vec2 over the whole
 clip, runs the emotion classifier and the motion encoder on the window's frames, all again for every
-sample. It needs no cache. It uses the same media functions as preprocessing (same pixels, same
+sample. It needs no cache. The clip's crop (media.framing: face detection on sampled frames, or the
+centred square) is decided on its first sample and remembered: a few numbers per clip, as a
+community loader would keep its crop boxes. It uses the same media functions as preprocessing (same pixels, same
 samples) and the same sampling rules and batch assembly as the cached loaders, so for one
 (clip, window start, reference frame) all three loaders return the same tensors.
 """
@@ -20,7 +22,7 @@ from torch.utils.data import Dataset
 from dali_float import media
 from dali_float.config import Preset
 from dali_float.contract import FEATURE_DTYPE
-from dali_float.errors import MediaError, UsageError
+from dali_float.errors import ClipSkipped, MediaError, UsageError
 from dali_float.loaders.base import LoaderOptions
 from dali_float.loaders.sampling import WindowRequest
 from dali_float.loaders.torch_loader import RequestLoader
@@ -35,25 +37,29 @@ class NaiveClip:
     info: media.VideoInfo
     num_frames: int  # at the preset's fps
     source_frames: np.ndarray  # (num_frames,) source frame index of each 25 fps frame
+    start_s: float = 0.0  # where the clip starts in the video (a segment)
 
 
-def discover_clips(data_root: Path, preset: Preset) -> list[NaiveClip]:
-    """Every video under data_root usable for training (probed; the unusable ones logged and left out)."""
+def discover_clips(data_root: Path, preset: Preset, segments: Path | None = None) -> list[NaiveClip]:
+    """Every clip of data_root (its videos, or the rows of `segments`) usable for training (probed; the
+    unusable ones logged and left out)."""
     if not Path(data_root).is_dir():
         raise UsageError(f"--data_root {data_root} is not a folder")
     fps, window = preset.timing.fps, preset.timing.window_frames
     clips, left_out = [], []
-    for clip_id, path in media.discover_videos(Path(data_root)):
+    infos: dict[Path, media.VideoInfo] = {}
+    for spec in media.discover_clips(Path(data_root), segments):
         try:
-            info = media.probe_video(path)
+            info = infos.get(spec.path) or infos.setdefault(spec.path, media.probe_video(spec.path))
+            source_frames = media.clip_frame_indices(info, fps, spec.span_s)
         except MediaError as err:
-            left_out.append(f"{clip_id} ({err})")
+            left_out.append(f"{spec.clip_id} ({err})")
             continue
-        t = media.num_frames_at_fps(info.duration_s, fps)
+        t = len(source_frames)
         if t < window or info.audio_source is None:
-            left_out.append(f"{clip_id} ({'no audio' if info.audio_source is None else f'{t} frames'})")
+            left_out.append(f"{spec.clip_id} ({'no audio' if info.audio_source is None else f'{t} frames'})")
             continue
-        clips.append(NaiveClip(clip_id, info, t, media.frame_indices_at_fps(info.frame_times_s, info.duration_s, fps)))
+        clips.append(NaiveClip(spec.clip_id, info, t, source_frames, spec.span_s[0] if spec.span_s else 0.0))
     if left_out:
         log.warning("naive loader: %d clip(s) left out: %s", len(left_out), "; ".join(left_out[:3]))
     if not clips:
@@ -64,8 +70,26 @@ def discover_clips(data_root: Path, preset: Preset) -> list[NaiveClip]:
 class NaiveWindowDataset(Dataset):
     """Windows computed from the source videos on every call (the original per-sample inference)."""
 
-    def __init__(self, clips: list[NaiveClip], preset: Preset, encoders: Encoders, device: torch.device):
+    def __init__(self, clips: list[NaiveClip], preset: Preset, encoders: Encoders, device: torch.device,
+                 crop: str = "face"):
         self.clips, self.preset, self.encoders, self.device = clips, preset, encoders, device
+        self.framer = media.ClipFramer(crop, device)
+        self._windows: dict[int, media.Window] = {}  # clip index -> its crop window, decided on first use
+
+    def window(self, clip_index: int) -> media.Window:
+        """The clip's crop window, decided as preprocessing decides it (ClipSkipped: not framable)."""
+        if clip_index not in self._windows:
+            clip = self.clips[clip_index]
+            decoder = media.get_frame_decoder(self.preset.motion.input_size, self.device)
+            try:
+                with media.video.decoder_lock():
+                    crop = self.framer.decide(clip.info, decoder, clip.source_frames, self.preset.timing.fps,
+                                              self.preset.motion.input_size)
+            except ClipSkipped as err:
+                raise UsageError(f"naive loader: clip {clip.clip_id} cannot be framed with --crop "
+                                 f"{self.framer.crop} ({err}); remove it from the data") from None
+            self._windows[clip_index] = crop.window
+        return self._windows[clip_index]
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -77,9 +101,9 @@ class NaiveWindowDataset(Dataset):
         s, w = request.window_start, timing.window_frames
         wanted = np.append(clip.source_frames[s:s + w], clip.source_frames[request.ref_frame])
         frames = media.decode_frames(clip.info, wanted, input_size=self.preset.motion.input_size,
-                                     device=self.device)
+                                     device=self.device, window=self.window(request.clip_index))
         motion = encode_motion(self.encoders.motion, frames).motion_latents  # (61, F)
-        waveform = media.prepare_clip_audio(clip.info, clip.num_frames, timing)
+        waveform = media.prepare_clip_audio(clip.info, clip.num_frames, timing, clip.start_s)
         audio = self.encoders.audio.encode(waveform[None].to(self.device), clip.num_frames)[0]  # whole clip
         emotion = emotion_vector(self.encoders, waveform[None], clip.info.path)
         rows = torch.cat([motion[:w].float(), audio[s:s + w].float()], dim=1).to(FEATURE_DTYPE)
@@ -103,10 +127,11 @@ class NaiveWindowLoader(RequestLoader):
 
     kind = "naive"
 
-    def __init__(self, data_root: Path, preset: Preset, encoders: Encoders, options: LoaderOptions):
-        clips = discover_clips(data_root, preset)
+    def __init__(self, data_root: Path, preset: Preset, encoders: Encoders, options: LoaderOptions,
+                 crop: str = "face", segments: Path | None = None):
+        clips = discover_clips(data_root, preset, segments)
         super().__init__(preset, options, [c.clip_id for c in clips], [c.num_frames for c in clips],
-                         NaiveWindowDataset(clips, preset, encoders, options.torch_device))
+                         NaiveWindowDataset(clips, preset, encoders, options.torch_device, crop))
 
     @property
     def num_workers(self) -> int:

@@ -23,29 +23,33 @@ Submodules (every public name is re-exported here, so `media.X` works for all of
   video   decoder choice (DALI_GPU, DALI_CPU, PYAV, choose_decoder), the DALI graph (process_frames),
           FrameDecoder, its key-frame pieces (_VideoPackets) and PyAV source, get_frame_decoder,
           decode_frames
-  audio   load_audio, fit_to_frames, normalize_utterance, prepare_clip_audio
+  audio   load_audio, trim_to_frames, pad_to_frames, normalize_utterance, prepare_clip_audio
 A test that replaces a function must patch it in the submodule that looks it up (e.g. `video.choose_decoder`).
 """
 from __future__ import annotations
 
-from dali_float.media.audio import fit_to_frames, load_audio, normalize_utterance, prepare_clip_audio
-from dali_float.media.files import AUDIO_SIDE_EXTENSIONS, VIDEO_EXTENSIONS, discover_videos, find_side_audio
-from dali_float.media.probe import VideoInfo, frame_indices_at_fps, num_frames_at_fps, probe_video
+from dali_float.media.audio import load_audio, normalize_utterance, pad_to_frames, prepare_clip_audio, trim_to_frames
+from dali_float.media.files import (AUDIO_SIDE_EXTENSIONS, VIDEO_EXTENSIONS, ClipSpec, discover_clips, discover_videos,
+                                   find_side_audio)
+from dali_float.media.probe import VideoInfo, clip_frame_indices, frame_indices_at_fps, num_frames_at_fps, probe_video
 from dali_float.media.video import (
-    DALI_CPU, DALI_CPU_CODECS, DALI_GPU, NVDEC_CODECS, PYAV, FrameDecoder, _VideoPackets, choose_decoder,
-    decode_frames, get_frame_decoder, process_frames,
+    DALI_CPU, DALI_CPU_CODECS, DALI_GPU, FULL_FRAME, NVDEC_CODECS, PYAV, FrameDecoder, Window, _VideoPackets,
+    center_square_window, choose_decoder, decode_frames, get_frame_decoder, process_frames,
 )
+from dali_float.media.framing import CROP_MODES, ClipFramer, CropDecision, framing_identity
 
 __all__ = [
     # files
-    "VIDEO_EXTENSIONS", "AUDIO_SIDE_EXTENSIONS", "discover_videos", "find_side_audio",
+    "VIDEO_EXTENSIONS", "AUDIO_SIDE_EXTENSIONS", "ClipSpec", "discover_clips", "discover_videos", "find_side_audio",
     # probe
-    "VideoInfo", "probe_video", "num_frames_at_fps", "frame_indices_at_fps",
+    "VideoInfo", "probe_video", "num_frames_at_fps", "frame_indices_at_fps", "clip_frame_indices",
     # video
     "DALI_GPU", "DALI_CPU", "PYAV", "NVDEC_CODECS", "DALI_CPU_CODECS", "choose_decoder", "process_frames",
-    "FrameDecoder", "get_frame_decoder", "decode_frames",
+    "FrameDecoder", "get_frame_decoder", "decode_frames", "Window", "FULL_FRAME", "center_square_window",
+    # framing
+    "CROP_MODES", "ClipFramer", "CropDecision", "framing_identity",
     # audio
-    "load_audio", "fit_to_frames", "normalize_utterance", "prepare_clip_audio",
+    "load_audio", "trim_to_frames", "pad_to_frames", "normalize_utterance", "prepare_clip_audio",
     # private, for tests (tests/test_media.py)
     "_VideoPackets",
 ]

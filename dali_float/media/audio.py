@@ -81,13 +81,20 @@ def load_audio(source: Path, sample_rate_hz: int, *, start_s: float | None = Non
     return tensor.to(torch.float32)
 
 
-def fit_to_frames(waveform: torch.Tensor, num_frames: int, samples_per_frame: int) -> torch.Tensor:
-    """Trim, or replicate-pad (repeat the last sample), to exactly num_frames * samples_per_frame samples."""
-    target = int(num_frames) * int(samples_per_frame)
+def trim_to_frames(waveform: torch.Tensor, num_frames: int, samples_per_frame: int) -> torch.Tensor:
+    """The first num_frames * samples_per_frame samples (all of them when the sound is shorter)."""
     if waveform.ndim != 1:
         raise ValueError(f"waveform must be 1-D, got {tuple(waveform.shape)}")
-    if waveform.numel() >= target:
-        return waveform[:target]
+    return waveform[:int(num_frames) * int(samples_per_frame)]
+
+
+def pad_to_frames(waveform: torch.Tensor, num_frames: int, samples_per_frame: int) -> torch.Tensor:
+    """Replicate-pad (repeat the last sample) to exactly num_frames * samples_per_frame samples, as
+    FLOAT's AudioEncoder pads (F.pad mode='replicate'); a longer waveform is trimmed."""
+    waveform = trim_to_frames(waveform, num_frames, samples_per_frame)
+    target = int(num_frames) * int(samples_per_frame)
+    if waveform.numel() == target:
+        return waveform
     if waveform.numel() == 0:
         raise ValueError("cannot pad an empty waveform")
     return torch.cat([waveform, waveform[-1:].expand(target - waveform.numel())])
@@ -102,19 +109,26 @@ def normalize_utterance(x: torch.Tensor) -> torch.Tensor:
     return ((x64 - x64.mean()) / torch.sqrt(x64.var(unbiased=False) + 1e-7)).to(torch.float32)
 
 
-def prepare_clip_audio(info: VideoInfo, num_frames: int, timing: TimingConfig) -> torch.Tensor:
+def prepare_clip_audio(info: VideoInfo, num_frames: int, timing: TimingConfig, start_s: float = 0.0) -> torch.Tensor:
     """The clip's audio as the models take it: (num_frames * samples_per_frame,) float32.
 
-    Order: load (side file if any, else the clip's track lined up with its first frame), mix to mono,
-    resample to timing.sample_rate_hz, fit to num_frames frames (trim / repeat the last sample),
-    THEN normalise per utterance, so the padding is part of the utterance statistics (as when the
-    feature extractor sees the padded clip). Both preprocessing and the naive loader call this.
+    start_s: where the clip starts in the video (a segment): its audio starts there too.
+
+    Order (FLOAT's official one): load (side file if any, else the clip's track lined up with its
+    first frame), mix to mono, resample to timing.sample_rate_hz, keep the clip's span (trim to
+    num_frames frames), normalise that utterance (zero mean, unit variance, as
+    Wav2Vec2FeatureExtractor does before anything else), THEN replicate-pad to num_frames frames (as
+    FLOAT's AudioEncoder pads the normalised input): the padding is not part of the statistics.
+    Both preprocessing and the naive loader call this.
     """
     if info.audio_source is None:
         raise MediaError(f"{info.path}: no audio (no audio stream and no same-name .wav/.flac beside it); "
                          f"add one or remove the clip")
     start = info.start_time_s if info.audio_source == info.path else None
     wave = load_audio(info.audio_source, timing.sample_rate_hz, start_s=start)
+    wave = wave[int(round(start_s * timing.sample_rate_hz)):]  # sample 0 is the video's first frame
     if wave.numel() == 0:
-        raise MediaError(f"{info.audio_source}: the audio is empty; re-encode it or remove the clip")
-    return normalize_utterance(fit_to_frames(wave, num_frames, timing.audio_samples_per_frame))
+        where = f" after {start_s:g} s" if start_s else ""
+        raise MediaError(f"{info.audio_source}: the audio is empty{where}; re-encode it or remove the clip")
+    spf = timing.audio_samples_per_frame
+    return pad_to_frames(normalize_utterance(trim_to_frames(wave, num_frames, spf)), num_frames, spf)

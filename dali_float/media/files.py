@@ -1,8 +1,10 @@
-"""Media files: find the video clips under a folder, and the side audio file beside a clip."""
+"""Media files: find the video clips under a folder (whole videos, or the segments a CSV names), and
+the side audio file beside a clip."""
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from dali_float.errors import UsageError
@@ -53,6 +55,35 @@ def discover_videos(root: Path) -> list[tuple[str, Path]]:
         seen.add(real)
         unique.append((clip_id, path))
     return unique
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """One clip: a whole video, or the segment [start, end) seconds of one (`span_s`).
+
+    clip_id: the video's path relative to the data root ('/'-separated), or the segment's id
+    (`dali_float.media.segments`).
+    """
+
+    clip_id: str
+    path: Path
+    span_s: tuple[float, float] | None = None
+
+    @property
+    def duration_hint_s(self) -> float | None:
+        return None if self.span_s is None else self.span_s[1] - self.span_s[0]
+
+
+def discover_clips(root: Path, segments: Path | None = None) -> list[ClipSpec]:
+    """The clips of a data root, sorted by clip id: every video under it (`discover_videos`), or, with
+    a segments CSV, the segment of each row (`dali_float.media.segments.read_segments`)."""
+    if segments is not None:
+        from dali_float.media.segments import read_segments
+
+        if not Path(root).is_dir():
+            raise UsageError(f"{root}: no such folder; give the folder the --segments file's videos are relative to")
+        return read_segments(Path(segments), Path(root))
+    return [ClipSpec(clip_id, path) for clip_id, path in discover_videos(root)]
 
 
 def find_side_audio(video: Path) -> Path | None:

@@ -221,21 +221,40 @@ def num_frames_at_fps(duration_s: float, fps: float) -> int:
     return max(int(math.floor(duration_s * fps + 0.05)), 0)
 
 
-def frame_indices_at_fps(frame_times_s: np.ndarray, duration_s: float, fps: float) -> np.ndarray:
-    """For each tick k / fps (k = 0..T-1, T = num_frames_at_fps), the index of the nearest source frame.
+def frame_indices_at_fps(frame_times_s: np.ndarray, duration_s: float, fps: float, start_s: float = 0.0,
+                         end_s: float | None = None) -> np.ndarray:
+    """For each tick start_s + k / fps (k = 0..T-1), the index of the nearest source frame.
 
     frame_times_s: (N,) presentation times (s), non-decreasing, first at 0 (VideoInfo.frame_times_s).
+    start_s, end_s: the span of the clip in the video (a segment); default the whole video. T =
+    num_frames_at_fps(min(end_s, duration_s) - start_s, fps).
     Ties go to the earlier frame. Returns (T,) int64, non-decreasing, each in [0, N).
     A 25 fps source maps to 0..N-1; 30 fps for 3 s gives 75 indices; variable frame rate works the same.
     """
     times = np.asarray(frame_times_s, dtype=np.float64)
     if times.ndim != 1 or len(times) == 0:
         raise ValueError("frame_times_s must be a non-empty 1-D array")
-    count = num_frames_at_fps(duration_s, fps)
-    ticks = np.arange(count, dtype=np.float64) / fps
+    end = duration_s if end_s is None else min(end_s, duration_s)
+    count = num_frames_at_fps(end - start_s, fps)
+    ticks = start_s + np.arange(count, dtype=np.float64) / fps
     after = np.searchsorted(times, ticks, side="left")  # first frame at or after the tick
     after = np.clip(after, 0, len(times) - 1)
     before = np.clip(after - 1, 0, len(times) - 1)
     # Earlier frame wins ties; 1e-9 s tolerance so float noise in k/fps does not break ties.
     take_before = (ticks - times[before]) <= (times[after] - ticks) + 1e-9
     return np.where(take_before, before, after).astype(np.int64)
+
+
+def clip_frame_indices(info: VideoInfo, fps: float, span_s: tuple[float, float] | None = None) -> np.ndarray:
+    """The source frame of each of a clip's frames at `fps`: the whole video, or the segment
+    [start, end) seconds of it. MediaError for a segment that does not fit the video (one line)."""
+    if span_s is None:
+        return frame_indices_at_fps(info.frame_times_s, info.duration_s, fps)
+    start, end = span_s
+    if start >= info.duration_s:
+        raise MediaError(f"{info.path}: the segment {start:g}-{end:g} s starts after the video ends "
+                         f"({info.duration_s:.2f} s); fix its row in the --segments file")
+    if end > info.duration_s + _TRUNCATION_TOLERANCE_S:
+        raise MediaError(f"{info.path}: the segment {start:g}-{end:g} s ends after the video "
+                         f"({info.duration_s:.2f} s); fix its row in the --segments file")
+    return frame_indices_at_fps(info.frame_times_s, info.duration_s, fps, start, end)

@@ -59,17 +59,35 @@ def choose_decoder(codec: str, device: str | torch.device, colorspace: int | Non
     return PYAV
 
 
-def process_frames(frames, input_size: int, output_dtype=None):
-    """DALI graph shared by every decode source: centre square crop, resize, normalise, FCHW.
+# A crop window in coordinates relative to the frame: (x0, y0, x1, y1), 0..1 inside the frame; a window
+# that reaches past the frame (a face near the edge) is zero-padded there, as FLOAT pads.
+Window = tuple[float, float, float, float]
+FULL_FRAME: Window = (0.0, 0.0, 1.0, 1.0)
+
+
+def center_square_window(width: int, height: int) -> Window:
+    """The centred square of a width x height frame, as a relative window."""
+    side = min(width, height)
+    left, top = (width - side) / 2 / width, (height - side) / 2 / height
+    return (left, top, 1.0 - left, 1.0 - top)
+
+
+def process_frames(frames, window, out_size, output_dtype=None):
+    """DALI graph shared by every decode source: crop window, resize, zero padding, normalise, FCHW.
 
     frames: DataNode (CPU or GPU) of video samples (F, H, W, 3) uint8, layout "FHWC".
-    Returns a DataNode (F, 3, S, S), S = input_size, values (x - 127.5) / 127.5 in [-1, 1], of
-    `output_dtype` (a DALI type; default FLOAT).
+    window: DataNode (CPU) of (4,) float32 per sample: the crop window x0, y0, x1, y1 relative to the
+        frame (a Window; parts outside [0, 1] are zero-padded, as FLOAT's copyMakeBorder does).
+    out_size: DataNode (CPU) of (2,) float32 per sample: output height and width in pixels.
+    Returns a DataNode (F, 3, out_h, out_w), values (x - 127.5) / 127.5 in [-1, 1] (padding is -1,
+    black), of `output_dtype` (a DALI type; default FLOAT).
 
-    The crop box is computed per sample from `frames.shape()` and given to fn.resize as its region of
-    interest, so the crop costs no copy (2.5-3.5x faster than fn.crop + fn.resize on the CPU, measured).
-    The resize is linear with antialiasing (downscaling 1080p to 64 px must not alias). `.shape()` of a
-    GPU node is a CPU node (legal with DALI's default dynamic executor); resize ROIs must be CPU nodes.
+    The part of the window inside the frame is given to fn.resize as its region of interest (no copy
+    of the source frame: 2.5-3.5x faster than fn.crop + fn.resize on the CPU, measured), resized to the
+    matching part of the output, then placed in the output by a padding slice (a no-op copy when the
+    window lies inside the frame). The resize is linear with antialiasing (area-like when shrinking,
+    as FLOAT's INTER_AREA; downscaling 1080p to 64 px must not alias). `.shape()` of a GPU node is a
+    CPU node (legal with DALI's default dynamic executor); resize ROIs and slice bounds must be CPU nodes.
     """
     from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
@@ -77,15 +95,26 @@ def process_frames(frames, input_size: int, output_dtype=None):
     shape = frames.shape()  # (F, H, W, C) per sample, int64, on the CPU
     height = fn.cast(shape[1], dtype=types.FLOAT)
     width = fn.cast(shape[2], dtype=types.FLOAT)
-    side = dmath.min(height, width)
-    top, left = (height - side) * 0.5, (width - side) * 0.5
-    resized = fn.resize(
-        frames, size=[input_size, input_size],
-        roi_start=fn.stack(top, left), roi_end=fn.stack(top + side, left + side),
+    x0, y0, x1, y1 = window[0] * width, window[1] * height, window[2] * width, window[3] * height
+    out_h, out_w = out_size[0], out_size[1]
+    inside_x0, inside_y0 = dmath.max(x0, 0.0), dmath.max(y0, 0.0)
+    inside_x1, inside_y1 = dmath.min(x1, width), dmath.min(y1, height)
+    scale_x, scale_y = out_w / (x1 - x0), out_h / (y1 - y0)
+    # Where the inside part lands in the output, in whole pixels.
+    out_x0 = dmath.floor((inside_x0 - x0) * scale_x + 0.5)
+    out_x1 = dmath.floor((inside_x1 - x0) * scale_x + 0.5)
+    out_y0 = dmath.floor((inside_y0 - y0) * scale_y + 0.5)
+    out_y1 = dmath.floor((inside_y1 - y0) * scale_y + 0.5)
+    part = fn.resize(
+        frames, size=fn.stack(out_y1 - out_y0, out_x1 - out_x0),
+        roi_start=fn.stack(inside_y0, inside_x0), roi_end=fn.stack(inside_y1, inside_x1),
         interp_type=types.INTERP_LINEAR, antialias=True,
     )
+    placed = fn.slice(part, start=fn.cast(fn.stack(-out_y0, -out_x0), dtype=types.INT32),
+                      shape=fn.cast(fn.stack(out_h, out_w), dtype=types.INT32), axis_names="HW",
+                      out_of_bounds_policy="pad", fill_values=0)
     return fn.crop_mirror_normalize(
-        resized, mean=127.5, std=127.5, output_layout="FCHW",
+        placed, mean=127.5, std=127.5, output_layout="FCHW",
         dtype=types.FLOAT if output_dtype is None else output_dtype,
     )
 
@@ -94,13 +123,15 @@ def _dali_decoder_pipeline_fn():
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def
-    def dali_decoder_pipeline(decode_device: str, input_size: int, dali_dtype):
+    def dali_decoder_pipeline(decode_device: str, dali_dtype):
         """Encoded file bytes + per-sample frame indices -> DALI video decoder -> process_frames."""
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=True)
         indices = fn.external_source(name="indices", dtype=types.INT32, ndim=1)  # INT32 only
+        window = fn.external_source(name="window", dtype=types.FLOAT, ndim=1)
+        out_size = fn.external_source(name="out_size", dtype=types.FLOAT, ndim=1)
         # pad_mode="none": an index past the end is an error, not a silently black frame.
         frames = fn.decoders.video(encoded, frames=indices, device=decode_device, pad_mode="none")
-        return process_frames(frames, input_size, dali_dtype)
+        return process_frames(frames, window, out_size, dali_dtype)
 
     return dali_decoder_pipeline
 
@@ -109,12 +140,14 @@ def _external_frames_pipeline_fn():
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def
-    def external_frames_pipeline(on_gpu: bool, input_size: int, dali_dtype):
+    def external_frames_pipeline(on_gpu: bool, dali_dtype):
         """Frames decoded elsewhere (PyAV), (F, H, W, 3) uint8 -> process_frames (on the GPU if asked)."""
         frames = fn.external_source(name="frames", dtype=types.UINT8, ndim=4, layout="FHWC", no_copy=True)
+        window = fn.external_source(name="window", dtype=types.FLOAT, ndim=1)
+        out_size = fn.external_source(name="out_size", dtype=types.FLOAT, ndim=1)
         if on_gpu:
             frames = frames.gpu()  # host -> device copy of the uint8 frames, before the resize
-        return process_frames(frames, input_size, dali_dtype)
+        return process_frames(frames, window, out_size, dali_dtype)
 
     return external_frames_pipeline
 
@@ -180,7 +213,7 @@ class FrameDecoder:
             dali_dtype = types.FLOAT16 if self.out_dtype == torch.float16 else types.FLOAT
             common = dict(batch_size=self.batch_chunks, num_threads=self.num_threads,
                           device_id=self._device_id, prefetch_queue_depth=1,  # we feed, then run
-                          input_size=self.input_size, dali_dtype=dali_dtype)
+                          dali_dtype=dali_dtype)
             if kind == PYAV:
                 pipe = _external_frames_pipeline_fn()(on_gpu=self.device.type == "cuda", **common)
             else:
@@ -188,15 +221,19 @@ class FrameDecoder:
                                                    **common)
             pipe.build()
             self._pipes[kind] = pipe
-            log.debug("built DALI pipeline %s (S=%d, batch %d chunks, %d threads, device %s)",
-                      kind, self.input_size, self.batch_chunks, self.num_threads, self.device)
+            log.debug("built DALI pipeline %s (batch %d chunks, %d threads, device %s)",
+                      kind, self.batch_chunks, self.num_threads, self.device)
         return pipe
 
-    def _run(self, kind: str, feeds: dict[str, list[np.ndarray]], path: Path) -> list[torch.Tensor]:
-        """Feed one batch, run the pipeline, copy each sample into a torch tensor on self.device."""
+    def _run(self, kind: str, feeds: dict[str, list[np.ndarray]], geometry: tuple[np.ndarray, np.ndarray],
+             path: Path) -> list[torch.Tensor]:
+        """Feed one batch (and the clip's window and output size for each sample), run the pipeline,
+        copy each sample into a torch tensor on self.device."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         pipe = self._pipeline(kind)
+        samples = len(next(iter(feeds.values())))
+        feeds = {**feeds, "window": [geometry[0]] * samples, "out_size": [geometry[1]] * samples}
         try:
             for name, batch in feeds.items():
                 pipe.feed_input(name, batch)
@@ -219,13 +256,15 @@ class FrameDecoder:
 
     # ---- decoding ----
 
-    def decode(self, info: VideoInfo, frame_indices: np.ndarray, *, kind: str | None = None
-               ) -> Iterator[torch.Tensor]:
+    def decode(self, info: VideoInfo, frame_indices: np.ndarray, *, kind: str | None = None,
+               window: Window | None = None, out_size: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
         """Yield processed frames for `frame_indices` of the clip, in order, chunk by chunk.
 
         frame_indices: (T,) ints in [0, info.num_frames), any order, repeats allowed.
-        Yields (n, 3, S, S) tensors (n <= chunk_frames) on self.device whose concatenation is exactly
-        the requested frames. Sets `last_decoder` at once (before the first chunk is produced); if DALI
+        window: the crop window relative to the frame (see `process_frames`); default the centred square.
+        out_size: (height, width) of the output frames; default (S, S).
+        Yields (n, 3, out_h, out_w) tensors (n <= chunk_frames) on self.device whose concatenation is
+        exactly the requested frames. Sets `last_decoder` at once (before the first chunk is produced); if DALI
         fails on the first batch of an automatically chosen DALI decoder, PyAV takes over and
         `last_decoder` becomes "pyav" (read it after consuming the chunks).
         kind: force a decoder ("pyav" works for every codec; "dali-cpu" for VP8/VP9/MJPEG only;
@@ -244,12 +283,13 @@ class FrameDecoder:
         elif kind == DALI_GPU and self.device.type != "cuda":
             raise ValueError(f"{DALI_GPU} needs a CUDA FrameDecoder, this one is on {self.device}")
         self.last_decoder = kind
+        geometry = _geometry(info, window, out_size or (self.input_size, self.input_size))
         if kind == PYAV:
-            return self._decode_pyav(info, indices)
-        return self._decode_dali(kind, info, indices, fallback)
+            return self._decode_pyav(info, indices, geometry)
+        return self._decode_dali(kind, info, indices, fallback, geometry)
 
-    def _decode_dali(self, kind: str, info: VideoInfo, indices: np.ndarray, fallback: bool
-                     ) -> Iterator[torch.Tensor]:
+    def _decode_dali(self, kind: str, info: VideoInfo, indices: np.ndarray, fallback: bool,
+                     geometry: tuple[np.ndarray, np.ndarray]) -> Iterator[torch.Tensor]:
         """DALI's decoder on key-frame-aligned pieces of the clip, `batch_chunks` pieces per run.
 
         fallback: if DALI fails on the clip's first batch (e.g. a profile NVDEC lacks, such as H.264
@@ -270,7 +310,7 @@ class FrameDecoder:
                 batch = [packets.remux(p) for p in pieces[start:start + self.batch_chunks]]
                 blobs, local = [blob for blob, _ in batch], [idx for _, idx in batch]
                 try:
-                    tensors = self._run(kind, {"encoded": blobs, "indices": local}, info.path)
+                    tensors = self._run(kind, {"encoded": blobs, "indices": local}, geometry, info.path)
                 except MediaError as err:
                     if not (fallback and start == 0):
                         raise
@@ -282,18 +322,33 @@ class FrameDecoder:
                 return
         finally:
             packets.close()
-        yield from self._decode_pyav(info, indices)
+        yield from self._decode_pyav(info, indices, geometry)
 
-    def _decode_pyav(self, info: VideoInfo, indices: np.ndarray) -> Iterator[torch.Tensor]:
+    def _decode_pyav(self, info: VideoInfo, indices: np.ndarray, geometry: tuple[np.ndarray, np.ndarray]
+                     ) -> Iterator[torch.Tensor]:
         chunks = [indices[i:i + self.chunk_frames] for i in range(0, len(indices), self.chunk_frames)]
         batch: list[np.ndarray] = []
         for frames in _pyav_decode_chunks(info, chunks):
             batch.append(frames)
             if len(batch) == self.batch_chunks:
-                yield from self._run(PYAV, {"frames": batch}, info.path)
+                yield from self._run(PYAV, {"frames": batch}, geometry, info.path)
                 batch = []
         if batch:
-            yield from self._run(PYAV, {"frames": batch}, info.path)
+            yield from self._run(PYAV, {"frames": batch}, geometry, info.path)
+
+
+def _geometry(info: VideoInfo, window: Window | None, out_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The (window, out_size) feeds of process_frames for one clip, checked."""
+    if window is None:
+        window = center_square_window(info.width, info.height)
+    w = np.asarray(window, dtype=np.float32).reshape(4)
+    if not (np.isfinite(w).all() and w[2] > w[0] and w[3] > w[1] and w[0] < 1 and w[1] < 1 and w[2] > 0
+            and w[3] > 0):
+        raise ValueError(f"{info.path}: crop window {tuple(window)} does not overlap the frame")
+    size = np.asarray(out_size, dtype=np.float32).reshape(2)
+    if (size < 1).any() or (size != np.round(size)).any():
+        raise ValueError(f"output size {tuple(out_size)} must be whole pixels")
+    return w, size
 
 
 class _VideoPackets:
@@ -385,42 +440,93 @@ class _VideoPackets:
         self._container.close()
 
 
-def _pyav_decode_chunks(info: VideoInfo, chunks: list[np.ndarray]) -> Iterator[np.ndarray]:
-    """Decode with PyAV, sequentially, yielding (n, H, W, 3) uint8 RGB for each chunk of indices.
+# A clip (a segment) whose first frame lies this many frames into the video starts decoding at the key
+# frame before it (a seek) instead of at the start of the file.
+_SEEK_AFTER_FRAMES = 50
+_PTS_TOLERANCE_S = 1e-3  # a decoded frame's time matches a probed frame time within this
 
-    No per-frame seeking: frames are decoded in order and only the ones a chunk needs are converted
-    to RGB, so memory holds one chunk. Monotone indices (the 25 fps case) take a single pass; a chunk
-    that needs a frame already passed restarts the decoder from the beginning.
+
+class _PyavCursor:
+    """PyAV decoding of one clip that hands out presentation frames by index, moving forward.
+
+    Frames are decoded in order; asking for an index behind the cursor restarts the decoder. A first
+    index far into the file (a segment of a long video) seeks to the key frame before it; decoded
+    frames are then identified by their timestamps against the probed ones, and anything unexpected
+    (no timestamps, a frame past the one asked for) falls back to decoding from the start.
+    """
+
+    def __init__(self, info: VideoInfo) -> None:
+        self.info = info
+        self.container = None
+        self.decoded: Iterator | None = None
+        self.index = -1  # index of the frame last handed out by the decoder
+        self.by_time = False  # after a seek: frames are identified by their timestamps
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.close()
+            self.container = None
+
+    def _open(self, index: int, seek: bool) -> None:
+        self.close()
+        with _media_errors(self.info.path, "opening for decoding"):
+            self.container = av.open(str(self.info.path), metadata_errors="ignore")
+            stream = _video_stream(self.container)
+            stream.thread_type = "AUTO"  # frame threading: H.264 decodes on every core
+            self.by_time = seek and index >= _SEEK_AFTER_FRAMES and stream.time_base is not None
+            if self.by_time:
+                target_s = self.info.start_time_s + float(self.info.frame_times_s[index])
+                self.container.seek(int(target_s / float(stream.time_base)), stream=stream, backward=True,
+                                    any_frame=False)
+            self.decoded = self.container.decode(stream)
+        self.index = -1
+
+    def _index_of(self, frame) -> int | None:
+        if frame.time is None:
+            return None
+        times = self.info.frame_times_s
+        at = float(frame.time) - self.info.start_time_s
+        i = int(np.clip(np.searchsorted(times, at - _PTS_TOLERANCE_S), 0, len(times) - 1))
+        return i if abs(float(times[i]) - at) <= _PTS_TOLERANCE_S else None
+
+    def frame(self, index: int):
+        """The decoded frame of presentation index `index` (MediaError when the stream ends before it)."""
+        if self.container is None or index <= self.index:
+            self._open(index, seek=True)
+        with _media_errors(self.info.path, "decoding"):
+            while True:
+                try:
+                    frame = next(self.decoded)
+                except StopIteration:
+                    raise MediaError(f"{self.info.path}: the decoder produced only {self.index + 1} frames, "
+                                     f"{self.info.num_frames} were demuxed: the file is corrupt or truncated; "
+                                     f"re-encode or remove it") from None
+                position = self._index_of(frame) if self.by_time else self.index + 1
+                if position is None or position > index:  # a seek that cannot be trusted: from the start
+                    log.debug("%s: frame %s after a seek, %d asked for; decoding from the start",
+                              self.info.path, position, index)
+                    self._open(index, seek=False)
+                    continue
+                self.index = position
+                if position == index:
+                    return frame
+
+
+def _pyav_decode_chunks(info: VideoInfo, chunks: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """Decode with PyAV, yielding (n, H, W, 3) uint8 RGB for each chunk of indices.
+
+    Frames are decoded in order (from the key frame before the first one needed, `_PyavCursor`) and
+    only the ones a chunk needs are converted to RGB, so memory holds one chunk. Monotone indices (the
+    25 fps case) take a single pass; a chunk that needs a frame already passed restarts the decoder.
     """
     path = info.path
-    container = None
+    cursor = _PyavCursor(info)
     try:
-        decoded = None
-        position = 0  # index of the next frame the decoder will hand out
         for chunk in chunks:
-            needed = np.unique(chunk)
-            if container is None or needed[0] < position:
-                if container is not None:
-                    container.close()
-                with _media_errors(path, "opening for decoding"):
-                    container = av.open(str(path), metadata_errors="ignore")
-                    stream = _video_stream(container)
-                    stream.thread_type = "AUTO"  # frame threading: H.264 decodes on every core
-                    decoded = container.decode(stream)
-                position = 0
             out: np.ndarray | None = None
-            for index in needed:
+            for index in np.unique(chunk):
+                frame = cursor.frame(int(index))
                 with _media_errors(path, "decoding"):
-                    frame = None
-                    while position <= index:
-                        try:
-                            frame = next(decoded)
-                        except StopIteration:
-                            raise MediaError(
-                                f"{path}: the decoder produced only {position} frames, {info.num_frames} "
-                                f"were demuxed: the file is corrupt or truncated; re-encode or remove it"
-                            ) from None
-                        position += 1
                     rgb = frame.to_ndarray(format="rgb24", interpolation=_SWS_FLAGS)
                 if out is None:
                     out = np.empty((len(chunk),) + rgb.shape, dtype=np.uint8)
@@ -430,8 +536,7 @@ def _pyav_decode_chunks(info: VideoInfo, chunks: list[np.ndarray]) -> Iterator[n
                 out[chunk == index] = rgb
             yield out
     finally:
-        if container is not None:
-            container.close()
+        cursor.close()
 
 
 _DECODERS: dict[tuple[int, str], FrameDecoder] = {}
@@ -455,9 +560,16 @@ def get_frame_decoder(input_size: int, device: str | torch.device = "cpu") -> Fr
         return _DECODERS[key]
 
 
+def decoder_lock() -> threading.Lock:
+    """The lock that serialises the process-wide decoders (DALI pipelines are not thread-safe)."""
+    return _DECODERS_LOCK
+
+
 def decode_frames(info: VideoInfo, frame_indices: np.ndarray, decoder: FrameDecoder | None = None, *,
-                  input_size: int | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
-    """All requested frames at once: (len(frame_indices), 3, S, S) in [-1, 1] (see FrameDecoder).
+                  input_size: int | None = None, device: str | torch.device = "cpu", window: Window | None = None,
+                  out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """All requested frames at once: (len(frame_indices), 3, S, S) in [-1, 1] (see FrameDecoder;
+    `window` and `out_size` as in FrameDecoder.decode).
 
     For the per-sample naive loader. Without `decoder`, a process-wide one for (input_size, device)
     is used (give input_size then). Serialised by a lock (DALI pipelines are not thread-safe).
@@ -467,8 +579,8 @@ def decode_frames(info: VideoInfo, frame_indices: np.ndarray, decoder: FrameDeco
             raise ValueError("decode_frames needs a decoder or an input_size")
         decoder = get_frame_decoder(input_size, device)
     with _DECODERS_LOCK:
-        chunks = list(decoder.decode(info, frame_indices))
+        chunks = list(decoder.decode(info, frame_indices, window=window, out_size=out_size))
     if not chunks:
-        return torch.empty((0, 3, decoder.input_size, decoder.input_size), dtype=decoder.out_dtype,
-                           device=decoder.device)
+        h, w = out_size or (decoder.input_size, decoder.input_size)
+        return torch.empty((0, 3, h, w), dtype=decoder.out_dtype, device=decoder.device)
     return torch.cat(chunks)

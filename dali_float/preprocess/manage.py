@@ -1,5 +1,5 @@
-"""`preprocess.py status | verify | clear`: look at, check and delete a feature cache. Nothing here writes
-features; `status` and `verify` change nothing on disk, `clear` deletes only with confirm=True."""
+"""`preprocess.py status | show | verify | clear`: look at, check and delete a feature cache. Nothing here
+writes features; `status`, `show` and `verify` change nothing on disk, `clear` deletes only with confirm=True."""
 from __future__ import annotations
 
 import logging
@@ -7,8 +7,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dali_float import cache_format as cf
 from dali_float.config import Preset
+from dali_float.errors import UsageError
 from dali_float.models import ModelSources
 from dali_float.preprocess import plan
 from dali_float.preprocess.options import cache_identity
@@ -20,7 +23,8 @@ def _folder_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
 
 
-def cache_status(data_root: Path, cache_dir: Path, preset: Preset, sources: ModelSources) -> dict[str, Any]:
+def cache_status(data_root: Path, cache_dir: Path, preset: Preset, sources: ModelSources, crop: str,
+                 segments: Path | None = None) -> dict[str, Any]:
     """One JSON-ready dict describing the cache of (preset, weights) against the videos in data_root.
 
     clips: cached / failed / skipped (entries whose source is unchanged), stale (source changed since,
@@ -28,9 +32,9 @@ def cache_status(data_root: Path, cache_dir: Path, preset: Preset, sources: Mode
     whose source is gone; the next run drops it). failures: [{clip, error}], skipped: [{clip, reason}].
     Reads the entries on disk (the truth), not manifest.json; hashes only sources whose mtime alone moved.
     """
-    fp, _ = cache_identity(preset, sources)
+    fp, _, _ = cache_identity(preset, sources, crop)
     layout = cf.CacheLayout(cf.cache_root(cache_dir, preset, fp))
-    found = plan.discover_sources(data_root)
+    found = plan.discover_sources(data_root, segments)
     entries = layout.read_entries()
     rec = plan.reconcile(found, entries, layout)
     fresh = [entries[cid] for cid in rec.up_to_date]
@@ -40,6 +44,7 @@ def cache_status(data_root: Path, cache_dir: Path, preset: Preset, sources: Mode
     return {
         "fingerprint": fp,
         "preset": preset.name,
+        "crop": crop,
         "cache_dir": str(cache_dir),
         "cache_root": str(layout.root),
         "data_root": str(data_root),
@@ -80,18 +85,71 @@ def format_status(status: dict[str, Any]) -> list[str]:
     return lines
 
 
-def verify_cache(cache_dir: Path, preset: Preset, sources: ModelSources) -> dict[str, Any]:
-    """cache_format.verify over the cache of (preset, weights): {fingerprint, cache_root, ok, problems}.
+def verify_cache(cache_dir: Path, preset: Preset, sources: ModelSources, crop: str) -> dict[str, Any]:
+    """cache_format.verify over the cache of (preset, weights, crop): {fingerprint, cache_root, ok, problems}.
 
     CacheError (exit 2) when there is no such cache or it has no manifest yet.
     """
-    fp, _ = cache_identity(preset, sources)
+    fp, _, _ = cache_identity(preset, sources, crop)
     layout = cf.CacheLayout(cf.cache_root(cache_dir, preset, fp))
     if not layout.root.exists():
         raise cf.CacheError(f"no feature cache {layout.root}: run `python preprocess.py` first")
     problems = cf.verify(layout, preset)
     return {"fingerprint": fp, "cache_root": str(layout.root), "ok": not problems, "problems": problems,
             "clips": len(layout.read_entries())}
+
+
+def show_clip(clip_id: str, cache_dir: Path, preset: Preset, sources: ModelSources, crop: str) -> dict[str, Any]:
+    """One clip's entry in the cache of (preset, weights, crop), JSON-ready, with its cached files' shapes.
+
+    Keys: every entry field (status, reason, source, decoder, source size and fps, frames, segment,
+    crop, crop_box [x0, y0, x1, y1] in source pixels (past the frame where it was padded), faces seen,
+    per-stage seconds, ...), plus cache_root and files {stream: {path, dtype, shape, bytes}}.
+    CacheError (exit 2) when there is no such cache; UsageError (exit 2) when it holds no such clip.
+    """
+    fp, _, _ = cache_identity(preset, sources, crop)
+    layout = cf.CacheLayout(cf.cache_root(cache_dir, preset, fp))
+    if not layout.root.exists():
+        raise cf.CacheError(f"no feature cache {layout.root}: run `python preprocess.py` first (same flags)")
+    entries = layout.read_entries()
+    entry = entries.get(clip_id)
+    if entry is None:
+        near = sorted(c for c in entries if clip_id in c or c in clip_id)[:3] or sorted(entries)[:3]
+        raise UsageError(f"no clip {clip_id!r} in {layout.root} ({len(entries)} clips; e.g. {', '.join(near)}); "
+                         f"`python preprocess.py status --json` lists them")
+    shown: dict[str, Any] = {"cache_root": str(layout.root), **entry.to_dict(), "files": {}}
+    for stream in cf.STREAMS:
+        path = layout.stream_path(entry.key, stream)
+        if not path.exists():
+            continue
+        try:
+            array = np.load(path, mmap_mode="r")
+            shown["files"][stream.name] = {"path": str(path), "dtype": str(array.dtype), "shape": list(array.shape),
+                                           "bytes": path.stat().st_size}
+        except (OSError, ValueError) as err:
+            shown["files"][stream.name] = {"path": str(path), "error": str(err)}
+    return shown
+
+
+def format_clip(shown: dict[str, Any]) -> list[str]:
+    """`show` as a few human-readable lines."""
+    lines = [f"{shown['clip_id']}: {shown['status']}" + (f" ({shown['reason']})" if shown.get("reason") else "")]
+    segment = shown.get("segment_s")
+    lines.append(f"  source    {shown['source_path']}" + (f" [{segment[0]:g} s, {segment[1]:g} s)" if segment else ""))
+    lines.append(f"  video     {shown.get('source_width', 0)}x{shown.get('source_height', 0)} at "
+                 f"{shown.get('source_fps', 0):.3f} fps, decoder {shown.get('decoder') or '-'}; "
+                 f"{shown['num_frames']} frames at {shown.get('fps', 0):g} fps")
+    box = shown.get("crop_box") or []
+    faces = f", {shown['faces_seen']} face(s) seen on {shown['detect_frames']} sampled frames" \
+        if shown.get("crop") == "face" else ""
+    lines.append(f"  crop      {shown.get('crop') or '-'} {[round(v, 1) for v in box] if box else ''}{faces}")
+    stages = shown.get("stage_seconds") or {}
+    if stages:
+        lines.append("  seconds   " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
+    for name, f in shown["files"].items():
+        lines.append(f"  {name:<9} " + (f"{f['dtype']}{f['shape']} {f['path']}" if "shape" in f else f"{f['path']}: "
+                                           f"{f['error']}"))
+    return lines
 
 
 def _cache_folders(cache_dir: Path) -> list[Path]:
@@ -102,16 +160,16 @@ def _cache_folders(cache_dir: Path) -> list[Path]:
     return sorted(p for p in cache_dir.iterdir() if p.is_dir() and (p / "cache.json").is_file())
 
 
-def clear_cache(cache_dir: Path, preset: Preset, sources: ModelSources, confirm: bool = False,
+def clear_cache(cache_dir: Path, preset: Preset, sources: ModelSources, crop: str, confirm: bool = False,
                 all_caches: bool = False) -> list[Path]:
-    """Delete the cache folder of (preset, weights), or every cache folder in cache_dir (`all_caches`).
+    """Delete the cache folder of (preset, weights, crop), or every cache folder in cache_dir (`all_caches`).
 
     Without `confirm` only logs what it would delete. Returns the folders (deleted or to delete).
     """
     if all_caches:
         targets = _cache_folders(cache_dir)
     else:
-        fp, _ = cache_identity(preset, sources)
+        fp, _, _ = cache_identity(preset, sources, crop)
         root = cf.cache_root(cache_dir, preset, fp)
         targets = [root] if root.exists() else []
     if not targets:

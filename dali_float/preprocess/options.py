@@ -1,8 +1,8 @@
 """What a preprocessing run is asked to do, what it reports, and which cache folder it writes.
 
-The fingerprint (cache_format.fingerprint over the preset and the identity of every encoder's
-weights) names the cache folder: another preset or other weights write to another folder, so stale
-features are never mixed with fresh ones.
+The fingerprint (cache_format.fingerprint over the preset, the identity of every encoder's weights and
+the framing) names the cache folder: another preset, other weights or another crop write to another
+folder, so stale features are never mixed with fresh ones.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from dali_float import paths
 from dali_float.cli import env_rank, usable_cores, visible_cuda_devices
 from dali_float.config import Preset
 from dali_float.errors import CheckpointError, UsageError
+from dali_float.media.framing import check_crop, framing_identity
 from dali_float.models import ModelSources, model_identities
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,16 @@ class PreprocessOptions:
     frame_batch: frames per motion-encoder batch (every batch has exactly this size; the last is padded).
         None: what suits the device (FRAME_BATCH_BY_DEVICE: 64 on a GPU; 16 on the CPU, ~2x faster there).
     progress: tqdm bars on stderr.
+    crop: face | center | none (dali_float.media.framing; `default_crop` is what the scripts pick).
+    segments: a CSV of clip segments (dali_float.media.segments); None: every video is a clip.
     """
 
     data_root: Path
     cache_dir: Path
     preset: Preset
     sources: ModelSources
+    crop: str = "face"
+    segments: Path | None = None
     force: bool = False
     device: str = "cpu"
     gpus: tuple[int, ...] = ()
@@ -57,6 +62,7 @@ class PreprocessOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_crop(self.crop)
         if self.workers < 1:
             raise UsageError(f"--workers must be at least 1, got {self.workers}")
         if self.frame_batch is not None and self.frame_batch < 1:
@@ -123,22 +129,23 @@ def check_sources(sources: ModelSources) -> None:
             raise CheckpointError(f"{flag} {path} does not exist; give the local file or folder")
 
 
-def cache_fingerprint(preset: Preset, sources: ModelSources) -> str:
-    """The cache fingerprint for this preset and these weights (hashes the weight files)."""
-    return cache_identity(preset, sources)[0]
+def cache_fingerprint(preset: Preset, sources: ModelSources, crop: str) -> str:
+    """The cache fingerprint for this preset, these weights and this crop (hashes the weight files)."""
+    return cache_identity(preset, sources, crop)[0]
 
 
-def cache_identity(preset: Preset, sources: ModelSources) -> tuple[str, dict[str, str]]:
-    """(fingerprint, model identities): the weights are hashed once for both."""
+def cache_identity(preset: Preset, sources: ModelSources, crop: str) -> tuple[str, dict[str, str], str]:
+    """(fingerprint, model identities, framing identity): the weights are hashed once for all."""
     check_sources(sources)
     models = model_identities(preset, sources)
-    return cf.fingerprint(preset, models), models
+    framing = framing_identity(crop)
+    return cf.fingerprint(preset, models, framing), models, framing
 
 
-def new_manifest(preset: Preset, fp: str, models: dict[str, str], data_root: Path) -> cf.Manifest:
+def new_manifest(preset: Preset, fp: str, models: dict[str, str], framing: str, data_root: Path) -> cf.Manifest:
     """An empty manifest of this fingerprint (its header is what `CacheLayout.create` records)."""
     return cf.Manifest(fingerprint=fp, preset_name=preset.name, preset=preset.to_dict(), models=dict(models),
-                       data_root=str(Path(data_root).resolve()))
+                       framing=framing, data_root=str(Path(data_root).resolve()))
 
 
 def worker_devices(options: PreprocessOptions) -> list[str]:

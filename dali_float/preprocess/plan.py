@@ -1,10 +1,13 @@
 """Planning a run: find the sources, compare them with the entries on disk, split the work.
 
-The entries on disk (`clips/<key>/entry.json`) are the truth; `manifest.json` is derived from them.
-A clip is up to date when its entry has the source's size and mtime (or, after a mere `touch`, the
-same content hash: then only the entry's mtime is updated). Everything else found is pending: new,
-changed, damaged (a cached entry whose arrays are gone) or forced. Entries whose source disappeared
-are dropped at the end of the run.
+A source is a clip: a whole video, or a segment of one (`--segments`). The entries on disk
+(`clips/<key>/entry.json`) are the truth; `manifest.json` is derived from them. A clip is up to date
+when its entry has the video's size and mtime (or, after a mere `touch`, the same content hash: then
+only the entry's mtime is updated) and, for a segment, the same span. Everything else found is
+pending: new, changed (the video, or the segment's span), damaged (a cached entry whose arrays are
+gone) or forced. Entries whose source disappeared (a video removed, a segment row dropped) are
+dropped at the end of the run. So changing a video re-does its segments, and editing a segments file
+adds or drops only the rows that changed.
 
 Work is split so workers finish together: greedy longest-first by duration onto the least-loaded
 worker. The rule is deterministic, so torchrun ranks that plan from the same manifest snapshot
@@ -39,32 +42,45 @@ _PER_CLIP_OVERHEAD_S = 0.1
 
 @dataclass(frozen=True)
 class Source:
-    """One video found under the data root, as `stat` sees it (size and mtime -1 when stat failed)."""
+    """One clip found under the data root, its video as `stat` sees it (size and mtime -1 when stat failed)."""
 
     clip_id: str
     path: Path
     size_bytes: int
     mtime_ns: int
     regular: bool  # a regular file; FIFOs and devices are never opened (reading one could block)
+    span_s: tuple[float, float] | None = None  # a segment [start, end) of the video; None: the whole video
+
+    @property
+    def segment_s(self) -> list[float] | None:
+        """The span as the entry records it."""
+        return None if self.span_s is None else [float(v) for v in self.span_s]
 
 
-def discover_sources(data_root: Path) -> list[Source]:
-    """Every video under `data_root` (media.discover_videos: recursive, any case), sorted by clip id."""
+def discover_sources(data_root: Path, segments: Path | None = None) -> list[Source]:
+    """The clips of `data_root` (media.discover_clips: every video, recursive, any case; or the rows of
+    a segments CSV), sorted by clip id; each video is stat-ed once."""
+    stats: dict[Path, tuple[int, int, bool]] = {}
     found = []
-    for clip_id, path in media.discover_videos(Path(data_root)):
-        try:
-            st = os.stat(path)  # follows symlinks: the clip is what the link points to
-            found.append(Source(clip_id, path, st.st_size, st.st_mtime_ns, stat.S_ISREG(st.st_mode)))
-        except OSError:  # a dangling symlink, a file that vanished: the worker records why
-            found.append(Source(clip_id, path, -1, -1, False))
+    for spec in media.discover_clips(Path(data_root), segments):
+        if spec.path not in stats:
+            try:
+                st = os.stat(spec.path)  # follows symlinks: the clip is what the link points to
+                stats[spec.path] = (st.st_size, st.st_mtime_ns, stat.S_ISREG(st.st_mode))
+            except OSError:  # a dangling symlink, a file that vanished: the worker records why
+                stats[spec.path] = (-1, -1, False)
+        found.append(Source(spec.clip_id, spec.path, *stats[spec.path], span_s=spec.span_s))
     return found
 
 
-def _content_hash(path: Path) -> str:
-    try:
-        return sha256_file(path)
-    except OSError:
-        return ""
+def _content_hash(path: Path, memo: dict[Path, str]) -> str:
+    """The video's sha256 (once per video per run: its segments share it); "" when it cannot be read."""
+    if path not in memo:
+        try:
+            memo[path] = sha256_file(path)
+        except OSError:
+            memo[path] = ""
+    return memo[path]
 
 
 @dataclass
@@ -90,6 +106,7 @@ def reconcile(sources: list[Source], entries: dict[str, cf.ClipEntry], layout: c
               force: bool = False) -> Reconciliation:
     """Classify every source and entry (reads files only to hash sources whose mtime alone changed)."""
     rec = Reconciliation()
+    hashes: dict[Path, str] = {}
     found = {s.clip_id for s in sources}
     rec.gone = [e for cid, e in sorted(entries.items()) if cid not in found]
     for src in sources:
@@ -100,13 +117,13 @@ def reconcile(sources: list[Source], entries: dict[str, cf.ClipEntry], layout: c
             rec.pending[src.clip_id] = FORCED
         elif entry.status == cf.STATUS_CACHED and not _arrays_present(layout, entry):
             rec.pending[src.clip_id] = DAMAGED
-        elif entry.size_bytes != src.size_bytes:
+        elif entry.size_bytes != src.size_bytes or entry.segment_s != src.segment_s:
             rec.pending[src.clip_id] = CHANGED
         elif entry.mtime_ns == src.mtime_ns:
             rec.up_to_date.append(src.clip_id)
             if entry.source_path != str(src.path):  # the data root moved: same bytes, new address
                 rec.touched.append(dataclasses.replace(entry, source_path=str(src.path)))
-        elif src.regular and entry.content_hash and _content_hash(src.path) == entry.content_hash:
+        elif src.regular and entry.content_hash and _content_hash(src.path, hashes) == entry.content_hash:
             # `touch`, a copy that kept the bytes: nothing to recompute, only the mtime to remember.
             rec.up_to_date.append(src.clip_id)
             rec.touched.append(dataclasses.replace(entry, mtime_ns=src.mtime_ns, source_path=str(src.path)))
@@ -176,8 +193,16 @@ class ClipTask:
     size_bytes: int
     mtime_ns: int
     regular: bool
+    span_s: tuple[float, float] | None = None  # a segment of the video; None: the whole video
     info: media.VideoInfo | None = None  # None: not probed or probing failed (the worker says why)
     duration_s: float = 0.0  # weight for balancing; 0 for clips that will fail fast
+
+    def new_entry(self, status: str, **fields) -> cf.ClipEntry:
+        """An entry of this clip (what identifies its source filled in) with `status` and `fields`."""
+        return cf.ClipEntry(clip_id=self.clip_id, key=self.key, source_path=self.path, size_bytes=self.size_bytes,
+                            mtime_ns=self.mtime_ns, content_hash="", status=status, clip_uid=self.clip_uid,
+                            segment_s=None if self.span_s is None else [float(v) for v in self.span_s],
+                            **fields)
 
 
 def make_tasks(sources: list[Source], rec: Reconciliation, manifest: cf.Manifest) -> list[ClipTask]:
@@ -194,23 +219,29 @@ def make_tasks(sources: list[Source], rec: Reconciliation, manifest: cf.Manifest
         else:
             uid, base = base, base + 1
         tasks.append(ClipTask(src.clip_id, str(src.path), cf.clip_key(src.clip_id), uid, src.size_bytes,
-                              src.mtime_ns, src.regular))
+                              src.mtime_ns, src.regular, src.span_s))
     return tasks
 
 
 def probe_tasks(tasks: list[ClipTask], progress: bool = False) -> None:
-    """Probe each regular-file task (demux only) for its duration; a MediaError leaves info None."""
+    """Probe each regular-file task's video (demux only, once per video: segments share it) for its
+    duration; a MediaError leaves info None (the worker probes again and records the one-line reason)."""
+    probed: dict[str, media.VideoInfo | None] = {}
     for task in tqdm(tasks, desc="probing", unit="clip", disable=not progress or len(tasks) < 20, leave=False):
         if not task.regular:
             continue
-        try:
-            task.info = media.probe_video(Path(task.path))
-            task.duration_s = task.info.duration_s
-        except MediaError:
-            task.info = None  # the worker probes again and records the one-line reason
-        except Exception:  # noqa: BLE001 - a probing bug costs this clip (in the worker), not the plan
-            log.debug("probing %s failed", task.path, exc_info=True)
-            task.info = None
+        if task.path not in probed:
+            try:
+                probed[task.path] = media.probe_video(Path(task.path))
+            except MediaError:
+                probed[task.path] = None
+            except Exception:  # noqa: BLE001 - a probing bug costs this clip (in the worker), not the plan
+                log.debug("probing %s failed", task.path, exc_info=True)
+                probed[task.path] = None
+        task.info = probed[task.path]
+        if task.info is not None:
+            end = task.info.duration_s if task.span_s is None else min(task.span_s[1], task.info.duration_s)
+            task.duration_s = max(0.0, end - (task.span_s[0] if task.span_s else 0.0))
 
 
 def balance(tasks: list[ClipTask], bins: int) -> list[list[ClipTask]]:

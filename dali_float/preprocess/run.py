@@ -31,7 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from dali_float import cache_format as cf
 from dali_float import media
 from dali_float.cli import usable_cores
-from dali_float.errors import CheckpointError, UsageError
+from dali_float.errors import CheckpointError, NoSourcesError, UsageError
 from dali_float.preprocess import plan
 from dali_float.preprocess.options import (PreprocessOptions, PreprocessResult, cache_identity, new_manifest,
                                            rank_and_world, worker_devices)
@@ -57,14 +57,19 @@ def run_preprocessing(options: PreprocessOptions) -> PreprocessResult:
     rank, world = rank_and_world()
     if Path(options.cache_dir).exists() and not Path(options.cache_dir).is_dir():
         raise UsageError(f"--cache_dir {options.cache_dir} is a file, not a folder")
-    fp, model_ids = cache_identity(preset, options.sources)
+    fp, model_ids, framing = cache_identity(preset, options.sources, options.crop)
     layout = cf.CacheLayout(cf.cache_root(options.cache_dir, preset, fp))
-    sources = plan.discover_sources(options.data_root)  # UsageError when the folder does not exist
+    # UsageError when the folder (or the segments file) does not exist or a segment row is malformed
+    sources = plan.discover_sources(options.data_root, options.segments)
     if not options.force:
         _refuse_another_corpus(layout, Path(options.data_root), {s.clip_id for s in sources})
-    if not sources and rank == 0:
-        log.warning("no video files (%s) under %s", ", ".join(media.VIDEO_EXTENSIONS), options.data_root)
-    header = new_manifest(preset, fp, model_ids, options.data_root)
+    if not sources:  # nothing to do is a mistake (a wrong folder), not a success: say so, touch nothing
+        if options.segments is not None:
+            raise NoSourcesError(f"the segments file {options.segments} lists no clip: add rows "
+                                 f"video,start_s,end_s[,clip_name]")
+        raise NoSourcesError(f"no video files ({', '.join(media.VIDEO_EXTENSIONS)}) under {options.data_root}: "
+                             f"point --data_root at the folder that holds the videos")
+    header = new_manifest(preset, fp, model_ids, framing, options.data_root)
     stats = _RunStats()
 
     with _process_group(world) as barrier:
@@ -187,7 +192,8 @@ def _run_share(share: list[plan.ClipTask], devices: list[str], options: Preproce
     try:
         with logging_redirect_tqdm():
             if n == 1:
-                processor = ClipProcessor(options.preset, options.sources, devices[0], options.frame_batch)
+                processor = ClipProcessor(options.preset, options.sources, devices[0], options.frame_batch,
+                                          crop=options.crop)
                 run_tasks(processor, layout, share, _LocalReporter(progress))
             else:
                 _run_processes(plan.balance(share, n), devices[:n], options, layout, progress)
@@ -215,7 +221,7 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
         tasks = list(remaining[w].values())
         procs[w] = ctx.Process(target=worker_main, name=f"preprocess-worker{w}", daemon=True,
                                args=(w, options.preset, options.sources, devices[w], options.frame_batch,
-                                     threads, str(layout.root), tasks, messages, level))
+                                     options.crop, threads, str(layout.root), tasks, messages, level))
         current[w], finished[w] = None, 0
         procs[w].start()
 
@@ -282,10 +288,9 @@ def _worker_died(w: int, proc, clip_id: str, remaining: dict[int, dict[str, plan
     """Record the clip a dead worker was on as failed (written here: the worker cannot any more)."""
     how = _how(proc)
     task = remaining[w].pop(clip_id)
-    entry = cf.ClipEntry(clip_id=task.clip_id, key=task.key, source_path=task.path, size_bytes=task.size_bytes,
-                         mtime_ns=task.mtime_ns, content_hash="", status=cf.STATUS_FAILED, clip_uid=task.clip_uid,
-                         reason=f"the worker process died ({how}) while processing this clip; re-encode the "
-                                f"file or remove it")
+    entry = task.new_entry(cf.STATUS_FAILED,
+                           reason=f"the worker process died ({how}) while processing this clip; re-encode the "
+                                  f"file or remove it")
     log.warning("worker %d died (%s) on %s; %d clip(s) of its share go to a new worker", w, how, clip_id,
                 len(remaining[w]))
     progress.done(w, layout.write_uncached(entry))

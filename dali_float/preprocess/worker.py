@@ -1,11 +1,13 @@
 """One clip -> features -> cache entry (`ClipProcessor.process`), and the worker process around it.
 
-Per clip, every model runs once:
+Per clip (a whole video or a segment of one), every model runs once:
 
-    probe -> T = frames at 25 fps, source frame of each tick
+    probe -> T = frames at 25 fps (of the segment), source frame of each tick
     audio:   prepare_clip_audio -> wav2vec2 over the WHOLE clip -> (T, A)   (the whole-clip convention)
     emotion: classifier / file name / uniform -> (E,)
-    decode:  FrameDecoder (DALI mixed/NVDEC on a GPU, DALI CPU for VP8/VP9/MJPEG, PyAV otherwise)
+    framing: one crop for the clip (media.framing: face detection on sampled frames, or the centre)
+    decode:  FrameDecoder (DALI mixed/NVDEC on a GPU, DALI CPU for VP8/VP9/MJPEG, PyAV otherwise),
+             cropped to the clip's window and resized in the same DALI graph, on the device
     motion:  fixed batches of `frame_batch` frames -> r (T, F), lambda (T, M), s of frame 0 (F,)
 
 A clip that cannot be used becomes a `failed` (MediaError, or a bug: its one line) or `skipped`
@@ -36,7 +38,7 @@ from dali_float.preprocess.plan import ClipTask
 
 log = logging.getLogger(__name__)
 
-STAGES = ("decode", "motion", "audio", "emotion")
+STAGES = ("framing", "decode", "motion", "audio", "emotion")
 
 
 def one_line(err: BaseException) -> str:
@@ -63,12 +65,14 @@ class ClipProcessor:
     """
 
     def __init__(self, preset: Preset, sources: ModelSources, device: str | torch.device, frame_batch: int | None,
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, crop: str = "face") -> None:
         self.preset = preset
         self.device = torch.device(device)
         self.frame_batch = int(frame_batch or frame_batch_for(str(self.device)))
         self.encoders = build_encoders(preset, sources, self.device)
         self.decoder = media.FrameDecoder(preset.motion.input_size, self.device, num_threads=num_threads)
+        self.framer = media.ClipFramer(crop, self.device)
+        self._hash_memo: tuple[tuple[str, int, int], str] | None = None  # segments of one video share its hash
         size = preset.motion.input_size
         # One batch buffer for the whole run: decoded chunks are copied in (device to device on a GPU).
         self._batch = torch.zeros((self.frame_batch, 3, size, size), dtype=self.decoder.out_dtype,
@@ -79,9 +83,7 @@ class ClipProcessor:
     def process(self, task: ClipTask, layout: cf.CacheLayout,
                 on_frames: Callable[[int], None] | None = None) -> cf.ClipEntry:
         """Compute the clip's features and write them (or its failed/skipped entry); returns the entry."""
-        entry = cf.ClipEntry(clip_id=task.clip_id, key=task.key, source_path=task.path, size_bytes=task.size_bytes,
-                             mtime_ns=task.mtime_ns, content_hash="", status=cf.STATUS_FAILED,
-                             clip_uid=task.clip_uid, fps=float(self.preset.timing.fps))
+        entry = task.new_entry(cf.STATUS_FAILED, fps=float(self.preset.timing.fps), crop=self.framer.crop)
         try:
             features = self._compute(task, entry, on_frames)
         except ClipSkipped as err:
@@ -107,26 +109,25 @@ class ClipProcessor:
         timing = self.preset.timing
         path = Path(task.path)
         _check_regular_file(path)
-        try:
-            entry.content_hash = sha256_file(path)
-        except OSError:
-            pass  # unreadable: probing says why, in one line
+        entry.content_hash = self._content_hash(task)
         info = task.info if task.info is not None else media.probe_video(path)
         entry.source_fps = float(info.source_fps)
-        t = media.num_frames_at_fps(info.duration_s, timing.fps)
+        entry.source_width, entry.source_height = info.width, info.height
+        indices = media.clip_frame_indices(info, timing.fps, task.span_s)
+        t = len(indices)
         entry.num_frames = t
         if t < timing.window_frames:
-            raise ClipSkipped(f"{t} frames at {timing.fps} fps ({info.duration_s:.2f} s), fewer than one "
+            raise ClipSkipped(f"{t} frames at {timing.fps} fps ({t / timing.fps:.2f} s), fewer than one "
                               f"{timing.window_frames}-frame training window")
         if info.audio_source is not None:
             entry.audio_source = "track" if Path(info.audio_source) == Path(info.path) else info.audio_source.name
-        indices = media.frame_indices_at_fps(info.frame_times_s, info.duration_s, timing.fps)
         seconds = dict.fromkeys(STAGES, 0.0)
         entry.stage_seconds = seconds
 
         # Audio first: it is cheap and fails a clip (no audio, bad track) before the costly decode.
         with self._stage(seconds, "audio"):
-            wave = media.prepare_clip_audio(info, t, timing)  # (T * 640,) float32, normalised
+            start_s = task.span_s[0] if task.span_s else 0.0
+            wave = media.prepare_clip_audio(info, t, timing, start_s)  # (T * 640,) float32, normalised
             audio = self.encoders.audio.encode(wave[None].to(self.device), t)[0]  # whole clip -> (T, A)
             if not bool(torch.isfinite(audio).all()):
                 raise MediaError(f"{path}: wav2vec2 features hold non-finite values (silent or broken audio "
@@ -136,7 +137,12 @@ class ClipProcessor:
             emotion = emotion_vector(self.encoders, wave[None], info.path)
         entry.emotion_source = self.encoders.sources.emotion
 
-        latents, coefficients, identity = self._encode_video(info, indices, seconds, on_frames)
+        # One crop for the whole clip (a per-frame crop would erase the head motion the latents carry).
+        with self._stage(seconds, "framing"):
+            crop = self.framer.decide(info, self.decoder, indices, timing.fps, self.preset.motion.input_size)
+        for name, value in crop.to_entry().items():
+            setattr(entry, name, value)
+        latents, coefficients, identity = self._encode_video(info, indices, crop.window, seconds, on_frames)
         entry.decoder = self.decoder.last_decoder or ""
         features = cf.ClipFeatures(motion_latents=latents, audio_features=audio_np,
                                    motion_coefficients=coefficients, identity=identity, emotion=emotion)
@@ -149,8 +155,19 @@ class ClipProcessor:
 
     # -- decode + motion in fixed-size batches -----------------------------------------------------
 
-    def _encode_video(self, info: media.VideoInfo, indices: np.ndarray, seconds: dict[str, float],
-                      on_frames: Callable[[int], None] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _content_hash(self, task: ClipTask) -> str:
+        """sha256 of the clip's video; "" when unreadable (probing says why, in one line)."""
+        key = (task.path, task.size_bytes, task.mtime_ns)
+        if self._hash_memo is None or self._hash_memo[0] != key:
+            try:
+                self._hash_memo = (key, sha256_file(Path(task.path)))
+            except OSError:
+                return ""
+        return self._hash_memo[1]
+
+    def _encode_video(self, info: media.VideoInfo, indices: np.ndarray, window: media.Window,
+                      seconds: dict[str, float], on_frames: Callable[[int], None] | None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """r (T, F), lambda (T, M) float32 and s (F,) float32 of the first frame."""
         batch = self._batch
         latents: list[torch.Tensor] = []
@@ -171,7 +188,7 @@ class ClipProcessor:
 
         def timed_chunks() -> Iterator[torch.Tensor]:
             nonlocal decoded
-            chunks = self.decoder.decode(info, indices)
+            chunks = self.decoder.decode(info, indices, window=window)
             while True:
                 with self._stage(seconds, "decode"):
                     chunk = next(chunks, None)  # (n, 3, S, S) on self.device; NVDEC frames stay on the GPU
@@ -260,7 +277,7 @@ def fill_fixed_batches(chunks: Iterable[torch.Tensor], batch: torch.Tensor) -> I
 
 
 def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: str, frame_batch: int | None,
-                num_threads: int, root: str, tasks: list[ClipTask], queue, log_level: int) -> None:
+                crop: str, num_threads: int, root: str, tasks: list[ClipTask], queue, log_level: int) -> None:
     """Entry point of a spawned worker: process `tasks`, then put ("exit", id) on the queue.
 
     A DaliFloatError (bad weights, no CUDA) is sent as ("fatal", id, (error class, message)); the
@@ -275,7 +292,7 @@ def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: s
     try:
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
-        processor = ClipProcessor(preset, sources, device, frame_batch, num_threads=num_threads)
+        processor = ClipProcessor(preset, sources, device, frame_batch, num_threads=num_threads, crop=crop)
         run_tasks(processor, cf.CacheLayout(Path(root)), tasks, QueueReporter(queue, worker_id))
     except DaliFloatError as err:
         queue.put(("fatal", worker_id, (type(err).__name__, str(err))))

@@ -17,6 +17,7 @@ from dali_float.config import PRESETS
 from dali_float.errors import UsageError
 from dali_float.loaders import EPOCH_POLICIES, LOADER_KINDS, REF_RULES
 from dali_float.loaders.sampling import check_choice
+from dali_float.media.framing import check_crop, default_crop
 from dali_float.models import ModelSources
 
 PRECISIONS = ("fp16", "bf16", "no")
@@ -37,6 +38,8 @@ class TrainConfig:
     preset: str = "tiny"
     loader: str = "dali"  # dali | torch | naive
     data_root: Path | None = None  # None: the built-in demo corpus
+    segments: Path | None = None  # CSV of clip segments (media.segments); None: every video is a clip
+    crop: str | None = None  # face | center | none; None: face, center for the demo corpus (media.framing)
     cache_dir: Path | None = None  # None: $DALI_FLOAT_HOME/features
     force_preprocess: bool = False
     motion_ckpt: Path | None = None  # the frozen encoders' weights (None: seeded random init)
@@ -81,6 +84,7 @@ class TrainConfig:
         check_choice("epoch_policy", self.epoch_policy, EPOCH_POLICIES)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("device", self.device, DEVICES)
+        check_crop(self.resolved_crop)
         if self.mixed_precision is not None:
             check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         if self.wandb_mode is not None:
@@ -115,6 +119,10 @@ class TrainConfig:
         return self.lr if self.lr is not None else DEFAULT_LR[self.preset]
 
     @property
+    def resolved_crop(self) -> str:
+        return self.crop if self.crop is not None else default_crop(self.data_root)
+
+    @property
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir is not None else paths.default_cache_dir(self.data_root)
 
@@ -142,5 +150,6 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (paths as strings), with the resolved learning rate and cache folder."""
         out = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
-        out.update(resolved_lr=self.resolved_lr, resolved_cache_dir=str(self.resolved_cache_dir))
+        out.update(resolved_lr=self.resolved_lr, resolved_cache_dir=str(self.resolved_cache_dir),
+                   resolved_crop=self.resolved_crop)
         return out

@@ -33,6 +33,8 @@ class DataSource:
     cache: TrainingCache | None = None
     data_root: Path | None = None
     encoders: Encoders | None = None
+    crop: str = "face"  # naive: how it frames the videos (the cache's framing is in its fingerprint)
+    segments: Path | None = None  # naive: the clip segments, as preprocessing reads them
 
     @classmethod
     def from_cache(cls, cache: TrainingCache) -> DataSource:
@@ -44,8 +46,9 @@ class DataSource:
 
 def preprocess_command(cfg: TrainConfig) -> str:
     """The preprocess.py command for this run's data and weights (named in cache errors)."""
-    words = ["python", "preprocess.py", "--preset", cfg.preset, "--cache_dir", str(cfg.resolved_cache_dir)]
-    for flag in ("data_root", "motion_ckpt", "wav2vec2_path", "emotion_path", "emotion"):
+    words = ["python", "preprocess.py", "--preset", cfg.preset, "--cache_dir", str(cfg.resolved_cache_dir),
+             "--crop", cfg.resolved_crop]
+    for flag in ("data_root", "segments", "motion_ckpt", "wav2vec2_path", "emotion_path", "emotion"):
         value = getattr(cfg, flag)
         if value is not None:
             words += [f"--{flag}", str(value)]
@@ -63,10 +66,12 @@ def prepare_data(cfg: TrainConfig, preset: Preset, dist: Distributed) -> DataSou
     if cfg.loader == "naive":
         if cfg.force_preprocess:
             log.info("--force_preprocess: the naive loader reads no cache; nothing to preprocess")
-        return DataSource(fingerprint=pp.cache_fingerprint(preset, sources), data_root=data_root,
-                          encoders=build_encoders(preset, sources, dist.device))
+        return DataSource(fingerprint=pp.cache_fingerprint(preset, sources, cfg.resolved_crop), data_root=data_root,
+                          encoders=build_encoders(preset, sources, dist.device), crop=cfg.resolved_crop,
+                          segments=cfg.segments)
     options = pp.PreprocessOptions(
         data_root=data_root, cache_dir=cfg.resolved_cache_dir, preset=preset, sources=sources,
+        crop=cfg.resolved_crop, segments=cfg.segments,
         force=cfg.force_preprocess, device=str(dist.device), progress=cfg.progress and dist.is_main)
     result = pp.run_preprocessing(options)
     if result.exit_code and dist.is_main:
@@ -84,7 +89,7 @@ def open_training_loader(cfg: TrainConfig, preset: Preset, source: DataSource, d
         device=str(dist.device), shard_id=dist.rank, num_shards=dist.world_size, num_workers=cfg.num_workers,
         num_threads=cfg.num_threads, read_strategy=cfg.read_strategy)
     loader = open_loader(cfg.loader, preset, options, cache=source.cache, data_root=source.data_root,
-                         encoders=source.encoders)
+                         encoders=source.encoders, crop=source.crop, segments=source.segments)
     if cfg.batch_size > loader.samples_per_epoch:
         loader.close()
         raise UsageError(f"--batch_size {cfg.batch_size} is larger than the data: one epoch holds "
