@@ -62,7 +62,6 @@ CALIBRATIONS = {
     "short_range": BoxCalibration(dx=0.0, dy=0.0, sx=1.0, sy=1.0),
     "full_range": BoxCalibration(dx=0.0, dy=0.0, sx=1.0, sy=1.0),
 }
-IDENTITY_CALIBRATION = BoxCalibration(0.0, 0.0, 1.0, 1.0)
 
 
 def float_crop_box(box: Sequence[float], scale: float = FLOAT_CROP_SCALE) -> tuple[float, float, float, float]:
@@ -131,7 +130,7 @@ class FaceDetector:
         self.model = model
         self.device = torch.device(device)
         self.min_score = self.config.min_score if min_score is None else float(min_score)
-        self.calibration = CALIBRATIONS[model] if calibrate else IDENTITY_CALIBRATION
+        self.calibration = CALIBRATIONS[model] if calibrate else None
         self.identity = f"blazeface-{model}-{sha256_file(path)[:16]}-calib{CALIBRATION_VERSION}"
         self.network = TFLiteGraph(path).eval().requires_grad_(False).to(self.device)
         if self.device.type == "cuda":
@@ -167,6 +166,6 @@ class FaceDetector:
         for i in range(images.shape[0]):
             mine = found.image == i
             raw, kps, scores = weighted_nms(found.boxes[mine], found.keypoints[mine], found.scores[mine])
-            results.append(FaceDetections(self.calibration.apply(raw), scores, raw,
-                                          kps.reshape(-1, NUM_KEYPOINTS, 2)))
+            boxes = raw.copy() if self.calibration is None else self.calibration.apply(raw)
+            results.append(FaceDetections(boxes, scores, raw, kps.reshape(-1, NUM_KEYPOINTS, 2)))
         return results

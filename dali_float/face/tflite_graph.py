@@ -122,7 +122,8 @@ class _Conv(_Node):
     def __init__(self, inputs, output, weight: np.ndarray, bias: np.ndarray | None, stride, dilation, padding: int,
                  groups: int, activation) -> None:
         super().__init__(inputs, output)
-        self.register_buffer("weight", torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)))
+        weight = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+        self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last))
         self.register_buffer("bias", None if bias is None else torch.from_numpy(bias.astype(np.float32)))
         self.stride, self.dilation, self.same, self.groups = tuple(stride), tuple(dilation), padding == _PADDING_SAME, groups
         self.activation = activation
@@ -376,7 +377,13 @@ class TFLiteGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         dtype = next((b.dtype for b in self.buffers() if b.is_floating_point()), torch.float32)
-        values: dict[int, torch.Tensor] = {self.graph_inputs[0]: x.to(dtype)}
+        x = x.to(dtype)
+        if x.dim() == 4:
+            # NCHW shapes over NHWC memory (torch's channels_last): the fast layout of oneDNN on the
+            # CPU and cuDNN on the GPU for these small convolutions (measured: docs/FACE_FRAMING.md),
+            # and TFLite's own order, so a RESHAPE of a permuted activation is a view.
+            x = x.contiguous(memory_format=torch.channels_last)
+        values: dict[int, torch.Tensor] = {self.graph_inputs[0]: x}
         for node, release in zip(self.nodes, self._release):
             values[node.output] = node(*(values[i] for i in node.inputs))
             for i in release:
