@@ -283,10 +283,13 @@ def test_batched_equals_one_by_one_and_uint8_equals_float(detector, frame_1280):
     as_float = detector.detect(batch.float() / 255)
     for i, frame in enumerate(frames):
         alone = detector.detect(_chw(frame)[None])[0]
-        for other in (together[i], as_float[i]):
-            assert len(other) == len(alone)
-            np.testing.assert_allclose(other.raw_boxes, alone.raw_boxes, atol=0.05)
-            np.testing.assert_allclose(other.scores, alone.scores, atol=1e-4)
+        assert len(together[i]) == len(alone)
+        np.testing.assert_allclose(together[i].raw_boxes, alone.raw_boxes, atol=0.05)
+        np.testing.assert_allclose(together[i].scores, alone.scores, atol=1e-4)
+        # float input is resized in float32, uint8 on the CPU as uint8 (rounded to grey levels)
+        assert len(as_float[i]) == len(alone)
+        np.testing.assert_allclose(as_float[i].raw_boxes, alone.raw_boxes, atol=1.0)
+        np.testing.assert_allclose(as_float[i].scores, alone.scores, atol=5e-3)
 
 
 def test_short_range_model_finds_a_large_face(frame_1280):

