@@ -216,14 +216,14 @@ def load_photos(data_dir: Path, min_size: float) -> tuple[list[Photo], dict]:
     return photos, counts
 
 
-def run_calibration(data_dir: Path, min_size: float = 80.0, seed: int = 0,
-                    device: str = "cpu") -> tuple[dict, dict[str, list[dict]]]:
-    """Detect, match, fit on the "fit" half, check on the other half.
+def collect_pairs(data_dir: Path, min_size: float = 80.0, seed: int = 0, device: str = "cpu") -> dict:
+    """Detect with both models (raw boxes) on every framing of every clean face and match the annotations.
 
-    Returns every figure as a JSON-able dict, and the matched pairs per model (dicts with setting,
-    split, photo, raw and reference boxes in frame pixels) for further analysis.
+    Returns a pickle-able dict: data counts, settings, detector identities, per model the matched
+    pairs (setting, split, photo, raw and reference boxes in frame pixels) and per setting the
+    number of faces found / tried. The calibration constants play no part here (`evaluate` uses them).
     """
-    from dali_float.face.detector import CALIBRATIONS, FaceDetector
+    from dali_float.face.detector import FaceDetector
 
     photos, counts = load_photos(data_dir, min_size)
     detectors = {m: FaceDetector(device, model=m, calibrate=False) for m in MODELS}
@@ -248,11 +248,19 @@ def run_calibration(data_dir: Path, min_size: float = 80.0, seed: int = 0,
                 for m, d in detectors.items():
                     for f, (_, mapped), det in zip(FRACTIONS, cut, d.detect(batch)):
                         _record(pairs[m], found[m], f"{height}p@{f:.2f}", split, mapped, det.raw_boxes, photo.name)
-    results = {"data": counts, "min_face_px": min_size, "seed": seed, "fractions": list(FRACTIONS),
-               "frames": [f"{w}x{h}" for h, w in FRAMES], "models": {}}
-    for m in MODELS:
-        results["models"][m] = _evaluate(pairs[m], found[m], CALIBRATIONS[m], detectors[m].identity)
-    return results, pairs
+    return {"data": counts, "min_face_px": min_size, "seed": seed, "fractions": list(FRACTIONS),
+            "frames": [f"{w}x{h}" for h, w in FRAMES], "identities": {m: d.identity for m, d in detectors.items()},
+            "pairs": pairs, "found": found}
+
+
+def evaluate(collected: dict) -> dict:
+    """Fit on the "fit" half, check the fitted and the in-code constants on the other half: a JSON-able dict."""
+    from dali_float.face.detector import CALIBRATIONS
+
+    results = {k: v for k, v in collected.items() if k not in ("pairs", "found", "identities")}
+    results["models"] = {m: _evaluate(collected["pairs"][m], collected["found"][m], CALIBRATIONS[m],
+                                      collected["identities"][m]) for m in MODELS}
+    return results
 
 
 def _record(pairs: list[dict], found: dict, setting: str, split: str, reference: np.ndarray, boxes: np.ndarray,
