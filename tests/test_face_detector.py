@@ -361,6 +361,9 @@ def test_identity_names_model_file_hash_and_calibration(detector):
     digest = hashlib.sha256(model_file("full_range").read_bytes()).hexdigest()
     assert detector.identity == f"blazeface-full_range-{digest[:16]}-calib{CALIBRATION_VERSION}"
     assert FaceDetector(model="short_range").identity.startswith("blazeface-short_range-")
+    from dali_float.models.face_detector import detector_identity  # where preprocessing imports it from
+
+    assert detector_identity() == detector.identity  # without building the network
 
 
 def test_missing_model_files_fail_with_the_install_line(monkeypatch):

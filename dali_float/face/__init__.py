@@ -10,8 +10,8 @@ Measured figures and the calibration: docs/FACE_FRAMING.md.
 from __future__ import annotations
 
 from dali_float.face.detector import (CALIBRATION_VERSION, CALIBRATIONS, BoxCalibration, FaceDetections, FaceDetector,
-                                      float_crop_box, model_file)
+                                      detector_identity, float_crop_box, model_file)
 from dali_float.face.tflite_graph import TFLiteGraph, TFLiteGraphError
 
 __all__ = ["CALIBRATIONS", "CALIBRATION_VERSION", "BoxCalibration", "FaceDetections", "FaceDetector", "TFLiteGraph",
-           "TFLiteGraphError", "float_crop_box", "model_file"]
+           "TFLiteGraphError", "detector_identity", "float_crop_box", "model_file"]

