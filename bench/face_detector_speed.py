@@ -66,7 +66,7 @@ def _photos(side: int):
 
     from dali_float.face.blazeface import letterbox
 
-    paths = [Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg", ROOT / "tests/data/astronaut.jpg"]
+    paths = [Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg", ROOT / "dali_float/data/astronaut.jpg"]
     out = [letterbox(torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)[None], side)[0]
            for p in paths]
     return torch.cat(out)

@@ -75,6 +75,7 @@ def write_clip(
     quality: int | None = None,
     gop_frames: int = 50,
     colorspace: str | None = None,
+    x264_preset: str = "medium",
 ) -> Path:
     """Encode `frames` (N, H, W, 3) uint8 RGB (and optional mono `audio`) into a media file.
 
@@ -88,6 +89,7 @@ def write_clip(
     gop_frames: key frame interval in frames (short, so seeking decoders get exercised).
     colorspace: None (untagged, BT.601 matrix, what FFmpeg assumes) or "bt709" (converted with the
         BT.709 matrix and tagged so).
+    x264_preset: libx264's speed preset (e.g. "veryfast" for large test frames: still B-frames).
 
     Single-threaded encoders, FFmpeg's bitexact flags and libx264 without its SIMD code make the bytes
     reproducible for a given PyAV/FFmpeg build. H.264 and (4:2:0) VP9 need even widths and heights.
@@ -131,7 +133,7 @@ def write_clip(
         if colorspace == "bt709":
             vstream.codec_context.colorspace = _AVCOL_SPC_BT709
         if video_codec == "h264":
-            vstream.options = {"crf": str(quality or 18), "preset": "medium", "x264-params": _X264_PARAMS}
+            vstream.options = {"crf": str(quality or 18), "preset": x264_preset, "x264-params": _X264_PARAMS}
         elif video_codec in ("vp9", "vp8"):
             vstream.bit_rate = 0  # constant quality mode
             vstream.options = {"crf": str(quality or 24), "deadline": "good", "cpu-used": "4",

@@ -2,8 +2,8 @@
 
 Second implementation: LiteRT (`ai-edge-litert`, Google's TFLite runtime, test-only dependency) runs
 the same .tflite files and single-op models written by tests/tflite_builder.py. Photographs: Grace
-Hopper (matplotlib's sample data, public domain), tests/data/astronaut.jpg (Eileen Collins, NASA,
-public domain) and tests/data/coffee.jpg (CC0, no face); tests/data/README.md says where from.
+Hopper (matplotlib's sample data, public domain), dali_float/data/astronaut.jpg (Eileen Collins, NASA,
+public domain) and dali_float/data/coffee.jpg (CC0, no face); dali_float/data/README.md says where from.
 """
 from __future__ import annotations
 
@@ -22,19 +22,8 @@ from dali_float.face import (CALIBRATION_VERSION, BoxCalibration, FaceDetector, 
 from dali_float.face import detector as detector_module
 from dali_float.face.blazeface import CONFIGS, Letterbox, box_iou, letterbox, weighted_nms
 from dali_float.face.tflite_graph import same_padding
+from faces import ASTRONAUT, ASTRONAUT_FACE, HOPPER, HOPPER_FACE, background, paste as _paste, rgb as _rgb
 from tflite_builder import Op, Tensor, build
-
-DATA = Path(__file__).parent / "data"
-HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-# Face boxes read off the photographs by eye (hairline/forehead to chin, cheek to cheek), x0, y0, x1, y1:
-# an independent, rough reference for where the faces are.
-HOPPER_FACE = (165.0, 128.0, 360.0, 328.0)
-ASTRONAUT_FACE = (178.0, 72.0, 275.0, 172.0)
-
-
-def _rgb(path: Path) -> np.ndarray:
-    return np.array(Image.open(path).convert("RGB"))
-
 
 def _chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
@@ -78,19 +67,7 @@ def detector() -> FaceDetector:
 @pytest.fixture(scope="module")
 def frame_1280() -> np.ndarray:
     """A face-free real background, 1280 x 720 (the coffee photograph, stretched)."""
-    return np.array(Image.open(DATA / "coffee.jpg").convert("RGB").resize((1280, 720), Image.BILINEAR))
-
-
-def _paste(frame: np.ndarray, photo: np.ndarray, face: tuple, scale: float, at: tuple[int, int]):
-    """Paste `photo` scaled by `scale` with its top-left at `at` (clipped to the frame); the face box moves along."""
-    h, w = photo.shape[:2]
-    small = np.array(Image.fromarray(photo).resize((round(w * scale), round(h * scale)), Image.LANCZOS))
-    out = frame.copy()
-    x, y = at
-    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + small.shape[1], frame.shape[1]), min(y + small.shape[0], frame.shape[0])
-    out[y0:y1, x0:x1] = small[y0 - y:y1 - y, x0 - x:x1 - x]
-    sx, sy = small.shape[1] / w, small.shape[0] / h
-    return out, (face[0] * sx + x, face[1] * sy + y, face[2] * sx + x, face[3] * sy + y)
+    return background(1280, 720)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,7 +211,7 @@ def test_weights_are_buffers_that_follow_dtype():
 
 
 def test_faces_are_found_where_a_person_sees_them(detector):
-    for path, face in ((HOPPER, HOPPER_FACE), (DATA / "astronaut.jpg", ASTRONAUT_FACE)):
+    for path, face in ((HOPPER, HOPPER_FACE), (ASTRONAUT, ASTRONAUT_FACE)):
         found = detector.detect(_chw(_rgb(path))[None])[0]
         assert len(found) == 1, path.name
         assert found.scores[0] > 0.7
@@ -266,7 +243,7 @@ def test_no_face_in_a_face_free_photo_or_in_noise(detector, frame_1280):
 
 def test_two_faces_are_both_found_sorted_by_score(detector, frame_1280):
     frame, hopper_box = _paste(frame_1280, _rgb(HOPPER), HOPPER_FACE, 0.8, (60, 150))
-    frame, astro_box = _paste(frame, _rgb(DATA / "astronaut.jpg"), ASTRONAUT_FACE, 1.2, (650, 50))
+    frame, astro_box = _paste(frame, _rgb(ASTRONAUT), ASTRONAUT_FACE, 1.2, (650, 50))
     found = detector.detect(_chw(frame)[None])[0]
     assert len(found) == 2
     assert found.scores[0] >= found.scores[1]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dali_float.errors import ClipSkipped
-from dali_float.media.framing import (MAX_UPSCALE, choose_face_crop, center_crop, detection_positions,
+from dali_float.media.framing import (DETECT_SIZE, MAX_UPSCALE, choose_face_crop, center_crop, detection_positions,
                                       detection_size, whole_frame_crop)
 
 W, H = 1280, 720
@@ -68,6 +68,9 @@ def test_a_face_that_leaves_the_crop_on_some_frame_is_skipped():
     faces = [[box(640, 360, 200, 200)]] * 8 + [[box(640 + 150, 360, 200, 200)]]  # 150 px: past 0.6 x 100 px
     with pytest.raises(ClipSkipped, match=r"leaves FLOAT's crop at 8"):
         choose_face_crop(frames_of(*faces), W, H, 512)
+    far = [[box(640, 360, 200, 200)]] * 8 + [[box(640 + 400, 360, 200, 200)]]  # moved clear of the clip's box
+    with pytest.raises(ClipSkipped, match=r"leaves FLOAT's crop at 8"):
+        choose_face_crop(frames_of(*far), W, H, 512)
     moving = [[box(640 + 50, 360, 200, 200)]] + [[box(640, 360, 200, 200)]] * 8  # 50 px < 60 px of margin
     choose_face_crop(frames_of(*moving), W, H, 512)
 
@@ -102,4 +105,5 @@ def test_detection_samples_a_few_frames_per_second_spread_over_the_clip():
     assert len(positions) == 120 and positions[0] == 0 and positions[-1] == 25 * 60 - 1
     assert len(detection_positions(60, 25)) == 8  # a short clip still gets a few
     assert len(detection_positions(25 * 3600, 25)) == 240  # an hour: capped
-    assert detection_size(1920, 1080) == (144, 256) and detection_size(200, 100) == (100, 200)
+    assert detection_size(1920, 1080) == (round(1080 * DETECT_SIZE / 1920), DETECT_SIZE)  # longer side, aspect kept
+    assert detection_size(120, 100) == (100, 120)  # never upscaled

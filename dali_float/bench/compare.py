@@ -51,6 +51,18 @@ def _prepare(options: BenchOptions, preset: str, device: str, cache_dir: Path) -
     return result
 
 
+def _framing_root(options: BenchOptions, settings) -> str | None:
+    """Where --crop face is measured against --crop center: the user's videos, or (for the demo corpus,
+    whose drawn heads are already framed) the raw-video corpus of real faces (written once)."""
+    if not settings.preprocess_run:
+        return None
+    if options.data_root is not None:
+        return str(options.data_root)
+    from dali_float.faces_corpus import ensure_faces_corpus
+
+    return str(ensure_faces_corpus())
+
+
 def warm_page_cache(cache_root: Path) -> int:
     """Read every frames.npy once, so loaders and ceiling all read from memory; returns the bytes read."""
     total = 0
@@ -116,7 +128,7 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     train_common = {**common, "preset": settings.train_preset, "fingerprint": train_prep["fingerprint"]}
     if settings.train_preset != settings.preset:
         warm_page_cache(Path(train_prep["cache_root"]))
-    later = train_jobs(settings, train_common, best) + preprocess_jobs(settings, common)
+    later = train_jobs(settings, train_common, best) + preprocess_jobs(settings, common, _framing_root(options, settings))
     _run_jobs(later, options.progress, "training, preprocessing")
     jobs += later
 

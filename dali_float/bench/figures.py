@@ -149,12 +149,15 @@ def preprocess_section(jobs: list[Job], first_run: dict[str, Any]) -> dict[str, 
     """The decode/audio probe's figures; `run`: a forced whole run (full mode); `first_run`: this run's
     preprocessing of the cache, when it had clips to process."""
     preprocess = dict(next((j.result for j in jobs if j.section == "preprocess"), {"error": "not run"}))
-    runs = {j.result.get("crop", "center"): j.result for j in jobs if j.section == "preprocess_run"}
-    if runs:
-        preprocess["run"] = runs.get("center") or next(iter(runs.values()))
-        preprocess["runs_by_crop"] = runs
-        face, center = runs.get("face", {}), runs.get("center", {})
-        preprocess["face_vs_center"] = _ratio(face.get("frames_per_s"), center.get("frames_per_s"))
+    run = next((j.result for j in jobs if j.section == "preprocess_run"), None)
+    if run is not None:
+        preprocess["run"] = run
+    framing = {j.result.get("crop"): j.result for j in jobs if j.section == "framing"}
+    if framing:
+        first_framing = next(j for j in jobs if j.section == "framing")
+        face, center = framing.get("face", {}), framing.get("center", {})
+        preprocess["framing"] = {"data_root": first_framing.spec["data_root"], "center": center, "face": face,
+                                 "face_vs_center": _ratio(face.get("frames_per_s"), center.get("frames_per_s"))}
     if first_run.get("processed", {}).get("cached"):
         preprocess["first_run"] = {k: first_run[k] for k in ("total_frames", "wall_seconds", "wall_fps", "stage_fps")}
     return preprocess
@@ -231,9 +234,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         target("cache >= 40x smaller than uint8 frames at 512x512 (float)",
                results["cache"]["at_512"]["x_smaller_than_uint8"], 40.0, note=results["cache"]["at_512"]["source"]),
     ]
-    if pre.get("face_vs_center") is not None:
-        out.append(target("preprocessing with --crop face >= 85% of --crop center frames/s", pre["face_vs_center"],
-                          0.85, applies=not on_gpu))
+    framing = pre.get("framing") or {}
+    if framing.get("face_vs_center") is not None:
+        out.append(target("preprocessing with --crop face >= 85% of --crop center frames/s (faces corpus)",
+                          framing["face_vs_center"], 0.85))
     if s["quick"]:
         out.append(target("--quick under 3 minutes", results.get("elapsed_s"), 180.0, below=True,
                           applies=not on_gpu))

@@ -230,8 +230,9 @@ def train_jobs(s: Settings, common: dict[str, Any], best: dict[str, Job | None])
     return jobs
 
 
-def preprocess_jobs(s: Settings, common: dict[str, Any]) -> list[Job]:
-    """The decode paths and audio; in a full run also a whole forced preprocessing run."""
+def preprocess_jobs(s: Settings, common: dict[str, Any], framing_root: str | None = None) -> list[Job]:
+    """The decode paths and audio; in a full run also a whole forced preprocessing run, and the same
+    corpus of real faces (`framing_root`) preprocessed with --crop center and --crop face."""
     float_on_cpu = s.preset == "float" and not s.device.startswith("cuda")
     spec = {**common, "probe": "preprocess", "runs": s.preprocess_runs, "max_clips": s.decode_max_clips,
             "motion_max_frames": s.motion_max_frames, "motion_max_clips": s.motion_max_clips,
@@ -239,10 +240,14 @@ def preprocess_jobs(s: Settings, common: dict[str, Any]) -> list[Job]:
     expected = 240.0 if float_on_cpu else 8.0 + 6.0 * s.preprocess_runs
     jobs = [Job("preprocess", "preprocess", "decode paths, motion encoder, audio", spec, _PROCESS_START_S + expected)]
     if s.preprocess_run:
-        # The same corpus end to end with each framing: what face detection costs against the centred square.
-        for crop in ("center", "face"):
-            jobs.append(Job("preprocess_run", f"preprocess_run_{crop}", f"forced preprocessing run, --crop {crop}",
-                            {**common, "probe": "preprocess_run", "crop": crop}, _PROCESS_START_S + 15.0))
+        jobs.append(Job("preprocess_run", "preprocess_run", "forced preprocessing run, 1 worker",
+                        {**common, "probe": "preprocess_run"}, _PROCESS_START_S + 15.0))
+        if framing_root is not None:
+            # One corpus of real faces end to end with each framing: what face detection costs.
+            for crop in ("center", "face"):
+                jobs.append(Job("framing", f"framing_{crop}", f"faces corpus, forced run, --crop {crop}",
+                                {**common, "probe": "preprocess_run", "crop": crop, "data_root": framing_root,
+                                 "segments": None}, _PROCESS_START_S + 40.0))
     return jobs
 
 

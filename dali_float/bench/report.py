@@ -163,20 +163,21 @@ def format_table(results: dict[str, Any]) -> str:
                   f"({_spread(a)}) over {a['audio_seconds']:.0f} s of audio in {a['clips']} clips"
                   + (f"; emotion classifier {_num(p['emotion']['audio_s_per_s'])} s/s" if "emotion" in p else "")
                   + "."]
-        shown = [("first_run", "this run's preprocessing of the cache", p.get("first_run"))]
-        shown += [(f"run_{crop}", f"a forced preprocessing run, 1 worker, --crop {crop}", run)
-                  for crop, run in (p.get("runs_by_crop") or {"center": p.get("run")}).items()]
-        for key, what, e in shown:
+        shown = [("this run's preprocessing of the cache", p.get("first_run")),
+                 ("a forced preprocessing run, 1 worker", p.get("run"))]
+        framing = p.get("framing") or {}
+        shown += [(f"the faces corpus, --crop {crop}", framing.get(crop)) for crop in ("center", "face")]
+        for what, e in shown:
             if e is not None and "error" not in e:
                 fps = e.get("wall_fps", e.get("frames_per_s"))
                 lines.append(f"Whole pipeline ({what}): {_num(fps)} frames/s over {e.get('total_frames')} frames "
                              f"(stages per worker: " + ", ".join(f"{k} {_num(x)}" for k, x in
                                                                  (e.get("stage_fps") or {}).items()) + ")"
                              + (f"; {len(e['skipped'])} clip(s) skipped" if e.get("skipped") else "") + ".")
-        if p.get("face_vs_center") is not None:
-            lines.append(f"--crop face runs at {_ratio(p['face_vs_center'])} the frames/s of --crop center "
-                         f"(face detection on {DETECT_FPS:g} sampled frames per second of video, then the same "
-                         f"crop and resize).")
+        if framing.get("face_vs_center") is not None:
+            lines.append(f"--crop face runs at {_ratio(framing['face_vs_center'])} the frames/s of --crop center on "
+                         f"{framing['data_root']} (detection on {DETECT_FPS:g} sampled frames per second of video, "
+                         f"then the same crop and resize).")
     c = results["cache"]
     at = c["at_512"]
     lines += ["", f"## Cache (bytes per hour of video; {c['clips']} clips, {c['video_seconds']:.0f} s cached)", ""]

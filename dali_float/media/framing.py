@@ -17,23 +17,27 @@ input (the crop would be upscaled more than `MAX_UPSCALE` times). Several faces:
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from dali_float.errors import ClipSkipped, UsageError
+from dali_float.face.detector import FLOAT_CROP_SCALE, float_crop_box
 from dali_float.media.probe import VideoInfo
 from dali_float.media.video import FULL_FRAME, FrameDecoder, Window, center_square_window
 
 log = logging.getLogger(__name__)
 
 CROP_MODES = ("face", "center", "none")
-FLOAT_CROP_SCALE = 1.6  # FLOAT: half-side = 1.6 x max(box half-width, box half-height)
+DETECT_MODEL = "full_range"  # BlazeFace variant (docs/FACE_FRAMING.md: finds faces from 10 % of the frame height)
 DETECT_FPS = 2.0  # sampled frames per second of the clip
 DETECT_MIN_FRAMES, DETECT_MAX_FRAMES = 8, 240
-DETECT_SIZE = 256  # longer side of the frames the detector sees (pixels); the detector letterboxes them
+# Longer side of the frames the detector sees: the full-range model's input, so the frames are resized
+# once (in the DALI graph, antialiased, on the device) and the detector's letterbox only pads.
+DETECT_SIZE = 192
 DETECT_BATCH = 32  # frames per detector call
 MAX_UPSCALE = 2.0  # a crop side under input_size / MAX_UPSCALE source pixels: the face is too small
 MIN_FACE_SHARE = 0.8  # the face must be found on at least this share of the sampled frames
@@ -97,15 +101,6 @@ def whole_frame_crop(width: int, height: int) -> CropDecision:
     return CropDecision((x0 * width, y0 * height, x1 * width, y1 * height), width, height)
 
 
-def float_crop_square(face_box: Sequence[float], scale: float = FLOAT_CROP_SCALE) -> Box:
-    """FLOAT's square around a face box: centre = the box centre, half-side = scale x max(half-width,
-    half-height). Floats (FLOAT rounds to whole pixels; the difference is under a pixel)."""
-    x0, y0, x1, y1 = (float(v) for v in face_box)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    half = scale * max(x1 - x0, y1 - y0) / 2
-    return (cx - half, cy - half, cx + half, cy + half)
-
-
 def _area(box: np.ndarray) -> np.ndarray:
     return np.clip(box[..., 2] - box[..., 0], 0, None) * np.clip(box[..., 3] - box[..., 1], 0, None)
 
@@ -125,7 +120,8 @@ def choose_face_crop(frame_boxes: Sequence[np.ndarray], width: int, height: int,
     frame_times_s: the sampled frames' times in the clip (for the skip reasons); default their index.
     The face is the largest box of each frame; its median centre and size over the frames give the clip's
     face box and FLOAT's square around it. Then on every frame the face (the box overlapping the clip's
-    face box most) must lie inside that square.
+    face box most, else the largest) must lie inside that square, and it must be found on at least
+    MIN_FACE_SHARE of the frames.
     """
     n = len(frame_boxes)
     times = list(frame_times_s) if frame_times_s is not None else list(range(n))
@@ -139,7 +135,7 @@ def choose_face_crop(frame_boxes: Sequence[np.ndarray], width: int, height: int,
     centre = np.median((stacked[:, :2] + stacked[:, 2:]) / 2, axis=0)
     size = np.median(stacked[:, 2:] - stacked[:, :2], axis=0)
     face_box = np.concatenate([centre - size / 2, centre + size / 2])
-    crop = np.asarray(float_crop_square(face_box))
+    crop = np.asarray(float_crop_box(face_box))
     side = crop[2] - crop[0]
     if side * MAX_UPSCALE < input_size:
         raise ClipSkipped(f"face too small: FLOAT's crop around it is {side:.0f} px, under {input_size / MAX_UPSCALE:.0f} "
@@ -150,10 +146,11 @@ def choose_face_crop(frame_boxes: Sequence[np.ndarray], width: int, height: int,
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         if not len(boxes):
             continue
+        # The clip's face on this frame: the box overlapping the clip's face box most; when none overlaps,
+        # the largest (the same rule that chose the face), which has moved away from the crop or is another
+        # face while the chosen one is missed: either way this crop cannot be trusted on this frame.
         overlap = _iou(boxes, face_box)
-        if overlap.max() <= 0:
-            continue  # only other faces here: the chosen one was missed on this frame
-        face = boxes[np.argmax(overlap)]
+        face = boxes[np.argmax(overlap)] if overlap.max() > 0 else boxes[np.argmax(_area(boxes))]
         found += 1
         outside = max(crop[0] - face[0], crop[1] - face[1], face[2] - crop[2], face[3] - crop[3])
         if outside > 0:
@@ -200,7 +197,7 @@ class ClipFramer:
         if self._detector is None:
             from dali_float.models.face_detector import FaceDetector
 
-            self._detector = FaceDetector(self.device)
+            self._detector = FaceDetector(self.device, model=DETECT_MODEL)
         return self._detector
 
     def decide(self, info: VideoInfo, decoder: FrameDecoder, source_frames: np.ndarray, fps: float,
@@ -221,7 +218,9 @@ class ClipFramer:
             images = torch.cat(batch)
             batch.clear()
             # process_frames gives [-1, 1]; the detector takes [0, 1] (on the decoder's device: no copy)
-            for found in self.detector.detect((images.float() + 1) / 2):
+            with _one_cpu_thread(images.device):
+                found_all = self.detector.detect((images.float() + 1) / 2)
+            for found in found_all:
                 boxes.append(np.asarray(found.boxes, np.float64).reshape(-1, 4) * scale)
 
         for chunk in decoder.decode(info, source_frames[positions], window=FULL_FRAME, out_size=(out_h, out_w)):
@@ -238,6 +237,21 @@ class ClipFramer:
         return framing_identity(self.crop)
 
 
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """On the CPU, run the detector on one torch thread: its graph is ~300 small ops, and a second
+    OpenMP thread made each op wait (measured up to 50x slower on 2 shared cores, docs/FACE_FRAMING.md)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def framing_identity(crop: str) -> str:
     """The framing's part of the cache fingerprint: "center", "none", or "face:<detector identity>"
     (the detector's weights and calibration: another detector or calibration writes another cache)."""
@@ -246,4 +260,4 @@ def framing_identity(crop: str) -> str:
         return crop
     from dali_float.models.face_detector import detector_identity
 
-    return f"face:{detector_identity()}:scale{FLOAT_CROP_SCALE}:detect{DETECT_FPS}fps{DETECT_SIZE}px"
+    return f"face:{detector_identity(DETECT_MODEL)}:scale{FLOAT_CROP_SCALE}:detect{DETECT_FPS}fps{DETECT_SIZE}px"
