@@ -6,6 +6,7 @@
 #   python ../shared/tools/split_file.py split /tmp/w/nvidia_dali_cuda120-2.4.0-*.whl .gpu/dali --size 60
 #   cp /tmp/w/av-*.whl /tmp/w/hypothesis-*.whl /tmp/w/sortedcontainers-*.whl /tmp/w/attrs-*.whl ../shared/tools/split_file.py .gpu/
 #   python -m dali_float.demo .gpu/corpus512 --seconds 120 --size 512     # 2 min of 512x512 H.264 (~13 MB)
+#   python -m dali_float.faces_corpus .gpu/faces --clips 8 --seconds 8      # real faces, 720p/1080p H.264 (--crop face)
 #   echo .gpu/ >> .git/info/exclude
 # Then one device call per part (carry .gpu/dali/part-NNN, the first also .gpu/dali/NAME) that copies it to
 # /root/parts/, back to back, and finally: carry .gpu (without dali/), run `bash bench/gpu_proof.sh`.
@@ -45,6 +46,13 @@ log "preprocess: demo corpus and 2 minutes of 512x512 H.264, float preset, on th
   python3 preprocess.py --preset float --device cuda --no_progress --data_root .gpu/corpus512
   python3 preprocess.py status --json --preset float --data_root .gpu/corpus512; } > "$OUT/preprocess.txt" 2>&1
 grep -E "frames/s|cached|failed|decoder" "$OUT/preprocess.txt" | tail -12 | tee -a "$OUT/summary.txt"
+
+log "preprocess: real faces at 720p/1080p, float preset on the GPU, --crop face against --crop center"
+{ python3 preprocess.py --preset float --device cuda --no_progress --data_root .gpu/faces --crop center --cache_dir /root/fc
+  python3 preprocess.py --preset float --device cuda --no_progress --data_root .gpu/faces --crop face --cache_dir /root/fc
+  python3 preprocess.py show hopper_1080p_left.mp4 --json --preset float --data_root .gpu/faces --crop face --cache_dir /root/fc
+} > "$OUT/framing.txt" 2>&1
+grep -E "frames/s|skipped|crop_box" "$OUT/framing.txt" | tail -8 | tee -a "$OUT/summary.txt"
 
 log "bench/compare.py --device cuda --preset float"
 python3 bench/compare.py --device cuda --preset float --json "$OUT/bench.json" --plot "$OUT/bench.png" \

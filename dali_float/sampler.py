@@ -61,6 +61,7 @@ class ClipData:
     audio: np.ndarray  # (T, A) audio features
     emotion: np.ndarray  # (E,)
     source_path: Path
+    start_s: float = 0.0  # where the clip starts in its video (a segment)
 
 
 @dataclass
@@ -97,7 +98,8 @@ def read_clip(cache: TrainingCache, clip_id: str) -> ClipData:
         raise UsageError(f"clip {clip_id!r} is not a usable clip of {cache.root} (e.g. {known})")
     feats = cache.layout.read_clip(entry, cache.preset)
     return ClipData(clip_id, np.asarray(feats.motion_latents, np.float32), np.asarray(feats.audio_features, np.float32),
-                    np.asarray(feats.emotion, np.float32), Path(entry.source_path))
+                    np.asarray(feats.emotion, np.float32), Path(entry.source_path),
+                    entry.segment_s[0] if entry.segment_s else 0.0)
 
 
 def time_grid(nfe: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -159,7 +161,7 @@ def generate_for_clip(trained: TrainedModel, clip: ClipData, guidance: GuidanceO
 def frame_rms(clip: ClipData, preset: Preset) -> np.ndarray:
     """(T,) RMS of the clip's audio per video frame (the waveform preprocessing saw, normalised per utterance)."""
     frames = clip.motion.shape[0]
-    wave = media.prepare_clip_audio(media.probe_video(clip.source_path), frames, preset.timing).numpy()
+    wave = media.prepare_clip_audio(media.probe_video(clip.source_path), frames, preset.timing, clip.start_s).numpy()
     return np.sqrt((wave.reshape(frames, -1) ** 2).mean(axis=1))
 
 

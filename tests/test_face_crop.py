@@ -179,3 +179,17 @@ def test_one_crop_per_clip_keeps_the_head_motion(corpus):
                         for f in range(0, FRAMES, 8)])
     assert 0.7 < change(cached) / change(by_hand) < 1.4, (change(cached), change(by_hand))
     assert change(follow) < 0.5 * change(cached[::8]), (change(follow), change(cached[::8]))
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_face_crop_matches_the_cpus(corpus, tmp_path):
+    """NVDEC frames, the detector in fp16 and the crop in the DALI graph on the device: the same crop box
+    as on the CPU within a few pixels, and features within fp16 rounding of the CPU's."""
+    data, _, _, entries, _ = corpus
+    options = PreprocessOptions(data_root=data, cache_dir=tmp_path / "gpu", preset=P, sources=ModelSources(),
+                                crop="face", device="cuda", progress=False)
+    gpu = cf.CacheLayout(run_preprocessing(options).cache_root).read_entries()
+    for clip in ("still_720p.mp4", "still_1080p.mp4", "two_faces.mp4"):
+        assert gpu[clip].decoder == media.DALI_GPU and gpu[clip].status == cf.STATUS_CACHED
+        side = entries[clip].crop_box[2] - entries[clip].crop_box[0]
+        np.testing.assert_allclose(gpu[clip].crop_box, entries[clip].crop_box, atol=0.03 * side)

@@ -1,28 +1,33 @@
-"""Media: find clips, probe them, pick 25 fps frames, decode + crop/resize them, load audio.
+"""Media: find clips (videos or segments of them), probe them, pick 25 fps frames, frame them (one crop
+per clip), decode + crop/resize them, load audio.
 
 Preprocessing (batched, DALI) and the per-sample naive loader both go through this package, so both
 see exactly the same pixels and audio samples:
 
     info = probe_video(path)                                   # demux only, no decoding
-    idx = frame_indices_at_fps(info.frame_times_s, info.duration_s, 25)   # T source frame indices
-    for chunk in FrameDecoder(512).decode(info, idx): ...      # (n, 3, 512, 512) in [-1, 1]
-    audio = prepare_clip_audio(info, len(idx), timing)         # (T * 640,) float32, normalised
+    idx = clip_frame_indices(info, 25, span_s)                 # T source frame indices (of a segment)
+    crop = ClipFramer("face").decide(info, decoder, idx, 25, 512)   # FLOAT's square around the face
+    for chunk in FrameDecoder(512).decode(info, idx, window=crop.window): ...   # (n, 3, 512, 512) in [-1, 1]
+    audio = prepare_clip_audio(info, len(idx), timing, start_s)   # (T * 640,) float32, normalised
 
 Decoding: DALI decodes VP8/VP9/MJPEG on the CPU and (NVDEC) H.264/HEVC/VP8/VP9/MPEG-4/MJPEG on a GPU;
 everything else (H.264 on a machine without a GPU, AV1, ...) is decoded by PyAV and fed into the same
-DALI graph through `fn.external_source`. Both sources share `process_frames` (centre square crop,
-antialiased linear resize, normalisation to [-1, 1], FCHW).
+DALI graph through `fn.external_source`. Both sources share `process_frames` (the clip's crop window,
+zero-padded past the frame, antialiased linear resize, normalisation to [-1, 1], FCHW).
 
 Every problem with one input file raises `MediaError` with one line (what is wrong, what to do);
 PyAV/FFmpeg/DALI exceptions never escape as anything else.
 
 Submodules (every public name is re-exported here, so `media.X` works for all of them):
-  files   VIDEO_EXTENSIONS, AUDIO_SIDE_EXTENSIONS, discover_videos, find_side_audio
+  files   VIDEO_EXTENSIONS, AUDIO_SIDE_EXTENSIONS, ClipSpec, discover_clips, discover_videos, find_side_audio
+  segments  the --segments CSV (read_segments, segment ids); imported where used
   probe   VideoInfo, probe_video (demux only), the one-line MediaError helpers (`_media_errors`,
-          `_check_readable_file`), codec names, 25 fps indices (num_frames_at_fps, frame_indices_at_fps)
-  video   decoder choice (DALI_GPU, DALI_CPU, PYAV, choose_decoder), the DALI graph (process_frames),
-          FrameDecoder, its key-frame pieces (_VideoPackets) and PyAV source, get_frame_decoder,
-          decode_frames
+          `_check_readable_file`), codec names, 25 fps indices (num_frames_at_fps, frame_indices_at_fps,
+          clip_frame_indices)
+  video   decoder choice (DALI_GPU, DALI_CPU, PYAV, choose_decoder), crop windows (Window, FULL_FRAME,
+          center_square_window), the DALI graph (process_frames), FrameDecoder, its key-frame pieces
+          (_VideoPackets) and PyAV source (_PyavCursor: seeks to a segment), get_frame_decoder, decode_frames
+  framing crop modes (CROP_MODES), one crop per clip (ClipFramer, CropDecision), the fingerprint's part
   audio   load_audio, trim_to_frames, pad_to_frames, normalize_utterance, prepare_clip_audio
 A test that replaces a function must patch it in the submodule that looks it up (e.g. `video.choose_decoder`).
 """

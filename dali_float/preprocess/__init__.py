@@ -17,6 +17,6 @@ from dali_float.preprocess.options import (PreprocessOptions, PreprocessResult, 
                                            default_data_root)
 from dali_float.preprocess.run import run_preprocessing
 
-__all__ = ["PreprocessOptions", "PreprocessResult", "cache_fingerprint", "cache_status", "clear_cache", "format_clip",
-           "show_clip",
-           "default_cache_dir", "default_data_root", "format_status", "run_preprocessing", "verify_cache"]
+__all__ = ["PreprocessOptions", "PreprocessResult", "cache_fingerprint", "cache_status", "clear_cache",
+           "default_cache_dir", "default_data_root", "format_clip", "format_status", "run_preprocessing", "show_clip",
+           "verify_cache"]
