@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 # The wav2vec2 modules import transformers (~1.5 s); training and loader workers need only the FMT,
 # so these names are imported on first use (PEP 562).
 _LAZY = {"AudioEncoder": "audio_encoder", "EmotionEncoder": "emotion", "emotion_from_filename": "emotion",
-         "uniform_emotion": "emotion"}
+         "uniform_emotion": "emotion", "one_hot_emotion": "emotion"}
 
 
 def __getattr__(name: str) -> Any:
@@ -49,8 +49,9 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AudioEncoder", "EmotionEncoder", "Encoders", "FloatMotionModel", "FlowMatchingTransformer", "ModelSources",
     "MotionDecoder", "MotionEncoder", "MotionEncoding", "ReferenceEncoding", "build_decoder", "build_encoders",
+    "build_motion_encoder",
     "count_parameters", "emotion_from_filename", "emotion_vector", "encode_motion", "encode_reference",
-    "load_decoder_checkpoint", "load_motion_checkpoint", "model_identities", "uniform_emotion",
+    "load_decoder_checkpoint", "load_motion_checkpoint", "model_identities", "one_hot_emotion", "uniform_emotion",
 ]
 
 log = logging.getLogger(__name__)
@@ -140,17 +141,23 @@ def build_encoders(preset: Preset, sources: ModelSources, device: torch.device |
     from dali_float.models.audio_encoder import AudioEncoder
     from dali_float.models.emotion import EmotionEncoder
 
-    motion = MotionEncoder(preset.motion, seed=preset.init_seed)
-    if sources.motion_ckpt is not None:
-        load_motion_checkpoint(motion, sources.motion_ckpt)
+    motion = build_motion_encoder(preset, sources.motion_ckpt, device)
     audio = AudioEncoder(preset, sources.wav2vec2_path)
     emotion = EmotionEncoder(preset, sources.emotion_path) if sources.emotion == "model" else None
-    for module in (motion, audio, emotion):
+    for module in (audio, emotion):
         if module is not None:
             module.requires_grad_(False)
             module.eval()
             module.to(device)
     return Encoders(motion=motion, audio=audio, emotion=emotion, sources=sources)
+
+
+def build_motion_encoder(preset: Preset, motion_ckpt: Path | None, device: torch.device | str) -> MotionEncoder:
+    """The frozen motion encoder alone (float.pth's, or the seeded random init), eval mode, on `device`."""
+    motion = MotionEncoder(preset.motion, seed=preset.init_seed)
+    if motion_ckpt is not None:
+        load_motion_checkpoint(motion, motion_ckpt)
+    return motion.requires_grad_(False).eval().to(device)
 
 
 def emotion_vector(encoders: Encoders, waveform: torch.Tensor | np.ndarray, clip_path: str | Path) -> np.ndarray:
