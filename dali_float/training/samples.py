@@ -43,7 +43,7 @@ class SampleVideos:
     def __init__(self, cfg: TrainConfig, preset: Preset, source: DataSource, device: torch.device, every: int):
         self.cfg, self.preset, self.source, self.device, self.every = cfg, preset, source, device, every
         self.folder = Path(cfg.output_dir) / "samples"
-        self.seconds = 0.0  # wall time spent on samples, set-up included
+        self.times: list[float] = []  # wall time of each sample (s), the first one's set-up included
         self._renderer = None
         self._reference = self._speech = None
         self._last_time = time.perf_counter()
@@ -77,7 +77,7 @@ class SampleVideos:
             self.every = 0
             return None
         spent = time.perf_counter() - start
-        self.seconds += spent
+        self.times.append(spent)
         self._last_time = time.perf_counter()
         log.info("sample video %s in %.1f s (%.1f%% of the %.0f s since the last one)", path, spent,
                  100 * spent / max(since, 1e-9), since)

@@ -59,6 +59,7 @@ class TrainResult:
     elapsed_s: float
     steps_per_s: float
     weights_digest: str  # SHA-256 of the final model state (equal on every rank under DDP)
+    sample_video_seconds: list[float]  # wall time of each sample video (rank 0; the first includes its set-up)
 
     @property
     def exit_code(self) -> int:
@@ -225,7 +226,8 @@ def _train(cfg: TrainConfig, dist: Distributed, source: DataSource | None) -> Tr
                         "--output_dir %s", stopped_by, step, cfg.output_dir)
     return TrainResult(step=step, checkpoint=checkpoint, interrupted=bool(stopped_by),
                        skipped_steps=summary["skipped_steps"], data_wait_fraction=summary["data_wait_fraction"],
-                       elapsed_s=summary["elapsed_s"], steps_per_s=summary["steps_per_s"], weights_digest=digest)
+                       elapsed_s=summary["elapsed_s"], steps_per_s=summary["steps_per_s"], weights_digest=digest,
+                       sample_video_seconds=list(videos.times) if videos is not None else [])
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -305,4 +307,4 @@ def _summary(monitor: Monitor, step: int, start_step: int, checkpoint: Path | No
             "samples_per_s": done * monitor.samples_per_step / elapsed if elapsed > 0 else 0.0,
             "data_wait_fraction": totals.data_wait_fraction, "skipped_steps": totals.skipped,
             "checkpoint": str(checkpoint) if checkpoint else None,
-            "sample_video_seconds": videos.seconds if videos is not None else 0.0}
+            "sample_video_seconds": sum(videos.times) if videos is not None else 0.0}
