@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write each rank's (clip, window start) per step to <output_dir>/samples_rank<R>.tsv")
     g.add_argument("--sample_every", type=int, default=None, metavar="N",
                    help="every N steps render a 4 s sample video of a fixed clip to <output_dir>/samples/ (and wandb); "
-                        "0 = none; default 1000 on a GPU, none on the CPU (where it costs ~6%% of the training time)")
+                        "0 = none; default 1000 on a GPU, none on the CPU (where it costs more than a few percent)")
     g.add_argument("--wandb_project", default=None, help="wandb project (default: no wandb)")
     g.add_argument("--wandb_mode", choices=WANDB_MODES, default=None,
                    help="online | offline (no account needed) | disabled; default online with --wandb_project")

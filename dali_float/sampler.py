@@ -242,7 +242,11 @@ def _parser() -> argparse.ArgumentParser:
     mea.add_argument("--baseline", default=None, help="a second run to compare, e.g. one trained with --no_audio")
     mea.add_argument("--seeds", type=int, default=2, help="noise seeds per clip (default 2)")
     mea.add_argument("--json", type=Path, default=None, help="also write the result here")
-    ren = sub.add_parser("render", parents=[common], help="an MP4 of a portrait speaking an audio file")
+    ren = sub.add_parser("render", parents=[common], help="an MP4 of a portrait speaking an audio file",
+                         description="An MP4 of a portrait speaking an audio file. The encoders and FLOAT's motion "
+                                     "decoder use the weights the run was trained with (its --motion_ckpt, i.e. "
+                                     "float.pth, etc.) unless the weights flags say otherwise; without float.pth "
+                                     "the decoder is random and the frames are not a face.")
     ren.add_argument("--ref", required=True, metavar="IMAGE_OR_CLIP",
                      help="the portrait: a photo, a video (its first frame), or a clip id of the run's cache")
     ren.add_argument("--audio", type=existing_path, required=True, help="the speech: any audio file or video")
@@ -267,6 +271,7 @@ def render_command(args: argparse.Namespace, trained: TrainedModel, guidance: Gu
     from dali_float.models import ModelSources, build_decoder, build_encoders
     from dali_float.preprocess import cache_fingerprint
 
+    media.check_mp4_path(args.out)  # before the models load
     preset, config = trained.model.preset, trained.config
     recorded = {k: config.get(k) for k in ("motion_ckpt", "wav2vec2_path", "emotion_path")}
     given = {k: getattr(args, k) for k in recorded}

@@ -275,3 +275,19 @@ def test_decoder_refuses_wrong_inputs_in_one_line(tiny_pair):
         dec(torch.zeros(2, 63), ref.features)
     with pytest.raises(ValueError, match="features"):
         dec(torch.zeros(2, 64), ref.features[:-1])
+
+
+@pytest.mark.gpu
+def test_float16_decoding_on_cuda_follows_float32():
+    """build_decoder on a GPU is float16 (a chunk per call); its frames stay close to the float32 ones."""
+    enc = MotionEncoder(TINY, seed=1).eval()
+    with torch.no_grad():
+        ref = enc.encode_reference(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    latents = ref.identity + 0.3 * torch.randn(50, TINY.latent_dim, generator=torch.Generator().manual_seed(1))
+    cpu, gpu = build_decoder(TINY_PRESET, None, "cpu"), build_decoder(TINY_PRESET, None, "cuda")
+    assert next(gpu.parameters()).dtype == torch.float16
+    with torch.no_grad():
+        want = cpu(latents, ref.features)
+        got = gpu(latents.cuda(), [f.cuda() for f in ref.features])
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    assert float((got.float().cpu() - want).abs().mean()) < 0.02 * float(want.abs().mean())

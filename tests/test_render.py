@@ -159,3 +159,19 @@ def test_the_video_does_not_depend_on_the_decoder_batch(portrait, tmp_path):
     assert np.abs(pixels).max() <= 1 and np.mean(pixels != 0) < 1e-3
     other_noise = torch.cat(list(render.Renderer(model, decoder, 50).frames(ref, speech, seed=2)))
     assert float((other_noise - one_call_per_chunk).abs().mean()) > 1e-3
+
+
+@pytest.mark.gpu
+def test_render_on_cuda_in_float16(portrait, tmp_path):
+    """On a GPU: the reference, motion and a whole chunk per decoder call in float16, into an MP4."""
+    model = FloatMotionModel(P).cuda().eval()
+    renderer = render.Renderer(model, build_decoder(P, None, "cuda"))
+    assert renderer.frame_batch == 50
+    encoder = build_motion_encoder(P, None, "cuda")
+    ref = render.reference_from_file(portrait["clip"], "face", encoder, P, "cuda")
+    speech = render.Speech(torch.randn(60, P.audio_feature_dim, device="cuda"), torch.full((7,), 1 / 7, device="cuda"),
+                           np.zeros(38_400, np.float32), 16_000, "noise")
+    batches = list(renderer.frames(ref, speech))
+    assert [len(b) for b in batches] == [50, 10] and batches[0].dtype == torch.float16
+    result = renderer.render(ref, speech, tmp_path / "gpu.mp4", progress=False)
+    assert result.frames == 60 and decoded(tmp_path / "gpu.mp4")[0].shape == (60, 64, 64, 3)

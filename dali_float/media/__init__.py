@@ -26,7 +26,7 @@ Submodules (every public name is re-exported here, so `media.X` works for all of
   framing CROP_MODES, ClipFramer (one crop per clip: face, center, none), CropDecision, framing_identity
   audio   load_audio, trim_to_frames, pad_to_frames, normalize_utterance, prepare_clip_audio, fit_to_frames,
           clip_waveform, native_rate, frames_for_samples, prepare_speech (a speech file for rendering)
-  writer  Mp4Writer (H.264 + AAC MP4 written chunk by chunk), to_uint8_frames
+  writer  Mp4Writer (H.264 + AAC MP4 written chunk by chunk), check_mp4_path, to_uint8_frames
 A test that replaces a function must patch it in the submodule that looks it up (e.g. `video.choose_decoder`).
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ from dali_float.media.video import (
     center_square_window, choose_decoder, decode_frames, get_frame_decoder, process_frames,
 )
 from dali_float.media.framing import CROP_MODES, ClipFramer, CropDecision, framing_identity
-from dali_float.media.writer import Mp4Writer, to_uint8_frames
+from dali_float.media.writer import Mp4Writer, check_mp4_path, to_uint8_frames
 
 __all__ = [
     # files
@@ -58,7 +58,7 @@ __all__ = [
     "load_audio", "trim_to_frames", "pad_to_frames", "normalize_utterance", "prepare_clip_audio", "fit_to_frames",
     "frames_for_samples", "prepare_speech", "clip_waveform", "native_rate",
     # writer
-    "Mp4Writer", "to_uint8_frames",
+    "Mp4Writer", "check_mp4_path", "to_uint8_frames",
     # private, for tests (tests/test_media.py)
     "_VideoPackets",
 ]

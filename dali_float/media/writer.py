@@ -39,6 +39,14 @@ def to_uint8_frames(images: torch.Tensor) -> np.ndarray:
     return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+def check_mp4_path(path: Path) -> Path:
+    """The output path, which must end in .mp4 (UsageError otherwise: checked before any work is done)."""
+    path = Path(path)
+    if path.suffix.lower() != ".mp4":
+        raise UsageError(f"--out {path}: the video is written as MP4; name it *.mp4")
+    return path
+
+
 class Mp4Writer:
     """An MP4 being written: H.264 video of `size` x `size` at `fps`, optional mono AAC audio.
 
@@ -48,9 +56,7 @@ class Mp4Writer:
 
     def __init__(self, path: Path, size: int, fps: int, audio: np.ndarray | None = None, audio_rate: int = 16_000,
                  crf: int = CRF, preset: str = "medium") -> None:
-        self.path = Path(path)
-        if self.path.suffix.lower() != ".mp4":
-            raise UsageError(f"--out {self.path}: the video is written as MP4; name it *.mp4")
+        self.path = check_mp4_path(path)
         if size % 2:
             raise UsageError(f"H.264 ({PIXEL_FORMAT}) needs even frame sides, got {size}")
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,10 @@ SAMPLE_SECONDS = 4.0  # length of a sample video: two 50-frame chunks, so the co
 
 
 def default_sample_every(device: torch.device) -> int:
-    """--sample_every when not given: every 1000 steps on a GPU; off on the CPU, where one sample of
-    `tiny` costs ~6 % of the training time at that interval (docs/BENCHMARKS.md, "Rendering")."""
+    """--sample_every when not given: every 1000 steps on a GPU; off on the CPU, where it costs more than
+    a few percent (docs/BENCHMARKS.md, "Rendering"; 2 busy cores): with `tiny` a sample takes ~15 training
+    steps and the first one ~52 with its set-up, 5 % of the default 1000-step run; with `float` the
+    decoder draws ~0.2 frames/s end to end, ~8 minutes for one 4 s sample."""
     return 1000 if device.type == "cuda" else 0
 
 
