@@ -190,7 +190,7 @@ class Renderer:
         self.model, self.decoder = model, decoder
         self.preset = model.preset
         self.device = next(model.parameters()).device
-        self.frame_batch = int(frame_batch or decoder_batch_for(self.preset, self.device))
+        self.frame_batch = int(frame_batch) if frame_batch is not None else decoder_batch_for(self.preset, self.device)
         if self.frame_batch < 1:
             raise UsageError(f"--frame_batch must be at least 1, got {self.frame_batch}")
 

@@ -159,6 +159,9 @@ def test_the_video_does_not_depend_on_the_decoder_batch(portrait, tmp_path):
     assert np.abs(pixels).max() <= 1 and np.mean(pixels != 0) < 1e-3
     other_noise = torch.cat(list(render.Renderer(model, decoder, 50).frames(ref, speech, seed=2)))
     assert float((other_noise - one_call_per_chunk).abs().mean()) > 1e-3
+    assert render.Renderer(model, decoder).frame_batch == 50  # tiny on the CPU: a whole chunk fits
+    with pytest.raises(UsageError, match="--frame_batch must be at least 1"):
+        render.Renderer(model, decoder, 0)
 
 
 @pytest.mark.gpu
