@@ -6,8 +6,9 @@
     torchrun --nproc_per_node 8 train.py --preset float --data_root /data/HDTF --motion_ckpt float.pth \\
         --wav2vec2_path wav2vec2-base-960h --emotion_path wav2vec-emotion --batch_size 8
 
-Writes <output_dir>/metrics.jsonl (one JSON record per --log_every steps) and
-<output_dir>/checkpoints/step_*.pt with a `latest` pointer. Exit codes: 0 done, 130 interrupted
+Writes <output_dir>/metrics.jsonl (one JSON record per --log_every steps),
+<output_dir>/checkpoints/step_*.pt with a `latest` pointer and, with --sample_every N,
+<output_dir>/samples/step_*.mp4. Exit codes: 0 done, 130 interrupted
 (after saving), 2 usage error, 1 other errors.
 This script only parses arguments; the work is in dali_float.training.
 """
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"steps between log lines and metrics.jsonl records (default {D.log_every})")
     g.add_argument("--log_samples", action="store_true",
                    help="write each rank's (clip, window start) per step to <output_dir>/samples_rank<R>.tsv")
+    g.add_argument("--sample_every", type=int, default=None, metavar="N",
+                   help="every N steps render a 4 s sample video of a fixed clip to <output_dir>/samples/ (and wandb); "
+                        "0 = none; default 1000 on a GPU, none on the CPU (where it costs more than a few percent)")
     g.add_argument("--wandb_project", default=None, help="wandb project (default: no wandb)")
     g.add_argument("--wandb_mode", choices=WANDB_MODES, default=None,
                    help="online | offline (no account needed) | disabled; default online with --wandb_project")

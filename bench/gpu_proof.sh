@@ -63,4 +63,10 @@ log "train.py --loader dali --preset float --steps 300"
 python3 train.py --loader dali --preset float --steps 300 --log_every 25 --no_progress --output_dir /root/run \
   > "$OUT/train.txt" 2>&1
 grep -E "done:|data-wait" "$OUT/train.txt" | tail -5 | tee -a "$OUT/summary.txt"
+
+log "sampler render from that run (float16 decoder, a 50-frame chunk per call)"
+clip=$(ls "$DALI_FLOAT_HOME"/demo/*/Actor_01/*.mp4 | head -1)
+python3 -m dali_float.sampler render --checkpoint /root/run --ref "$clip" --audio "$clip" --out /root/render.mp4 \
+  --device cuda --no_progress > /root/render.txt 2>&1
+grep -E "wrote|error" /root/render.txt | tail -3 | tee -a "$OUT/summary.txt"
 log "done"

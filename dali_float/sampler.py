@@ -3,6 +3,7 @@
     python -m dali_float.sampler generate --checkpoint runs/latest --clip Actor_01/01-01-01-01-01-01-01.mp4 \\
         --out motion.npy
     python -m dali_float.sampler measure --checkpoint runs/audio --baseline runs/no_audio
+    python -m dali_float.sampler render --checkpoint runs/latest --ref photo.jpg --audio speech.wav --out out.mp4
 
 Generation (FLOAT's inference): chunks of 50 frames; each chunk starts from Gaussian noise at t = 0
 and is integrated to t = 1 by Euler on the time grid `linspace(0, 1, nfe)` of the classifier-free
@@ -17,6 +18,10 @@ from the cached REAL motion latents to the per-frame audio RMS (both centred per
 latent direction that carries the mouth; for a generated clip the score is the correlation between
 its motion projected onto that direction and the clip's RMS. The same is done for a baseline model
 (e.g. trained with --no_audio), and for the real motion itself (left-one-clip-out: the ceiling).
+
+Rendering (`render`): the generated motion through FLOAT's motion decoder into an MP4 with the speech
+(dali_float.render). The reference, the speech features and the decoder use the weights the run was
+trained with (its recorded --motion_ckpt etc., checked against its features' fingerprint).
 """
 from __future__ import annotations
 
@@ -26,14 +31,15 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
+from dali_float import cache_format as cf
 from dali_float import media
-from dali_float.cli import ArgumentParser, run_main, setup_logging
-from dali_float.config import Preset, get_preset
+from dali_float.cli import ArgumentParser, add_model_arguments, existing_path, run_main, setup_logging
+from dali_float.config import EMOTION_CLASSES, Preset, get_preset
 from dali_float.errors import CheckpointError, UsageError
 from dali_float.loaders import TrainingCache
 from dali_float.models import FloatMotionModel
@@ -54,14 +60,20 @@ class GuidanceOptions:
 
 @dataclass
 class ClipData:
-    """A cached clip as generation needs it (float32)."""
+    """A cached clip as generation and rendering need it (float32)."""
 
     clip_id: str
     motion: np.ndarray  # (T, F) real motion latents
     audio: np.ndarray  # (T, A) audio features
     emotion: np.ndarray  # (E,)
     source_path: Path
-    start_s: float = 0.0  # where the clip starts in its video (a segment)
+    identity: np.ndarray  # (F,) identity latent s of the first frame
+    entry: cf.ClipEntry  # the manifest's entry: crop_box, segment_s, source size
+
+    @property
+    def start_s(self) -> float:
+        """Where the clip starts in its video (a segment; 0 for a whole video)."""
+        return self.entry.segment_s[0] if self.entry.segment_s else 0.0
 
 
 @dataclass
@@ -92,14 +104,15 @@ def open_cache(trained: TrainedModel, cache_dir: Path | None = None) -> Training
 
 
 def read_clip(cache: TrainingCache, clip_id: str) -> ClipData:
+    """A usable clip of the cache (the one place generation and rendering read cached features)."""
     entry = cache.manifest.clips.get(clip_id)
     if entry is None or all(c.clip_id != clip_id for c in cache.clips):
         known = ", ".join(c.clip_id for c in cache.clips[:5])
         raise UsageError(f"clip {clip_id!r} is not a usable clip of {cache.root} (e.g. {known})")
     feats = cache.layout.read_clip(entry, cache.preset)
-    return ClipData(clip_id, np.asarray(feats.motion_latents, np.float32), np.asarray(feats.audio_features, np.float32),
-                    np.asarray(feats.emotion, np.float32), Path(entry.source_path),
-                    entry.segment_s[0] if entry.segment_s else 0.0)
+    as32 = lambda a: np.asarray(a, np.float32)  # noqa: E731 - float16 motion/audio rows, float32 the rest
+    return ClipData(clip_id, as32(feats.motion_latents), as32(feats.audio_features), as32(feats.emotion),
+                    Path(entry.source_path), as32(feats.identity), entry)
 
 
 def time_grid(nfe: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -110,7 +123,6 @@ def time_grid(nfe: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.linspace(0, 1, nfe, device=device)
 
 
-@torch.no_grad()
 def generate_motion(model: FloatMotionModel, audio: torch.Tensor, ref_motion: torch.Tensor, emotion: torch.Tensor,
                     guidance: GuidanceOptions = GuidanceOptions(), generator: torch.Generator | None = None
                     ) -> torch.Tensor:
@@ -118,6 +130,15 @@ def generate_motion(model: FloatMotionModel, audio: torch.Tensor, ref_motion: to
 
     All inputs on the model's device. Chunk by chunk as the module docstring says.
     """
+    return torch.cat(list(iter_motion_chunks(model, audio, ref_motion, emotion, guidance, generator)))
+
+
+@torch.no_grad()
+def iter_motion_chunks(model: FloatMotionModel, audio: torch.Tensor, ref_motion: torch.Tensor, emotion: torch.Tensor,
+                       guidance: GuidanceOptions = GuidanceOptions(), generator: torch.Generator | None = None
+                       ) -> Iterator[torch.Tensor]:
+    """generate_motion one chunk at a time: yields (n, F) float32, n = 50 but for a shorter last chunk,
+    as soon as it is integrated (so a renderer can decode it while nothing else is waiting)."""
     timing = model.preset.timing
     chunk, prev = timing.num_frames, timing.num_prev_frames
     device = next(model.parameters()).device
@@ -128,7 +149,6 @@ def generate_motion(model: FloatMotionModel, audio: torch.Tensor, ref_motion: to
     prev_audio = torch.zeros(1, prev, audio.shape[1], device=device)
     prev_keep = torch.zeros(1, device=device)  # the first chunk has no previous frames
     grid = time_grid(guidance.nfe, device)
-    out = []
     for start in range(0, frames, chunk):
         a = audio[start:start + chunk]
         n = a.shape[0]
@@ -140,9 +160,8 @@ def generate_motion(model: FloatMotionModel, audio: torch.Tensor, ref_motion: to
                                              a_scale=guidance.a_scale, e_scale=guidance.e_scale,
                                              prev_audio_keep=prev_keep)
             x = x + (t1 - t0) * v[:, prev:]
-        out.append(x[0, :n])
+        yield x[0, :n]
         prev_x, prev_audio, prev_keep = x[:, -prev:], a[None, -prev:], torch.ones_like(prev_keep)
-    return torch.cat(out)
 
 
 def generate_for_clip(trained: TrainedModel, clip: ClipData, guidance: GuidanceOptions = GuidanceOptions(),
@@ -228,7 +247,64 @@ def _parser() -> argparse.ArgumentParser:
     mea.add_argument("--baseline", default=None, help="a second run to compare, e.g. one trained with --no_audio")
     mea.add_argument("--seeds", type=int, default=2, help="noise seeds per clip (default 2)")
     mea.add_argument("--json", type=Path, default=None, help="also write the result here")
+    ren = sub.add_parser("render", parents=[common], help="an MP4 of a portrait speaking an audio file",
+                         description="An MP4 of a portrait speaking an audio file. The encoders and FLOAT's motion "
+                                     "decoder use the weights the run was trained with (its --motion_ckpt, i.e. "
+                                     "float.pth, etc.) unless the weights flags say otherwise; without float.pth "
+                                     "the decoder is random and the frames are not a face.")
+    ren.add_argument("--ref", required=True, metavar="IMAGE_OR_CLIP",
+                     help="the portrait: a photo, a video (its first frame), or a clip id of the run's cache")
+    ren.add_argument("--audio", type=existing_path, required=True, help="the speech: any audio file or video")
+    ren.add_argument("--out", type=Path, required=True, help="output .mp4 (H.264 + the speech as AAC)")
+    ren.add_argument("--crop", default=None, choices=media.CROP_MODES,
+                     help="framing of a photo or video --ref, as preprocessing frames clips (default: the run's)")
+    ren.add_argument("--emo", default=None, choices=EMOTION_CLASSES,
+                     help="a fixed emotion (default: the run's emotion source applied to the speech)")
+    ren.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    ren.add_argument("--frame_batch", type=int, default=None,
+                     help="frames per decoder call (default: a 50-frame chunk on a GPU; on the CPU what fits "
+                          "1.5 GB: 50 for tiny, 8 for float)")
+    ren.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
+    add_model_arguments(ren)  # default: the weights the run was trained with
     return parser
+
+
+def render_command(args: argparse.Namespace, trained: TrainedModel, guidance: GuidanceOptions) -> int:
+    """`render`: the run's weights (or the ones given), checked against its features' fingerprint, then
+    reference, speech, motion, frames, MP4 (dali_float.render)."""
+    from dali_float import render
+    from dali_float.models import ModelSources, build_decoder, build_encoders
+    from dali_float.preprocess import cache_fingerprint
+
+    media.check_mp4_path(args.out)  # before the models load
+    preset, config = trained.model.preset, trained.config
+    recorded = {k: config.get(k) for k in ("motion_ckpt", "wav2vec2_path", "emotion_path")}
+    given = {k: getattr(args, k) for k in recorded}
+    paths = {k: Path(given[k] or recorded[k]) if (given[k] or recorded[k]) else None for k in recorded}
+    sources = ModelSources(**paths, emotion=args.emotion or config.get("emotion") or "model")
+    crop = config["resolved_crop"]  # the framing of its features
+    found = cache_fingerprint(preset, sources, crop)
+    if found != trained.fingerprint:
+        raise CheckpointError(f"{trained.checkpoint} was trained on features with fingerprint {trained.fingerprint[:12]}, "
+                              f"the weights given here make {found[:12]}: pass the --motion_ckpt / --wav2vec2_path / "
+                              f"--emotion_path / --emotion the run was trained with")
+    device = next(trained.model.parameters()).device
+    encoders = build_encoders(preset, sources, device)
+    renderer = render.Renderer(trained.model, build_decoder(preset, sources.motion_ckpt, device), args.frame_batch)
+    ref = Path(args.ref).expanduser()
+    if ref.is_file():
+        reference = render.reference_from_file(ref, args.crop or crop, encoders.motion, preset, device)
+    else:
+        try:
+            clip = read_clip(open_cache(trained, args.cache_dir), args.ref)
+        except UsageError as err:
+            raise UsageError(f"--ref {args.ref} is not a file, nor a clip of the run's cache ({err})") from None
+        reference = render.reference_from_clip(clip, encoders.motion, preset, device)
+    log.info("reference: %s", reference.description)
+    speech = render.speech_from_file(args.audio, encoders, preset, args.emo)
+    log.info("speech: %s", speech.description)
+    renderer.render(reference, speech, args.out, guidance, args.seed, progress=args.progress)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     time_grid(args.nfe)  # a usage error for --nfe < 2, before the model is loaded
     guidance = GuidanceOptions(args.nfe, args.a_scale, args.e_scale)
     trained = load_trained(args.checkpoint, args.device, use_ema=not args.no_ema)
+    if args.command == "render":
+        return render_command(args, trained, guidance)
     cache = open_cache(trained, args.cache_dir)
     if args.command == "generate":
         motion = generate_for_clip(trained, read_clip(cache, args.clip), guidance, args.seed)

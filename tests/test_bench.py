@@ -75,6 +75,14 @@ def test_quick_run_reports_every_figure(quick_run):
         assert _finite(entry["decode_motion"]["frames_per_s"])
     assert _finite(results["preprocess"]["audio"]["audio_s_per_s"])
 
+    for preset in ("tiny", "float"):  # rendering, both presets: the decoder alone; tiny also end to end
+        render = results["render"][preset]
+        assert _finite(render.get("decoder", {}).get("frames_per_s")), f"render.{preset}: {render}"
+        assert render["frame_batch"] == (50 if preset == "tiny" else 2)
+    assert _finite(results["render"]["tiny"]["end_to_end"]["frames_per_s"])
+    assert _finite(results["render"]["tiny"]["batching_gain"])
+    assert "## Rendering" in stdout
+
     cache = results["cache"]
     for key in ("bytes_per_hour", "uint8_frames_bytes_per_hour", "float32_frames_bytes_per_hour"):
         assert _finite(cache.get(key)), key

@@ -23,12 +23,12 @@ import pytest
 import torch
 
 from dali_float import cache_format as cf
-from dali_float import demo, plots, sampler
+from dali_float import demo, media, plots, sampler
 from dali_float.config import TINY_PRESET
 from dali_float.contract import Batch
 from dali_float.errors import CacheError, CheckpointError, DaliFloatError, UsageError
 from dali_float.loaders import LoaderOptions, TrainingCache, open_loader
-from dali_float.models import FloatMotionModel, ModelSources
+from dali_float.models import FloatMotionModel, ModelSources, MotionEncoder
 from dali_float.preprocess import PreprocessOptions, cache_fingerprint, default_cache_dir, run_preprocessing
 from dali_float.training import ConditionDropout, DataSource, TrainConfig, flow_matching_loss, train
 from dali_float.training import checkpoint as ckpt_module
@@ -484,6 +484,57 @@ def test_sampler_command_writes_motion_latents(demo_runs, demo_source, tmp_path)
     assert motion.shape == (clip.num_frames, P.motion_dim) and motion.dtype == np.float32
     with pytest.raises(UsageError, match="not a usable clip"):
         sampler.main(["generate", "--checkpoint", str(demo_runs["audio"]), "--clip", "nope.mp4", "--out", str(out)])
+
+
+def decoded_mp4(path: Path) -> tuple[int, float]:
+    """(video frames, the audio track's duration in s) of an MP4, by decoding it."""
+    import av
+
+    with av.open(str(path)) as container:
+        frames = sum(1 for _ in container.decode(video=0))
+        rate = container.streams.audio[0].rate
+    return frames, len(media.load_audio(path, rate)) / rate
+
+
+def test_render_command_from_the_trained_demo_run(demo_runs, demo_source, tmp_path):
+    """`sampler render` from the 300-step demo run (random-weight encoders and decoder: the frames are not
+    a face): 2.3 s of speech give ceil(2.3 x 25) = 58 frames and a 2.3 s audio track; the reference is a
+    clip of the corpus (its first frame, centre crop as the run's features) or the cache entry itself."""
+    entry = demo_source.cache.manifest.clips[demo_source.cache.clips[0].clip_id]
+    speech = media.clip_waveform(media.probe_video(Path(demo_source.cache.manifest.clips[
+        demo_source.cache.clips[1].clip_id].source_path)), 22_050)[:round(2.3 * 22_050)]
+    demo.write_audio(tmp_path / "speech.wav", speech.numpy(), 22_050)
+    base = ["render", "--checkpoint", str(demo_runs["audio"]), "--audio", str(tmp_path / "speech.wav"), "--nfe", "4",
+            "--no_progress"]
+    for name, ref in (("from_file.mp4", entry.source_path), ("from_cache.mp4", entry.clip_id)):
+        assert sampler.main([*base, "--ref", ref, "--out", str(tmp_path / name)]) == 0
+        frames, audio_s = decoded_mp4(tmp_path / name)
+        assert frames == 58 and abs(audio_s - 2.3) < 1e-3, (name, frames, audio_s)
+    with pytest.raises(UsageError, match="--ref nope.jpg is not a file, nor a clip of the run's cache"):
+        sampler.main([*base, "--ref", "nope.jpg", "--out", str(tmp_path / "x.mp4")])
+    other = tmp_path / "other_motion.pt"  # weights the run was not trained with: refused before anything runs
+    torch.save(MotionEncoder(P.motion, seed=5).state_dict(), other)
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        sampler.main([*base, "--ref", entry.clip_id, "--out", str(tmp_path / "x.mp4"), "--motion_ckpt", str(other)])
+    assert not (tmp_path / "x.mp4").exists()
+    assert not (demo_runs["audio"] / "samples").exists()  # --sample_every is off by default on the CPU
+
+
+def test_sample_videos_during_training(demo_source, tmp_path):
+    """--sample_every 3: the first cached clip (up to 4 s) at steps 3 and 6, with its sound, in the run
+    folder and in the offline wandb run."""
+    out = tmp_path / "run"
+    train(config(out, steps=6, sample_every=3, save_every=0, wandb_mode="offline", wandb_project="dali-float-test"),
+          demo_source)
+    videos = sorted((out / "samples").iterdir())
+    assert [v.name for v in videos] == ["step_0000003.mp4", "step_0000006.mp4"]
+    expected = min(100, demo_source.cache.clips[0].num_frames)
+    for video in videos:
+        frames, audio_s = decoded_mp4(video)
+        assert frames == expected and abs(audio_s - expected / 25) < 1e-3, (video, frames, audio_s)
+    assert len(list((out / "wandb").glob("offline-run-*/files/media/videos/sample_*.mp4"))) == 2
+    with pytest.raises(UsageError, match="--sample_every must be at least 0"):
+        config(out, sample_every=-1)
 
 
 def test_ema_weights_replace_the_trainable_parameters():

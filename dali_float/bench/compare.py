@@ -6,8 +6,9 @@
 Order of a run: settings (quick or full, CPU or GPU) and the expected time, logged up front; the
 cache (preprocessed with progress bars when it is not up to date); the page cache warmed; then one
 subprocess per measurement (`probes.run_probe`): the copy ceiling, every loader configuration, a
-short training run per loader (with the best configuration of each), the decode paths and audio;
-finally the cache's size against decoded frames, the ratios and the targets. Every figure goes into
+short training run per loader (with the best configuration of each), the decode paths and audio,
+rendering (the motion decoder alone and end to end from speech, both presets; what --sample_every
+costs in training); finally the cache's size against decoded frames, the ratios and the targets. Every figure goes into
 one JSON-ready dict (see docs/BENCHMARKS.md for its keys).
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dali_float.bench import probes
 from dali_float.bench.figures import assemble, targets
 from dali_float.bench.machine import load_average, machine_info
 from dali_float.bench.plan import (LOADERS, BenchOptions, Job, best_job, loader_jobs, make_settings, preprocess_jobs,
-                                   resolve_device, sources_spec, train_jobs)
+                                   render_jobs, resolve_device, sources_spec, train_jobs)
 from dali_float.config import get_preset
 from dali_float.errors import DaliFloatError, UsageError
 
@@ -107,7 +108,8 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
                    "segments": str(options.segments) if options.segments else None}
     # Placeholders for the estimate; the real fingerprints come from the prepare step.
     estimate = sum(j.expected_s for j in loader_jobs(settings, common_base)
-                   + train_jobs(settings, common_base, {}) + preprocess_jobs(settings, common_base))
+                   + train_jobs(settings, common_base, {}) + preprocess_jobs(settings, common_base)
+                   + render_jobs(settings, common_base, common_base))
     log.info("%s run, preset %s, %s, batch %d: expected about %.1f min of measurements (estimate for 2 quiet CPU "
              "cores), plus preprocessing where the cache is not up to date (demo corpus on 2 CPU cores: ~1 min "
              "tiny, ~10 min float)", "quick" if settings.quick else "full", preset.name, device,
@@ -128,8 +130,9 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     train_common = {**common, "preset": settings.train_preset, "fingerprint": train_prep["fingerprint"]}
     if settings.train_preset != settings.preset:
         warm_page_cache(Path(train_prep["cache_root"]))
-    later = train_jobs(settings, train_common, best) + preprocess_jobs(settings, common, _framing_root(options, settings))
-    _run_jobs(later, options.progress, "training, preprocessing")
+    later = (train_jobs(settings, train_common, best) + preprocess_jobs(settings, common, _framing_root(options, settings))
+             + render_jobs(settings, common, train_common))
+    _run_jobs(later, options.progress, "training, preprocessing, rendering")
     jobs += later
 
     results = assemble(settings, machine, jobs, prepared, cache_dir, options.sources, options.resolved_crop)

@@ -1,5 +1,5 @@
 """From the probes' results to the figures: the results dict (the JSON), the cache's bytes per hour
-against decoded frames, the ratios, and issue #6's targets met or missed.
+against decoded frames, the ratios, rendering, and issue #6's targets met or missed.
 """
 from __future__ import annotations
 
@@ -163,6 +163,11 @@ def preprocess_section(jobs: list[Job], first_run: dict[str, Any]) -> dict[str, 
     return preprocess
 
 
+def render_section(jobs: list[Job]) -> dict[str, Any]:
+    """The render probes by preset ("tiny", "float") and the --sample_every cost ("train_samples")."""
+    return {job.name.removeprefix("render_"): dict(job.result) for job in jobs if job.section == "render"}
+
+
 def ratio_section(loaders: dict[str, Any], configs: list[dict[str, Any]], ceiling: dict[str, Any],
                   training: dict[str, Any]) -> dict[str, Any]:
     sps = {k: loaders[k].get("samples_per_s") for k in LOADERS}
@@ -200,7 +205,7 @@ def assemble(settings: Settings, machine: dict[str, Any], jobs: list[Job], prepa
                      "train_cache_root": prepared[settings.train_preset]["cache_root"]},
         "loaders": loaders, "loader_configs": configs, "ceiling": ceiling,
         "ratios": ratio_section(loaders, configs, ceiling, training),
-        "training": training, "preprocess": preprocess_section(jobs, first),
+        "training": training, "preprocess": preprocess_section(jobs, first), "render": render_section(jobs),
         "cache": cache_section(prepared, settings, cache_dir, sources, crop),
         "errors": [f"{j.section} {j.name} ({j.label}): {j.result['error']}" for j in jobs if not j.ok],
     }

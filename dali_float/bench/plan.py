@@ -98,6 +98,8 @@ class Settings:
     motion_max_clips: int | None
     parallel_pipelines: tuple[int, ...]  # GPU only
     preprocess_run: bool  # also time a whole forced preprocessing run
+    render: dict[str, dict[str, Any]]  # per preset: the render probe's timing and sizes (render_plan)
+    sample_cost: dict[str, Any] | None  # the --sample_every cost run (full runs), None in quick ones
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,8 +147,28 @@ def make_settings(options: BenchOptions, device: str) -> Settings:
         motion_max_frames=16 if float_on_cpu else None, motion_max_clips=2 if float_on_cpu else None,
         parallel_pipelines=(1, 2) if on_gpu else (),
         preprocess_run=not quick and (on_gpu or options.preset == "tiny"),
+        render=render_plan(quick, on_gpu),
+        # 160 steps, a sample every 50: three samples, the first with its set-up; the first 30 steps excluded.
+        sample_cost=None if quick else {"steps": 160, "sample_every": 50, "exclude_steps": 30},
         seed=options.seed,
     )
+
+
+def render_plan(quick: bool, on_gpu: bool) -> dict[str, dict[str, Any]]:
+    """The render probe per preset: decoder timing (batches of a chunk, or of what fits on the CPU, and one
+    frame per call), end-to-end runs over `speech_seconds` of speech. `float` on a CPU draws ~0.2-0.5
+    frames/s: a quick run times 2 frames per call once (no frame-by-frame, no end to end); a full one 8 per
+    call, 2 frames one by one and one end-to-end run of 2 s of speech (50 frames, one chunk)."""
+    timing = ({"warmup_batches": 1, "runs": 3, "min_batches": 1, "run_s": 0.3} if quick else
+              {"warmup_batches": 2, "warmup_s": 0.5, "runs": 5, "min_batches": 2, "run_s": 1.0})
+    small = {"decoder_timing": timing, "single_frames": 10, "end_to_end_runs": 1 if quick else 3,
+             "end_to_end_warmup": not quick, "speech_seconds": 4.0}
+    if on_gpu:
+        return {"tiny": small, "float": small}
+    slow = {"decoder_timing": {"warmup_batches": 1, "runs": 1 if quick else 2, "min_batches": 1},
+            "frame_batch": 2 if quick else None, "single_frames": 0 if quick else 2,
+            "end_to_end_runs": 0 if quick else 1, "end_to_end_warmup": False, "speech_seconds": 2.0}
+    return {"tiny": small, "float": slow}
 
 
 @dataclass
@@ -248,6 +270,32 @@ def preprocess_jobs(s: Settings, common: dict[str, Any], framing_root: str | Non
                 jobs.append(Job("framing", f"framing_{crop}", f"faces corpus, forced run, --crop {crop}",
                                 {**common, "probe": "preprocess_run", "crop": crop, "data_root": framing_root,
                                  "segments": None}, _PROCESS_START_S + 40.0))
+    return jobs
+
+
+# Seconds a render job takes on 2 quiet CPU cores, for the estimate: tiny whole, float per frame drawn.
+_RENDER_S = {"tiny": 15.0, "float_per_frame": 3.0, "float_models": 20.0}
+
+
+def render_jobs(s: Settings, common: dict[str, Any], train_common: dict[str, Any]) -> list[Job]:
+    """The render probe for both presets (on this run's data root and crop), and in a full run what
+    --sample_every costs in training (the training preset)."""
+    jobs = []
+    for preset, plan in s.render.items():
+        spec = {**common, "probe": "render", "preset": preset, **plan}
+        expected = _RENDER_S["tiny"]
+        if preset == "float" and not s.device.startswith("cuda"):
+            timing = plan["decoder_timing"]
+            frames = (timing["warmup_batches"] + timing["runs"]) * ((plan.get("frame_batch") or 8)
+                                                                    + plan["single_frames"])
+            frames += plan["end_to_end_runs"] * plan["speech_seconds"] * 25
+            expected = _RENDER_S["float_models"] + frames * _RENDER_S["float_per_frame"]
+        jobs.append(Job("render", f"render_{preset}", f"{preset}: decoder, end to end", spec,
+                        _PROCESS_START_S + expected))
+    if s.sample_cost is not None:
+        spec = {**train_common, "probe": "train_samples", "precision": s.precision, **s.sample_cost}
+        jobs.append(Job("render", "train_samples", f"{s.train_preset}: training with --sample_every "
+                        f"{s.sample_cost['sample_every']}", spec, _PROCESS_START_S + 25.0))
     return jobs
 
 

@@ -11,6 +11,7 @@ JSON object on its last stdout line; `run_probe(spec)` runs that in a subprocess
   train       steps/s and data-wait fraction of a short training run through `training.train`
   preprocess  frames/s of the decode paths (decode alone, decode + motion encoder), audio s/s
   preprocess_run  a whole forced preprocessing run into a temporary cache (end to end, one worker)
+  render, train_samples  rendering and sample videos (bench/render_probes.py)
 
 Every rate is a median over timed runs, with their spread. Units: bytes, seconds, frames at 25 fps.
 """
@@ -546,7 +547,9 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(int(spec["threads"]))
-    result = PROBES[spec["probe"]](spec)
+    from dali_float.bench.render_probes import PROBES as RENDER_PROBES  # they import this module
+
+    result = {**PROBES, **RENDER_PROBES}[spec["probe"]](spec)
     sys.stdout.write(json.dumps(result) + "\n")
 
 

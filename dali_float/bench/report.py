@@ -73,6 +73,43 @@ def _rows(header: list[str], rows: list[list[str]]) -> list[str]:
             *["| " + " | ".join(r) + " |" for r in rows]]
 
 
+def _render_lines(render: dict[str, Any], device: str) -> list[str]:
+    """The rendering section: decoder frames/s (a batch per call, one frame per call), end to end from
+    speech, and what a sample video every N training steps costs."""
+    if not render:
+        return []
+    lines = ["", f"## Rendering ({device}; random-weight models: the speed does not depend on the weights)", ""]
+    rows = []
+    for preset in ("tiny", "float"):
+        e = render.get(preset)
+        if e is None:
+            continue
+        if "error" in e:
+            rows.append([preset, f"error: {e['error'][:80]}", "", "", "", "", ""])
+            continue
+        e2e = e.get("end_to_end")
+        rows.append([f"{preset} ({e['input_size']}x{e['input_size']}, {e['dtype'].removeprefix('torch.')})",
+                     f"{_num(e['decoder']['frames_per_s'])} ({e['frame_batch']} per call)", _spread(e["decoder"]),
+                     _num((e.get("decoder_frame_by_frame") or {}).get("frames_per_s")), _ratio(e.get("batching_gain")),
+                     _num(e2e["frames_per_s"]) if e2e else "not run (quick)",
+                     f"{e2e['speech_seconds']:.1f} s -> {e2e['frames']} frames" if e2e else ""])
+    lines += _rows(["preset", "decoder frames/s", "spread", "one frame per call", "batching gain",
+                    "end to end frames/s", "speech"], rows)
+    lines.append("")
+    lines.append("End to end: a speech file to the MP4 (audio features, the sampler's motion with 9 Euler steps and "
+                 "guidance, the decoder, H.264 + AAC), the models loaded and the reference encoded.")
+    cost = render.get("train_samples")
+    if cost is not None and "error" not in cost:
+        share = ", ".join(f"{_pct(v)} every {k} steps" for k, v in cost["cost_at"].items())
+        lines.append(f"--sample_every ({cost['preset']}): a {cost['video_frames']}-frame sample video takes "
+                     f"{_num(cost['sample_s'])} s (the first, with its set-up, {_num(cost['first_sample_s'])} s), "
+                     f"{_num(cost['sample_in_steps'])} training steps of {1e3 * cost['step_time_s']:.1f} ms: "
+                     f"{share} of the training time.")
+    elif cost is not None:
+        lines.append(f"--sample_every cost: error: {cost['error'][:120]}")
+    return lines
+
+
 def format_table(results: dict[str, Any]) -> str:
     """Every figure of `results` as markdown: loaders, training, preprocessing, cache, targets."""
     m, s = results["machine"], results["settings"]
@@ -178,6 +215,7 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"--crop face runs at {_ratio(framing['face_vs_center'])} the frames/s of --crop center on "
                          f"{framing['data_root']} (detection on {DETECT_FPS:g} sampled frames per second of video, "
                          f"then the same crop and resize).")
+    lines += _render_lines(results.get("render") or {}, s["device"])
     c = results["cache"]
     at = c["at_512"]
     lines += ["", f"## Cache (bytes per hour of video; {c['clips']} clips, {c['video_seconds']:.0f} s cached)", ""]

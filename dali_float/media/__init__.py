@@ -28,12 +28,16 @@ Submodules (every public name is re-exported here, so `media.X` works for all of
           center_square_window), the DALI graph (process_frames), FrameDecoder, its key-frame pieces
           (_VideoPackets) and PyAV source (_PyavCursor: seeks to a segment), get_frame_decoder, decode_frames
   framing crop modes (CROP_MODES), one crop per clip (ClipFramer, CropDecision), the fingerprint's part
-  audio   load_audio, trim_to_frames, pad_to_frames, normalize_utterance, prepare_clip_audio
+  audio   load_audio, trim_to_frames, pad_to_frames, normalize_utterance, prepare_clip_audio, clip_waveform,
+          native_rate, frames_for_samples, prepare_speech (a speech file for rendering)
+  writer  Mp4Writer (H.264 + AAC MP4 written chunk by chunk), check_mp4_path, to_uint8_frames
 A test that replaces a function must patch it in the submodule that looks it up (e.g. `video.choose_decoder`).
 """
 from __future__ import annotations
 
-from dali_float.media.audio import load_audio, normalize_utterance, pad_to_frames, prepare_clip_audio, trim_to_frames
+from dali_float.media.audio import (clip_waveform, fit_to_frames, frames_for_samples, load_audio, native_rate,
+                                   normalize_utterance, pad_to_frames, prepare_clip_audio, prepare_speech,
+                                   trim_to_frames)
 from dali_float.media.files import (AUDIO_SIDE_EXTENSIONS, VIDEO_EXTENSIONS, ClipSpec, discover_clips, discover_videos,
                                    find_side_audio)
 from dali_float.media.probe import VideoInfo, clip_frame_indices, frame_indices_at_fps, num_frames_at_fps, probe_video
@@ -42,6 +46,7 @@ from dali_float.media.video import (
     center_square_window, choose_decoder, decode_frames, get_frame_decoder, process_frames,
 )
 from dali_float.media.framing import CROP_MODES, ClipFramer, CropDecision, framing_identity
+from dali_float.media.writer import Mp4Writer, check_mp4_path, to_uint8_frames
 
 __all__ = [
     # files
@@ -54,7 +59,10 @@ __all__ = [
     # framing
     "CROP_MODES", "ClipFramer", "CropDecision", "framing_identity",
     # audio
-    "load_audio", "trim_to_frames", "pad_to_frames", "normalize_utterance", "prepare_clip_audio",
+    "load_audio", "trim_to_frames", "pad_to_frames", "normalize_utterance", "prepare_clip_audio", "fit_to_frames",
+    "frames_for_samples", "prepare_speech", "clip_waveform", "native_rate",
+    # writer
+    "Mp4Writer", "check_mp4_path", "to_uint8_frames",
     # private, for tests (tests/test_media.py)
     "_VideoPackets",
 ]

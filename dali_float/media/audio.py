@@ -121,14 +121,57 @@ def prepare_clip_audio(info: VideoInfo, num_frames: int, timing: TimingConfig, s
     FLOAT's AudioEncoder pads the normalised input): the padding is not part of the statistics.
     Both preprocessing and the naive loader call this.
     """
+    return fit_to_frames(clip_waveform(info, timing.sample_rate_hz, start_s), num_frames, timing)
+
+
+def clip_waveform(info: VideoInfo, rate: int, start_s: float = 0.0) -> torch.Tensor:
+    """The clip's sound from its first frame (plus start_s) on: (N,) float32 mono at `rate` Hz.
+
+    From the side .wav/.flac if there is one, else from the video's own track lined up with its first
+    frame. MediaError (one line) when the clip has no audio or none after start_s.
+    """
     if info.audio_source is None:
         raise MediaError(f"{info.path}: no audio (no audio stream and no same-name .wav/.flac beside it); "
                          f"add one or remove the clip")
     start = info.start_time_s if info.audio_source == info.path else None
-    wave = load_audio(info.audio_source, timing.sample_rate_hz, start_s=start)
-    wave = wave[int(round(start_s * timing.sample_rate_hz)):]  # sample 0 is the video's first frame
+    wave = load_audio(info.audio_source, rate, start_s=start)
+    wave = wave[int(round(start_s * rate)):]  # sample 0 is the video's first frame
     if wave.numel() == 0:
         where = f" after {start_s:g} s" if start_s else ""
         raise MediaError(f"{info.audio_source}: the audio is empty{where}; re-encode it or remove the clip")
+    return wave
+
+
+def native_rate(source: Path) -> int:
+    """Sample rate (Hz) of the first audio stream of `source` (MediaError when it has none)."""
+    source = Path(source)
+    _check_readable_file(source, "reading audio")
+    with _media_errors(source, "reading audio"), av.open(str(source), metadata_errors="ignore") as container:
+        if not container.streams.audio:
+            raise MediaError(f"{source}: has no audio stream; pass a file with speech in it")
+        return int(container.streams.audio[0].rate)
+
+
+def fit_to_frames(wave: torch.Tensor, num_frames: int, timing: TimingConfig) -> torch.Tensor:
+    """(N,) float32 at timing.sample_rate_hz -> (num_frames * samples_per_frame,) float32 in FLOAT's
+    order: keep the first num_frames frames' samples, normalise that utterance, then replicate-pad."""
     spf = timing.audio_samples_per_frame
     return pad_to_frames(normalize_utterance(trim_to_frames(wave, num_frames, spf)), num_frames, spf)
+
+
+def frames_for_samples(num_samples: int, timing: TimingConfig) -> int:
+    """Video frames that cover `num_samples` audio samples: ceil(duration x fps), as FLOAT's sampler counts."""
+    return -(-int(num_samples) * timing.fps // timing.sample_rate_hz)
+
+
+def prepare_speech(path: Path, timing: TimingConfig) -> tuple[torch.Tensor, int]:
+    """A speech file (any audio, or a video's track) as the models take it, and its length in frames.
+
+    Returns (waveform (T * samples_per_frame,) float32, T) with T = frames_for_samples of the sound
+    (a 2.3 s file gives 58 frames): the same load, resample, normalise-then-pad path as a clip's audio.
+    """
+    wave = load_audio(path, timing.sample_rate_hz)
+    if wave.numel() == 0:
+        raise MediaError(f"{path}: the audio is empty; pass a file with speech in it")
+    frames = frames_for_samples(wave.numel(), timing)
+    return fit_to_frames(wave, frames, timing), frames

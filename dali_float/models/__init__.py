@@ -1,12 +1,14 @@
 """FLOAT's models: the three frozen encoders that make the cache, and the trained motion model.
 
   motion_encoder  image -> identity s, coefficients lambda, motion latent r (LIA, loads float.pth)
+  motion_decoder  identity s + motion latent r, reference features -> image (loads float.pth)
   audio_encoder   waveform -> wav2vec2 features of all layers at 25 fps (B, T, 12 x 768)
   emotion         waveform -> 7 emotion probabilities (or RAVDESS file name / uniform)
   fmt             flow-matching transformer + trainable audio projection (what training optimises)
 
 Here: where the encoders' weights come from (`ModelSources`), their identities for the cache
-fingerprint without building anything (`model_identities`), and `build_encoders` for preprocessing.
+fingerprint without building anything (`model_identities`), `build_encoders` for preprocessing and
+`build_decoder` for rendering.
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ from dali_float.config import Preset
 from dali_float.errors import UsageError
 from dali_float.hashing import sha256_file, sha256_tree
 from dali_float.models.fmt import FloatMotionModel, FlowMatchingTransformer, count_parameters
-from dali_float.models.motion_encoder import MotionEncoder, MotionEncoding, load_motion_checkpoint
+from dali_float.models.motion_decoder import MotionDecoder, load_decoder_checkpoint
+from dali_float.models.motion_encoder import (MotionEncoder, MotionEncoding, ReferenceEncoding,
+                                              load_motion_checkpoint)
 
 if TYPE_CHECKING:
     from dali_float.models.audio_encoder import AudioEncoder
@@ -33,7 +37,7 @@ if TYPE_CHECKING:
 # The wav2vec2 modules import transformers (~1.5 s); training and loader workers need only the FMT,
 # so these names are imported on first use (PEP 562).
 _LAZY = {"AudioEncoder": "audio_encoder", "EmotionEncoder": "emotion", "emotion_from_filename": "emotion",
-         "uniform_emotion": "emotion"}
+         "uniform_emotion": "emotion", "one_hot_emotion": "emotion"}
 
 
 def __getattr__(name: str) -> Any:
@@ -44,14 +48,17 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AudioEncoder", "EmotionEncoder", "Encoders", "FloatMotionModel", "FlowMatchingTransformer", "ModelSources",
-    "MotionEncoder", "MotionEncoding", "build_encoders", "count_parameters", "emotion_from_filename",
-    "emotion_vector", "encode_motion", "load_motion_checkpoint", "model_identities", "uniform_emotion",
+    "MotionDecoder", "MotionEncoder", "MotionEncoding", "ReferenceEncoding", "build_decoder", "build_encoders",
+    "build_motion_encoder",
+    "count_parameters", "emotion_from_filename", "emotion_vector", "encode_motion", "encode_reference",
+    "load_decoder_checkpoint", "load_motion_checkpoint", "model_identities", "one_hot_emotion", "uniform_emotion",
 ]
 
 log = logging.getLogger(__name__)
 
 EMOTION_SOURCES = ("model", "filename", "none")
 _random_init_warned = False  # the random-init warning is logged once per process
+_random_decoder_warned = False
 
 
 @dataclass(frozen=True)
@@ -134,17 +141,23 @@ def build_encoders(preset: Preset, sources: ModelSources, device: torch.device |
     from dali_float.models.audio_encoder import AudioEncoder
     from dali_float.models.emotion import EmotionEncoder
 
-    motion = MotionEncoder(preset.motion, seed=preset.init_seed)
-    if sources.motion_ckpt is not None:
-        load_motion_checkpoint(motion, sources.motion_ckpt)
+    motion = build_motion_encoder(preset, sources.motion_ckpt, device)
     audio = AudioEncoder(preset, sources.wav2vec2_path)
     emotion = EmotionEncoder(preset, sources.emotion_path) if sources.emotion == "model" else None
-    for module in (motion, audio, emotion):
+    for module in (audio, emotion):
         if module is not None:
             module.requires_grad_(False)
             module.eval()
             module.to(device)
     return Encoders(motion=motion, audio=audio, emotion=emotion, sources=sources)
+
+
+def build_motion_encoder(preset: Preset, motion_ckpt: Path | None, device: torch.device | str) -> MotionEncoder:
+    """The frozen motion encoder alone (float.pth's, or the seeded random init), eval mode, on `device`."""
+    motion = MotionEncoder(preset.motion, seed=preset.init_seed)
+    if motion_ckpt is not None:
+        load_motion_checkpoint(motion, motion_ckpt)
+    return motion.requires_grad_(False).eval().to(device)
 
 
 def emotion_vector(encoders: Encoders, waveform: torch.Tensor | np.ndarray, clip_path: str | Path) -> np.ndarray:
@@ -173,3 +186,30 @@ def encode_motion(encoder: MotionEncoder, frames: torch.Tensor) -> MotionEncodin
     """
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=frames.is_cuda):
         return encoder(frames)
+
+
+def encode_reference(encoder: MotionEncoder, frames: torch.Tensor) -> ReferenceEncoding:
+    """The motion encoder on reference images, with the decoder's skip features (encode_motion's precision).
+
+    frames (N, 3, S, S) in [-1, 1]; fp16 autocast on CUDA, float32 on the CPU.
+    """
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=frames.is_cuda):
+        return encoder.encode_reference(frames)
+
+
+def build_decoder(preset: Preset, motion_ckpt: Path | None, device: torch.device | str) -> MotionDecoder:
+    """FLOAT's motion decoder on `device`, frozen, in eval mode: `motion_autoencoder.dec.*` of `motion_ckpt`
+    (float.pth) or, without one, a seeded random init with one loud warning per process.
+
+    float16 on a GPU (the frames of a chunk go through it in one batch), float32 on the CPU.
+    """
+    global _random_decoder_warned
+    decoder = MotionDecoder(preset.motion, seed=preset.init_seed)
+    if motion_ckpt is not None:
+        load_decoder_checkpoint(decoder, motion_ckpt)
+    elif not _random_decoder_warned:
+        log.warning("RANDOM WEIGHTS for the motion decoder (no --motion_ckpt): the rendered frames are not a face, "
+                    "only the pipeline runs. Pass FLOAT's float.pth (--preset float) to see the motion.")
+        _random_decoder_warned = True
+    decoder.requires_grad_(False).eval().to(device)
+    return decoder.half() if torch.device(device).type == "cuda" else decoder

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2Model, Wav2Vec2PreTrainedModel
 
 from dali_float.config import EMOTION_CLASSES, Preset
-from dali_float.errors import CheckpointError, MediaError
+from dali_float.errors import CheckpointError, MediaError, UsageError
 from dali_float.models.audio_encoder import MIN_SAMPLES, load_pretrained, seeded_init, wav2vec2_config
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,15 @@ def emotion_from_filename(path: str | Path) -> np.ndarray:
     if match is None or match.group(1) not in _RAVDESS_EMOTIONS:
         raise MediaError(f"{path}: --emotion filename needs RAVDESS-style names MM-VC-EE-II-SS-RR-AA "
                          f"(two-digit fields, EE = 01..08, e.g. 01-01-03-01-01-01-12.mp4)")
+    return one_hot_emotion(_RAVDESS_EMOTIONS[match.group(1)])
+
+
+def one_hot_emotion(name: str) -> np.ndarray:
+    """(7,) float32 one-hot of an EMOTION_CLASSES name (as FLOAT's `--emo`); UsageError for another name."""
+    if name not in EMOTION_CLASSES:
+        raise UsageError(f"emotion {name!r} is not one of {', '.join(EMOTION_CLASSES)}")
     vector = np.zeros(len(EMOTION_CLASSES), dtype=np.float32)
-    vector[EMOTION_CLASSES.index(_RAVDESS_EMOTIONS[match.group(1)])] = 1.0
+    vector[EMOTION_CLASSES.index(name)] = 1.0
     return vector
 
 

@@ -82,16 +82,19 @@ class FusedLeakyReLU(nn.Module):
 
 
 class Blur(nn.Module):
-    """Low-pass [1, 3, 3, 1] x [1, 3, 3, 1] (normalised) filter with padding (pad0, pad1) on each side.
+    """Low-pass [1, 3, 3, 1] x [1, 3, 3, 1] filter (normalised, times `gain`) with padding (pad0, pad1)
+    on each side.
 
-    The kernel is a persistent buffer because FLOAT's state dict has it (`...conv2.0.kernel`).
+    gain: 1 for a blur before a stride-2 conv; 4 (= factor^2) after a 2x upsampling that inserted zeros,
+    so the mean value is kept. The kernel, gain included, is a persistent buffer because FLOAT's state
+    dict has it (`...conv2.0.kernel`, `...upsample.kernel`).
     """
 
-    def __init__(self, pad: tuple[int, int]) -> None:
+    def __init__(self, pad: tuple[int, int], gain: float = 1.0) -> None:
         super().__init__()
         taps = torch.tensor(_BLUR_TAPS)
         kernel = taps[:, None] * taps[None, :]
-        self.register_buffer("kernel", kernel / kernel.sum())
+        self.register_buffer("kernel", kernel / kernel.sum() * gain)
         self.pad = pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,6 +168,21 @@ class EncoderApp(nn.Module):
             x = conv(x)
         return x.flatten(1)  # (N, latent_dim, 1, 1) -> (N, latent_dim)
 
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(identity (N, latent_dim), skip features) for the decoder.
+
+        The features are the outputs of every module but the last two (the 4x4 ResBlock and the final
+        conv), from the coarsest to the finest: (N, ch[r], r, r) for r = 8, 16, ..., S (float: 7 maps,
+        8x8x512 up to 512x512x32), as FLOAT's encoder hands them to its decoder. Kept only here: the
+        plain forward frees each activation as it goes.
+        """
+        kept = []
+        for conv in self.convs[:-1]:
+            x = conv(x)
+            kept.append(x)
+        identity = self.convs[-1](x).flatten(1)
+        return identity, kept[-2::-1]
+
 
 class Direction(nn.Module):
     """The motion dictionary: `weight` (latent_dim, M); its QR's Q is an orthonormal basis of motion."""
@@ -195,6 +213,14 @@ class MotionEncoding(NamedTuple):
     identity: torch.Tensor  # (N, F): identity latent s (F = latent_dim)
     coefficients: torch.Tensor  # (N, M): motion coefficients lambda = fc(s)
     motion_latents: torch.Tensor  # (N, F): motion latent r = Q lambda (FLOAT's x and its reference wr)
+
+
+class ReferenceEncoding(NamedTuple):
+    """What the decoder needs of a reference image, and its motion latent (float32 but the features)."""
+
+    identity: torch.Tensor  # (N, F): identity latent s
+    motion_latents: torch.Tensor  # (N, F): motion latent r of the reference (the FMT's wr)
+    features: list[torch.Tensor]  # (N, ch[r], r, r) for r = 8 ... S, in the compute dtype
 
 
 class MotionEncoder(nn.Module):
@@ -233,13 +259,23 @@ class MotionEncoder(nn.Module):
 
         Runs under autocast if the caller enabled it; the outputs are cast to float32.
         """
-        if images.ndim != 4 or images.shape[1:] != (3, self.cfg.input_size, self.cfg.input_size):
-            raise ValueError(f"MotionEncoder expects (N, 3, {self.cfg.input_size}, {self.cfg.input_size}) "
-                             f"images, got {tuple(images.shape)}")
+        self._check_images(images)
         identity = self.net_app(images)
         coefficients = self.fc(identity).float()
         motion_latents = self.direction(coefficients)
         return MotionEncoding(identity.float(), coefficients, motion_latents)
+
+    def encode_reference(self, images: torch.Tensor) -> ReferenceEncoding:
+        """images (N, 3, S, S) in [-1, 1] -> identity s, motion latent r and the decoder's skip features."""
+        self._check_images(images)
+        identity, features = self.net_app.forward_with_features(images)
+        motion_latents = self.direction(self.fc(identity).float())
+        return ReferenceEncoding(identity.float(), motion_latents, features)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1:] != (3, self.cfg.input_size, self.cfg.input_size):
+            raise ValueError(f"MotionEncoder expects (N, 3, {self.cfg.input_size}, {self.cfg.input_size}) "
+                             f"images, got {tuple(images.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------

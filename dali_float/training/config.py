@@ -74,6 +74,7 @@ class TrainConfig:
     log_every: int = 10  # steps between log lines / metrics.jsonl records
     progress: bool = True  # tqdm bar (rank 0)
     log_samples: bool = False  # write each rank's (clip_id, window_start) per step to samples_rank<R>.tsv
+    sample_every: int | None = None  # steps between sample videos (0: none); None: 1000 on a GPU, none on the CPU
     wandb_project: str | None = None
     wandb_mode: str | None = None  # None: online when a project is given, else disabled
 
@@ -96,6 +97,8 @@ class TrainConfig:
         for name, (value, low) in at_least.items():
             if value < low:
                 raise UsageError(f"--{name} must be at least {low}, got {value}")
+        if self.sample_every is not None and self.sample_every < 0:
+            raise UsageError(f"--sample_every must be at least 0 (0 = no sample videos), got {self.sample_every}")
         if self.lr is not None and not self.lr > 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -159,6 +159,17 @@ class Monitor:
                 log.warning("wandb: logging failed (%s); continuing without it", err)
                 self.wandb = None
 
+    def log_video(self, step: int, path: Path, caption: str = "") -> None:
+        """Send an MP4 to wandb as the `sample` video of `step` (when wandb is on)."""
+        if self.wandb is None:
+            return
+        try:
+            import wandb
+
+            self.wandb.log({"sample": wandb.Video(str(path), format="mp4", caption=caption)}, step=step)
+        except Exception as err:  # noqa: BLE001 - losing the dashboard must not stop training
+            log.warning("wandb: logging the sample video failed (%s); continuing without it", err)
+
     def close(self, summary: dict[str, Any] | None = None) -> None:
         self.flush()
         self._stack.close()

@@ -39,6 +39,7 @@ from dali_float.training.monitor import Monitor, SampleLog, StepStats, truncate_
 from dali_float.training.objective import ConditionDropout, flow_matching_loss
 from dali_float.training.optim import EMA, LRSchedule, build_optimizer, trainable_parameters
 from dali_float.training.precision import resolve_precision
+from dali_float.training.samples import SampleVideos
 
 log = logging.getLogger("dali_float.training")
 
@@ -58,6 +59,7 @@ class TrainResult:
     elapsed_s: float
     steps_per_s: float
     weights_digest: str  # SHA-256 of the final model state (equal on every rank under DDP)
+    sample_video_seconds: list[float]  # wall time of each sample video (rank 0; the first includes its set-up)
 
     @property
     def exit_code(self) -> int:
@@ -134,6 +136,7 @@ def _train(cfg: TrainConfig, dist: Distributed, source: DataSource | None) -> Tr
         samples = SampleLog(Path(cfg.output_dir) / f"samples_rank{dist.rank}.tsv" if cfg.log_samples else None)
         monitor = Monitor(cfg, is_main=dist.is_main, world_size=dist.world_size, start_step=step, device=device,
                           run_config=run_config, wandb_id=wandb_id)
+        videos = SampleVideos.start(cfg, preset, source, device, dist.is_main)
 
         def save_checkpoint(at_step: int) -> Path | None:
             """Collective: every rank hands in its loader and RNG state; rank 0 writes."""
@@ -194,6 +197,8 @@ def _train(cfg: TrainConfig, dist: Distributed, source: DataSource | None) -> Tr
                         checkpoint = save_checkpoint(step) or checkpoint
                         if dist.is_main:
                             log.info("checkpoint: %s", checkpoint)
+                    if videos is not None and not diverged:
+                        videos.maybe_render(step, model, ema, monitor)  # rank 0 only; the others wait at the next step
                     if diverged:
                         raise DaliFloatError(f"the loss was non-finite for {bad_streak} steps in a row (up to step "
                                              f"{step}); no update was made from them. The last good weights are in "
@@ -203,7 +208,7 @@ def _train(cfg: TrainConfig, dist: Distributed, source: DataSource | None) -> Tr
         finally:
             digest = weights_digest(model)
             samples.close(f"# weights sha256 {digest}")
-            summary = _summary(monitor, step, start_step, checkpoint)
+            summary = _summary(monitor, step, start_step, checkpoint, videos)
             monitor.close(summary)
     finally:
         loader.close()
@@ -213,12 +218,16 @@ def _train(cfg: TrainConfig, dist: Distributed, source: DataSource | None) -> Tr
                  "%d step(s) skipped (non-finite); checkpoint %s", start_step + 1, step, summary["elapsed_s"],
                  summary["steps_per_s"], summary["samples_per_s"], 100 * summary["data_wait_fraction"],
                  summary["skipped_steps"], checkpoint)
+        if summary["sample_video_seconds"]:
+            log.info("sample videos took %.1f s in all (%.1f%% of the run)", summary["sample_video_seconds"],
+                     100 * summary["sample_video_seconds"] / max(summary["elapsed_s"], 1e-9))
         if stopped_by:
             log.warning("interrupted by %s at step %d: checkpoint saved; continue with --resume latest "
                         "--output_dir %s", stopped_by, step, cfg.output_dir)
     return TrainResult(step=step, checkpoint=checkpoint, interrupted=bool(stopped_by),
                        skipped_steps=summary["skipped_steps"], data_wait_fraction=summary["data_wait_fraction"],
-                       elapsed_s=summary["elapsed_s"], steps_per_s=summary["steps_per_s"], weights_digest=digest)
+                       elapsed_s=summary["elapsed_s"], steps_per_s=summary["steps_per_s"], weights_digest=digest,
+                       sample_video_seconds=list(videos.times) if videos is not None else [])
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -289,11 +298,13 @@ def _run_config(cfg: TrainConfig, preset: Preset, source: DataSource, dist: Dist
             "world_size": dist.world_size, "versions": _versions()}
 
 
-def _summary(monitor: Monitor, step: int, start_step: int, checkpoint: Path | None) -> dict[str, Any]:
+def _summary(monitor: Monitor, step: int, start_step: int, checkpoint: Path | None,
+             videos: SampleVideos | None) -> dict[str, Any]:
     totals = monitor.totals
     elapsed = time.perf_counter() - totals.started
     done = step - start_step
     return {"final_step": step, "elapsed_s": elapsed, "steps_per_s": done / elapsed if elapsed > 0 else 0.0,
             "samples_per_s": done * monitor.samples_per_step / elapsed if elapsed > 0 else 0.0,
             "data_wait_fraction": totals.data_wait_fraction, "skipped_steps": totals.skipped,
-            "checkpoint": str(checkpoint) if checkpoint else None}
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "sample_video_seconds": sum(videos.times) if videos is not None else 0.0}
