@@ -61,7 +61,7 @@ def test_quick_run_reports_every_figure(quick_run):
     assert {c["loader"] for c in configs} == set(LOADERS)
     assert {c["config"].get("num_workers") for c in configs if c["loader"] == "torch"} >= {0}
     assert len([c for c in configs if c["loader"] == "torch"]) >= 2  # num_workers 0 and N
-    assert {c["config"].get("read_strategy") for c in configs if c["loader"] == "dali"} >= {"pread", "roi"}
+    assert {c["config"].get("read_strategy") for c in configs if c["loader"] == "dali"} >= {"pread", "python"}
     assert _finite(results["ceiling"].get("mb_per_s")), results["ceiling"]
 
     for name in LOADERS:

@@ -237,7 +237,8 @@ def prepare_probe(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def loader_probe(spec: dict[str, Any]) -> dict[str, Any]:
-    """Throughput of one loader configuration: samples/s, MB/s (bytes of the batch contract), peak memory."""
+    """Throughput of one loader configuration: samples/s, MB/s (bytes of the batch contract), peak memory;
+    for the cached loaders also the seconds to open the cache and to get the first batch."""
     from dali_float.loaders import LoaderOptions, open_loader
 
     preset, sources = _context(spec)
@@ -252,10 +253,16 @@ def loader_probe(spec: dict[str, Any]) -> dict[str, Any]:
         loader = open_loader("naive", preset, options, data_root=Path(spec["data_root"]), encoders=encoders,
                              crop=spec["crop"], segments=_segments(spec))
     else:
-        loader = open_loader(spec["kind"], preset, options, cache=_open_cache(spec, preset))
+        t0 = time.perf_counter()
+        cache = _open_cache(spec, preset)
+        opened = time.perf_counter()
+        loader = open_loader(spec["kind"], preset, options, cache=cache)
     if spec["timing"].get("warmup_items"):  # naive: one sample builds the decoder and runs every model once
-        loader.load_windows([(loader.clip_ids[0], 0, 0)] * int(spec["timing"]["warmup_items"]))
+        loader.load_windows([(loader.clips.clip_id(0), 0, 0)] * int(spec["timing"]["warmup_items"]))
     batches = iter(loader)
+    if spec["kind"] != "naive":
+        next(batches)
+        first = {"open_s": opened - t0, "first_batch_s": time.perf_counter() - opened}
 
     def step() -> int:
         return next(batches).size
@@ -268,6 +275,8 @@ def loader_probe(spec: dict[str, Any]) -> dict[str, Any]:
         loader.close()
     result = rate_summary(rates, sample_bytes(preset))
     result.update(watch.stop(), pss_bytes=pss, read_strategy=getattr(loader, "strategy", None))
+    if spec["kind"] != "naive":
+        result.update(first, clips=len(cache))
     return result
 
 
@@ -277,21 +286,21 @@ def ceiling_probe(spec: dict[str, Any]) -> dict[str, Any]:
     the window positions drawn before timing. On a GPU also: that copy plus pinned host -> device."""
     import torch
 
-    from dali_float.loaders.cached import FramesFile
+    from dali_float import cache_format as cf
     from dali_float.loaders.sampling import RequestStream
 
     preset, _ = _context(spec)
     cache = _open_cache(spec, preset)
-    files = [FramesFile.parse(c.frames_path) for c in cache.clips]
-    fds = [os.open(f.path, os.O_RDONLY) for f in files]
+    fds = [os.open(p, os.O_RDONLY) for p in cache.shard_paths()]
     window, b = preset.timing.window_frames, spec["batch_size"]
-    stream = RequestStream([c.num_frames for c in cache.clips], window, seed=spec.get("seed", 0))()
+    row_bytes = cf.row_bytes(preset)
+    stream = RequestStream(cache.num_frames, window, seed=spec.get("seed", 0))()
     requests = [next(stream) for _ in range(4096)]
-    plan = [(fds[r.clip_index], files[r.clip_index].data_offset + r.window_start * files[r.clip_index].row_bytes,
-             files[r.clip_index].data_offset + r.ref_frame * files[r.clip_index].row_bytes) for r in requests]
+    rows = cache.view.rows
+    plan = [(fds[int(rows[r.clip_index]["shard"])], int(rows[r.clip_index]["offset"]) + r.window_start * row_bytes,
+             int(rows[r.clip_index]["offset"]) + r.ref_frame * row_bytes) for r in requests]
     device = spec.get("device", "cpu")
     on_gpu = device.startswith("cuda")
-    row_bytes = files[0].row_bytes
     host = torch.empty((b, window * row_bytes + preset.motion_dim * 2), dtype=torch.uint8, pin_memory=on_gpu)
     rows = host.numpy()
     ref_bytes = preset.motion_dim * 2

@@ -32,7 +32,8 @@ def discover_videos(root: Path) -> list[tuple[str, Path]]:
         return [(root.name, root)] if root.suffix.lower() in VIDEO_EXTENSIONS else []
     if not root.is_dir():
         raise UsageError(f"{root}: no such folder; give the folder that holds the videos")
-    found: list[tuple[str, Path]] = []
+    found: list[tuple[str, str, str]] = []  # (clip id, folder, name)
+    real_of: dict[tuple[str, str], str] = {}  # (folder, name) -> real path, where it is not folder/name
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = os.path.realpath(dirpath)
         # Prune links back to a folder on the current path (loops).
@@ -40,20 +41,26 @@ def discover_videos(root: Path) -> list[tuple[str, Path]]:
         dirnames[:] = [d for d in dirnames
                        if not (os.path.islink(os.path.join(dirpath, d))
                                and os.path.realpath(os.path.join(dirpath, d)) in ancestors | {here})]
+        # One directory read for the links among the files (no system call per file: a million clips).
+        with os.scandir(dirpath) as entries:
+            links = {e.name for e in entries if e.is_symlink()}
+        rel = os.path.relpath(dirpath, root)
+        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
         for name in filenames:
             if name.startswith("._") or os.path.splitext(name)[1].lower() not in VIDEO_EXTENSIONS:
                 continue
-            path = Path(dirpath) / name
-            found.append((path.relative_to(root).as_posix(), path))
+            found.append((prefix + name, dirpath, name))
+            real_of[dirpath, name] = os.path.realpath(os.path.join(dirpath, name)) if name in links \
+                else os.path.join(here, name)
     found.sort(key=lambda item: item[0])
     unique, seen = [], set()
-    for clip_id, path in found:
-        real = os.path.realpath(path)
+    for clip_id, dirpath, name in found:
+        real = real_of[dirpath, name]
         if real in seen:
             log.debug("%s: same file as an earlier clip, skipped", clip_id)
             continue
         seen.add(real)
-        unique.append((clip_id, path))
+        unique.append((clip_id, Path(dirpath, name)))
     return unique
 
 
