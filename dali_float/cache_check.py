@@ -38,6 +38,9 @@ def verify(layout: cf.CacheLayout, index: ClipIndex, preset: Preset, progress: b
     for path in layout.shard_files():
         if path.name not in live:
             cache_problem(f"shard {path.name} holds no live record (the next run removes it)")
+        elif path.stat().st_size > live[path.name]:
+            cache_problem(f"shard {path.name} has {path.stat().st_size - live[path.name]} bytes past its last live "
+                          f"record (a killed writer's tail; the next run cuts it)")
     damaged = cheap_check(layout, index)
     problems.extend({"clip": c, "problem": p} for c, p in sorted(damaged.items()))
     problems.extend({"clip": c, "problem": p} for c, p in _check_view(layout, index, preset))
