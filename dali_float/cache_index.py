@@ -71,6 +71,19 @@ def from_row(row: tuple) -> cf.ClipEntry:
     return cf.ClipEntry.from_dict(d)
 
 
+def _in_transaction(con: sqlite3.Connection, work, fault: str) -> None:
+    """work() in one transaction, committed (durably: synchronous=FULL) or rolled back on any error."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        work()
+        faults.point(fault)
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     """Autocommit connection (transactions are explicit), durable commits, a rollback journal (no WAL:
     its shared memory does not work on network file systems)."""
@@ -166,17 +179,12 @@ class ClipIndex:
     # -- writing (one transaction each; the generation counts them) -------------------------------
 
     def _transaction(self, work) -> None:
-        self.con.execute("BEGIN IMMEDIATE")
-        try:
+        def and_count() -> None:
             work()
             self.con.execute("INSERT INTO meta (key, value) VALUES ('generation', '1') ON CONFLICT(key) DO UPDATE "
                              "SET value = CAST(value AS INTEGER) + 1")
-            faults.point("index-commit")
-            self.con.execute("COMMIT")
-        except BaseException:
-            if self.con.in_transaction:
-                self.con.execute("ROLLBACK")
-            raise
+
+        _in_transaction(self.con, and_count, "index-commit")
 
     def put(self, entries: Iterable[cf.ClipEntry]) -> None:
         rows = [to_row(e) for e in entries]
@@ -248,15 +256,7 @@ class Journal:
 
     def commit(self, entries: list[cf.ClipEntry]) -> None:
         rows = [to_row(e) for e in entries]
-        self.con.execute("BEGIN IMMEDIATE")
-        try:
-            self.con.executemany(_INSERT, rows)
-            faults.point("journal-commit")
-            self.con.execute("COMMIT")
-        except BaseException:
-            if self.con.in_transaction:
-                self.con.execute("ROLLBACK")
-            raise
+        _in_transaction(self.con, lambda: self.con.executemany(_INSERT, rows), "journal-commit")
 
     def close(self) -> None:
         self.con.close()

@@ -205,16 +205,21 @@ def recover(layout: cf.CacheLayout, index: ClipIndex) -> Recovery:
     return rec
 
 
+def shard_size(path: Path) -> int:
+    """The shard's size in bytes, -1 when it is missing."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
 def cheap_check(layout: cf.CacheLayout, index: ClipIndex) -> dict[str, str]:
     """Cached clips whose record cannot be whole: its shard is missing or shorter than the record's end.
     One stat per shard; {clip id: problem}."""
     problems: dict[str, str] = {}
     for shard, end in index.live_ends().items():
         path = layout.shard_path(shard)
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            size = -1
+        size = shard_size(path)
         if size >= end:
             continue
         why = f"shard {path} is missing" if size < 0 else f"shard {path} ends at byte {size}, its record goes further"

@@ -15,7 +15,7 @@ import numpy as np
 
 from dali_float import cache_format as cf
 from dali_float.cache_index import ClipIndex
-from dali_float.cache_store import read_record
+from dali_float.cache_store import read_record, shard_size
 from dali_float.cache_view import TrainingView
 from dali_float.config import Preset
 from dali_float.errors import CacheError, UsageError
@@ -127,10 +127,7 @@ class TrainingCache:
     def _check_shards(self) -> None:
         """The cheap invariant: every shard holds its records' bytes; else the first clip that lacks them."""
         for number, (path, end) in enumerate(zip(self.view.shards, self.view.shard_ends)):
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                size = -1
+            size = shard_size(path)
             if size >= end:
                 continue
             rows = self.view.rows
