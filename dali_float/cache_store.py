@@ -186,12 +186,21 @@ def recover(layout: cf.CacheLayout, index: ClipIndex) -> Recovery:
     every shard back to the end of its last live record (a partial tail, or dead records at the end).
     """
     rec = Recovery(temporary_files=remove_temporary_files(layout.root), merged_rows=index.merge_journals())
+    rec.truncated, rec.removed_shards = trim_shards(layout, index)
+    return rec
+
+
+def trim_shards(layout: cf.CacheLayout, index: ClipIndex) -> tuple[list[str], list[str]]:
+    """Cut every shard back to the end of its last live record and delete shards without one (a killed
+    writer's tail, or records of clips re-done or dropped at the end of a shard); only while no writer
+    runs. Returns (cut, deleted) shard names."""
+    cut, deleted = [], []
     ends = index.live_ends()
     for path in layout.shard_files():
         end = ends.get(path.name)
         if end is None:
             path.unlink()
-            rec.removed_shards.append(path.name)
+            deleted.append(path.name)
         elif path.stat().st_size > end:
             os.truncate(path, end)
             fd = os.open(path, os.O_WRONLY)
@@ -199,10 +208,10 @@ def recover(layout: cf.CacheLayout, index: ClipIndex) -> Recovery:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            rec.truncated.append(path.name)
-    if rec.removed_shards:
+            cut.append(path.name)
+    if deleted:
         fsync_dir(layout.shards_dir)
-    return rec
+    return cut, deleted
 
 
 def shard_size(path: Path) -> int:

@@ -91,11 +91,12 @@ def open_cache(trained: TrainedModel, cache_dir: Path | None = None) -> Training
 
 
 def read_clip(cache: TrainingCache, clip_id: str) -> ClipData:
-    entry = cache.manifest.clips.get(clip_id)
-    if entry is None or all(c.clip_id != clip_id for c in cache.clips):
-        known = ", ".join(c.clip_id for c in cache.clips[:5])
+    i = cache.view.find(clip_id)
+    entry = cache.entry(clip_id) if i is not None else None
+    if entry is None:
+        known = ", ".join(cache.clip_ids(range(min(5, len(cache)))))
         raise UsageError(f"clip {clip_id!r} is not a usable clip of {cache.root} (e.g. {known})")
-    feats = cache.layout.read_clip(entry, cache.preset)
+    feats = cache.read_features(i)
     return ClipData(clip_id, np.asarray(feats.motion_latents, np.float32), np.asarray(feats.audio_features, np.float32),
                     np.asarray(feats.emotion, np.float32), Path(entry.source_path))
 
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         if baseline.fingerprint != trained.fingerprint:
             raise UsageError("--baseline was trained on other features (another fingerprint): compare like with like")
         models["baseline"] = baseline
-    result = measure_audio_following(models, [read_clip(cache, c.clip_id) for c in cache.clips], args.seeds, guidance)
+    result = measure_audio_following(models, [read_clip(cache, c) for c in cache.clip_ids(range(len(cache)))], args.seeds, guidance)
     text = json.dumps({k: v for k, v in result.items() if k != "per_clip"}, indent=1)
     sys.stdout.write(text + "\n")
     if args.json:

@@ -408,8 +408,9 @@ def test_recovery_from_a_crash_state(small, tmp_path):
         f.write(b"a torn record" * 100)  # appended, never committed
     orphan = layout.shard_path("0000000000000001-r0w0-dead-1-0000.bin")
     orphan.write_bytes(b"records of a writer killed before its first commit")
-    with ClipIndex(layout) as index:  # c30.mp4 uncommitted: as if its group never reached the index
-        index.delete(["c30.mp4"])
+    first = min(entries.values(), key=lambda e: e.offset).clip_id  # not the shard's last record
+    with ClipIndex(layout) as index:  # uncommitted: as if its group never reached the index
+        index.delete([first])
     result = run_preprocessing(options(data, cache_dir))
     assert result.processed == {cf.STATUS_CACHED: 1}  # only the uncommitted clip
     assert not temp_files(layout.root) and not orphan.exists()

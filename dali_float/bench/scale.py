@@ -32,7 +32,7 @@ from dali_float import cache_view
 from dali_float.bench import probes
 from dali_float.bench.machine import load_average, machine_info
 from dali_float.cache_index import ClipIndex
-from dali_float.cache_store import ShardWriter, writer_name
+from dali_float.cache_store import GROUP_CLIPS, ShardWriter, writer_name
 from dali_float.config import get_preset
 from dali_float.errors import UsageError
 
@@ -76,7 +76,7 @@ def _write_sources(data_root: Path, clips: int, progress: bool) -> list[str]:
 
 
 def _write_cache(layout: cf.CacheLayout, header: cf.CacheHeader, data_root: Path, ids: list[str], preset,
-                 progress: bool, seed: int) -> float:
+                 progress: bool, seed: int, group_clips: int = GROUP_CLIPS) -> float:
     """The cache of `ids` through the real writer; returns the seconds it took (writing, merge, export)."""
     layout.create(header)
     rng = np.random.default_rng(seed)
@@ -87,7 +87,7 @@ def _write_cache(layout: cf.CacheLayout, header: cf.CacheHeader, data_root: Path
     emotion = rng.dirichlet(np.ones(preset.emotion_dim), size=1024).astype(np.float32)
     starts = rng.integers(0, len(pool) - t, size=len(ids))
     start = time.perf_counter()
-    with ShardWriter(layout, preset, writer_name("scale")) as writer:
+    with ShardWriter(layout, preset, writer_name("scale"), group_clips=group_clips) as writer:
         for i, clip_id in enumerate(tqdm(ids, desc="writing clips", unit="clip", disable=not progress, leave=False)):
             rows = pool[starts[i]:starts[i] + t]
             c = int(starts[i]) % (len(coefficients) - t)
@@ -135,6 +135,14 @@ def measure_size(clips: int, work: Path, preset, fp_parts: tuple[str, dict, str]
                bytes=sum(p.stat().st_size for p in files))
     log.info("%d clips written in %.1f s (%.0f clips/s): %d files, %.2f GB", clips, seconds, clips / seconds,
              len(files), out["bytes"] / 1e9)
+    if clips == BASE_CLIPS:  # the fixed cost of a commit: the same clips with one commit (two fsyncs) per clip
+        other = cf.CacheLayout(work / "commit_per_clip" / layout.root.name)
+        per_clip = _write_cache(other, header, data_root, ids, preset, progress, seed, group_clips=1)
+        out.update(write_commit_per_clip_clips_per_s=clips / per_clip,
+                   commit_s_per_clip=max(0.0, (per_clip - seconds) / clips))
+        shutil.rmtree(work / "commit_per_clip", ignore_errors=True)
+        log.info("with a commit per clip: %.0f clips/s (%.2f ms more per clip)", clips / per_clip,
+                 1e3 * out["commit_s_per_clip"])
     common = ["--preset", preset.name, "--data_root", str(data_root), "--cache_dir", str(cache_dir), "--crop", "center"]
     limit = 600 + clips / 500
     out["status_s"], done = _command(["status", "--json", *common], limit)
@@ -252,7 +260,9 @@ def run_scale(clips: int, work: Path, batch_size: int = 8, progress: bool = True
 def format_scale(results: dict[str, Any]) -> str:
     """Markdown: one row per size, the ratios N vs 1,000, and the targets."""
     sizes = sorted(results["scale"], key=int)
-    rows = [("write clips/s", "write_clips_per_s", "{:,.0f}"), ("files", "files", "{:,}"),
+    rows = [("write clips/s", "write_clips_per_s", "{:,.0f}"),
+            ("write clips/s, a commit per clip", "write_commit_per_clip_clips_per_s", "{:,.0f}"),
+            ("files", "files", "{:,}"),
             ("bytes", "bytes", "{:,}"), ("status s", "status_s", "{:.2f}"), ("up-to-date rerun s", "rerun_s", "{:.2f}"),
             ("verify s", "verify_s", "{:.1f}"), ("cache open s (dali)", "open_s", "{:.3f}"),
             ("first batch s (dali)", "first_batch_s", "{:.3f}")]

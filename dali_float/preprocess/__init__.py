@@ -3,7 +3,7 @@
   options  what a run is asked (PreprocessOptions), what it reports (PreprocessResult), the fingerprint
   plan     sources vs entries on disk (up to date / pending / gone), stable uids, balanced work split
   worker   one clip -> features -> entry (ClipProcessor), and the spawned worker process
-  run      run_preprocessing: recover, plan, run workers (or torchrun ranks), manifest, summary
+  run      run_preprocessing: recover, plan, run workers (or torchrun ranks), merge, training view, summary
   manage   status / show / verify [--repair] / compact / migrate / clear
 
     from dali_float.preprocess import PreprocessOptions, run_preprocessing

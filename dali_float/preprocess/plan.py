@@ -10,7 +10,7 @@ disappeared (a video removed, a segment row dropped) are dropped at the end of t
 adds or drops only the rows that changed.
 
 Work is split so workers finish together: greedy longest-first by duration onto the least-loaded
-worker. The rule is deterministic, so torchrun ranks that plan from the same manifest snapshot
+worker. The rule is deterministic, so torchrun ranks that plan from the same index snapshot
 take disjoint shares without talking to each other. Only the columns reconciling needs are read
 (`cache_index.LIGHT`): a million rows take a few seconds and no JSON parsing.
 """

@@ -1,4 +1,4 @@
-"""`run_preprocessing`: recover the cache, plan, process the pending clips, write the manifest, report.
+"""`run_preprocessing`: recover the cache, plan, process the pending clips, merge the journals, report.
 
 Order of a run (the same on every torchrun rank):
 
@@ -32,7 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from dali_float import cache_format as cf
 from dali_float import cache_view, media
 from dali_float.cache_index import ClipIndex
-from dali_float.cache_store import ShardWriter, dead_bytes, writer_name
+from dali_float.cache_store import ShardWriter, dead_bytes, trim_shards, writer_name
 from dali_float.cli import usable_cores
 from dali_float.errors import CheckpointError, NoSourcesError, UsageError
 from dali_float.preprocess import plan
@@ -351,6 +351,7 @@ def _finish(layout: cf.CacheLayout, rec: plan.Reconciliation, preset, fp: str) -
     with ClipIndex(layout) as index:
         index.merge_journals()
         index.delete(rec.gone)
+        trim_shards(layout, index)  # records of dropped clips at a shard's end: cut now, not next run
         if not cache_view.export(layout, index, preset, fp):
             return
         dead = sum(dead_bytes(layout, index).values())
