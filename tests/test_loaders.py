@@ -270,7 +270,8 @@ RSS_PROBE = textwrap.dedent("""
     it = iter(open_loader(sys.argv[3], preset, LoaderOptions(batch_size=16, num_workers=0), cache=cache))
     for _ in range(300):
         next(it)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    from dali_float.bench.probes import peak_rss_bytes  # VmHWM: ru_maxrss would carry pytest's own peak
+    print(peak_rss_bytes())
 """)
 
 

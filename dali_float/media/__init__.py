@@ -17,7 +17,7 @@ Every problem with one input file raises `MediaError` with one line (what is wro
 PyAV/FFmpeg/DALI exceptions never escape as anything else.
 
 Submodules (every public name is re-exported here, so `media.X` works for all of them):
-  files   VIDEO_EXTENSIONS, AUDIO_SIDE_EXTENSIONS, discover_videos, find_side_audio
+  files   VIDEO_EXTENSIONS, AUDIO_SIDE_EXTENSIONS, discover_videos (scan_videos: as strings), find_side_audio
   probe   VideoInfo, probe_video (demux only), the one-line MediaError helpers (`_media_errors`,
           `_check_readable_file`), codec names, 25 fps indices (num_frames_at_fps, frame_indices_at_fps)
   video   decoder choice (DALI_GPU, DALI_CPU, PYAV, choose_decoder), the DALI graph (process_frames),
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dali_float.media.audio import load_audio, normalize_utterance, pad_to_frames, prepare_clip_audio, trim_to_frames
 from dali_float.media.files import (AUDIO_SIDE_EXTENSIONS, VIDEO_EXTENSIONS, ClipSpec, discover_clips, discover_videos,
-                                   find_side_audio)
+                                   find_side_audio, scan_videos)
 from dali_float.media.probe import VideoInfo, clip_frame_indices, frame_indices_at_fps, num_frames_at_fps, probe_video
 from dali_float.media.video import (
     DALI_CPU, DALI_CPU_CODECS, DALI_GPU, FULL_FRAME, NVDEC_CODECS, PYAV, FrameDecoder, Window, _VideoPackets,
@@ -41,6 +41,7 @@ from dali_float.media.framing import CROP_MODES, ClipFramer, CropDecision, frami
 __all__ = [
     # files
     "VIDEO_EXTENSIONS", "AUDIO_SIDE_EXTENSIONS", "ClipSpec", "discover_clips", "discover_videos", "find_side_audio",
+    "scan_videos",
     # probe
     "VideoInfo", "probe_video", "num_frames_at_fps", "frame_indices_at_fps", "clip_frame_indices",
     # video

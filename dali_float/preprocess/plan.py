@@ -22,7 +22,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from tqdm import tqdm
 
@@ -43,12 +43,12 @@ NEW, CHANGED, DAMAGED, FORCED = "new", "changed", "damaged", "forced"
 _PER_CLIP_OVERHEAD_S = 0.1
 
 
-@dataclass(frozen=True)
-class Source:
-    """One clip found under the data root, its video as `stat` sees it (size and mtime -1 when stat failed)."""
+class Source(NamedTuple):
+    """One clip found under the data root, its video as `stat` sees it (size and mtime -1 when stat failed).
+    A NamedTuple: a million of them are made in a fraction of a second (a frozen dataclass takes seconds)."""
 
     clip_id: str
-    path: Path
+    path: str  # the video's path (a string: a million Path objects cost seconds)
     size_bytes: int
     mtime_ns: int
     regular: bool  # a regular file; FIFOs and devices are never opened (reading one could block)
@@ -60,27 +60,34 @@ class Source:
         return None if self.span_s is None else [float(v) for v in self.span_s]
 
 
+def _stat(path: str) -> tuple[int, int, bool]:
+    try:
+        st = os.stat(path)  # follows symlinks: the clip is what the link points to
+        return st.st_size, st.st_mtime_ns, stat.S_ISREG(st.st_mode)
+    except OSError:  # a dangling symlink, a file that vanished: the worker records why
+        return -1, -1, False
+
+
 def discover_sources(data_root: Path, segments: Path | None = None) -> list[Source]:
-    """The clips of `data_root` (media.discover_clips: every video, recursive, any case; or the rows of
-    a segments CSV), sorted by clip id; each video is stat-ed once."""
-    stats: dict[Path, tuple[int, int, bool]] = {}
+    """The clips of `data_root` (every video, recursive, any case: media.scan_videos; or the rows of a
+    segments CSV: media.discover_clips), sorted by clip id; each video is stat-ed once."""
+    if segments is None:
+        return [Source(clip_id, path, *_stat(path)) for clip_id, path in media.scan_videos(Path(data_root))]
+    stats: dict[str, tuple[int, int, bool]] = {}
     found = []
     for spec in media.discover_clips(Path(data_root), segments):
-        if spec.path not in stats:
-            try:
-                st = os.stat(spec.path)  # follows symlinks: the clip is what the link points to
-                stats[spec.path] = (st.st_size, st.st_mtime_ns, stat.S_ISREG(st.st_mode))
-            except OSError:  # a dangling symlink, a file that vanished: the worker records why
-                stats[spec.path] = (-1, -1, False)
-        found.append(Source(spec.clip_id, spec.path, *stats[spec.path], span_s=spec.span_s))
+        path = str(spec.path)
+        if path not in stats:
+            stats[path] = _stat(path)
+        found.append(Source(spec.clip_id, path, *stats[path], span_s=spec.span_s))
     return found
 
 
-def _content_hash(path: Path, memo: dict[Path, str]) -> str:
+def _content_hash(path: str, memo: dict[str, str]) -> str:
     """The video's sha256 (once per video per run: its segments share it); "" when it cannot be read."""
     if path not in memo:
         try:
-            memo[path] = sha256_file(path)
+            memo[path] = sha256_file(Path(path))
         except OSError:
             memo[path] = ""
     return memo[path]
@@ -109,7 +116,7 @@ def reconcile(sources: list[Source], rows: dict[str, IndexRow], damaged: Iterabl
     `verify --repair`): re-done even though their source is unchanged.
     """
     rec = Reconciliation()
-    hashes: dict[Path, str] = {}
+    hashes: dict[str, str] = {}
     damaged = set(damaged)
     found = {s.clip_id for s in sources}
     rec.gone = sorted(cid for cid in rows if cid not in found)
@@ -125,12 +132,12 @@ def reconcile(sources: list[Source], rows: dict[str, IndexRow], damaged: Iterabl
             rec.pending[src.clip_id] = CHANGED
         elif row.mtime_ns == src.mtime_ns:
             rec.up_to_date.append(src.clip_id)
-            if row.source_path != str(src.path):  # the data root moved: same bytes, new address
-                rec.touched.append((src.clip_id, row.mtime_ns, str(src.path)))
+            if row.source_path != src.path:  # the data root moved: same bytes, new address
+                rec.touched.append((src.clip_id, row.mtime_ns, src.path))
         elif src.regular and row.content_hash and _content_hash(src.path, hashes) == row.content_hash:
             # `touch`, a copy that kept the bytes: nothing to recompute, only the mtime to remember.
             rec.up_to_date.append(src.clip_id)
-            rec.touched.append((src.clip_id, src.mtime_ns, str(src.path)))
+            rec.touched.append((src.clip_id, src.mtime_ns, src.path))
         else:
             rec.pending[src.clip_id] = CHANGED
     return rec
@@ -221,7 +228,7 @@ def make_tasks(sources: list[Source], rec: Reconciliation, snapshot: Snapshot) -
             uid = old.clip_uid
         else:
             uid, base = base, base + 1
-        tasks.append(ClipTask(src.clip_id, str(src.path), uid, src.size_bytes, src.mtime_ns, src.regular,
+        tasks.append(ClipTask(src.clip_id, src.path, uid, src.size_bytes, src.mtime_ns, src.regular,
                               src.span_s))
     return tasks
 
