@@ -1,13 +1,14 @@
 """Fault injection for the crash-safety tests: `point(name)` marks a step of a crash-safe write.
 
 With DALI_FLOAT_CRASH_AT=<name>[:<n>] in the environment, the process dies at once (os._exit, no
-clean-up, no flush: what SIGKILL or a power cut leaves) the n-th time (default 1st) it reaches that
-step. Unset (always, outside tests), a point costs one dictionary look-up.
+clean-up, no flush: what SIGKILL leaves) the n-th time (default 1st) it reaches that step. Unset
+(always, outside tests), a point costs one dictionary look-up. What a power cut adds (written but
+not fsynced bytes lost) a process crash cannot show: the fsync before each commit is for that.
 
 Steps: shard-append (half a record written), shard-fsync (a group's records written, not fsynced),
 journal-commit (rows inserted, not committed), journal-unlink (a journal merged, not deleted),
-index-commit (an index transaction not committed), export-arrays / export-commit (the training view),
-compact-copy / compact-fsync / compact-unlink (compaction).
+index-commit (an index transaction not committed), export-commit (the training view's arrays written,
+training.json not yet), compact-copy / compact-fsync / compact-unlink (compaction).
 """
 from __future__ import annotations
 

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from dali_float import cache_format as cf
 from dali_float.config import Preset
 from dali_float.contract import Batch
 from dali_float.loaders.base import ClipNames, LoaderOptions, WindowItem, WindowLoader, batch_from_windows
