@@ -161,6 +161,16 @@ class WindowReader:
             fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY | os.O_CLOEXEC)
         return fd
 
+    def advise(self, samples) -> None:
+        """Tell the kernel which windows come next, (clip index, start, ref) each, before reading any:
+        where they are not in the page cache (a cache larger than memory) their disk reads then run
+        side by side instead of one after the other. About a microsecond each where they are."""
+        for clip_index, start, ref in samples:
+            row = self.rows[clip_index]
+            fd, base = self._fd(int(row["shard"])), int(row["offset"])
+            os.posix_fadvise(fd, base + start * self.row_bytes, self.window * self.row_bytes, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, base + ref * self.row_bytes, self.row_bytes, os.POSIX_FADV_WILLNEED)
+
     def read(self, clip_index: int, start: int, ref: int, window_out: np.ndarray, ref_out: np.ndarray) -> None:
         """Rows [start, start + 60) of clip `clip_index` into window_out, the first bytes of row `ref`
         (len(ref_out) bytes' worth: the motion latent) into ref_out. CacheError naming the clip and

@@ -100,6 +100,7 @@ class PythonReadSource(EpochSource):
         b = len(rows)
         windows = np.empty((b, self.window, self.row_bytes), dtype=np.uint8)
         refs = np.empty((b, self.ref_bytes), dtype=np.uint8)
+        self.reader.advise(zip(rows.tolist(), starts_refs[:, 0].tolist(), starts_refs[:, 1].tolist()))
         for i in range(b):
             self.reader.read(int(rows[i]), int(starts_refs[i, 0]), int(starts_refs[i, 1]), windows[i], refs[i])
         _, emotion = self.addresses(rows)

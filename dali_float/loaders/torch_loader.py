@@ -46,6 +46,7 @@ class CachedWindowDataset(Dataset):
         windows, ref_motion = alloc(b, w, width), alloc(b, f)
         emotion = alloc(b, preset.emotion_dim)
         win_np, ref_np = windows.numpy(), ref_motion.numpy()
+        self.reader.advise((r.clip_index, r.window_start, r.ref_frame) for r in requests)
         for i, r in enumerate(requests):
             self.reader.read(r.clip_index, r.window_start, r.ref_frame, win_np[i], ref_np[i])
         rows = np.fromiter((r.clip_index for r in requests), dtype=np.int64, count=b)

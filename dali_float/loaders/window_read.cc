@@ -121,6 +121,13 @@ class WindowRead : public ::dali::StatelessOperator<::dali::CPUBackend> {
     auto &windows = ws.Output<::dali::CPUBackend>(0);
     auto &refs = ws.Output<::dali::CPUBackend>(1);
     auto &pool = ws.GetThreadPool();
+    // Every window of the batch announced first: reads that miss the page cache (a cache larger than
+    // memory) then go to the disk side by side, not one after the other (~1 us each when cached).
+    for (const Sample &s : samples_) {
+      int fd = Fd(s.shard, s.row);
+      posix_fadvise(fd, s.offset + s.start * row_bytes_, static_cast<int64_t>(rows_) * row_bytes_, POSIX_FADV_WILLNEED);
+      posix_fadvise(fd, s.offset + s.ref * row_bytes_, ref_bytes_, POSIX_FADV_WILLNEED);
+    }
     for (int i = 0; i < windows.num_samples(); i++) {
       const Sample &s = samples_[i];
       int64_t *ids = ws.Output<::dali::CPUBackend>(2).mutable_tensor<int64_t>(i);
