@@ -105,8 +105,9 @@ def _pss_bytes(pid: int) -> int:
 
 
 def disk_read_bytes() -> int:
-    """Bytes this process (and its waited-for children) had fetched from storage, not from the page
-    cache (/proc/self/io read_bytes; 0 where unavailable): reads that missed the page cache."""
+    """Bytes this process (and its children once reaped: DataLoader workers still running are not in it)
+    had fetched from storage, not from the page cache (/proc/self/io read_bytes; 0 where unavailable).
+    Readahead the kernel starts for posix_fadvise may be counted to no one."""
     try:
         with open("/proc/self/io") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))

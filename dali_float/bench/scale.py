@@ -161,19 +161,21 @@ def measure_size(clips: int, work: Path, preset, fp_parts: tuple[str, dict, str]
              out["rerun_s"], out["verify_s"])
     spec = {"preset": preset.name, "sources": {}, "cache_dir": str(cache_dir), "fingerprint": fp, "device": "cpu",
             "batch_size": batch_size, "seed": seed, "timing": timing}
-    # The copy ceiling over fresh positions (more than the runs read): its reads miss the page cache as often
-    # as the loaders' do.
-    ceiling = probes.run_probe({**spec, "probe": "ceiling", "positions": 1 << 18})
-    out["ceiling"] = {k: ceiling.get(k) for k in ("samples_per_s", "spread", "peak_rss_bytes", "error") if k in ceiling}
+    # Each measurement draws from a seed of its own: at a size larger than the page cache, one that read the
+    # windows another reads next would hand it a warm cache (found in the first runs: the ceiling, run
+    # first with the loaders' seed, had read the torch loader's windows). The copy ceiling runs last, over
+    # fresh positions (more than its runs read).
     configs = {kind: {"kind": kind, "num_workers": 0} for kind in LOADERS} | EXTRA
-    for name, config in configs.items():
-        result = probes.run_probe({**spec, "probe": "loader", "num_threads": 1, **config})
+    for number, (name, config) in enumerate(configs.items()):
+        result = probes.run_probe({**spec, "probe": "loader", "num_threads": 1, **config, "seed": seed + number})
         out[name] = {k: result.get(k) for k in ("samples_per_s", "spread", "peak_rss_bytes", "open_s", "first_batch_s",
                                                  "read_strategy", "disk_read_bytes", "error") if k in result}
         log.info("%d clips, %s: %s samples/s, peak RSS %.0f MiB, open %.2f s, first batch %.2f s, %.0f MB from disk",
                  clips, name, f"{result.get('samples_per_s', float('nan')):.0f}",
                  result.get("peak_rss_bytes", 0) / 2**20, result.get("open_s", float("nan")),
                  result.get("first_batch_s", float("nan")), result.get("disk_read_bytes", 0) / 1e6)
+    ceiling = probes.run_probe({**spec, "probe": "ceiling", "positions": 1 << 18, "seed": seed + len(configs)})
+    out["ceiling"] = {k: ceiling.get(k) for k in ("samples_per_s", "spread", "peak_rss_bytes", "error") if k in ceiling}
     out["open_s"], out["first_batch_s"] = out["dali"].get("open_s"), out["dali"].get("first_batch_s")
     out["load_average_end"] = load_average()
     return out
