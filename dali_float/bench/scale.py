@@ -44,11 +44,13 @@ FILES_PER_FOLDER = 1000
 LOADERS = ("torch", "dali")
 # Measured besides (not a target): torch with worker processes, whose reads overlap.
 EXTRA = {"torch_workers2": {"kind": "torch", "num_workers": 2}}
-# For the estimate before anything is measured: 2 busy CPU cores (refined after the 1,000-clip size).
-_ASSUMED_WRITE_CLIPS_PER_S = 2000.0
-_ASSUMED_SOURCE_FILES_PER_S = 10000.0
+# For the estimate before anything is measured, from the million-clip runs on 2 busy CPU cores
+# (docs/bench/scale1000000*.json; the write rate is refined after the 1,000-clip size).
+_ASSUMED_WRITE_CLIPS_PER_S = 1000.0
+_ASSUMED_SOURCE_FILES_PER_S = 15000.0
 _ASSUMED_VERIFY_BYTES_PER_S = 200e6
-_FIXED_S_PER_SIZE = 150.0  # status, rerun, the loader probes: process starts and timed runs
+_ASSUMED_DELETE_FILES_PER_S = 2000.0  # removing the N-clip data root afterwards (unless --keep)
+_FIXED_S_PER_SIZE = 200.0  # status, rerun, the loader probes: process starts and timed runs
 _SOURCE_FILE_BYTES = 4096  # what a file of a few bytes takes on disk (one block)
 _INDEX_BYTES_PER_CLIP = 400  # index row and its b-tree share, journal and training-view row
 
@@ -57,10 +59,11 @@ def disk_needed(clips: int, preset) -> int:
     return clips * (cf.record_bytes(preset, FRAMES_PER_CLIP) + _INDEX_BYTES_PER_CLIP + _SOURCE_FILE_BYTES)
 
 
-def expected_seconds(clips: int, preset, write_clips_per_s: float) -> float:
+def expected_seconds(clips: int, preset, write_clips_per_s: float, keep: bool = False) -> float:
     record = cf.record_bytes(preset, FRAMES_PER_CLIP)
     return (clips / write_clips_per_s + clips / _ASSUMED_SOURCE_FILES_PER_S
-            + clips * record / _ASSUMED_VERIFY_BYTES_PER_S + _FIXED_S_PER_SIZE)
+            + clips * record / _ASSUMED_VERIFY_BYTES_PER_S + _FIXED_S_PER_SIZE
+            + (0 if keep or clips == BASE_CLIPS else clips / _ASSUMED_DELETE_FILES_PER_S))
 
 
 def _write_sources(data_root: Path, clips: int, progress: bool) -> list[str]:
@@ -235,7 +238,7 @@ def run_scale(clips: int, work: Path, batch_size: int = 8, progress: bool = True
     log.info("--scale %d: caches of %s clips (%d frames each, tiny preset) in %s: needs about %.1f GB of disk "
              "(%.1f GB free) and about %.0f min on 2 busy CPU cores (estimate; refined after the first size)",
              clips, " and ".join(f"{n:,}" for n in sizes), FRAMES_PER_CLIP, work, need / 1e9, free / 1e9,
-             sum(expected_seconds(n, preset, _ASSUMED_WRITE_CLIPS_PER_S) for n in sizes) / 60)
+             sum(expected_seconds(n, preset, _ASSUMED_WRITE_CLIPS_PER_S, keep) for n in sizes) / 60)
     if need > 0.95 * free:
         raise UsageError(f"--scale {clips} needs about {need / 1e9:.1f} GB in {work}, {free / 1e9:.1f} GB are free: "
                          f"give a smaller N or another --cache_dir")
@@ -251,7 +254,7 @@ def run_scale(clips: int, work: Path, batch_size: int = 8, progress: bool = True
         if n == BASE_CLIPS and clips > n:
             rate = results["scale"][str(n)]["write_clips_per_s"]
             log.info("measured %.0f clips/s at %d clips: %d clips should take about %.0f min more", rate, n, clips,
-                     expected_seconds(clips, preset, rate) / 60)
+                     expected_seconds(clips, preset, rate, keep) / 60)
         if not keep and n != BASE_CLIPS:
             shutil.rmtree(work / f"data{n}", ignore_errors=True)
             shutil.rmtree(work / f"cache{n}", ignore_errors=True)
