@@ -98,7 +98,7 @@ def read_clip(cache: TrainingCache, clip_id: str) -> ClipData:
         raise UsageError(f"clip {clip_id!r} is not a usable clip of {cache.root} (e.g. {known})")
     feats = cache.read_features(i)
     return ClipData(clip_id, np.asarray(feats.motion_latents, np.float32), np.asarray(feats.audio_features, np.float32),
-                    np.asarray(feats.emotion, np.float32), Path(entry.source_path))
+                    np.array(feats.emotion, np.float32), Path(entry.source_path))
 
 
 def time_grid(nfe: int, device: torch.device | str = "cpu") -> torch.Tensor:
