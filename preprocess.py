@@ -7,7 +7,10 @@
     python preprocess.py --data_root /data/HDTF --segments hdtf_clips.csv   # clips = rows video,start_s,end_s[,name]
     python preprocess.py status [--json]                   # what is cached, stale, pending, failed
     python preprocess.py show CLIP_ID [--json]             # one clip: status, source, crop box, files, timings
-    python preprocess.py verify [--json]                   # check every cached array (exit 1 on problems)
+    python preprocess.py verify [--json] [--repair]        # check every cached byte (exit 1 on problems);
+                                                           #   --repair: re-do the clips it finds damaged
+    python preprocess.py compact                           # rewrite shards to reclaim re-done clips' space
+    python preprocess.py migrate                           # convert a version 1 (per-clip) cache in place
     python preprocess.py clear [--confirm] [--all]         # delete this fingerprint's cache folder
     torchrun --nnodes 2 --nproc_per_node 1 ... preprocess.py --data_root /shared/data --device cuda
 
@@ -28,7 +31,7 @@ from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_argume
                             setup_logging)
 from dali_float.errors import UsageError
 
-COMMANDS = ("run", "status", "show", "verify", "clear")
+COMMANDS = ("run", "status", "show", "verify", "compact", "migrate", "clear")
 
 
 def _gpu_list(value: str) -> tuple[int, ...]:
@@ -47,20 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = ArgumentParser(prog="preprocess.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
-    run = sub.add_parser("run", parents=[common], help="compute the features of new and changed clips (default)")
-    run.add_argument("--gpus", type=_gpu_list, default=(), help="CUDA devices, one worker process each (e.g. 0,1)")
-    run.add_argument("--workers", type=int, default=1, help="CPU worker processes (default 1)")
-    run.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda[:N]; default auto")
-    run.add_argument("--frame_batch", type=int, default=None,
-                     help="frames per motion-encoder batch (default: 64 on a GPU, 16 on the CPU)")
-    run.add_argument("--no_progress", action="store_true", help="no progress bars")
+    common.add_argument("--no_progress", action="store_true", help="no progress bars")
+    run_args = ArgumentParser(add_help=False)
+    run_args.add_argument("--gpus", type=_gpu_list, default=(), help="CUDA devices, one worker process each (e.g. 0,1)")
+    run_args.add_argument("--workers", type=int, default=1, help="CPU worker processes (default 1)")
+    run_args.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda[:N]; default auto")
+    run_args.add_argument("--frame_batch", type=int, default=None,
+                          help="frames per motion-encoder batch (default: 64 on a GPU, 16 on the CPU)")
+    sub.add_parser("run", parents=[common, run_args], help="compute the features of new and changed clips (default)")
     for name, text in (("status", "what is cached, stale, pending, failed or skipped"),
-                       ("show", "one clip's entry: status and reason, source, crop box, faces, timings, files"),
-                       ("verify", "check every cached clip's files, shapes, dtypes and values")):
-        p = sub.add_parser(name, parents=[common], help=text)
+                       ("show", "one clip's entry: status and reason, source, crop box, faces, timings, record"),
+                       ("verify", "check every cached clip's bytes (CRC-32), shapes and values")):
+        p = sub.add_parser(name, parents=[common, run_args] if name == "verify" else [common], help=text)
         if name == "show":
             p.add_argument("clip_id", help="the clip's id (its video's path under --data_root, or its segment id)")
+        if name == "verify":
+            p.add_argument("--repair", action="store_true", help="re-do (preprocess again) the clips found damaged")
         p.add_argument("--json", action="store_true", help="print one JSON object")
+    sub.add_parser("compact", parents=[common], help="rewrite the shards holding records of re-done or removed "
+                                                     "clips (run it while nothing else uses the cache)")
+    sub.add_parser("migrate", parents=[common], help="convert a format version 1 (per-clip folders) cache in place")
     clear = sub.add_parser("clear", parents=[common], help="delete this fingerprint's cache folder")
     clear.add_argument("--confirm", action="store_true", help="really delete (otherwise only say what)")
     clear.add_argument("--all", action="store_true", help="every cache folder in --cache_dir, all fingerprints")
@@ -92,15 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = Path(args.cache_dir) if args.cache_dir else pp.default_cache_dir(data_root)
     crop = args.crop or default_crop(data_root)
 
-    if args.command == "run":
+    def run_options() -> "pp.PreprocessOptions":
         # Cheap checks first: a bad --gpus must not wait for the demo corpus to be generated.
         resolve_worker_devices(args.device, args.gpus, args.workers)
-        options = pp.PreprocessOptions(
+        return pp.PreprocessOptions(
             data_root=data_root or pp.default_data_root(), cache_dir=cache_dir, preset=preset, sources=sources,
             crop=crop, segments=args.segments, force=args.force_preprocess, device=args.device, gpus=args.gpus,
-            workers=args.workers,
-            frame_batch=args.frame_batch, progress=not args.no_progress)
-        return pp.run_preprocessing(options).exit_code
+            workers=args.workers, frame_batch=args.frame_batch, progress=not args.no_progress)
+
+    if args.command == "run":
+        return pp.run_preprocessing(run_options()).exit_code
     if args.command == "status":
         status = pp.cache_status(data_root or pp.default_data_root(), cache_dir, preset, sources, crop, args.segments)
         print(json.dumps(status, indent=1) if args.json else "\n".join(pp.format_status(status)))
@@ -110,15 +120,27 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(shown, indent=1) if args.json else "\n".join(pp.format_clip(shown)))
         return 0
     if args.command == "verify":
-        report = pp.verify_cache(cache_dir, preset, sources, crop)
-        if args.json:
+        report = pp.verify_cache(cache_dir, preset, sources, crop, repair=args.repair, progress=not args.no_progress)
+        if args.json and not args.repair:
             print(json.dumps(report, indent=1))
         else:
             print(f"{report['cache_root']}: {report['clips']} entries, "
                   f"{'OK' if report['ok'] else str(len(report['problems'])) + ' problem(s)'}")
             for p in report["problems"]:
                 print(f"  {p['clip'] or '(cache)'}: {p['problem']}")
+        if args.repair and not report["ok"]:  # re-do the clips marked damaged (and recover the rest)
+            print(f"re-doing {len(report['repair'])} damaged clip(s)")
+            result = pp.run_preprocessing(run_options())
+            report = pp.verify_cache(cache_dir, preset, sources, crop, progress=not args.no_progress)
+            print(f"after the repair: {'OK' if report['ok'] else str(len(report['problems'])) + ' problem(s)'}")
+            return max(result.exit_code, 0 if report["ok"] else 1)
         return 0 if report["ok"] else 1
+    if args.command == "compact":
+        print(json.dumps(pp.compact_cache(cache_dir, preset, sources, crop, progress=not args.no_progress)))
+        return 0
+    if args.command == "migrate":
+        print(json.dumps(pp.migrate_cache(cache_dir, preset, sources, crop, progress=not args.no_progress)))
+        return 0
     pp.clear_cache(cache_dir, preset, sources, crop, confirm=args.confirm, all_caches=args.all)
     return 0
 

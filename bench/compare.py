@@ -6,6 +6,8 @@
     python bench/compare.py --preset float --device cuda --json out/bench_float.json
     python bench/compare.py --from_json out/bench.json --plot out/bench.png   # print / draw a saved run again
     python bench/compare.py --from_json out/run1.json out/run2.json out/run3.json   # medians over runs
+    python bench/compare.py --scale 1000000 --json out/scale.json   # the cache at 1,000 and N clips (says how
+                                                                     # long and how much disk, up front)
 
 Loaders (naive, torch with num_workers 0 and N, dali per read strategy) against a plain copy of the same
 bytes, training steps/s and data-wait with each loader, preprocessing frames/s per decode path, and the
@@ -41,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_preset", choices=("tiny", "float"), default=None,
                    help="preset of the training runs (default: tiny on the CPU, --preset on a GPU)")
     g.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
+    g.add_argument("--scale", type=int, default=None, metavar="N",
+                   help="measure the cache and the loaders at 1,000 and N synthetic clips instead (tiny preset, "
+                        "100 frames each; in --cache_dir, default $DALI_FLOAT_HOME/scale; logs the disk and time "
+                        "it needs first)")
+    g.add_argument("--keep", action="store_true", help="--scale: keep the N-clip cache and data root afterwards")
     g = parser.add_argument_group("output")
     g.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every figure as JSON")
     g.add_argument("--plot", type=Path, default=None, metavar="PATH.png", help="draw the comparison")
@@ -60,6 +67,17 @@ def main() -> int:
     from dali_float.errors import UsageError
     from dali_float.models import ModelSources
 
+    if args.scale is not None:
+        from dali_float.bench.scale import format_scale, run_scale
+        from dali_float.paths import home
+
+        results = run_scale(args.scale, args.cache_dir or home() / "scale", batch_size=args.batch_size,
+                            progress=args.progress, seed=args.seed, keep=args.keep)
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+        sys.stdout.write(format_scale(results))
+        return 1 if results["errors"] else 0
     if args.from_json is not None:
         from dali_float.bench.figures import median_of_runs
 
@@ -69,6 +87,11 @@ def main() -> int:
                 runs.append(json.loads(path.read_text()))
             except (OSError, ValueError) as err:
                 raise UsageError(f"--from_json {path}: {err}") from None
+        if runs[0].get("kind") == "scale":
+            from dali_float.bench.scale import format_scale
+
+            sys.stdout.write(format_scale(runs[0]))
+            return 0
         results = runs[0] if len(runs) == 1 else median_of_runs(runs)
     else:
         options = BenchOptions(preset=args.preset, data_root=args.data_root, cache_dir=args.cache_dir,

@@ -22,9 +22,14 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)  # the rename itself survives a crash
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder: the names created, renamed or removed in it survive a crash."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(fd)  # the rename itself survives a crash
+        os.fsync(fd)
     finally:
         os.close(fd)
 

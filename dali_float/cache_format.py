@@ -1,25 +1,34 @@
-"""The feature cache: layout, streams, manifest, fingerprint. Written here, read through here.
+"""The feature cache: layout, record layout, entries, fingerprint. Written here, read through here.
 
-Layout (one folder per fingerprint, so presets and weights never mix)::
+Layout (format version 2; one folder per fingerprint, so presets and weights never mix)::
 
     <cache_dir>/<preset>-<fingerprint[:12]>/
-        cache.json                  what the fingerprint was made of (written first)
-        manifest.json               every clip's entry; rebuilt from the entries below
-        clips/<key>/frames.npy      (T, F + A) float16: motion latent r | audio features, one row per frame
-        clips/<key>/clip_info.npy   (2 + E,) float32: num_frames, clip_uid, emotion probabilities
-        clips/<key>/coefficients.npy (T, M) float32: motion coefficients lambda
-        clips/<key>/identity.npy    (F,) float32: identity latent s of the first frame
-        clips/<key>/entry.json      the clip's manifest entry, written last (its commit point)
+        cache.json                    what the fingerprint was made of and the format version (written first)
+        index.sqlite                  the index: one row per clip (status, source, shard, offset, ...)
+        shards/<writer>-<n>.bin       append-only shard files of clip records, one writer each (~1 GiB)
+        journals/<writer>.sqlite      a writer's committed rows until rank 0 merges them into the index
+        training.json                 the training view: its generation, the shards, the arrays below
+        training/<generation>.rows.npy  (clips,) TRAINING_ROW records, memory-mapped by the loaders
+        training/<generation>.ids     the clip ids, UTF-8, addressed by the rows (id_offset, id_length)
 
-Why `frames.npy` holds motion and audio side by side: a training sample is 60 consecutive rows of
-both, so one ROI read of one file fetches the whole window (1.17 MB with the float preset) and the
-GPU splits the columns. `clip_info.npy` is tiny and read whole by the DALI pipeline: it gives the
-clip length (to draw a window start inside the pipeline), the clip uid (to name the clip in the
-batch) and the emotion vector, without any Python per sample.
+A clip record in a shard (`record_layout`), every part aligned to RECORD_ALIGN bytes:
 
-Crash safety: every file is written under a temporary name, flushed, fsynced and renamed; the clip's
-`entry.json` is renamed into place only after all its arrays exist. `manifest.json` is derived from
-the entries, so a run killed at any moment leaves either a complete clip or no entry for it.
+    frames        (T, F + A) float16: motion latent r | audio features, one row per frame
+    coefficients  (T, M) float32: motion coefficients lambda
+    identity      (F,) float32: identity latent s of the first frame
+
+Why: a training sample is 60 consecutive rows of motion and audio, so one positioned read of one
+shard fetches the whole window; the per-frame row layout is the same as format version 1's
+frames.npy. Many clips share a shard, so a million clips make ~40 files, not 5 million. The index
+(SQLite, one writer: rank 0's parent process) holds what preprocessing needs per clip; the loaders
+never read it: they memory-map the training view's arrays, exported from the index after every run
+that changed it (so training holds no per-clip Python object).
+
+Crash safety: a writer appends records to its own shard, fsyncs it, then commits the rows in its own
+journal (one SQLite transaction: a group of clips). Rank 0 merges journals into the index (one
+transaction each) and deletes them; a run starts by merging leftover journals and cutting every shard
+back to the end of its last live record. Version 1 (per-clip folders) is detected and refused with
+the command that converts it (`preprocess.py migrate`).
 """
 from __future__ import annotations
 
@@ -27,90 +36,132 @@ import dataclasses
 import hashlib
 import json
 import logging
-import re
-import time
+import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
-from dali_float.atomic import TMP_MARKER, write_atomic, write_json_atomic
+from dali_float.atomic import write_json_atomic
 from dali_float.config import Preset
 from dali_float.errors import CacheError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# How the features are stored (this layout): written in cache.json and the training view, checked on every open.
+FORMAT_VERSION = 2
+# Version 1: one folder per clip (frames.npy, clip_info.npy, ... and entry.json), manifest.json.
+LEGACY_FORMAT_VERSION = 1
+# What the stored numbers mean: part of the fingerprint. Storage changes leave it (and the folder name)
+# alone, so `preprocess.py migrate` converts a cache in place; it changes only when the features do.
+FEATURES_VERSION = 1
 
 STATUS_CACHED = "cached"
 STATUS_FAILED = "failed"
 STATUS_SKIPPED = "skipped"
 STATUSES = (STATUS_CACHED, STATUS_FAILED, STATUS_SKIPPED)
 
-# clip_info.npy: field offsets of the float32 record (float32 holds integers exactly below 2**24).
-CLIP_INFO_NUM_FRAMES = 0
-CLIP_INFO_UID = 1
-CLIP_INFO_EMOTION = 2  # emotion occupies [2, 2 + E)
-MAX_EXACT_FLOAT32_INT = 2**24
+RECORD_ALIGN = 64  # bytes: every record and every part of one starts on a multiple of this
+SHARD_BYTES = 1 << 30  # a writer starts a new shard once its current one holds this many bytes
+EMOTION_DTYPE = np.dtype(np.float32)  # the emotion vector, stored in the index and the training rows
 
 
 @dataclass(frozen=True)
-class Stream:
-    """One array file per clip: its name, dtype and shape as a function of (preset, num_frames)."""
+class Part:
+    """One array of a clip record: its name, dtype and shape as a function of (preset, num_frames)."""
 
     name: str
     dtype: np.dtype
     description: str
 
-    @property
-    def filename(self) -> str:
-        return f"{self.name}.npy"
-
     def shape(self, preset: Preset, num_frames: int) -> tuple[int, ...]:
         if self.name == "frames":
             return (num_frames, preset.motion_dim + preset.audio_feature_dim)
-        if self.name == "clip_info":
-            return (CLIP_INFO_EMOTION + preset.emotion_dim,)
         if self.name == "coefficients":
             return (num_frames, preset.motion.num_coefficients)
         if self.name == "identity":
             return (preset.motion_dim,)
         raise KeyError(self.name)
 
+    def nbytes(self, preset: Preset, num_frames):
+        """Bytes of this part for `num_frames` frames (an int, or an integer array: linear in the frames)."""
+        fixed = math.prod(self.shape(preset, 0))
+        return self.dtype.itemsize * (fixed + (math.prod(self.shape(preset, 1)) - fixed) * num_frames)
 
-FRAMES = Stream("frames", np.dtype(np.float16), "per frame: motion latent r (F) then audio features (A)")
-CLIP_INFO = Stream("clip_info", np.dtype(np.float32), "num_frames, clip_uid, emotion (E)")
-COEFFICIENTS = Stream("coefficients", np.dtype(np.float32), "per frame: motion coefficients lambda (M)")
-IDENTITY = Stream("identity", np.dtype(np.float32), "identity latent s of the first frame (F)")
-STREAMS: tuple[Stream, ...] = (FRAMES, CLIP_INFO, COEFFICIENTS, IDENTITY)
+
+FRAMES = Part("frames", np.dtype(np.float16), "per frame: motion latent r (F) then audio features (A)")
+COEFFICIENTS = Part("coefficients", np.dtype(np.float32), "per frame: motion coefficients lambda (M)")
+IDENTITY = Part("identity", np.dtype(np.float32), "identity latent s of the first frame (F)")
+PARTS: tuple[Part, ...] = (FRAMES, COEFFICIENTS, IDENTITY)
 
 # The dtype training sees: features stay float16 from disk to the model.
 FEATURE_DTYPE = FRAMES.dtype
 
 
+def _align(n):
+    return -(-n // RECORD_ALIGN) * RECORD_ALIGN
+
+
+def record_bytes(preset: Preset, num_frames):
+    """Bytes of a clip's record (an int, or an array of them for an array of frame counts)."""
+    pos = 0
+    for part in PARTS:
+        pos = _align(pos + part.nbytes(preset, num_frames))
+    return pos
+
+
+def record_layout(preset: Preset, num_frames: int) -> tuple[dict[str, tuple[int, int]], int]:
+    """({part: (offset inside the record, bytes)}, record bytes) for a clip of `num_frames` frames.
+    FRAMES is first (offset 0): a window starts at record offset + start x row bytes."""
+    parts, pos = {}, 0
+    for part in PARTS:
+        n = part.nbytes(preset, num_frames)
+        parts[part.name] = (pos, n)
+        pos = _align(pos + n)
+    return parts, pos
+
+
+def row_bytes(preset: Preset) -> int:
+    """Bytes of one frame's row in a record's frames part."""
+    return FRAMES.nbytes(preset, 1)
+
+
 def motion_columns(preset: Preset) -> slice:
-    """Columns of `frames.npy` holding the motion latent r."""
+    """Columns of the frames rows holding the motion latent r."""
     return slice(0, preset.motion_dim)
 
 
 def audio_columns(preset: Preset) -> slice:
-    """Columns of `frames.npy` holding the audio features."""
+    """Columns of the frames rows holding the audio features."""
     return slice(preset.motion_dim, preset.motion_dim + preset.audio_feature_dim)
+
+
+def checksum(data: Any) -> int:
+    """CRC-32 of a record's bytes (verify recomputes it: an overwritten region shows)."""
+    return zlib.crc32(memoryview(data).cast("B"))
+
+
+def training_row_dtype(preset: Preset) -> np.dtype:
+    """One clip of the training view: where its record is, how long it is, its emotion, where its id is."""
+    return np.dtype([("shard", np.int32), ("id_length", np.int32), ("offset", np.int64), ("num_frames", np.int64),
+                     ("uid", np.int64), ("id_offset", np.int64), ("emotion", EMOTION_DTYPE, (preset.emotion_dim,))])
 
 
 # ---------------------------------------------------------------------------------------------
 # Fingerprint and folders
 
 def fingerprint(preset: Preset, model_ids: dict[str, str], framing: str) -> str:
-    """SHA-256 over the format version, the preset, the identity of every model's weights and the framing.
+    """SHA-256 over the features version, the preset, the identity of every model's weights and the framing.
 
     `model_ids` maps a model role ("motion", "audio", "emotion") to its identity string
     (a weight-file hash, or "random-init:<seed>"; see `dali_float.models.model_identities`).
     `framing`: the crop mode and, for face crops, the detector and its calibration
     (`dali_float.media.framing.framing_identity`): other framing, other pixels, other features.
+    The key stays "format_version" (FEATURES_VERSION, 1): the fingerprints of version 1 caches hold.
     """
-    blob = json.dumps({"format_version": FORMAT_VERSION, "preset": preset.to_dict(), "models": model_ids,
+    blob = json.dumps({"format_version": FEATURES_VERSION, "preset": preset.to_dict(), "models": model_ids,
                        "framing": framing}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -119,46 +170,28 @@ def cache_root(cache_dir: Path, preset: Preset, fp: str) -> Path:
     return Path(cache_dir) / f"{preset.name}-{fp[:12]}"
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def clip_key(clip_id: str) -> str:
-    """File-system-safe, unique folder name for a clip id (any characters, nested paths)."""
-    stem = _UNSAFE.sub("_", clip_id.rsplit(".", 1)[0]).strip("._")[-48:] or "clip"
-    return f"{stem}-{hashlib.sha1(clip_id.encode()).hexdigest()[:10]}"
-
-
 # ---------------------------------------------------------------------------------------------
-# Atomic writes (shared with checkpoints: dali_float.atomic)
-
-def write_array_atomic(path: Path, array: np.ndarray) -> None:
-    """np.save under a temporary name, fsync, rename: the final name only ever holds a whole file."""
-    write_atomic(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
-
-
-# ---------------------------------------------------------------------------------------------
-# Entries and manifest
+# Entries and the header
 
 @dataclass
 class ClipEntry:
-    """What the manifest knows of one source video."""
+    """What the index knows of one clip (one row of index.sqlite; its JSON is stored whole)."""
 
     clip_id: str  # path relative to the data root, '/'-separated; a segment's id (media.segments)
-    key: str  # folder name under clips/
+    key: str  # unused since format 2 (was the clip's folder); kept for entries converted from version 1
     source_path: str  # absolute path of the video
     size_bytes: int
     mtime_ns: int
     content_hash: str  # sha256 of the video file ("" when it could not be read)
     status: str  # cached | failed | skipped
     reason: str = ""  # one line, for failed and skipped
-    clip_uid: int = -1  # stable small integer naming the clip inside DALI pipelines
+    clip_uid: int = -1  # stable small integer naming the clip
     num_frames: int = 0  # at the preset's fps
     fps: float = 0.0  # always the preset's fps for cached clips
     source_fps: float = 0.0  # average frame rate of the source
     decoder: str = ""  # which decoder served the clip: dali-cpu, dali-gpu, pyav
     audio_source: str = ""  # "track" or the side file name
     emotion_source: str = ""
-    files: dict[str, str] = field(default_factory=dict)  # stream -> file name inside clips/<key>/
     stage_seconds: dict[str, float] = field(default_factory=dict)  # framing / decode / motion / audio / emotion
     segment_s: list[float] | None = None  # [start, end) seconds of the video for a segment clip; None: whole
     source_width: int = 0  # frame size of the source video (pixels)
@@ -169,6 +202,12 @@ class ClipEntry:
     faces_seen: int = 0  # most faces on one sampled frame (crop face)
     detect_frames: int = 0  # frames the face detector saw
     face_frames: int = 0  # of which the chosen face was found on
+    # Storage (cached clips): the record's shard file name, byte offset, size and CRC-32; the emotion vector.
+    shard: str = ""
+    offset: int = -1
+    nbytes: int = 0
+    checksum: int = 0
+    emotion: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -180,8 +219,8 @@ class ClipEntry:
 
 
 @dataclass
-class Manifest:
-    """The cache's metadata: format version, fingerprint and its inputs, one entry per clip."""
+class CacheHeader:
+    """What a cache folder's fingerprint was made of, and its format version (cache.json)."""
 
     fingerprint: str
     preset_name: str
@@ -190,139 +229,95 @@ class Manifest:
     data_root: str = ""
     framing: str = ""  # crop mode and detector (media.framing.framing_identity)
     format_version: int = FORMAT_VERSION
-    updated_at: float = 0.0
-    clips: dict[str, ClipEntry] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["clips"] = {cid: e.to_dict() for cid, e in sorted(self.clips.items())}
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
-        clips = {cid: ClipEntry.from_dict(e) for cid, e in d.get("clips", {}).items()}
-        known = {f.name for f in dataclasses.fields(cls)} - {"clips"}
-        return cls(**{k: v for k, v in d.items() if k in known}, clips=clips)
+    def from_dict(cls, d: dict[str, Any]) -> "CacheHeader":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
-    def entries(self, status: str | None = None) -> list[ClipEntry]:
-        return [e for _, e in sorted(self.clips.items()) if status is None or e.status == status]
 
-    def next_uid(self) -> int:
-        return 1 + max((e.clip_uid for e in self.clips.values()), default=-1)
+def migrate_command(root: Path) -> str:
+    return f"python preprocess.py migrate --cache_dir {Path(root).parent} (same --preset and weights flags)"
 
 
 class CacheLayout:
-    """Paths of one fingerprinted cache folder."""
+    """Paths of one fingerprinted cache folder, and its header."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    @property
-    def manifest_path(self) -> Path:
-        return self.root / "manifest.json"
+    info_path = property(lambda self: self.root / "cache.json")
+    index_path = property(lambda self: self.root / "index.sqlite")
+    shards_dir = property(lambda self: self.root / "shards")
+    journals_dir = property(lambda self: self.root / "journals")
+    training_path = property(lambda self: self.root / "training.json")
+    training_dir = property(lambda self: self.root / "training")
+    # Format version 1, for detection and `migrate`
+    legacy_manifest_path = property(lambda self: self.root / "manifest.json")
+    legacy_clips_dir = property(lambda self: self.root / "clips")
 
-    @property
-    def info_path(self) -> Path:
-        return self.root / "cache.json"
+    def shard_path(self, name: str) -> Path:
+        return self.shards_dir / name
 
-    @property
-    def clips_dir(self) -> Path:
-        return self.root / "clips"
+    def journal_path(self, writer: str) -> Path:
+        return self.journals_dir / f"{writer}.sqlite"
 
-    def clip_dir(self, key: str) -> Path:
-        return self.clips_dir / key
+    def journals(self) -> list[Path]:
+        """Journals on disk, oldest writer first (writer names start with a time stamp)."""
+        return sorted(self.journals_dir.glob("*.sqlite")) if self.journals_dir.is_dir() else []
 
-    def entry_path(self, key: str) -> Path:
-        return self.clip_dir(key) / "entry.json"
+    def shard_files(self) -> list[Path]:
+        return sorted(self.shards_dir.glob("*.bin")) if self.shards_dir.is_dir() else []
 
-    def stream_path(self, key: str, stream: Stream) -> Path:
-        return self.clip_dir(key) / stream.filename
-
-    # -- writer side ------------------------------------------------------------------------
-
-    def create(self, manifest: Manifest) -> None:
+    def create(self, header: CacheHeader) -> None:
         """Make the folder and record what its fingerprint was made of (before any clip)."""
-        self.clips_dir.mkdir(parents=True, exist_ok=True)
+        for d in (self.root, self.shards_dir, self.journals_dir, self.training_dir):
+            d.mkdir(parents=True, exist_ok=True)
         if not self.info_path.exists():
-            info = {k: v for k, v in manifest.to_dict().items() if k not in ("clips", "updated_at")}
-            write_json_atomic(self.info_path, info)
+            write_json_atomic(self.info_path, header.to_dict())
 
-    def write_clip(self, entry: ClipEntry, features: "ClipFeatures", preset: Preset) -> ClipEntry:
-        """Write a cached clip's arrays, then its entry (the commit point). Returns the entry."""
-        features.check(preset)
-        if not 0 <= entry.clip_uid < MAX_EXACT_FLOAT32_INT:
-            raise ValueError(f"clip_uid {entry.clip_uid} out of range")
-        d = self.clip_dir(entry.key)
-        d.mkdir(parents=True, exist_ok=True)
-        entry_path = self.entry_path(entry.key)
-        entry_path.unlink(missing_ok=True)  # a half-replaced clip must not look committed
-        arrays = features.stream_arrays(entry.clip_uid)
-        for stream in STREAMS:
-            write_array_atomic(d / stream.filename, arrays[stream.name])
-        entry.status = STATUS_CACHED
-        entry.num_frames = features.num_frames
-        entry.files = {s.name: s.filename for s in STREAMS}
-        write_json_atomic(entry_path, entry.to_dict())
-        return entry
+    def write_header(self, header: CacheHeader) -> None:
+        write_json_atomic(self.info_path, header.to_dict())
 
-    def write_uncached(self, entry: ClipEntry) -> ClipEntry:
-        """Record a failed or skipped clip (no arrays; old arrays of the clip are removed)."""
-        assert entry.status in (STATUS_FAILED, STATUS_SKIPPED)
-        self.remove_clip(entry.key)
-        self.clip_dir(entry.key).mkdir(parents=True, exist_ok=True)
-        entry.files = {}
-        write_json_atomic(self.entry_path(entry.key), entry.to_dict())
-        return entry
-
-    def remove_clip(self, key: str) -> None:
-        d = self.clip_dir(key)
-        if d.exists():
-            self.entry_path(key).unlink(missing_ok=True)  # uncommit first
-            for p in d.iterdir():
-                p.unlink(missing_ok=True)
-            d.rmdir()
-
-    def read_entries(self) -> dict[str, ClipEntry]:
-        """Every committed entry on disk, keyed by clip id."""
-        entries: dict[str, ClipEntry] = {}
-        if not self.clips_dir.exists():
-            return entries
-        for path in sorted(self.clips_dir.glob("*/entry.json")):
-            try:
-                entry = ClipEntry.from_dict(json.loads(path.read_text()))
-            except (OSError, ValueError, TypeError) as err:
-                log.warning("ignoring unreadable entry %s (%s)", path, err)
-                continue
-            entries[entry.clip_id] = entry
-        return entries
-
-    def save_manifest(self, manifest: Manifest) -> None:
-        manifest.updated_at = time.time()
-        write_json_atomic(self.manifest_path, manifest.to_dict())
-
-    # -- reader side ------------------------------------------------------------------------
-
-    def load_manifest(self) -> Manifest:
+    def stored_version(self) -> int | None:
+        """The format version cache.json records (None: no cache.json); a version 1 cache without one
+        (its cache.json lost) still shows by its manifest.json or clips/ folder."""
         try:
-            d = json.loads(self.manifest_path.read_text())
+            return int(json.loads(self.info_path.read_text()).get("format_version", LEGACY_FORMAT_VERSION))
         except FileNotFoundError:
-            raise CacheError(f"cache {self.root} has no manifest.json (preprocessing did not finish): "
-                             f"run `python preprocess.py` again") from None
-        except ValueError as err:
-            raise CacheError(f"cache manifest {self.manifest_path} is unreadable ({err}): "
-                             f"run `python preprocess.py --force_preprocess`") from None
-        version = d.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CacheError(f"cache {self.root} has format version {version}, this dali-float reads "
-                             f"version {FORMAT_VERSION}: run `python preprocess.py` to rebuild it")
-        return Manifest.from_dict(d)
+            return LEGACY_FORMAT_VERSION if self.legacy_manifest_path.exists() or self.legacy_clips_dir.is_dir() \
+                else None
+        except (OSError, ValueError, AttributeError) as err:
+            raise CacheError(f"{self.info_path} is unreadable ({err}): run `python preprocess.py "
+                             f"--force_preprocess` (same flags) to rebuild the cache") from None
 
-    def read_clip(self, entry: ClipEntry, preset: Preset, mmap: bool = True) -> "ClipFeatures":
-        mode = "r" if mmap else None
-        arrays = {s.name: np.load(self.stream_path(entry.key, s), mmap_mode=mode if s is FRAMES else None)
-                  for s in STREAMS}
-        return ClipFeatures.from_stream_arrays(arrays, preset)
+    def check_version(self) -> None:
+        """CacheError unless the folder holds this format version (or nothing yet); names the command."""
+        version = self.stored_version()
+        if version is None or version == FORMAT_VERSION:
+            return
+        if version == LEGACY_FORMAT_VERSION:
+            raise CacheError(f"the cache {self.root} is in the per-clip layout of format version 1; this "
+                             f"dali-float reads version {FORMAT_VERSION} (shards and an index). Convert it in "
+                             f"place, keeping every clip: `{migrate_command(self.root)}`; or rebuild it with "
+                             f"`python preprocess.py --force_preprocess`")
+        raise CacheError(f"the cache {self.root} has format version {version}, this dali-float reads version "
+                         f"{FORMAT_VERSION}: run `python preprocess.py --force_preprocess` (same flags) to rebuild it")
 
+    def read_header(self) -> CacheHeader:
+        self.check_version()
+        try:
+            return CacheHeader.from_dict(json.loads(self.info_path.read_text()))
+        except FileNotFoundError:
+            raise CacheError(f"the cache {self.root} has no cache.json (preprocessing did not start): "
+                             f"run `python preprocess.py`") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Features of one clip, and their record
 
 @dataclass
 class ClipFeatures:
@@ -357,75 +352,36 @@ class ClipFeatures:
             if np.abs(getattr(self, name)).max(initial=0) > np.finfo(np.float16).max:
                 raise ValueError(f"{name} exceeds the float16 range")
 
-    def stream_arrays(self, clip_uid: int) -> dict[str, np.ndarray]:
-        frames = np.concatenate([self.motion_latents.astype(FRAMES.dtype),
-                                 self.audio_features.astype(FRAMES.dtype)], axis=1)
-        info = np.zeros(CLIP_INFO_EMOTION + self.emotion.shape[0], dtype=CLIP_INFO.dtype)
-        info[CLIP_INFO_NUM_FRAMES] = self.num_frames
-        info[CLIP_INFO_UID] = clip_uid
-        info[CLIP_INFO_EMOTION:] = self.emotion
-        return {
-            FRAMES.name: frames,
-            CLIP_INFO.name: info,
-            COEFFICIENTS.name: self.motion_coefficients.astype(COEFFICIENTS.dtype),
-            IDENTITY.name: self.identity.astype(IDENTITY.dtype),
-        }
+    def to_record(self, preset: Preset) -> np.ndarray:
+        """The clip's record (uint8, `record_layout` bytes; padding zero)."""
+        parts, total = record_layout(preset, self.num_frames)
+        record = np.zeros(total, dtype=np.uint8)
+
+        def put(part: Part, array: np.ndarray) -> None:
+            offset, n = parts[part.name]
+            record[offset:offset + n] = np.ascontiguousarray(array, dtype=part.dtype).view(np.uint8).reshape(-1)
+
+        frames = np.empty(FRAMES.shape(preset, self.num_frames), dtype=FRAMES.dtype)
+        frames[:, motion_columns(preset)] = self.motion_latents
+        frames[:, audio_columns(preset)] = self.audio_features
+        put(FRAMES, frames)
+        put(COEFFICIENTS, self.motion_coefficients)
+        put(IDENTITY, self.identity)
+        return record
 
     @classmethod
-    def from_stream_arrays(cls, arrays: dict[str, np.ndarray], preset: Preset) -> "ClipFeatures":
+    def from_record(cls, record: np.ndarray | bytes, preset: Preset, num_frames: int,
+                    emotion: np.ndarray) -> "ClipFeatures":
+        """Views of a record's parts (no copy); `emotion` comes from the index."""
+        data = np.frombuffer(record, dtype=np.uint8) if isinstance(record, (bytes, bytearray, memoryview)) else record
+        parts, total = record_layout(preset, num_frames)
+        if len(data) < total:
+            raise ValueError(f"a record of {num_frames} frames is {total} bytes, got {len(data)}")
+        arrays = {}
+        for part in PARTS:
+            offset, n = parts[part.name]
+            arrays[part.name] = data[offset:offset + n].view(part.dtype).reshape(part.shape(preset, num_frames))
         frames = arrays[FRAMES.name]
-        return cls(
-            motion_latents=frames[:, motion_columns(preset)],
-            audio_features=frames[:, audio_columns(preset)],
-            motion_coefficients=arrays[COEFFICIENTS.name],
-            identity=arrays[IDENTITY.name],
-            emotion=arrays[CLIP_INFO.name][CLIP_INFO_EMOTION:],
-        )
-
-
-def verify(layout: CacheLayout, preset: Preset) -> list[dict[str, str]]:
-    """Check every cached entry against the format; returns a list of {clip, problem} (empty: all good).
-
-    Files present, shapes and dtypes as the format says, values finite, lengths consistent across
-    streams and with the entry, no temporary file left, manifest consistent with the entries.
-    """
-    problems: list[dict[str, str]] = []
-    manifest = layout.load_manifest()
-    on_disk = layout.read_entries()
-    for leftover in layout.root.rglob(f"*{TMP_MARKER}*"):
-        problems.append({"clip": "", "problem": f"temporary file left behind: {leftover}"})
-    for clip_id, entry in manifest.clips.items():
-        if clip_id not in on_disk:
-            problems.append({"clip": clip_id, "problem": "in manifest.json but its entry.json is missing"})
-    for clip_id in on_disk.keys() - manifest.clips.keys():
-        problems.append({"clip": clip_id, "problem": "entry.json on disk but not in manifest.json"})
-    for entry in manifest.entries(STATUS_CACHED):
-        problems.extend({"clip": entry.clip_id, "problem": p} for p in _verify_clip(layout, entry, preset))
-    return problems
-
-
-def _verify_clip(layout: CacheLayout, entry: ClipEntry, preset: Preset) -> Iterable[str]:
-    t = entry.num_frames
-    if t < preset.timing.window_frames:
-        yield f"{t} frames, fewer than one window ({preset.timing.window_frames})"
-    for stream in STREAMS:
-        path = layout.stream_path(entry.key, stream)
-        if not path.exists():
-            yield f"{stream.filename} is missing"
-            continue
-        try:
-            a = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as err:
-            yield f"{stream.filename} is unreadable ({err})"
-            continue
-        expected = stream.shape(preset, t)
-        if a.dtype != stream.dtype or tuple(a.shape) != expected:
-            yield f"{stream.filename}: {a.dtype}{list(a.shape)}, expected {stream.dtype}{list(expected)}"
-            continue
-        if not np.isfinite(a).all():
-            yield f"{stream.filename} holds non-finite values"
-        if stream is CLIP_INFO:
-            if int(a[CLIP_INFO_NUM_FRAMES]) != t:
-                yield f"clip_info says {int(a[CLIP_INFO_NUM_FRAMES])} frames, the entry {t}"
-            if int(a[CLIP_INFO_UID]) != entry.clip_uid:
-                yield f"clip_info says uid {int(a[CLIP_INFO_UID])}, the entry {entry.clip_uid}"
+        return cls(motion_latents=frames[:, motion_columns(preset)], audio_features=frames[:, audio_columns(preset)],
+                   motion_coefficients=arrays[COEFFICIENTS.name], identity=arrays[IDENTITY.name],
+                   emotion=np.asarray(emotion, dtype=EMOTION_DTYPE))

@@ -105,12 +105,14 @@ def open_cache(trained: TrainedModel, cache_dir: Path | None = None) -> Training
 
 def read_clip(cache: TrainingCache, clip_id: str) -> ClipData:
     """A usable clip of the cache (the one place generation and rendering read cached features)."""
-    entry = cache.manifest.clips.get(clip_id)
-    if entry is None or all(c.clip_id != clip_id for c in cache.clips):
-        known = ", ".join(c.clip_id for c in cache.clips[:5])
+    i = cache.view.find(clip_id)
+    entry = cache.entry(clip_id) if i is not None else None
+    if entry is None:
+        known = ", ".join(cache.clip_ids(range(min(5, len(cache)))))
         raise UsageError(f"clip {clip_id!r} is not a usable clip of {cache.root} (e.g. {known})")
-    feats = cache.layout.read_clip(entry, cache.preset)
-    as32 = lambda a: np.asarray(a, np.float32)  # noqa: E731 - float16 motion/audio rows, float32 the rest
+    feats = cache.read_features(i)
+    # float16 motion/audio rows, float32 the rest; copies (the view's arrays are read-only)
+    as32 = lambda a: np.array(a, np.float32)  # noqa: E731
     return ClipData(clip_id, as32(feats.motion_latents), as32(feats.audio_features), as32(feats.emotion),
                     Path(entry.source_path), as32(feats.identity), entry)
 
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         if baseline.fingerprint != trained.fingerprint:
             raise UsageError("--baseline was trained on other features (another fingerprint): compare like with like")
         models["baseline"] = baseline
-    result = measure_audio_following(models, [read_clip(cache, c.clip_id) for c in cache.clips], args.seeds, guidance)
+    result = measure_audio_following(models, [read_clip(cache, c) for c in cache.clip_ids(range(len(cache)))], args.seeds, guidance)
     text = json.dumps({k: v for k, v in result.items() if k != "per_clip"}, indent=1)
     sys.stdout.write(text + "\n")
     if args.json:

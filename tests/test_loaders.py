@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from dali_float import cache_format as cf
 from dali_float.config import get_preset
 from dali_float.errors import CacheError, UsageError
+from dali_float.cache_index import ClipIndex
 from dali_float.loaders import LoaderOptions, RequestStream, TrainingCache, open_loader
 from dali_float.loaders.sampling import epoch_clip_indices, num_valid_starts
 from synthetic import write_synthetic_cache
@@ -50,12 +51,15 @@ def take(it, n):
 
 
 def expected_rows(cache, clip_id, start, ref):
-    """What the format says a window is, read independently with NumPy."""
-    clip = next(c for c in cache.clips if c.clip_id == clip_id)
-    frames = np.load(clip.frames_path)
-    info = np.load(clip.info_path)
+    """What the format says a window is, read independently: the clip's record from its shard with NumPy."""
+    i = cache.index_of(clip_id)
+    row = cache.view.rows[i]
+    t = int(row["num_frames"])
+    width = cache.preset.motion_dim + cache.preset.audio_feature_dim
+    frames = np.fromfile(cache.view.shards[row["shard"]], dtype=np.float16, count=t * width,
+                         offset=int(row["offset"])).reshape(t, width)
     f = cache.preset.motion_dim
-    return frames[start:start + cache.preset.timing.window_frames], frames[ref, :f], info[cf.CLIP_INFO_EMOTION:]
+    return frames[start:start + cache.preset.timing.window_frames], frames[ref, :f], np.array(row["emotion"])
 
 
 @pytest.mark.parametrize("preset_name", ["tiny", "float"])
@@ -63,8 +67,7 @@ def test_torch_and_dali_return_identical_batches_for_a_fixed_list(tmp_path, pres
     preset = get_preset(preset_name)
     fp = write_synthetic_cache(tmp_path, preset, [64, 90, 130])
     cache = TrainingCache.open(tmp_path, preset, fp)
-    items = [(cache.clips[0].clip_id, 0, 0), (cache.clips[1].clip_id, 30, 89), (cache.clips[2].clip_id, 70, 5),
-             (cache.clips[1].clip_id, 7, 40)]
+    items = [(cache.clip_id(0), 0, 0), (cache.clip_id(1), 30, 89), (cache.clip_id(2), 70, 5), (cache.clip_id(1), 7, 40)]
     batches = {kind: loader(kind, cache).load_windows(items).validate(preset) for kind in CACHED_KINDS}
     for name, tensor in batches["torch"].tensors().items():
         assert torch.equal(tensor, batches["dali"].tensors()[name]), name
@@ -82,7 +85,7 @@ def test_torch_and_dali_return_identical_batches_for_a_fixed_list(tmp_path, pres
 @pytest.mark.parametrize("ref_rule", ["first", "random_in_clip", "random_in_window"])
 def test_streamed_batches_hold_the_cached_rows_and_follow_the_reference_rule(tiny_cache, kind, ref_rule):
     it = iter(loader(kind, tiny_cache, batch_size=8, ref_rule=ref_rule, seed=3))
-    lengths = {c.clip_id: c.num_frames for c in tiny_cache.clips}
+    lengths = {tiny_cache.clip_id(i): int(t) for i, t in enumerate(tiny_cache.num_frames)}
     for batch in take(it, 6):
         batch.validate(TINY)
         for i, clip_id in enumerate(batch.clip_id):
@@ -121,16 +124,16 @@ def test_window_starts_cover_the_whole_valid_range(tmp_path, kind):
     for batch in take(it, 40):
         for clip_id, start in zip(batch.clip_id, batch.window_start.tolist()):
             seen[clip_id].add(start)
-    for clip in cache.clips:
-        assert seen[clip.clip_id] == set(range(num_valid_starts(clip.num_frames, 60))), clip.clip_id
+    for i, t in enumerate(cache.num_frames):
+        assert seen[cache.clip_id(i)] == set(range(num_valid_starts(int(t), 60))), cache.clip_id(i)
 
 
 @pytest.mark.parametrize("kind", CACHED_KINDS)
 @pytest.mark.parametrize("num_shards", [2, 3])
 def test_shards_together_see_every_sample_of_an_epoch_once(tiny_cache, kind, num_shards):
     window = TINY.timing.window_frames
-    plan = epoch_clip_indices([c.num_frames for c in tiny_cache.clips], window, "windows")
-    expected = collections.Counter(tiny_cache.clips[i].clip_id for i in plan)
+    plan = epoch_clip_indices(tiny_cache.num_frames, window, "windows")
+    expected = collections.Counter(tiny_cache.clip_id(i) for i in plan)
     seen = collections.Counter()
     for shard in range(num_shards):
         ld = loader(kind, tiny_cache, batch_size=1, shard_id=shard, num_shards=num_shards, seed=5)
@@ -198,48 +201,54 @@ def test_a_cache_of_other_weights_is_called_stale(tmp_path):
 def test_a_half_written_cache_is_refused(tmp_path):
     fp = write_synthetic_cache(tmp_path, TINY, [80, 90])
     root = cf.cache_root(tmp_path, TINY, fp)
-    (root / "manifest.json").unlink()
+    (root / "training.json").unlink()  # preprocessing stopped before the training view
     with pytest.raises(CacheError, match="half-written"):
         TrainingCache.open(tmp_path, TINY, fp)
-    fp = write_synthetic_cache(tmp_path / "b", TINY, [80, 90])
-    root = cf.cache_root(tmp_path / "b", TINY, fp)
-    next(root.glob("clips/*/frames.npy")).unlink()
-    with pytest.raises(CacheError, match="half-written.*preprocess.py verify"):
-        TrainingCache.open(tmp_path / "b", TINY, fp)
+
+
+def test_a_training_view_older_than_its_index_is_refused(tmp_path):
+    fp = write_synthetic_cache(tmp_path, TINY, [80, 90])
+    layout = cf.CacheLayout(cf.cache_root(tmp_path, TINY, fp))
+    with ClipIndex(layout) as index:
+        index.mark_damaged([])  # no-op: nothing to mark
+        index.delete(["speaker/clip000.mp4"])  # a change the view does not show yet (an interrupted run)
+    with pytest.raises(CacheError, match="older than its index"):
+        TrainingCache.open(tmp_path, TINY, fp)
 
 
 def test_another_format_version_is_refused(tmp_path):
     fp = write_synthetic_cache(tmp_path, TINY, [80])
-    manifest = cf.cache_root(tmp_path, TINY, fp) / "manifest.json"
-    data = json.loads(manifest.read_text())
+    info = cf.cache_root(tmp_path, TINY, fp) / "cache.json"
+    data = json.loads(info.read_text())
     data["format_version"] = cf.FORMAT_VERSION + 1
-    manifest.write_text(json.dumps(data))
+    info.write_text(json.dumps(data))
     with pytest.raises(CacheError, match="format version"):
         TrainingCache.open(tmp_path, TINY, fp)
 
 
-def test_short_clips_are_skipped_with_a_warning(tmp_path, caplog):
-    fp = write_synthetic_cache(tmp_path, TINY, [80, 90])
-    root = cf.cache_root(tmp_path, TINY, fp)
-    layout = cf.CacheLayout(root)
-    manifest = layout.load_manifest()
-    short = manifest.entries()[0]
-    short.num_frames = 40  # as if the clip were shorter than a window
-    layout.save_manifest(manifest)
+def test_short_clips_are_left_out_with_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING"):
-        cache = TrainingCache.open(tmp_path, TINY, fp)
-    assert [c.clip_id for c in cache.clips] == [manifest.entries()[1].clip_id]
+        fp = write_synthetic_cache(tmp_path, TINY, [40, 90])  # the first is shorter than a window
+    cache = TrainingCache.open(tmp_path, TINY, fp)
+    assert len(cache) == 1 and cache.clip_id(0) == "speaker/clip001.mp4"
     assert "shorter than one 60-frame window" in caplog.text
 
 
-def test_a_truncated_frames_file_gives_one_line_not_a_dali_trace(tmp_path):
-    fp = write_synthetic_cache(tmp_path, TINY, [200])
+@pytest.mark.parametrize("kind", CACHED_KINDS)
+def test_a_truncated_shard_gives_one_line_naming_the_clip_and_the_file(tmp_path, kind):
+    fp = write_synthetic_cache(tmp_path, TINY, [200, 200])
     cache = TrainingCache.open(tmp_path, TINY, fp)
-    path = cache.clips[0].frames_path
-    path.write_bytes(path.read_bytes()[:4096])  # header says 200 rows, the data stops early
-    with pytest.raises(CacheError, match="preprocess.py verify") as err:
-        next(iter(loader("dali", cache, batch_size=2)))
-    assert "\n" not in str(err.value)
+    shard = cache.view.shards[0]
+    with open(shard, "r+b") as f:  # a full disk or a bad copy after the fact: the second clip loses its tail
+        f.truncate(shard.stat().st_size - 40_000)  # into its frames rows
+    with pytest.raises(CacheError) as err:  # at open: the cheap invariant
+        TrainingCache.open(tmp_path, TINY, fp)
+    assert "speaker/clip001.mp4" in str(err.value) and str(shard) in str(err.value) and "\n" not in str(err.value)
+    # An already open cache finds it while reading, and says the same.
+    with pytest.raises(CacheError) as err:
+        for _ in range(50):
+            next(iter(loader(kind, cache, batch_size=8, ref_rule="random_in_clip")))
+    assert "speaker/clip001.mp4" in str(err.value) and str(shard) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_batch_larger_than_an_epoch_still_streams(tiny_cache):
@@ -261,7 +270,8 @@ RSS_PROBE = textwrap.dedent("""
     it = iter(open_loader(sys.argv[3], preset, LoaderOptions(batch_size=16, num_workers=0), cache=cache))
     for _ in range(300):
         next(it)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    from dali_float.bench.probes import peak_rss_bytes  # VmHWM: ru_maxrss would carry pytest's own peak
+    print(peak_rss_bytes())
 """)
 
 
@@ -283,27 +293,30 @@ def test_resident_memory_does_not_grow_with_the_cache(tmp_path, kind):
 
 
 def test_the_pread_window_operator_builds_and_is_the_default_here():
-    # On this machine class (g++ and CUDA headers present) a silent fallback to "roi" would hide a
-    # 2-3x slowdown: the build must work.
+    # On this machine class (g++ and CUDA headers present) a silent fallback to "python" would hide a
+    # slowdown: the build must work.
     from dali_float.loaders.dali_loader import resolve_strategy
 
     assert resolve_strategy("auto", on_gpu=False) == "pread"
 
 
 @pytest.mark.parametrize("ref_rule", ["first", "random_in_clip", "random_in_window"])
-def test_dali_read_strategies_agree_sample_for_sample(tiny_cache, ref_rule):
-    # Same seed, same draws: the pread operator and the stock ROI reader must give the same stream.
-    streams = {s: iter(loader("dali", tiny_cache, batch_size=8, ref_rule=ref_rule, read_strategy=s, seed=4))
-               for s in ("pread", "roi")}
-    for _ in range(5):
-        a, b = next(streams["pread"]), next(streams["roi"])
-        assert a.clip_id == b.clip_id
-        for name, tensor in a.tensors().items():
-            assert torch.equal(tensor, b.tensors()[name]), name
-    items = [(tiny_cache.clips[3].clip_id, 17, 100), (tiny_cache.clips[0].clip_id, 0, 59)]
-    a, b = (loader("dali", tiny_cache, read_strategy=s).load_windows(items) for s in ("pread", "roi"))
+def test_the_python_read_strategy_agrees_with_pread(tiny_cache, ref_rule):
+    # The same fixed list: identical tensors. Streams: the same clips in the same order (one epoch
+    # definition), windows drawn by NumPy instead of DALI, inside each clip's bounds, rows as cached.
+    items = [(tiny_cache.clip_id(3), 17, 100), (tiny_cache.clip_id(0), 0, 59)]
+    a, b = (loader("dali", tiny_cache, read_strategy=s).load_windows(items) for s in ("pread", "python"))
     for name, tensor in a.tensors().items():
         assert torch.equal(tensor, b.tensors()[name]), name
+    streams = {s: iter(loader("dali", tiny_cache, batch_size=8, ref_rule=ref_rule, read_strategy=s, seed=4))
+               for s in ("pread", "python")}
+    for _ in range(3):
+        a, b = next(streams["pread"]), next(streams["python"])
+        assert a.clip_id == b.clip_id
+        for i, clip_id in enumerate(b.clip_id):
+            rows, ref_motion, emotion = expected_rows(tiny_cache, clip_id, int(b.window_start[i]), int(b.ref_frame[i]))
+            assert np.array_equal(b.motion[i].numpy(), rows[10:, :TINY.motion_dim])
+            assert np.array_equal(b.ref_motion[i].numpy(), ref_motion)
 
 
 FREED_BATCH_PROBE = textwrap.dedent("""

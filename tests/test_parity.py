@@ -61,13 +61,13 @@ def tiny_demo(tmp_path_factory):
 def test_all_loaders_agree_on_every_demo_clip(tiny_demo):
     preset, cache, loaders = tiny_demo
     rng = np.random.default_rng(0)
-    decoders = {e.decoder for e in cache.manifest.entries("cached")}
+    decoders = {cache.entry(c).decoder for c in cache.clip_ids(range(len(cache)))}
     assert decoders == {"dali-cpu", "pyav"}  # both decode paths are covered
     items = []
-    for clip in cache.clips:
-        start = int(rng.integers(0, clip.num_frames - 59))
-        items.append((clip.clip_id, start, int(rng.integers(0, clip.num_frames))))
-    items.append((cache.clips[0].clip_id, cache.clips[0].num_frames - 60, 0))  # the last window of a clip
+    for clip_id, t in zip(cache.clip_ids(range(len(cache))), cache.num_frames.tolist()):
+        start = int(rng.integers(0, t - 59))
+        items.append((clip_id, start, int(rng.integers(0, t))))
+    items.append((cache.clip_id(0), int(cache.num_frames[0]) - 60, 0))  # the last window of a clip
     for i in range(0, len(items), 4):
         assert_parity(loaders, items[i:i + 4], preset)
 
@@ -95,15 +95,14 @@ def test_float_preset_parity_on_one_clip(tmp_path):
     # The emotion classifier (wav2vec2-large, 300 M parameters) is left out for time: RAVDESS names.
     sources = ModelSources(emotion="filename")
     cache, loaders = cached_and_naive(data_root, tmp_path / "cache", preset, sources)
-    c = cache.clips[0]
-    assert_parity(loaders, [(c.clip_id, c.num_frames - 60, 3)], preset)
+    assert_parity(loaders, [(cache.clip_id(0), int(cache.num_frames[0]) - 60, 3)], preset)
 
 
 @pytest.mark.gpu
 def test_all_loaders_agree_on_the_gpu(tmp_path):
     preset = get_preset("tiny")
     cache, loaders = cached_and_naive(ensure_demo_corpus(), tmp_path, preset, ModelSources(), device="cuda")
-    items = [(c.clip_id, 0, c.num_frames - 1) for c in cache.clips[:4]]
+    items = [(cache.clip_id(i), 0, int(cache.num_frames[i]) - 1) for i in range(4)]
     batch = loaders["dali"].load_windows(items)
     assert batch.device.type == "cuda"
     torch_batch = loaders["torch"].load_windows(items)

@@ -22,11 +22,14 @@ import numpy as np
 import pytest
 import torch
 
-from dali_float import cache_format as cf
+from dali_float import cache_check, cache_format as cf
 from dali_float.atomic import TMP_MARKER
+from dali_float.cache_index import ClipIndex, committed_rows
+from dali_float.cache_store import read_record
 from dali_float import demo, media
 from dali_float.config import FLOAT_PRESET, TINY_PRESET
 from dali_float.errors import CheckpointError, UsageError
+from dali_float.loaders import TrainingCache
 from dali_float.models import ModelSources, MotionEncoder, build_encoders
 from dali_float.preprocess import (PreprocessOptions, cache_fingerprint, cache_status, clear_cache, run_preprocessing,
                                    verify_cache)
@@ -71,6 +74,28 @@ def layout_of(cache_dir: Path, sources: ModelSources = SOURCES, preset=P) -> cf.
     return cf.CacheLayout(cf.cache_root(cache_dir, preset, cache_fingerprint(preset, sources, "center")))
 
 
+def entries_of(layout: cf.CacheLayout) -> dict[str, cf.ClipEntry]:
+    with ClipIndex(layout) as index:
+        return {e.clip_id: e for e in index.entries()}
+
+
+def features_of(layout: cf.CacheLayout, entry: cf.ClipEntry) -> cf.ClipFeatures:
+    """A cached clip's arrays, read from its shard through the format's record layout."""
+    record = read_record(layout, entry.shard, entry.offset, entry.nbytes)
+    return cf.ClipFeatures.from_record(record, P, entry.num_frames, np.array(entry.emotion, np.float32))
+
+
+def frames_of(layout: cf.CacheLayout, entry: cf.ClipEntry) -> np.ndarray:
+    """(T, F + A) float16 rows of a cached clip, as the loaders read them."""
+    f = features_of(layout, entry)
+    return np.concatenate([f.motion_latents, f.audio_features], axis=1)
+
+
+def verify_problems(layout: cf.CacheLayout) -> list[dict[str, str]]:
+    with ClipIndex(layout) as index:
+        return cache_check.verify(layout, index, P)
+
+
 def file_mtimes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
@@ -82,17 +107,21 @@ def temp_files(root: Path) -> list[Path]:
 def entry_fields(entry: cf.ClipEntry) -> dict:
     d = entry.to_dict()
     d.pop("stage_seconds")  # wall times differ from run to run
+    for where in ("shard", "offset"):  # which writer's shard, in which order: differs with the workers
+        d.pop(where)
     return d
 
 
 def assert_same_cache(a: cf.CacheLayout, b: cf.CacheLayout) -> None:
-    ea, eb = a.read_entries(), b.read_entries()
+    """The same index (modulo where each record landed) and the same bytes of every record."""
+    ea, eb = entries_of(a), entries_of(b)
     assert ea.keys() == eb.keys()
     for clip_id, entry in ea.items():
         assert entry_fields(entry) == entry_fields(eb[clip_id]), clip_id
-        for stream in cf.STREAMS if entry.status == cf.STATUS_CACHED else ():
-            x, y = np.load(a.stream_path(entry.key, stream)), np.load(b.stream_path(entry.key, stream))
-            assert x.dtype == y.dtype and np.array_equal(x, y), (clip_id, stream.name)
+        if entry.status == cf.STATUS_CACHED:
+            x = read_record(a, entry.shard, entry.offset, entry.nbytes)
+            y = read_record(b, eb[clip_id].shard, eb[clip_id].offset, eb[clip_id].nbytes)
+            assert np.array_equal(x, y), clip_id
 
 
 @contextlib.contextmanager
@@ -194,22 +223,24 @@ def test_demo_corpus_caches_with_both_cpu_decoders(demo_cache):
     assert result.counts[cf.STATUS_CACHED] == 12 and result.processed == {cf.STATUS_CACHED: 12}
     layout = layout_of(cache_dir)
     assert result.cache_root == layout.root and layout.root.name.startswith("tiny-")
-    manifest = layout.load_manifest()
-    decoders = {cid: e.decoder for cid, e in manifest.clips.items()}
+    entries = entries_of(layout)
+    decoders = {cid: e.decoder for cid, e in entries.items()}
     assert {d for cid, d in decoders.items() if cid.endswith(".webm")} == {media.DALI_CPU}  # VP9
     assert {d for cid, d in decoders.items() if cid.endswith(".mp4")} == {media.PYAV}  # H.264 without a GPU
     # uids: 0..N-1 in clip-id order on a fresh cache; clip_info.npy agrees with the entry
-    assert [e.clip_uid for e in manifest.entries()] == list(range(12))
-    for e in manifest.entries():
-        info = np.load(layout.stream_path(e.key, cf.CLIP_INFO))
-        assert int(info[cf.CLIP_INFO_UID]) == e.clip_uid and int(info[cf.CLIP_INFO_NUM_FRAMES]) == e.num_frames
+    assert [e.clip_uid for _, e in sorted(entries.items())] == list(range(12))
+    for e in entries.values():
+        record = read_record(layout, e.shard, e.offset, e.nbytes)  # the record the index points at, whole
+        assert e.nbytes == cf.record_bytes(P, e.num_frames) and cf.checksum(record) == e.checksum
+        assert len(e.emotion) == P.emotion_dim and abs(sum(e.emotion) - 1) < 1e-4
         assert set(e.stage_seconds) == {"framing", "decode", "motion", "audio", "emotion"}
         w, h = e.source_width, e.source_height
         side = min(w, h)
         assert e.crop == "center" and e.crop_box == [(w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2]
         assert e.audio_source == "track" and e.emotion_source == "model" and e.fps == 25.0
-    assert cf.verify(layout, P) == []
-    assert result.total_frames == sum(e.num_frames for e in manifest.entries())
+    assert verify_problems(layout) == []
+    assert len(layout.shard_files()) == 1 and not layout.journals()  # one writer, its journal merged
+    assert result.total_frames == sum(e.num_frames for e in entries.values())
     assert set(result.stage_fps) >= {"decode", "motion", "audio"}
 
 
@@ -219,28 +250,27 @@ def test_cached_features_equal_the_naive_loader(demo_cache):
 
     root, cache_dir, _ = demo_cache
     layout = layout_of(cache_dir)
-    manifest = layout.load_manifest()
+    entries = entries_of(layout)
     encoders = build_encoders(P, SOURCES, "cpu")  # the same (seeded) weights the cache was made with
     loader = NaiveWindowLoader(root, P, encoders, LoaderOptions(batch_size=1, device="cpu", num_workers=0), crop="center")
     picks = ["Actor_01/01-01-01-01-01-01-01.mp4",  # pyav
              "Actor_01/01-01-02-01-01-01-01.webm",  # dali-cpu
              "Actor_02/01-01-05-01-01-01-02.mp4"]  # 30 fps source
     for clip_id in picks:
-        entry = manifest.clips[clip_id]
+        entry = entries[clip_id]
         t = entry.num_frames
         for start, ref in ((t - WINDOW, t // 2),):  # the last window, a reference outside it
             batch = loader.load_windows([(clip_id, start, ref)])
-            rows = torch.from_numpy(np.load(layout.stream_path(entry.key, cf.FRAMES))[start:start + WINDOW])
+            rows = torch.from_numpy(frames_of(layout, entry)[start:start + WINDOW])
             motion = torch.cat([batch.prev_motion[0], batch.motion[0]])
             audio = torch.cat([batch.prev_audio[0], batch.audio[0]])
             # motion: one float16 rounding apart (other batch sizes inside the encoder)
             torch.testing.assert_close(motion.float(), rows[:, MOTION].float(), rtol=2e-3, atol=2e-3)
             # audio: wav2vec2 over the whole clip in both: identical
             assert torch.equal(audio, rows[:, AUDIO]), clip_id
-            ref_row = torch.from_numpy(np.load(layout.stream_path(entry.key, cf.FRAMES))[ref, MOTION])
+            ref_row = torch.from_numpy(frames_of(layout, entry)[ref, MOTION])
             torch.testing.assert_close(batch.ref_motion[0].float(), ref_row.float(), rtol=2e-3, atol=2e-3)
-        info = np.load(layout.stream_path(entry.key, cf.CLIP_INFO))
-        torch.testing.assert_close(batch.emotion[0].float(), torch.from_numpy(info[cf.CLIP_INFO_EMOTION:]).half().float())
+        torch.testing.assert_close(batch.emotion[0].float(), torch.tensor(entry.emotion).half().float())
 
 
 def test_rerun_of_the_demo_is_a_quick_noop(demo_cache, caplog):
@@ -252,7 +282,7 @@ def test_rerun_of_the_demo_is_a_quick_noop(demo_cache, caplog):
     assert time.perf_counter() - start < 10  # nothing is built
     assert result.up_to_date == 12 and result.processed == {} and result.exit_code == 0
     assert "12 up to date" in caplog.text
-    assert file_mtimes(cache_dir) == before  # not a single file rewritten, manifest.json included
+    assert file_mtimes(cache_dir) == before  # not a single file rewritten, index.sqlite included
 
 
 # ---------------------------------------------------------------------------------------------- 25 fps
@@ -261,17 +291,16 @@ def test_30fps_and_variable_frame_rate_come_out_at_25fps(small):
     data, cache_dir, result = small
     assert result.counts == {cf.STATUS_CACHED: 4, cf.STATUS_FAILED: 0, cf.STATUS_SKIPPED: 0}
     layout = layout_of(cache_dir)
-    entries = layout.read_entries()
+    entries = entries_of(layout)
     assert sorted(entries) == ["Sub Dir/b ü.WEBM", "a.mp4", "c30.mp4", "vfr.mp4"]  # nested, any case, any chars
     assert entries["c30.mp4"].num_frames == 65 and entries["c30.mp4"].source_fps == pytest.approx(30.0, abs=0.01)
     for clip_id, entry in entries.items():
         info = media.probe_video(data / clip_id)
         t = entry.num_frames
         assert t == int(np.floor(info.duration_s * 25 + 1e-3)), clip_id  # T = duration x 25
-        frames = np.load(layout.stream_path(entry.key, cf.FRAMES))
-        assert frames.shape == (t, P.motion_dim + P.audio_feature_dim)  # motion and audio: T rows each
-        assert np.load(layout.stream_path(entry.key, cf.COEFFICIENTS)).shape == (t, P.motion.num_coefficients)
-        assert np.load(layout.stream_path(entry.key, cf.CLIP_INFO))[cf.CLIP_INFO_NUM_FRAMES] == t
+        features = features_of(layout, entry)
+        assert frames_of(layout, entry).shape == (t, P.motion_dim + P.audio_feature_dim)  # motion and audio: T rows
+        assert features.motion_coefficients.shape == (t, P.motion.num_coefficients)
     assert entries["vfr.mp4"].num_frames in (69, 70)  # 2.75 s of 30/50 ms frames plus the last one's duration
     assert entries["Sub Dir/b ü.WEBM"].decoder == media.DALI_CPU
 
@@ -288,9 +317,9 @@ def test_segments_of_one_video_are_clips_and_only_edited_rows_are_redone(tmp_pat
     result = run_preprocessing(options(data, cache_dir, segments=csv))
     assert result.exit_code == 0 and result.processed == {cf.STATUS_CACHED: 3}
     layout = layout_of(cache_dir)
-    entries = layout.read_entries()
+    entries = entries_of(layout)
     assert sorted(entries) == ["tail", "talk/long.mp4#0-3", "talk/long.mp4#2.5-5.5"]
-    frames = {cid: np.load(layout.stream_path(e.key, cf.FRAMES)) for cid, e in entries.items()}
+    frames = {cid: frames_of(layout, e) for cid, e in entries.items()}
     for cid, e in entries.items():
         assert e.num_frames == 75 and frames[cid].shape[0] == 75  # 3 s at 25 fps: motion and audio rows
         assert e.source_path == str(data / "talk" / "long.mp4")
@@ -301,80 +330,92 @@ def test_segments_of_one_video_are_clips_and_only_edited_rows_are_redone(tmp_pat
                                rtol=2e-3, atol=2e-3)
     assert not np.array_equal(frames["talk/long.mp4#0-3"][:, MOTION], frames["tail"][:, MOTION])
 
-    before = file_mtimes(layout.clips_dir)
+    kept = entries["talk/long.mp4#0-3"]
+    kept_bytes = read_record(layout, kept.shard, kept.offset, kept.nbytes)
     csv.write_text("video,start_s,end_s,clip_name\ntalk/long.mp4,0,3\ntalk/long.mp4,2.5,6\ntalk/long.mp4,5,7.5,tail\n")
     caplog.set_level(logging.INFO, logger="dali_float")
     result = run_preprocessing(options(data, cache_dir, segments=csv))
     assert result.processed == {cf.STATUS_CACHED: 2} and result.removed == 1 and result.up_to_date == 1
-    entries = layout.read_entries()
+    entries = entries_of(layout)
     assert sorted(entries) == ["tail", "talk/long.mp4#0-3", "talk/long.mp4#2.5-6"]
     assert entries["tail"].num_frames == 62 and entries["talk/long.mp4#2.5-6"].num_frames == 87
-    kept = entries["talk/long.mp4#0-3"].key
-    assert {k: v for k, v in file_mtimes(layout.clips_dir).items() if k.startswith(kept)} == \
-        {k: v for k, v in before.items() if k.startswith(kept)}  # the unchanged row was not touched
+    now = entries["talk/long.mp4#0-3"]  # the unchanged row was not touched: the same record, the same bytes
+    assert (now.shard, now.offset, now.checksum) == (kept.shard, kept.offset, kept.checksum)
+    assert np.array_equal(read_record(layout, now.shard, now.offset, now.nbytes), kept_bytes)
 
     make_clip(data / "talk" / "long.mp4", num_frames=200, seed=6)  # new content: every segment is redone
     result = run_preprocessing(options(data, cache_dir, segments=csv))
     assert result.processed == {cf.STATUS_CACHED: 3} and result.up_to_date == 0
-    assert cf.verify(layout, P) == []
+    assert verify_problems(layout) == []
+
+
+def records_of(layout: cf.CacheLayout) -> dict[str, tuple]:
+    """Where each cached clip's record is and what it holds: (shard, offset, checksum)."""
+    return {c: (e.shard, e.offset, e.checksum) for c, e in entries_of(layout).items() if e.status == cf.STATUS_CACHED}
 
 
 def test_moved_data_root_touch_change_and_delete(small, tmp_path, caplog):
     data, cache_dir = copy_cache(small[0], small[1], tmp_path)
     layout = layout_of(cache_dir)
-    uids = {cid: e.clip_uid for cid, e in layout.read_entries().items()}
+    uids = {cid: e.clip_uid for cid, e in entries_of(layout).items()}
 
-    # The data root moved (same bytes, same mtimes): entries get the new path, nothing is recomputed.
+    # The data root moved (same bytes, same mtimes): rows get the new path, nothing is recomputed.
     result = run_preprocessing(options(data, cache_dir))
     assert result.processed == {} and result.up_to_date == 4
-    assert all(e.source_path.startswith(str(data)) for e in layout.read_entries().values())
+    assert all(e.source_path.startswith(str(data)) for e in entries_of(layout).values())
 
-    # touch: same content, new mtime -> only the entry's mtime changes
-    arrays_before = file_mtimes(layout.clips_dir)
+    # touch: same content, new mtime -> only the row's mtime changes
+    records_before, shards_before = records_of(layout), file_mtimes(layout.shards_dir)
     os.utime(data / "a.mp4", ns=(time.time_ns(), time.time_ns() + 10**9))
     result = run_preprocessing(options(data, cache_dir))
     assert result.processed == {} and result.up_to_date == 4
-    assert layout.read_entries()["a.mp4"].mtime_ns == (data / "a.mp4").stat().st_mtime_ns
-    assert {k: v for k, v in file_mtimes(layout.clips_dir).items() if not k.endswith("entry.json")} == \
-        {k: v for k, v in arrays_before.items() if not k.endswith("entry.json")}
+    assert entries_of(layout)["a.mp4"].mtime_ns == (data / "a.mp4").stat().st_mtime_ns
+    assert records_of(layout) == records_before and file_mtimes(layout.shards_dir) == shards_before
 
-    # change one source: only it is processed, and it keeps its uid
-    before = file_mtimes(layout.clips_dir)
+    # change one source: only it is processed (a new record), and it keeps its uid
     make_clip(data / "c30.mp4", 84, fps=30.0, seed=33)  # 2.8 s -> 70 frames
     result = run_preprocessing(options(data, cache_dir))
     assert result.processed == {cf.STATUS_CACHED: 1} and result.up_to_date == 3
-    entries = layout.read_entries()
+    entries = entries_of(layout)
     assert entries["c30.mp4"].num_frames == 70 and entries["c30.mp4"].clip_uid == uids["c30.mp4"]
-    after = file_mtimes(layout.clips_dir)
-    changed = {k.split("/")[0] for k in after if after[k] != before.get(k)}
-    assert changed == {cf.clip_key("c30.mp4")}
+    after = records_of(layout)
+    assert {c for c in after if after[c] != records_before[c]} == {"c30.mp4"}
+    assert all(layout.shard_path(shard).exists() for shard, _, _ in after.values())
 
-    # delete one source: its entry and files go, the manifest follows; a new clip gets a fresh uid
+    # delete one source: its row goes, the training view follows; a new clip gets a fresh uid
     (data / "a.mp4").unlink()
     make_clip(data / "new.mp4", 66, seed=44)
     result = run_preprocessing(options(data, cache_dir))
     assert result.removed == 1 and result.processed == {cf.STATUS_CACHED: 1}
-    manifest = layout.load_manifest()
-    assert "a.mp4" not in manifest.clips and not layout.clip_dir(cf.clip_key("a.mp4")).exists()
-    assert manifest.clips["new.mp4"].clip_uid == max(uids.values()) + 1  # never a uid seen in this run
-    assert cf.verify(layout, P) == []
+    entries = entries_of(layout)
+    assert "a.mp4" not in entries
+    assert entries["new.mp4"].clip_uid == max(uids.values()) + 1  # never a uid seen in this run
+    cache = TrainingCache.open(cache_dir, P, cache_fingerprint(P, SOURCES, "center"))
+    assert sorted(cache.clip_ids(range(len(cache)))) == sorted(entries)
+    assert verify_problems(layout) == []
 
 
 def test_recovery_from_a_crash_state(small, tmp_path):
-    """What a killed run can leave: temp files, a clip folder without entry.json, a broken manifest."""
+    """What a killed run can leave: temp files, an unmerged journal, a shard without a live record, a
+    partial shard tail, a stale training view."""
     data, cache_dir = copy_cache(small[0], small[1], tmp_path)
     layout = layout_of(cache_dir)
-    key = cf.clip_key("a.mp4")
-    (layout.clip_dir(key) / f"frames.npy{TMP_MARKER}999").write_bytes(b"half")
-    layout.entry_path(cf.clip_key("c30.mp4")).unlink()  # arrays written, entry not yet: uncommitted
-    orphan = layout.clips_dir / "orphan-0123456789"
-    orphan.mkdir()
-    (orphan / "frames.npy").write_bytes(b"junk")
-    layout.manifest_path.write_text("{ not json")
+    entries = entries_of(layout)
+    shard = layout.shard_path(entries["a.mp4"].shard)
+    size = shard.stat().st_size
+    (layout.training_dir / f"x.rows.npy{TMP_MARKER}999").write_bytes(b"half")
+    with open(shard, "ab") as f:
+        f.write(b"a torn record" * 100)  # appended, never committed
+    orphan = layout.shard_path("0000000000000001-r0w0-dead-1-0000.bin")
+    orphan.write_bytes(b"records of a writer killed before its first commit")
+    first = min(entries.values(), key=lambda e: e.offset).clip_id  # not the shard's last record
+    with ClipIndex(layout) as index:  # uncommitted: as if its group never reached the index
+        index.delete([first])
     result = run_preprocessing(options(data, cache_dir))
     assert result.processed == {cf.STATUS_CACHED: 1}  # only the uncommitted clip
     assert not temp_files(layout.root) and not orphan.exists()
-    assert cf.verify(layout, P) == []
+    assert shard.stat().st_size == size  # the tail was cut back to the last live record
+    assert verify_problems(layout) == []
 
 
 def test_sigkill_mid_run_then_rerun_verifies(small, tmp_path):
@@ -387,26 +428,58 @@ def test_sigkill_mid_run_then_rerun_verifies(small, tmp_path):
                              "--crop", "center"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
 
-    def committed() -> bool:
-        return layout.clips_dir.exists() and any(layout.clips_dir.glob("*/entry.json"))
+    def committed() -> int:
+        return sum(committed_rows(j) for j in layout.journals())
 
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while not committed():
-            assert proc.poll() is None, "preprocessing ended before writing any entry"
-            assert time.monotonic() < deadline, "no entry after 120 s"
+            assert proc.poll() is None, "preprocessing ended before committing any clip"
+            assert time.monotonic() < deadline, "no committed clip after 180 s"
             time.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    kept = len(layout.read_entries())
+    kept = committed()
     result = run_preprocessing(options(data, cache_dir))
     assert result.exit_code == 0 and result.counts[cf.STATUS_CACHED] == 4
     assert result.processed.get(cf.STATUS_CACHED, 0) == 4 - kept  # committed clips are kept
-    assert not temp_files(layout.root)
-    assert cf.verify(layout, P) == []
+    assert not temp_files(layout.root) and not layout.journals()
+    assert verify_problems(layout) == []
+
+
+def test_a_truncated_or_overwritten_record_is_redone_and_nothing_else(small, tmp_path):
+    """Damage after the fact: a shard cut short (a full disk, a bad copy) is found by the next run's cheap
+    check; bytes overwritten in place by `verify` (CRC-32), and `verify --repair` re-does them. Either
+    way exactly the damaged clip is processed again; every other record stays where it was."""
+    data, cache_dir = copy_cache(small[0], small[1], tmp_path)
+    layout = layout_of(cache_dir)
+    entries = entries_of(layout)
+    last = max(entries.values(), key=lambda e: e.offset)  # the shard's last record: a cut takes only it
+    before = records_of(layout)
+    os.truncate(layout.shard_path(last.shard), last.offset + last.nbytes // 2)
+    result = run_preprocessing(options(data, cache_dir))
+    assert result.processed == {cf.STATUS_CACHED: 1} and result.up_to_date == 3
+    after = records_of(layout)
+    assert {c for c in after if after[c] != before[c]} == {last.clip_id}
+    assert verify_problems(layout) == []
+
+    victim = entries_of(layout)["a.mp4"]
+    with open(layout.shard_path(victim.shard), "r+b") as f:  # the same size, other bytes
+        f.seek(victim.offset + 100)
+        f.write(b"\x00" * 256)
+    common = ["--preset", "tiny", "--data_root", str(data), "--cache_dir", str(cache_dir), "--no_progress"]
+    assert run_preprocessing(options(data, cache_dir)).processed == {}  # sizes cannot see it
+    out = script("verify", *common)
+    assert out.returncode == 1 and "a.mp4: " in out.stdout and "CRC-32" in out.stdout, out.stdout
+    before = records_of(layout)
+    out = script("verify", "--repair", *common, "--frame_batch", str(FRAME_BATCH))
+    assert out.returncode == 0 and "after the repair: OK" in out.stdout, out.stdout + out.stderr
+    after = records_of(layout)
+    assert {c for c in after if after[c] != before[c]} == {"a.mp4"}
+    assert verify_problems(layout) == []
 
 
 # ---------------------------------------------------------------------------------------------- parallelism
@@ -416,11 +489,12 @@ def test_two_workers_make_the_same_cache_as_one(small, tmp_path):
     result = run_preprocessing(options(data, tmp_path / "cache", workers=2))
     assert result.exit_code == 0 and result.processed == {cf.STATUS_CACHED: 4}
     assert_same_cache(layout_of(cache_one), layout_of(tmp_path / "cache"))
-    assert cf.verify(layout_of(tmp_path / "cache"), P) == []
+    assert len(layout_of(tmp_path / "cache").shard_files()) == 2  # one writer, one shard each
+    assert verify_problems(layout_of(tmp_path / "cache")) == []
 
 
 def test_balance_splits_by_duration_without_overlap():
-    tasks = [plan.ClipTask(f"c{i}", f"/x/c{i}", cf.clip_key(f"c{i}"), i, 1, 1, True, duration_s=d)
+    tasks = [plan.ClipTask(f"c{i}", f"/x/c{i}", i, 1, 1, True, duration_s=d)
              for i, d in enumerate([10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0])]
     shares = plan.balance(tasks, 3)
     ids = [t.clip_id for share in shares for t in share]
@@ -433,8 +507,9 @@ def test_balance_splits_by_duration_without_overlap():
 
 @pytest.mark.slow
 def test_two_torchrun_ranks_share_one_cache(small, tmp_path):
-    """RANK/WORLD_SIZE as torchrun sets them: each rank takes its share, rank 0 writes the manifest."""
-    data, _, _ = small
+    """RANK/WORLD_SIZE as torchrun sets them: each rank takes its share into its own shard and journal,
+    rank 0 merges them into the index: the same index (modulo where records landed) as one process."""
+    data, cache_one, _ = small
     cache_dir = tmp_path / "cache"
     port = str(free_port())
     procs = []
@@ -451,8 +526,8 @@ def test_two_torchrun_ranks_share_one_cache(small, tmp_path):
               for line in out.splitlines() if ": rank " in line and "pending clip" in line]
     assert sorted(shares) != [] and sum(shares) == 4, outputs  # every clip processed once
     layout = layout_of(cache_dir)
-    assert len(layout.load_manifest().entries(cf.STATUS_CACHED)) == 4
-    assert cf.verify(layout, P) == []
+    assert_same_cache(layout_of(cache_one), layout)
+    assert verify_problems(layout) == []
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
@@ -473,7 +548,7 @@ BAD_EXPECTED = {
 def test_every_bad_input_ends_as_a_failed_or_skipped_entry(bad):
     data, cache_dir, result = bad
     layout = layout_of(cache_dir)
-    entries = layout.load_manifest().clips
+    entries = entries_of(layout)
     assert entries["good.mp4"].status == cf.STATUS_CACHED
     assert entries["side_audio.mp4"].status == cf.STATUS_CACHED
     assert entries["side_audio.mp4"].audio_source == "side_audio.wav"
@@ -481,11 +556,11 @@ def test_every_bad_input_ends_as_a_failed_or_skipped_entry(bad):
         entry = entries[clip_id]
         assert entry.status == status, (clip_id, entry.reason)
         assert entry.reason and "\n" not in entry.reason and words in entry.reason, (clip_id, entry.reason)
-        assert not any(layout.stream_path(entry.key, s).exists() for s in cf.STREAMS)  # no partial entry
+        assert (entry.shard, entry.nbytes) == ("", 0)  # no record
     assert result.exit_code == 1  # some clip failed, the others are cached
     assert {c for c, _ in result.failures} == {c for c, (s, _) in BAD_EXPECTED.items() if s == cf.STATUS_FAILED}
     assert [c for c, _ in result.skipped] == ["short.mp4"]
-    assert not temp_files(layout.root) and cf.verify(layout, P) == []
+    assert not temp_files(layout.root) and verify_problems(layout) == []
 
 
 def test_bad_inputs_are_not_retried_until_they_change(bad, tmp_path, caplog):
@@ -498,7 +573,7 @@ def test_bad_inputs_are_not_retried_until_they_change(bad, tmp_path, caplog):
     make_clip(data / "zero.mp4", 66, seed=12)  # fixed
     result = run_preprocessing(options(data, cache_dir))
     assert result.processed == {cf.STATUS_CACHED: 1}
-    assert layout_of(cache_dir).read_entries()["zero.mp4"].status == cf.STATUS_CACHED
+    assert entries_of(layout_of(cache_dir))["zero.mp4"].status == cf.STATUS_CACHED
 
 
 def test_unreadable_file_fails(tmp_path):
@@ -513,7 +588,7 @@ def test_unreadable_file_fails(tmp_path):
                       "--no_progress", "--crop", "center")
     clip.chmod(0o644)
     assert done.returncode == 1, done.stderr  # one clip failed, the other is cached
-    entries = layout_of(tmp_path / "cache").read_entries()
+    entries = entries_of(layout_of(tmp_path / "cache"))
     assert entries["fine.mp4"].status == cf.STATUS_CACHED
     assert entries["locked.mp4"].status == cf.STATUS_FAILED and "permission" in entries["locked.mp4"].reason
 
@@ -532,15 +607,15 @@ def test_another_preset_or_checkpoint_writes_another_folder(small, tmp_path):
                 cache_fingerprint(P, ModelSources(emotion="none"), "center")}) == 4
     assert cf.cache_root(tmp_path, FLOAT_PRESET, cache_fingerprint(FLOAT_PRESET, SOURCES, "center")).name.startswith("float-")
     cache_dir = shutil.copytree(small[1], tmp_path / "cache")
-    uid = layout_of(cache_dir).read_entries()["a.mp4"].clip_uid
+    uid = entries_of(layout_of(cache_dir))["a.mp4"].clip_uid
     first = run_preprocessing(options(data, cache_dir, force=True))  # --force_preprocess: recomputed, same uid
     assert first.processed == {cf.STATUS_CACHED: 1} and first.removed == 3
-    assert layout_of(cache_dir).read_entries()["a.mp4"].clip_uid == uid
+    assert entries_of(layout_of(cache_dir))["a.mp4"].clip_uid == uid
     second = run_preprocessing(options(data, cache_dir, sources=with_ckpt))
     assert first.cache_root != second.cache_root and second.processed == {cf.STATUS_CACHED: 1}
     assert second.cache_root == layout_of(cache_dir, with_ckpt).root and first.cache_root.exists()
-    a = np.load(layout_of(cache_dir).stream_path(cf.clip_key("a.mp4"), cf.FRAMES)).astype(np.float32)
-    b = np.load(layout_of(cache_dir, with_ckpt).stream_path(cf.clip_key("a.mp4"), cf.FRAMES)).astype(np.float32)
+    a = frames_of(layout_of(cache_dir), entries_of(layout_of(cache_dir))["a.mp4"]).astype(np.float32)
+    b = frames_of(layout_of(cache_dir, with_ckpt), entries_of(layout_of(cache_dir, with_ckpt))["a.mp4"]).astype(np.float32)
     assert np.abs(a[:, MOTION] - b[:, MOTION]).max() > 0.1  # other motion weights
     np.testing.assert_allclose(a[:, AUDIO], b[:, AUDIO], atol=1e-2)  # the same audio weights
     with pytest.raises(CheckpointError):
@@ -629,19 +704,19 @@ def test_gpu_features_match_cpu_within_fp16(small, tmp_path):
     result = run_preprocessing(options(data, tmp_path / "gpu", device="cuda"))
     assert result.exit_code == 0 and result.processed == {cf.STATUS_CACHED: 4}
     cpu, gpu = layout_of(cpu_cache), layout_of(tmp_path / "gpu")
-    entries = gpu.read_entries()
+    entries = entries_of(gpu)
     assert entries["a.mp4"].decoder == media.DALI_GPU  # H.264 through NVDEC
     assert entries["Sub Dir/b ü.WEBM"].decoder == media.DALI_GPU  # VP9 too
     for clip_id, entry in entries.items():
-        x = np.load(cpu.stream_path(entry.key, cf.FRAMES)).astype(np.float32)
-        y = np.load(gpu.stream_path(entry.key, cf.FRAMES)).astype(np.float32)
+        x = frames_of(cpu, entries_of(cpu)[clip_id]).astype(np.float32)
+        y = frames_of(gpu, entry).astype(np.float32)
         assert x.shape == y.shape
         # motion: NVDEC's colour conversion and fp16 frames + fp16 autocast against PyAV/DALI CPU in float32;
         # audio: the same samples through float32 wav2vec2 on another device. Relative error of the whole clip.
         for cols, tol in ((MOTION, 5e-2), (AUDIO, 1e-2)):
             err = np.linalg.norm(y[:, cols] - x[:, cols]) / np.linalg.norm(x[:, cols])
             assert err < tol, (clip_id, cols, err)
-    assert cf.verify(gpu, P) == []
+    assert verify_problems(gpu) == []
 
 
 @pytest.mark.gpu
@@ -650,7 +725,7 @@ def test_gpus_flag_runs_one_worker_per_gpu(small, tmp_path):
     gpus = tuple(range(min(2, torch.cuda.device_count())))
     result = run_preprocessing(options(data, tmp_path / "cache", gpus=gpus))
     assert result.exit_code == 0 and result.counts[cf.STATUS_CACHED] == 4
-    assert cf.verify(layout_of(tmp_path / "cache"), P) == []
+    assert verify_problems(layout_of(tmp_path / "cache")) == []
 
 
 def test_a_cache_of_another_corpus_is_never_overwritten(tmp_path):
@@ -665,7 +740,7 @@ def test_a_cache_of_another_corpus_is_never_overwritten(tmp_path):
     with pytest.raises(UsageError, match="holds the features of .*another --cache_dir"):
         run_preprocessing(PreprocessOptions(second, cache_dir, preset, ModelSources(), crop="center", progress=False))
     layout = cf.CacheLayout(cf.cache_root(cache_dir, preset, cache_fingerprint(preset, ModelSources(), "center")))
-    assert list(layout.load_manifest().clips) == ["a.webm"]
+    assert list(entries_of(layout)) == ["a.webm"]
     # By default every corpus gets a cache folder of its own.
     from dali_float.paths import default_cache_dir
 

@@ -75,8 +75,11 @@ def free_port() -> int:
 
 
 def poison(cache: TrainingCache, clip_index: int) -> None:
-    """Write NaN over the motion of one cached clip (preprocessing never would: a corrupted file)."""
-    frames = np.load(cache.clips[clip_index].frames_path, mmap_mode="r+")
+    """Write NaN over the motion of one cached clip (preprocessing never would: a corrupted shard)."""
+    row = cache.view.rows[clip_index]
+    t, width = int(row["num_frames"]), P.motion_dim + P.audio_feature_dim
+    frames = np.memmap(cache.view.shards[row["shard"]], dtype=cf.FEATURE_DTYPE, mode="r+", offset=int(row["offset"]),
+                       shape=(t, width))
     frames[:, cf.motion_columns(P)] = np.nan
     frames.flush()
 
@@ -301,7 +304,9 @@ def test_script_errors_are_one_line_without_traceback(tmp_path):
 @pytest.mark.parametrize("precision", ["no", "fp16"])
 def test_nonfinite_loss_skips_the_step_and_never_reaches_the_weights(precision, tmp_path_factory, tmp_path):
     cache_dir = tmp_path_factory.mktemp(f"poisoned_{precision}")
-    cache = TrainingCache.open(cache_dir, P, write_synthetic_cache(cache_dir, P, (130, 130)))
+    # Three clips of two windows each: an epoch is 3 batches of 2, the poisoned clip fills at most 2 of
+    # them, so whatever the order some steps are skipped and some are not.
+    cache = TrainingCache.open(cache_dir, P, write_synthetic_cache(cache_dir, P, (130, 130, 130)))
     poison(cache, 1)
     result = train(config(tmp_path, steps=12, batch_size=2, mixed_precision=precision, ema_decay=0.5),
                    DataSource.from_cache(cache))
@@ -417,7 +422,7 @@ def test_two_cpu_ranks_read_disjoint_shards_and_end_equal(demo_source, tmp_path)
         seen.append({tuple(line.split("\t")[1:]) for line in lines[:-1]})
     assert len(seen[0]) == len(seen[1]) == 6 and not seen[0] & seen[1]
     clips = [{c for c, _ in s} for s in seen]
-    assert not clips[0] & clips[1] and len(clips[0] | clips[1]) == len(demo_source.cache.clips)  # one epoch
+    assert not clips[0] & clips[1] and len(clips[0] | clips[1]) == len(demo_source.cache)  # one epoch
     assert digests[0] == digests[1] and digests[0].startswith("# weights sha256 ")
     assert [p.name for p in CheckpointStore(out / "checkpoints").checkpoints()] == ["step_00000002.pt"]
     assert len(load_checkpoint(out / "checkpoints" / "step_00000002.pt")["ranks"]) == 2
@@ -467,7 +472,8 @@ def test_generated_mouth_motion_follows_the_audio(demo_runs, demo_source):
     0.31, 0.40; without -0.02, 0.02, -0.13; real motion 0.94 (after 2000 steps, 3 noise seeds: 0.66 vs
     -0.03). Bounds: with audio above 0.15 and at least 0.15 above the model without audio."""
     models = {name: sampler.load_trained(path) for name, path in demo_runs.items()}
-    clips = [sampler.read_clip(demo_source.cache, c.clip_id) for c in demo_source.cache.clips]
+    cache = demo_source.cache
+    clips = [sampler.read_clip(cache, c) for c in cache.clip_ids(range(len(cache)))]
     result = sampler.measure_audio_following(models, clips, seeds=1)
     assert result["real_motion"] > 0.8
     assert result["audio"] > 0.15 and result["audio"] > result["no_audio"] + 0.15, result
@@ -476,12 +482,12 @@ def test_generated_mouth_motion_follows_the_audio(demo_runs, demo_source):
 
 
 def test_sampler_command_writes_motion_latents(demo_runs, demo_source, tmp_path):
-    clip = demo_source.cache.clips[0]
+    cache = demo_source.cache
     out = tmp_path / "motion.npy"
-    assert sampler.main(["generate", "--checkpoint", str(demo_runs["audio"]), "--clip", clip.clip_id,
+    assert sampler.main(["generate", "--checkpoint", str(demo_runs["audio"]), "--clip", cache.clip_id(0),
                          "--out", str(out), "--nfe", "4"]) == 0
     motion = np.load(out)
-    assert motion.shape == (clip.num_frames, P.motion_dim) and motion.dtype == np.float32
+    assert motion.shape == (int(cache.num_frames[0]), P.motion_dim) and motion.dtype == np.float32
     with pytest.raises(UsageError, match="not a usable clip"):
         sampler.main(["generate", "--checkpoint", str(demo_runs["audio"]), "--clip", "nope.mp4", "--out", str(out)])
 

@@ -65,9 +65,9 @@ def _framing_root(options: BenchOptions, settings) -> str | None:
 
 
 def warm_page_cache(cache_root: Path) -> int:
-    """Read every frames.npy once, so loaders and ceiling all read from memory; returns the bytes read."""
+    """Read every shard once, so loaders and ceiling all read from memory; returns the bytes read."""
     total = 0
-    for path in sorted(Path(cache_root).glob(f"clips/*/{cf.FRAMES.filename}")):
+    for path in cf.CacheLayout(Path(cache_root)).shard_files():
         with open(path, "rb") as f:
             while chunk := f.read(1 << 22):
                 total += len(chunk)
@@ -121,7 +121,7 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     data_root = main["data_root"]
     common = {**common_base, "preset": settings.preset, "fingerprint": main["fingerprint"], "data_root": data_root}
     warmed = warm_page_cache(Path(main["cache_root"]))
-    log.info("page cache warmed: %.1f MB of frames.npy", warmed / 1e6)
+    log.info("page cache warmed: %.1f MB of shards", warmed / 1e6)
 
     jobs = loader_jobs(settings, common)
     _run_jobs(jobs, options.progress, "loaders")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dali_float import cache_format as cf
+from dali_float.cache_index import ClipIndex
 from dali_float.bench import probes
 from dali_float.bench.plan import LOADERS, Job, Settings, sources_spec
 from dali_float.config import FLOAT_PRESET, Preset, get_preset
@@ -32,23 +33,20 @@ def _loader_entry(job: Job) -> dict[str, Any]:
 def cache_figures(cache_root: Path, preset: Preset) -> dict[str, Any]:
     """Bytes of the cache folder per hour of cached video, against decoded frames (uint8, float32)."""
     layout = cf.CacheLayout(Path(cache_root))
-    manifest = layout.load_manifest()
-    cached = manifest.entries(cf.STATUS_CACHED)
-    frames = sum(e.num_frames for e in cached)
+    with ClipIndex(layout) as index:
+        clips, frames = index.counts()[cf.STATUS_CACHED], index.cached_frames()
     seconds = frames / preset.timing.fps
-    # The folder's files that hold cached clips: theirs and the folder's own (manifest, cache.json);
-    # not failed or skipped entries, nor clips a running preprocessing has not committed yet.
-    files = [p for p in layout.root.iterdir() if p.is_file()]
-    files += [p for e in cached for p in layout.clip_dir(e.key).iterdir() if p.is_file()]
+    # Every file of the folder: shards (records of failed clips take no bytes), index, journals, training view.
+    files = [p for p in layout.root.rglob("*") if p.is_file()]
     size = sum(p.stat().st_size for p in files)
     allocated = sum(p.stat().st_blocks * 512 for p in files)
-    metadata = sum(p.stat().st_size for p in files if p.suffix != ".npy")  # entries, manifest, cache.json
+    metadata = size - sum(p.stat().st_size for p in layout.shard_files())  # index, training view, cache.json
     per_hour = 3600.0 / seconds if seconds else math.nan
     uint8 = frame_bytes_per_hour(preset.motion.input_size, preset.timing.fps, 1)
-    return {"bytes": size, "allocated_bytes": allocated, "clips": len(cached), "frames": frames,
+    return {"bytes": size, "allocated_bytes": allocated, "files": len(files), "clips": clips, "frames": frames,
             "video_seconds": seconds, "bytes_per_hour": size * per_hour,
             "allocated_bytes_per_hour": allocated * per_hour, "bytes_per_frame": size / frames if frames else math.nan,
-            "metadata_bytes_per_clip": metadata / len(cached) if cached else math.nan,
+            "metadata_bytes_per_clip": metadata / clips if clips else math.nan,
             "input_size": preset.motion.input_size, "uint8_frames_bytes_per_hour": uint8,
             "float32_frames_bytes_per_hour": 4 * uint8,
             "x_smaller_than_uint8": uint8 / (size * per_hour), "x_smaller_than_float32": 4 * uint8 / (size * per_hour)}
@@ -60,17 +58,14 @@ def frame_bytes_per_hour(size: int, fps: int, itemsize: int) -> float:
 
 
 def computed_cache_bytes_per_hour(preset: Preset, mean_clip_frames: float,
-                                  metadata_bytes_per_clip: float = 3000.0) -> dict[str, Any]:
-    """Cache bytes per hour from the format alone: the per-frame rows of every stream, plus per clip the
-    arrays that do not grow with it (clip_info, identity), the npy headers and the metadata (entry.json
-    and its share of manifest.json: give the figure measured on another cache of the same corpus),
-    spread over clips of `mean_clip_frames` frames."""
-    header = 128  # np.save's header, padded to a multiple of 64 bytes: 128 for these arrays
-    per_frame = sum(s.dtype.itemsize * (math.prod(s.shape(preset, 1)) - math.prod(s.shape(preset, 0)))
-                    for s in cf.STREAMS)
-    per_clip = sum(s.dtype.itemsize * math.prod(s.shape(preset, 0)) + header for s in cf.STREAMS) \
-        + metadata_bytes_per_clip
+                                  metadata_bytes_per_clip: float = 300.0) -> dict[str, Any]:
+    """Cache bytes per hour from the format alone: the records (cache_format.record_bytes) of clips of
+    `mean_clip_frames` frames, plus per clip its index row and training-view row (give the figure
+    measured on another cache of the same corpus)."""
     frames_per_hour = preset.timing.fps * 3600
+    per_frame = sum(p.nbytes(preset, 1) - p.nbytes(preset, 0) for p in cf.PARTS)
+    t = int(round(mean_clip_frames))
+    per_clip = cf.record_bytes(preset, t) - per_frame * t + metadata_bytes_per_clip  # identity, alignment, rows
     total = per_frame * frames_per_hour + per_clip * frames_per_hour / mean_clip_frames
     return {"bytes_per_frame": per_frame, "bytes_per_clip": per_clip, "mean_clip_frames": mean_clip_frames,
             "bytes_per_hour": total}
@@ -90,7 +85,7 @@ def cache_section(prepared: dict[str, dict[str, Any]], settings: Settings, cache
         from dali_float.preprocess import cache_fingerprint
 
         candidate = cf.CacheLayout(cf.cache_root(cache_dir, FLOAT_PRESET, cache_fingerprint(FLOAT_PRESET, sources, crop)))
-        if candidate.manifest_path.exists() and candidate.load_manifest().entries(cf.STATUS_CACHED):
+        if candidate.training_path.exists() and candidate.index_path.exists():
             float_root = candidate.root
     if float_root is not None:
         measured = cache_figures(float_root, FLOAT_PRESET)

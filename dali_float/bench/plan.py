@@ -136,7 +136,7 @@ def make_settings(options: BenchOptions, device: str) -> Settings:
         naive_batch_size=1 if float_on_cpu else options.batch_size,
         naive_workers=(0,) if quick or on_gpu or float_on_cpu else (0, cores),
         torch_workers=(0, cores) if quick else (0, *many),
-        dali_strategies=("pread", "roi", "gds") if on_gpu else ("pread", "roi"),
+        dali_strategies=("pread", "python"),
         dali_threads=(cores,) if quick else tuple(sorted({1, cores})),
         # Full: 150 steps (a few seconds with tiny on a CPU), so a burst of other work on a shared machine
         # weighs little; the first 30 (warm-up: allocator, kernels, prefetch filling) are excluded.

@@ -105,11 +105,34 @@ def _pss_bytes(pid: int) -> int:
     return 0
 
 
+def disk_read_bytes() -> int:
+    """Bytes this process (and its children once reaped: DataLoader workers still running are not in it)
+    had fetched from storage, not from the page cache (/proc/self/io read_bytes; 0 where unavailable).
+    Readahead the kernel starts for posix_fadvise may be counted to no one."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM of /proc/self/status. Not getrusage's ru_maxrss: Linux
+    carries that across fork and exec, so a probe started by a parent holding 1.2 GB reported 1.2 GB
+    whatever it used itself (found measuring --scale: every probe after the million-clip write showed
+    the writer's peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: the best there is
+
+
 class MemoryWatch:
     """Peak resident memory of this process and its children, sampled every `interval_s` in a thread.
 
     peak_rss_bytes: max over samples of the RSS summed over the process tree (forked workers count
-    their shared pages again: an upper bound), and never below this process's own ru_maxrss.
+    their shared pages again: an upper bound), and never below this process's own high-water mark.
     pss_bytes(): proportional set size of the tree now (shared pages split between the processes).
     """
 
@@ -137,7 +160,7 @@ class MemoryWatch:
     def stop(self) -> dict[str, int]:
         self._stop.set()
         self._thread.join()
-        own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        own_peak = peak_rss_bytes()
         return {"peak_rss_bytes": max(self._peak, own_peak), "children_peak_rss_bytes": self._peak_children,
                 "baseline_rss_bytes": self.baseline_rss_bytes}
 
@@ -238,7 +261,8 @@ def prepare_probe(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def loader_probe(spec: dict[str, Any]) -> dict[str, Any]:
-    """Throughput of one loader configuration: samples/s, MB/s (bytes of the batch contract), peak memory."""
+    """Throughput of one loader configuration: samples/s, MB/s (bytes of the batch contract), peak memory;
+    for the cached loaders also the seconds to open the cache and to get the first batch."""
     from dali_float.loaders import LoaderOptions, open_loader
 
     preset, sources = _context(spec)
@@ -253,14 +277,21 @@ def loader_probe(spec: dict[str, Any]) -> dict[str, Any]:
         loader = open_loader("naive", preset, options, data_root=Path(spec["data_root"]), encoders=encoders,
                              crop=spec["crop"], segments=_segments(spec))
     else:
-        loader = open_loader(spec["kind"], preset, options, cache=_open_cache(spec, preset))
+        t0 = time.perf_counter()
+        cache = _open_cache(spec, preset)
+        opened = time.perf_counter()
+        loader = open_loader(spec["kind"], preset, options, cache=cache)
     if spec["timing"].get("warmup_items"):  # naive: one sample builds the decoder and runs every model once
-        loader.load_windows([(loader.clip_ids[0], 0, 0)] * int(spec["timing"]["warmup_items"]))
+        loader.load_windows([(loader.clips.clip_id(0), 0, 0)] * int(spec["timing"]["warmup_items"]))
     batches = iter(loader)
+    if spec["kind"] != "naive":
+        next(batches)
+        first = {"open_s": opened - t0, "first_batch_s": time.perf_counter() - opened}
 
     def step() -> int:
         return next(batches).size
 
+    io_before = disk_read_bytes()
     try:
         rates = timed_runs(step, options.device, spec["timing"])
         pss = MemoryWatch.pss_bytes()  # while the workers are still alive
@@ -268,7 +299,10 @@ def loader_probe(spec: dict[str, Any]) -> dict[str, Any]:
         batches.close()  # the generator's DataLoader iterator goes with it: workers stop
         loader.close()
     result = rate_summary(rates, sample_bytes(preset))
-    result.update(watch.stop(), pss_bytes=pss, read_strategy=getattr(loader, "strategy", None))
+    result.update(watch.stop(), pss_bytes=pss, read_strategy=getattr(loader, "strategy", None),
+                  disk_read_bytes=disk_read_bytes() - io_before)
+    if spec["kind"] != "naive":
+        result.update(first, clips=len(cache))
     return result
 
 
@@ -278,21 +312,23 @@ def ceiling_probe(spec: dict[str, Any]) -> dict[str, Any]:
     the window positions drawn before timing. On a GPU also: that copy plus pinned host -> device."""
     import torch
 
-    from dali_float.loaders.cached import FramesFile
+    from dali_float import cache_format as cf
     from dali_float.loaders.sampling import RequestStream
 
     preset, _ = _context(spec)
     cache = _open_cache(spec, preset)
-    files = [FramesFile.parse(c.frames_path) for c in cache.clips]
-    fds = [os.open(f.path, os.O_RDONLY) for f in files]
+    fds = [os.open(p, os.O_RDONLY) for p in cache.shard_paths()]
     window, b = preset.timing.window_frames, spec["batch_size"]
-    stream = RequestStream([c.num_frames for c in cache.clips], window, seed=spec.get("seed", 0))()
-    requests = [next(stream) for _ in range(4096)]
-    plan = [(fds[r.clip_index], files[r.clip_index].data_offset + r.window_start * files[r.clip_index].row_bytes,
-             files[r.clip_index].data_offset + r.ref_frame * files[r.clip_index].row_bytes) for r in requests]
+    row_bytes = cf.row_bytes(preset)
+    stream = RequestStream(cache.num_frames, window, seed=spec.get("seed", 0))()
+    # Positions drawn before timing; a run cycles through them (4096: warm after the first pass; a cache
+    # larger than the page cache needs as many as the runs read, `positions` in the spec).
+    requests = [next(stream) for _ in range(spec.get("positions", 4096))]
+    rows = cache.view.rows
+    plan = [(fds[int(rows[r.clip_index]["shard"])], int(rows[r.clip_index]["offset"]) + r.window_start * row_bytes,
+             int(rows[r.clip_index]["offset"]) + r.ref_frame * row_bytes) for r in requests]
     device = spec.get("device", "cpu")
     on_gpu = device.startswith("cuda")
-    row_bytes = files[0].row_bytes
     host = torch.empty((b, window * row_bytes + preset.motion_dim * 2), dtype=torch.uint8, pin_memory=on_gpu)
     rows = host.numpy()
     ref_bytes = preset.motion_dim * 2
@@ -323,7 +359,7 @@ def ceiling_probe(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         for fd in fds:
             os.close(fd)
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss_bytes"] = peak_rss_bytes()
     return result
 
 
@@ -474,7 +510,7 @@ def preprocess_probe(spec: dict[str, Any]) -> dict[str, Any]:
     if torch_device.type == "cuda" and spec.get("parallel_pipelines"):
         out["dali"]["parallel"] = _parallel_decode(same, indices, size, torch_device, dali_kind,
                                                    spec["parallel_pipelines"], runs)
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss_bytes"] = peak_rss_bytes()
     return out
 
 
@@ -526,7 +562,7 @@ def preprocess_run_probe(spec: dict[str, Any]) -> dict[str, Any]:
     return {"crop": spec["crop"], "frames_per_s": result.wall_fps, "total_frames": result.total_frames,
             "wall_seconds": result.wall_seconds, "stage_fps": result.stage_fps, "counts": result.counts,
             "skipped": [list(s) for s in result.skipped],
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss_bytes": peak_rss_bytes()}
 
 
 PROBES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {

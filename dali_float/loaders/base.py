@@ -5,7 +5,7 @@ import abc
 import ctypes
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
@@ -38,7 +38,7 @@ class LoaderOptions:
     num_workers: int = 2  # torch: DataLoader worker processes
     num_threads: int = 2  # dali: pipeline CPU threads
     prefetch_batches: int = 2  # batches prepared ahead
-    read_strategy: str = "auto"  # dali: auto | pread | roi | gds
+    read_strategy: str = "auto"  # dali: auto | pread | python
 
     def __post_init__(self) -> None:
         check_choice("ref", self.ref_rule, REF_RULES)
@@ -56,6 +56,41 @@ class LoaderOptions:
 WindowItem = tuple[str, int, int]  # (clip id, window start, reference frame)
 
 
+class ClipNames(Protocol):
+    """A loader's clips by index: what the naive loader's list and the cache's memory-mapped ids share."""
+
+    def __len__(self) -> int: ...
+
+    def clip_id(self, i: int) -> str: ...
+
+    def clip_ids(self, indices) -> list[str]: ...
+
+    def index_of(self, clip_id: str) -> int: ...
+
+
+class ClipList:
+    """ClipNames over a list of ids (the naive loader: one per video, found by probing)."""
+
+    def __init__(self, ids: Sequence[str]):
+        self._ids = list(ids)
+        self._index = {c: i for i, c in enumerate(self._ids)}
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def clip_id(self, i: int) -> str:
+        return self._ids[int(i)]
+
+    def clip_ids(self, indices) -> list[str]:
+        return [self._ids[int(i)] for i in indices]
+
+    def index_of(self, clip_id: str) -> int:
+        try:
+            return self._index[clip_id]
+        except KeyError:
+            raise UsageError(f"clip {clip_id!r} is not among this loader's clips") from None
+
+
 class WindowLoader(abc.ABC):
     """An endless stream of Batches (epochs follow each other), resumable from `state_dict()`.
 
@@ -65,10 +100,10 @@ class WindowLoader(abc.ABC):
 
     kind: str = ""
 
-    def __init__(self, preset: Preset, options: LoaderOptions, clip_ids: Sequence[str]):
+    def __init__(self, preset: Preset, options: LoaderOptions, clips: ClipNames):
         keep_freed_host_memory()
         self.preset, self.options = preset, options
-        self.clip_ids = list(clip_ids)
+        self.clips = clips  # by index; a cached loader's are memory-mapped, never a list of ids
         self.batches_consumed = 0
 
     @property
@@ -103,10 +138,7 @@ class WindowLoader(abc.ABC):
         """Release workers and pipelines."""
 
     def index_of(self, clip_id: str) -> int:
-        try:
-            return self.clip_ids.index(clip_id)
-        except ValueError:
-            raise UsageError(f"clip {clip_id!r} is not among this loader's clips") from None
+        return self.clips.index_of(clip_id)
 
 
 def keep_freed_host_memory() -> bool:
@@ -134,7 +166,7 @@ def keep_freed_host_memory() -> bool:
 
 def batch_from_windows(preset: Preset, windows: torch.Tensor, ref_motion: torch.Tensor, emotion: torch.Tensor,
                        window_start: torch.Tensor, ref_frame: torch.Tensor, clip_ids: list[str]) -> Batch:
-    """Split rows of frames.npy, (B, 60, F + A) float16, into the contract's fields (views, no copy)."""
+    """Split window rows, (B, 60, F + A) float16, into the contract's fields (views, no copy)."""
     p = preset.timing.num_prev_frames
     motion, audio = cf.motion_columns(preset), cf.audio_columns(preset)
     return Batch(

@@ -1,126 +1,197 @@
 """Opening a feature cache for training: checks first, so a user never sees a DALI stack trace.
 
-Both cached loaders (`torch`, `dali`) read through `TrainingCache`: the clips usable for training,
-their files, and the mapping from the clip uid stored in each clip_info.npy back to its clip id.
+Both cached loaders (`torch`, `dali`) read through `TrainingCache`: the training view's memory-mapped
+arrays (cache_view: per clip its shard, byte offset, frame count, emotion and id) and the shards.
+Nothing here holds a Python object per clip. `WindowReader` is the one reading of a window the
+torch loader, the DALI loader's Python fallback and the bench's copy ceiling share.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
 from pathlib import Path
 
 import numpy as np
 
 from dali_float import cache_format as cf
+from dali_float.cache_index import ClipIndex
+from dali_float.cache_store import read_record, shard_size
+from dali_float.cache_view import TrainingView
 from dali_float.config import Preset
-from dali_float.errors import CacheError
+from dali_float.errors import CacheError, UsageError
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class CachedClip:
-    clip_id: str
-    clip_uid: int
-    num_frames: int
-    frames_path: Path
-    info_path: Path
-
-
 class TrainingCache:
-    """The cached clips of one fingerprinted cache folder that hold at least one window."""
+    """The trainable clips of one fingerprinted cache folder (those holding at least one window)."""
 
-    def __init__(self, layout: cf.CacheLayout, manifest: cf.Manifest, preset: Preset, clips: list[CachedClip]):
-        self.layout, self.manifest, self.preset, self.clips = layout, manifest, preset, clips
+    def __init__(self, layout: cf.CacheLayout, view: TrainingView, preset: Preset, fix: str):
+        self.layout, self.view, self.preset, self.fix = layout, view, preset, fix
 
     @property
     def fingerprint(self) -> str:
-        return self.manifest.fingerprint
+        return self.view.header["fingerprint"]
 
     @property
     def root(self) -> Path:
         return self.layout.root
 
-    def clip_id_of_uid(self) -> dict[int, str]:
-        return {c.clip_uid: c.clip_id for c in self.clips}
+    def __len__(self) -> int:
+        return len(self.view)
 
-    def frames_files_by_uid(self) -> list[str]:
-        """Paths indexed by clip uid ("" where no usable clip has that uid)."""
-        files = [""] * (1 + max(c.clip_uid for c in self.clips))
-        for c in self.clips:
-            files[c.clip_uid] = str(c.frames_path)
-        return files
+    @property
+    def num_frames(self) -> np.ndarray:
+        """(clips,) int64 frame counts (a view of the mapped rows)."""
+        return self.view.num_frames
+
+    def clip_id(self, i: int) -> str:
+        return self.view.clip_id(i)
+
+    def clip_ids(self, indices) -> list[str]:
+        return self.view.clip_ids(indices)
+
+    def index_of(self, clip_id: str) -> int:
+        i = self.view.find(clip_id)
+        if i is None:
+            raise UsageError(f"clip {clip_id!r} is not among the trainable clips of {self.root} "
+                             f"(e.g. {self.clip_id(0)!r})")
+        return i
+
+    def shard_paths(self) -> list[str]:
+        return [str(p) for p in self.view.shards]
 
     def frames_bytes(self) -> int:
-        return sum(c.frames_path.stat().st_size for c in self.clips)
+        return int((self.view.num_frames * cf.row_bytes(self.preset)).sum())
+
+    def read_features(self, i: int) -> cf.ClipFeatures:
+        """Every array of clip `i` (read from its shard; the bench, the sampler and the tests use it)."""
+        row = self.view.rows[i]
+        t = int(row["num_frames"])
+        nbytes = cf.record_bytes(self.preset, t)
+        shard = self.view.shards[int(row["shard"])].name
+        return cf.ClipFeatures.from_record(read_record(self.layout, shard, int(row["offset"]), nbytes), self.preset,
+                                           t, row["emotion"])
+
+    def entry(self, clip_id: str) -> cf.ClipEntry | None:
+        """The index's entry of a clip (source path, crop, ...): one SQLite query, not for the hot path."""
+        with ClipIndex(self.layout) as index:
+            return index.entry(clip_id)
+
+    def describe_failure(self, i: int, what: str) -> str:
+        """One line naming clip `i`, its shard and byte range, and the command that re-does it."""
+        row = self.view.rows[int(i)]
+        shard = self.view.shards[int(row["shard"])]
+        return (f"reading clip {self.clip_id(i)!r} from {shard} (bytes from {int(row['offset'])}) failed ({what}): "
+                f"run `{self.fix}` (it re-does the clips whose records are damaged; "
+                f"`python preprocess.py verify --repair` checks every byte)")
 
     @classmethod
     def open(cls, cache_dir: Path, preset: Preset, fingerprint: str,
              preprocess_command: str | None = None) -> "TrainingCache":
         """Open the cache for `fingerprint`, or raise a CacheError saying what to run.
 
-        Missing, stale (only caches of other weights/settings exist), unfinished (no manifest),
-        half-written (an entry whose files are gone), another format version, or no clip long enough.
+        Missing, stale (only caches of other weights/settings exist), version 1 (says how to convert),
+        unfinished (no training view), out of date with its index, a shard shorter than its records
+        (names the clip and the file), or no clip long enough.
         """
         cache_dir = Path(cache_dir)
         fix = preprocess_command or f"python preprocess.py --preset {preset.name} --cache_dir {cache_dir}"
         root = cf.cache_root(cache_dir, preset, fingerprint)
         if not root.exists():
-            others = sorted(p.name for p in cache_dir.glob(f"{preset.name}-*") if (p / "cache.json").exists()) \
+            others = sorted(p.name for p in cache_dir.glob(f"{preset.name}-*")
+                            if (p / "cache.json").exists() or (p / "manifest.json").exists()) \
                 if cache_dir.exists() else []
             if others:
                 raise CacheError(f"the feature cache in {cache_dir} is stale: it was built with other weights or "
                                  f"settings ({', '.join(others)}; current: {root.name}). Run `{fix}`")
             raise CacheError(f"no feature cache for preset {preset.name!r} in {cache_dir}. Run `{fix}`")
         layout = cf.CacheLayout(root)
-        if not layout.manifest_path.exists():
-            raise CacheError(f"the feature cache {root} is half-written (preprocessing did not finish). Run `{fix}`")
-        manifest = layout.load_manifest()
-        if manifest.fingerprint != fingerprint:
-            raise CacheError(f"{layout.manifest_path} belongs to fingerprint {manifest.fingerprint}, "
+        layout.check_version()
+        view = TrainingView.open(layout, fix)
+        if view.header.get("fingerprint") != fingerprint:
+            raise CacheError(f"{layout.training_path} belongs to fingerprint {view.header.get('fingerprint')}, "
                              f"expected {fingerprint}. Run `{fix} --force_preprocess`")
-        window = preset.timing.window_frames
-        clips, short = [], []
-        for entry in manifest.entries(cf.STATUS_CACHED):
-            if entry.num_frames < window:
-                short.append(entry.clip_id)
+        if layout.index_path.exists():
+            with ClipIndex(layout) as index:
+                if index.generation != view.generation:
+                    raise CacheError(f"the training view of {root} is older than its index (a run or a compaction "
+                                     f"was interrupted). Run `{fix}`")
+        cache = cls(layout, view, preset, fix)
+        cache._check_shards()
+        if not len(view):
+            raise CacheError(f"the feature cache {root} holds no clip of at least {preset.timing.window_frames} "
+                             f"frames: see `python preprocess.py status`")
+        return cache
+
+    def _check_shards(self) -> None:
+        """The cheap invariant: every shard holds its records' bytes; else the first clip that lacks them."""
+        for number, (path, end) in enumerate(zip(self.view.shards, self.view.shard_ends)):
+            size = shard_size(path)
+            if size >= end:
                 continue
-            frames = layout.stream_path(entry.key, cf.FRAMES)
-            info = layout.stream_path(entry.key, cf.CLIP_INFO)
-            if not (frames.exists() and info.exists() and layout.entry_path(entry.key).exists()):
-                raise CacheError(f"the feature cache {root} is half-written: files of {entry.clip_id!r} are "
-                                 f"missing. Run `python preprocess.py verify` then `{fix}`")
-            clips.append(CachedClip(entry.clip_id, entry.clip_uid, entry.num_frames, frames, info))
-        if short:
-            log.warning("skipping %d clip(s) shorter than one %d-frame window: %s", len(short), window,
-                        ", ".join(short[:5]) + (" ..." if len(short) > 5 else ""))
-        if not clips:
-            failed = len(manifest.entries(cf.STATUS_FAILED)) + len(manifest.entries(cf.STATUS_SKIPPED))
-            raise CacheError(f"the feature cache {root} holds no clip of at least {window} frames "
-                             f"({failed} failed or skipped): see `python preprocess.py status`")
-        return cls(layout, manifest, preset, clips)
+            rows = self.view.rows
+            ends = rows["offset"] + cf.record_bytes(self.preset, rows["num_frames"])
+            bad = np.flatnonzero((rows["shard"] == number) & (ends > max(size, 0)))
+            what = "the shard is missing" if size < 0 else f"the shard ends at byte {size}"
+            raise CacheError(self.describe_failure(int(bad[0]) if len(bad) else 0, what))
 
 
-# --- reading windows the way the format lays them out (used by the torch loader and the checks) ----
+class WindowReader:
+    """Windows and reference rows of a TrainingCache's clips with os.preadv into caller buffers.
 
-@dataclass(frozen=True)
-class FramesFile:
-    """Where the rows of one frames.npy start and how wide they are (parsed once per clip)."""
+    Shard file descriptors are opened on first use in each process (forked DataLoader workers open
+    their own) and kept: a few shards, not one file per clip.
+    """
 
-    path: str
-    data_offset: int
-    num_rows: int
-    row_bytes: int
+    def __init__(self, cache: TrainingCache):
+        self.cache = cache
+        self.rows = cache.view.rows
+        self.paths = cache.shard_paths()
+        self.row_bytes = cf.row_bytes(cache.preset)
+        self.window = cache.preset.timing.window_frames
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
 
-    @classmethod
-    def parse(cls, path: str | Path) -> "FramesFile":
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}[version]
-            shape, fortran, dtype = read_header(f)
-            if fortran or dtype != cf.FRAMES.dtype or len(shape) != 2:
-                raise CacheError(f"{path} is not a {cf.FRAMES.dtype} 2-D C-ordered array: "
-                                 f"run `python preprocess.py verify`")
-            return cls(str(path), f.tell(), shape[0], shape[1] * dtype.itemsize)
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # a forked worker: its own descriptors
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY | os.O_CLOEXEC)
+        return fd
 
+    def advise(self, samples) -> None:
+        """Tell the kernel which windows come next, (clip index, start, ref) each, before reading any:
+        where they are not in the page cache (a cache larger than memory) their disk reads then run
+        side by side instead of one after the other. About a microsecond each where they are."""
+        for clip_index, start, ref in samples:
+            row = self.rows[clip_index]
+            fd, base = self._fd(int(row["shard"])), int(row["offset"])
+            os.posix_fadvise(fd, base + start * self.row_bytes, self.window * self.row_bytes, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, base + ref * self.row_bytes, self.row_bytes, os.POSIX_FADV_WILLNEED)
+
+    def read(self, clip_index: int, start: int, ref: int, window_out: np.ndarray, ref_out: np.ndarray) -> None:
+        """Rows [start, start + 60) of clip `clip_index` into window_out, the first bytes of row `ref`
+        (len(ref_out) bytes' worth: the motion latent) into ref_out. CacheError naming the clip and
+        the shard when the shard ends early or the window lies outside the clip."""
+        row = self.rows[clip_index]
+        t = int(row["num_frames"])
+        if start < 0 or start + self.window > t or not 0 <= ref < t:
+            raise IndexError(f"window at {start} or reference {ref} is outside clip {self.cache.clip_id(clip_index)!r} "
+                             f"({t} frames)")
+        base = int(row["offset"])
+        fd = self._fd(int(row["shard"]))
+        for out, offset in ((window_out, base + start * self.row_bytes), (ref_out, base + ref * self.row_bytes)):
+            view = memoryview(out).cast("B")
+            got = 0
+            while got < len(view):
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n <= 0:
+                    raise CacheError(self.cache.describe_failure(clip_index, "the shard ends early"))
+                got += n
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}

@@ -1,24 +1,27 @@
 """`--loader dali`: a DALI pipeline cuts training windows out of the cache, no Python per sample.
 
-Per sample, inside the pipeline: `fn.readers.numpy` reads the clip's tiny clip_info.npy (shuffled,
-sharded, checkpointed: it defines the epoch), a window start is drawn from the clip's valid starts,
-the reference frame follows the `--ref` rule, the 60 rows of frames.npy are read, and on a GPU every
-output moves to the device. Read strategies for the rows:
+Per batch, inside the pipeline: the external source (`EpochSource`, a pure function of the batch's
+iteration, so DALI checkpoints it exactly) takes this rank's next clips of the epoch from the
+training view's memory-mapped arrays (loaders.sampling: the epoch every loader shares) and hands
+over each clip's record address (shard, offset, frames, row) and emotion; `fn.random.uniform` draws
+the window starts; the reference frame follows the `--ref` rule; the window's rows are read and, on a
+GPU, every output moves to the device. Read strategies for the rows:
 
-  pread  (default) `fn.dali_float_window_read` (window_read.cc): one pread per window, then `.gpu()`.
-  roi    `fn.readers.numpy` with a per-sample ROI: the stock way; it maps the file for every sample,
-         a page fault per 4 KiB, about 3x slower than pread on the CPU (docs/BENCHMARKS.md).
-  gds    `fn.readers.numpy(device="gpu")` (GPU Direct Storage): reads the WHOLE frames.npy onto the
-         GPU and slices the window there; only worth it when clips are a few windows long.
+  pread   (default) `fn.dali_float_window_read` (window_read.cc): one pread per window from the clip's
+          shard, then `.gpu()`.
+  python  the external source reads the windows itself (loaders.cached.WindowReader, the torch
+          loader's reads), with draws from NumPy: for where the operator cannot be built (no g++).
 
-The split of a window into the contract's fields is `batch_from_windows` (views); on a GPU the
-features arrive on the device already float16, as they are stored.
+The pipeline's arguments are the shard paths (a few), never a list per clip: it builds in well
+under a second at a million clips. The split of a window into the contract's fields is
+`batch_from_windows` (views); the features arrive float16, as they are stored.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import queue
+import re
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
@@ -27,63 +30,115 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from dali_float import cache_format as cf
-from dali_float.contract import Batch
+from dali_float.contract import FEATURE_DTYPE, Batch
 from dali_float.errors import CacheError, UsageError
 from dali_float.loaders.base import LoaderOptions, WindowItem, WindowLoader, batch_from_windows
-from dali_float.loaders.cached import TrainingCache
+from dali_float.loaders.cached import TrainingCache, WindowReader
 from dali_float.loaders.plugin import load_window_reader
-from dali_float.loaders.sampling import DRAW_RANGE, epoch_clip_indices, shard_bounds
+from dali_float.loaders.sampling import DRAW_RANGE, RequestStream, num_valid_starts, ref_frame
 
 log = logging.getLogger(__name__)
 
-READ_STRATEGIES = ("auto", "pread", "roi", "gds")
-READER_NAME = "clips"
-OUTPUTS = ("windows", "ref_motion", "emotion", "indices")  # indices: (window_start, ref_frame, clip_uid)
+READ_STRATEGIES = ("auto", "pread", "python")
+OUTPUTS = ("windows", "ref_motion", "emotion", "indices")  # indices: (window_start, ref_frame, row)
+
+
+class EpochSource:
+    """The external source of the pipeline: batch `iteration` of this rank's endless stream of clips.
+
+    Returns (record addresses (B, 4) int64: shard, offset, num_frames, row; emotion (B, E) float16).
+    Sample p of the stream is position p % spe of epoch p // spe (spe: this rank's samples per
+    epoch), the RequestStream's order: one definition of the epoch for every loader.
+    """
+
+    def __init__(self, cache: TrainingCache, stream: RequestStream, batch_size: int):
+        self.rows, self.stream, self.batch_size = cache.view.rows, stream, batch_size
+        self._order: tuple[int, np.ndarray] | None = None  # the last epoch's order (a pure function of it)
+
+    def clip_rows(self, iteration: int) -> np.ndarray:
+        spe = self.stream.samples_per_epoch
+        positions = iteration * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+        out = np.empty(self.batch_size, dtype=np.int64)
+        for epoch in np.unique(positions // spe):
+            if self._order is None or self._order[0] != epoch:
+                self._order = (int(epoch), self.stream.epoch_order(int(epoch)))
+            here = positions // spe == epoch
+            out[here] = self._order[1][positions[here] % spe]
+        return out
+
+    def addresses(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        picked = self.rows[rows]  # one gather per batch from the mapped view
+        records = np.stack([picked["shard"].astype(np.int64), picked["offset"], picked["num_frames"], rows], axis=1)
+        return records, picked["emotion"].astype(np.float16)
+
+    def __call__(self, info) -> tuple[np.ndarray, np.ndarray]:
+        return self.addresses(self.clip_rows(info.iteration))
+
+
+class PythonReadSource(EpochSource):
+    """The `python` strategy: the same clips, draws from NumPy (seeded by the batch's iteration), the rules
+    of loaders.sampling, and the windows read here. Returns (windows, ref, indices, emotion)."""
+
+    def __init__(self, cache: TrainingCache, stream: RequestStream, batch_size: int, ref_rule: str, seed: int,
+                 given: tuple[np.ndarray, np.ndarray] | None = None):
+        super().__init__(cache, stream, batch_size)
+        self.reader, self.ref_rule, self.seed, self.given = WindowReader(cache), ref_rule, seed, given
+        self.window = cache.preset.timing.window_frames
+        self.row_bytes, self.ref_bytes = cf.row_bytes(cache.preset), cache.preset.motion_dim * cf.FEATURE_DTYPE.itemsize
+
+    def __call__(self, info) -> tuple[np.ndarray, ...]:
+        if self.given is not None:
+            rows, starts_refs = self.given
+        else:
+            rows = self.clip_rows(info.iteration)
+            draws = np.random.default_rng([self.seed, info.iteration]).integers(0, DRAW_RANGE, size=(len(rows), 2))
+            starts_refs = np.empty_like(draws)
+            for i, (row, (d0, d1)) in enumerate(zip(rows.tolist(), draws.tolist())):
+                t = int(self.rows[row]["num_frames"])
+                start = d0 % num_valid_starts(t, self.window)
+                starts_refs[i] = (start, ref_frame(self.ref_rule, start, t, self.window, d1))
+        b = len(rows)
+        windows = np.empty((b, self.window, self.row_bytes), dtype=np.uint8)
+        refs = np.empty((b, self.ref_bytes), dtype=np.uint8)
+        self.reader.advise(zip(rows.tolist(), starts_refs[:, 0].tolist(), starts_refs[:, 1].tolist()))
+        for i in range(b):
+            self.reader.read(int(rows[i]), int(starts_refs[i, 0]), int(starts_refs[i, 1]), windows[i], refs[i])
+        _, emotion = self.addresses(rows)
+        return windows, refs, np.concatenate([starts_refs, rows[:, None]], axis=1), emotion
+
+
+class FixedSource:
+    """A fixed list of samples (the parity hook): record addresses, emotion and the given (start, ref)."""
+
+    def __init__(self, outputs: tuple[np.ndarray, ...]):
+        self.outputs = outputs
+
+    def __call__(self, info) -> tuple[np.ndarray, ...]:
+        return self.outputs
 
 
 @pipeline_def(enable_checkpointing=True)
-def window_pipeline(info_files: list[str], frames_files: list[str], files_by_uid: list[str], *,
-                    window_frames: int, motion_dim: int, ref_rule: str, strategy: str, on_gpu: bool,
-                    shuffle_seed: int | None, draw_seed: int, shard_id: int, num_shards: int,
-                    given_windows: bool):
-    """Outputs per sample: windows (60, F + A) f16, ref_motion (F,) f16, emotion (E,) f16,
-    indices (3,) int64: window_start, ref_frame, clip_uid."""
-    reader = dict(shard_id=shard_id, num_shards=num_shards, cache_header_information=True)
-    if shuffle_seed is not None:  # the same seed on every rank: one global permutation per epoch
-        reader.update(shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed)
-    info = fn.readers.numpy(files=info_files, name=READER_NAME, dont_use_mmap=True, **reader)
-    if given_windows:  # a fixed list (parity checks): (window start, reference frame) from the caller
-        draws = fn.external_source(name="windows", dtype=types.INT64, ndim=1)
-    else:  # wide integers, reduced modulo the valid range (see loaders.sampling.DRAW_RANGE)
-        draws = fn.random.uniform(range=[0, DRAW_RANGE - 1], shape=[2], dtype=types.INT64, seed=draw_seed)
-
-    if strategy == "pread":
-        outputs = fn.dali_float_window_read(
-            info, draws, files=files_by_uid, rows=window_frames, ref_columns=motion_dim,
-            ref_rule="given" if given_windows else ref_rule, num_frames_field=cf.CLIP_INFO_NUM_FRAMES,
-            uid_field=cf.CLIP_INFO_UID, emotion_field=cf.CLIP_INFO_EMOTION)
-    else:  # the same rules as DALI arithmetic (loaders.sampling is the reference)
-        num_frames = fn.cast(info[cf.CLIP_INFO_NUM_FRAMES], dtype=types.INT64)
-        clip_uid = fn.cast(info[cf.CLIP_INFO_UID], dtype=types.INT64)
-        emotion = fn.cast(info[cf.CLIP_INFO_EMOTION:], dtype=types.FLOAT16)
-        if given_windows:
-            start, ref = draws[0], draws[1]
-        else:
-            start = draws[0] % (num_frames - (window_frames - 1))
-            ref = {"first": start * 0, "random_in_clip": draws[1] % num_frames,
-                   "random_in_window": start + draws[1] % window_frames}[ref_rule]
-        if strategy == "roi":  # ROI arguments are int32
-            start32, ref32 = fn.cast(start, dtype=types.INT32), fn.cast(ref, dtype=types.INT32)
-            windows = fn.readers.numpy(files=frames_files, roi_start=fn.reshape(start32, shape=[1]),
-                                       roi_shape=[window_frames], roi_axes=[0], **reader)
-            ref_motion = fn.readers.numpy(files=frames_files, roi_start=fn.stack(ref32, ref32 * 0),
-                                          roi_shape=[1, motion_dim], roi_axes=[0, 1], **reader)
-        else:  # gds: the whole clip onto the GPU, sliced there
-            whole = fn.readers.numpy(device="gpu", files=frames_files, **reader)
-            windows = whole[start:start + window_frames]
-            ref_motion = whole[ref:ref + 1, :motion_dim]
-        outputs = (windows, fn.reshape(ref_motion, shape=[motion_dim]), emotion, fn.stack(start, ref, clip_uid))
-    return tuple(o.gpu() for o in outputs) if on_gpu else tuple(outputs)
+def window_pipeline(source: Callable, shard_files: list[str], *, window_frames: int, row_bytes: int, ref_bytes: int,
+                    ref_rule: str, strategy: str, on_gpu: bool, draw_seed: int, given_windows: bool):
+    """Outputs per sample: windows (60, row bytes) u8, ref_motion (F bytes) u8, emotion (E,) f16,
+    indices (3,) int64: window_start, ref_frame, row of the training view."""
+    if strategy == "python":
+        outputs = fn.external_source(source=source, batch=True, batch_info=True, num_outputs=4,
+                                     dtype=[types.UINT8, types.UINT8, types.INT64, types.FLOAT16])
+        windows, ref_motion, indices, emotion = outputs
+    else:
+        if given_windows:  # (window start, reference frame) from the caller
+            records, emotion, draws = fn.external_source(source=source, batch=True, batch_info=True, num_outputs=3,
+                                                         dtype=[types.INT64, types.FLOAT16, types.INT64])
+        else:  # wide integers, reduced modulo the valid range (see loaders.sampling.DRAW_RANGE)
+            records, emotion = fn.external_source(source=source, batch=True, batch_info=True, num_outputs=2,
+                                                  dtype=[types.INT64, types.FLOAT16])
+            draws = fn.random.uniform(range=[0, DRAW_RANGE - 1], shape=[2], dtype=types.INT64, seed=draw_seed)
+        windows, ref_motion, indices = fn.dali_float_window_read(
+            records, draws, files=shard_files, rows=window_frames, row_bytes=row_bytes, ref_bytes=ref_bytes,
+            ref_rule="given" if given_windows else ref_rule)
+    outputs = (windows, ref_motion, emotion, indices)
+    return tuple(o.gpu() for o in outputs) if on_gpu else outputs
 
 
 def _to_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
@@ -101,15 +156,13 @@ def _to_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
 def resolve_strategy(strategy: str, on_gpu: bool) -> str:
     if strategy not in READ_STRATEGIES:
         raise UsageError(f"--read_strategy {strategy!r} is not one of {', '.join(READ_STRATEGIES)}")
-    if strategy == "gds" and not on_gpu:
-        raise UsageError("--read_strategy gds reads with GPU Direct Storage: it needs a CUDA device")
     if strategy in ("auto", "pread"):
         if load_window_reader():
             return "pread"
         if strategy == "pread":
             raise UsageError("--read_strategy pread: the DALI window-read operator could not be built "
-                             "(see the warning above); use --read_strategy roi")
-        return "roi"
+                             "(see the warning above); use --read_strategy python")
+        return "python"
     return strategy
 
 
@@ -119,44 +172,36 @@ class DaliWindowLoader(WindowLoader):
     kind = "dali"
 
     def __init__(self, cache: TrainingCache, options: LoaderOptions):
-        super().__init__(cache.preset, options, [c.clip_id for c in cache.clips])
+        super().__init__(cache.preset, options, cache)
         self.cache = cache
         self.device = options.torch_device
         self.strategy = resolve_strategy(options.read_strategy, self.device.type == "cuda")
-        self.clip_id_of_uid = cache.clip_id_of_uid()
-        self.files_by_uid = cache.frames_files_by_uid()
-        window = cache.preset.timing.window_frames
-        plan = epoch_clip_indices([c.num_frames for c in cache.clips], window, options.epoch_policy)
-        # DALI reshuffles after each epoch; the first epoch is shuffled here with the same seed.
-        self.plan = plan[np.random.default_rng([options.seed, 0]).permutation(len(plan))]
-        begin, end = shard_bounds(len(self.plan), options.shard_id, options.num_shards)
-        if end == begin:
-            raise UsageError(f"{len(self.plan)} samples per epoch cannot feed {options.num_shards} ranks")
-        self._samples_per_epoch = end - begin
+        self.stream = RequestStream(cache.num_frames, cache.preset.timing.window_frames, policy=options.epoch_policy,
+                                    ref_rule=options.ref_rule, seed=options.seed, shard_id=options.shard_id,
+                                    num_shards=options.num_shards)
         self._pipe = None
         self._prefetcher: Prefetcher | None = None
         self._checkpoint: str | None = None
 
     @property
     def samples_per_epoch(self) -> int:
-        return self._samples_per_epoch
+        return self.stream.samples_per_epoch
 
-    def _build(self, info_files: list[str], frames_files: list[str], *, given_windows: bool,
-               batch_size: int, checkpoint: str | None = None) -> Any:
-        o = self.options
+    @property
+    def _draw_seed(self) -> int:
+        # Random draws differ per rank (the epoch's order is shared: loaders.sampling).
+        return (self.options.seed * 1_000_003 + self.options.shard_id) % (1 << 31)
+
+    def _build(self, source: Callable, *, given_windows: bool, batch_size: int, checkpoint: str | None = None) -> Any:
+        o, preset = self.options, self.preset
         on_gpu = self.device.type == "cuda"
         pipe = window_pipeline(
-            info_files, frames_files, self.files_by_uid,
-            window_frames=self.preset.timing.window_frames, motion_dim=self.preset.motion_dim,
-            ref_rule=o.ref_rule, strategy=self.strategy, on_gpu=on_gpu,
-            shuffle_seed=None if given_windows else o.seed,
-            # Random draws differ per rank; the reader's shuffle seed is shared (see above).
-            draw_seed=(o.seed * 1_000_003 + o.shard_id) % (1 << 31),
-            shard_id=0 if given_windows else o.shard_id, num_shards=1 if given_windows else o.num_shards,
-            given_windows=given_windows,
-            batch_size=batch_size, num_threads=o.num_threads,
+            source, self.cache.shard_paths(), window_frames=preset.timing.window_frames,
+            row_bytes=cf.row_bytes(preset), ref_bytes=preset.motion_dim * cf.FEATURE_DTYPE.itemsize,
+            ref_rule=o.ref_rule, strategy=self.strategy, on_gpu=on_gpu, draw_seed=self._draw_seed,
+            given_windows=given_windows, batch_size=batch_size, num_threads=o.num_threads,
             device_id=(self.device.index or 0) if on_gpu else None, seed=o.seed,
-            # A fixed list is fed one batch at a time: nothing to prefetch.
+            # A fixed list is one batch: nothing to prefetch.
             prefetch_queue_depth=1 if given_windows else o.prefetch_batches, checkpoint=checkpoint,
         )
         try:
@@ -168,25 +213,35 @@ class DaliWindowLoader(WindowLoader):
 
     def _pipeline(self) -> Any:
         if self._pipe is None:
-            clips = [self.cache.clips[i] for i in self.plan]
-            self._pipe = self._build([str(c.info_path) for c in clips], [str(c.frames_path) for c in clips],
-                                     given_windows=False, batch_size=self.options.batch_size,
-                                     checkpoint=self._checkpoint)
+            b = self.options.batch_size
+            source = EpochSource(self.cache, self.stream, b) if self.strategy == "pread" else \
+                PythonReadSource(self.cache, self.stream, b, self.options.ref_rule, self._draw_seed)
+            self._pipe = self._build(source, given_windows=False, batch_size=b, checkpoint=self._checkpoint)
         return self._pipe
 
-    def _run(self, pipe: Any, **feeds: np.ndarray) -> Batch:
+    def _run(self, pipe: Any) -> Batch:
         try:
-            for name, data in feeds.items():
-                pipe.feed_input(name, data)
             outputs = pipe.run()
-        except RuntimeError as err:
-            raise CacheError(f"reading the cache {self.cache.root} failed ({_first_line(err)}): "
-                             f"run `python preprocess.py verify`") from None
+        except (RuntimeError, CacheError) as err:
+            raise self._read_error(err) from None
         t = dict(zip(OUTPUTS, (_to_torch(o, self.device) for o in outputs)))
         indices = t["indices"]
-        clip_ids = [self.clip_id_of_uid[u] for u in indices[:, 2].tolist()]  # (a sync point on a GPU)
-        return batch_from_windows(self.preset, t["windows"], t["ref_motion"], t["emotion"], indices[:, 0],
-                                  indices[:, 1], clip_ids)
+        b = indices.shape[0]
+        clip_ids = self.cache.clip_ids(indices[:, 2].cpu().numpy())  # (a sync point on a GPU)
+        windows = t["windows"].view(FEATURE_DTYPE).reshape(b, self.preset.timing.window_frames, -1)
+        return batch_from_windows(self.preset, windows, t["ref_motion"].view(FEATURE_DTYPE).reshape(b, -1),
+                                  t["emotion"], indices[:, 0], indices[:, 1], clip_ids)
+
+    def _read_error(self, err: BaseException) -> CacheError:
+        """One line naming the clip and the shard (the operator names the row), and what to run."""
+        if isinstance(err, CacheError):
+            return err
+        # DALI's first line is "Critical error in pipeline:"; the operator's own line names the row.
+        row = re.search(r"row (\d+): ([^\n]*)", str(err))
+        if row and int(row.group(1)) < len(self.cache):
+            return CacheError(self.cache.describe_failure(int(row.group(1)), row.group(2).strip()[:300]))
+        return CacheError(f"reading the cache {self.cache.root} failed ({_first_line(err)}): "
+                          f"run `python preprocess.py verify`")
 
     def batches(self) -> Iterator[Batch]:
         pipe = self._pipeline()
@@ -218,10 +273,15 @@ class DaliWindowLoader(WindowLoader):
         self._checkpoint = state.get("dali_checkpoint")
 
     def load_windows(self, items: Sequence[WindowItem]) -> Batch:
-        clips = [self.cache.clips[self.index_of(cid)] for cid, _, _ in items]
-        pipe = self._build([str(c.info_path) for c in clips], [str(c.frames_path) for c in clips],
-                           given_windows=True, batch_size=len(items))
-        return self._run(pipe, windows=np.array([(s, r) for _, s, r in items], dtype=np.int64))
+        rows = np.array([self.index_of(cid) for cid, _, _ in items], dtype=np.int64)
+        given = np.array([(s, r) for _, s, r in items], dtype=np.int64)
+        epoch = EpochSource(self.cache, self.stream, len(items))
+        if self.strategy == "python":
+            source: Callable = PythonReadSource(self.cache, self.stream, len(items), self.options.ref_rule, 0,
+                                                given=(rows, given))
+        else:
+            source = FixedSource((*epoch.addresses(rows), given))
+        return self._run(self._build(source, given_windows=True, batch_size=len(items)))
 
     def close(self) -> None:
         if self._prefetcher is not None:  # stop the background thread before the pipeline goes

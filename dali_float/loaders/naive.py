@@ -23,7 +23,7 @@ from dali_float import media
 from dali_float.config import Preset
 from dali_float.contract import FEATURE_DTYPE
 from dali_float.errors import ClipSkipped, MediaError, UsageError
-from dali_float.loaders.base import LoaderOptions
+from dali_float.loaders.base import ClipList, LoaderOptions
 from dali_float.loaders.sampling import WindowRequest
 from dali_float.loaders.torch_loader import RequestLoader
 from dali_float.models import Encoders, emotion_vector, encode_motion
@@ -130,7 +130,7 @@ class NaiveWindowLoader(RequestLoader):
     def __init__(self, data_root: Path, preset: Preset, encoders: Encoders, options: LoaderOptions,
                  crop: str = "face", segments: Path | None = None):
         clips = discover_clips(data_root, preset, segments)
-        super().__init__(preset, options, [c.clip_id for c in clips], [c.num_frames for c in clips],
+        super().__init__(preset, options, ClipList([c.clip_id for c in clips]), [c.num_frames for c in clips],
                          NaiveWindowDataset(clips, preset, encoders, options.torch_device, crop))
 
     @property

@@ -3,7 +3,7 @@
 The library is compiled against the installed DALI's headers into
 $DALI_FLOAT_HOME/plugins/window_read-<dali version>-<source hash>.so, so a new DALI or a changed
 source builds a new one. Without a C++ compiler or CUDA headers the build fails with one warning and
-the DALI loader falls back to the stock `fn.readers.numpy` ROI read (strategy "roi").
+the DALI loader falls back to reading the windows in its external source (strategy "python").
 """
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ def load_window_reader() -> bool:
             build(target)
         plugin_manager.load_library(str(target))
     except (RuntimeError, OSError) as err:
-        log.warning("DALI window-read operator unavailable (%s); the DALI loader uses fn.readers.numpy "
-                    "ROI reads instead (slower on the CPU)", err)
+        log.warning("DALI window-read operator unavailable (%s); the DALI loader reads the windows in Python "
+                    "instead (--read_strategy python, slower)", err)
         return False
     return True
 
@@ -86,4 +86,4 @@ def load_window_reader() -> bool:
 if __name__ == "__main__":  # `python -m dali_float.loaders.plugin`: build now, say where
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ok = load_window_reader()
-    log.info("DALI window-read operator: %s", library_path() if ok else "not available (ROI reads will be used)")
+    log.info("DALI window-read operator: %s", library_path() if ok else "not available (Python reads will be used)")

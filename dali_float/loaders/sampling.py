@@ -48,10 +48,12 @@ def appearances_per_epoch(num_frames: int, window_frames: int, policy: str) -> i
     return max(1, num_frames // window_frames)
 
 
-def epoch_clip_indices(num_frames: Sequence[int], window_frames: int, policy: str) -> np.ndarray:
-    """The unshuffled epoch: clip index i repeated appearances_per_epoch(T_i) times."""
-    counts = [appearances_per_epoch(t, window_frames, policy) for t in num_frames]
-    return np.repeat(np.arange(len(num_frames), dtype=np.int64), counts)
+def epoch_clip_indices(num_frames: Sequence[int] | np.ndarray, window_frames: int, policy: str) -> np.ndarray:
+    """The unshuffled epoch: clip index i repeated appearances_per_epoch(T_i) times (vectorised:
+    a million clips take milliseconds)."""
+    t = np.asarray(num_frames, dtype=np.int64)
+    counts = np.ones_like(t) if policy == "clips" else np.maximum(1, t // window_frames)
+    return np.repeat(np.arange(len(t), dtype=np.int64), counts)
 
 
 def shard_bounds(total: int, shard_id: int, num_shards: int) -> tuple[int, int]:

@@ -1,25 +1,24 @@
 """`--loader torch`: the cached approach done with a torch Dataset, as well as it can be done.
 
-`__getitems__` reads a whole batch of windows with one `os.preadv` per window straight into the batch
-tensor (no per-sample tensors, no collate copy); worker processes allocate that tensor in shared
+`__getitems__` reads a whole batch of windows with one `os.preadv` per window (from the clip's shard,
+at its offset: loaders.cached.WindowReader) straight into the batch tensor (no per-sample tensors, no
+collate copy); worker processes allocate that tensor in shared
 memory so it reaches the main process without another copy; pinned memory and a non-blocking copy
 take it to the GPU. It is the honest peer the DALI loader is measured against.
 """
 from __future__ import annotations
 
 import itertools
-import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from dali_float import cache_format as cf
 from dali_float.config import Preset
 from dali_float.contract import Batch
-from dali_float.loaders.base import LoaderOptions, WindowItem, WindowLoader, batch_from_windows
-from dali_float.loaders.cached import FramesFile, TrainingCache
+from dali_float.loaders.base import ClipNames, LoaderOptions, WindowItem, WindowLoader, batch_from_windows
+from dali_float.loaders.cached import TrainingCache, WindowReader
 from dali_float.loaders.sampling import RequestStream, WindowRequest
 
 
@@ -28,28 +27,11 @@ class CachedWindowDataset(Dataset):
 
     def __init__(self, cache: TrainingCache):
         self.preset = cache.preset
-        self.frames_paths = [str(c.frames_path) for c in cache.clips]
-        self.info_paths = [str(c.info_path) for c in cache.clips]
-        self.clip_ids = [c.clip_id for c in cache.clips]
-        # Parsed lazily, per process: a few numbers per clip, never the data.
-        self._files: dict[int, FramesFile] = {}
-        self._emotion: dict[int, np.ndarray] = {}
+        self.reader = WindowReader(cache)
+        self.emotions = cache.view.rows["emotion"]  # (clips, E) float32, memory-mapped
 
     def __len__(self) -> int:
-        return len(self.frames_paths)
-
-    def _file(self, clip_index: int) -> FramesFile:
-        f = self._files.get(clip_index)
-        if f is None:
-            f = self._files[clip_index] = FramesFile.parse(self.frames_paths[clip_index])
-        return f
-
-    def _clip_emotion(self, clip_index: int) -> np.ndarray:
-        e = self._emotion.get(clip_index)
-        if e is None:
-            info = np.load(self.info_paths[clip_index])
-            e = self._emotion[clip_index] = info[cf.CLIP_INFO_EMOTION:].astype(cf.FEATURE_DTYPE)
-        return e
+        return len(self.emotions)
 
     def __getitems__(self, requests: Sequence[WindowRequest]) -> dict[str, Any]:
         preset, b = self.preset, len(requests)
@@ -64,18 +46,11 @@ class CachedWindowDataset(Dataset):
         windows, ref_motion = alloc(b, w, width), alloc(b, f)
         emotion = alloc(b, preset.emotion_dim)
         win_np, ref_np = windows.numpy(), ref_motion.numpy()
-        ref_bytes = f * cf.FRAMES.dtype.itemsize
+        self.reader.advise((r.clip_index, r.window_start, r.ref_frame) for r in requests)
         for i, r in enumerate(requests):
-            ff = self._file(r.clip_index)
-            if r.window_start < 0 or r.window_start + w > ff.num_rows or not 0 <= r.ref_frame < ff.num_rows:
-                raise IndexError(f"window {r} is outside {ff.path} ({ff.num_rows} rows)")
-            fd = os.open(ff.path, os.O_RDONLY)
-            try:
-                _read_exactly(fd, win_np[i], ff.data_offset + r.window_start * ff.row_bytes, ff.path)
-                _read_exactly(fd, ref_np[i], ff.data_offset + r.ref_frame * ff.row_bytes, ff.path, ref_bytes)
-            finally:
-                os.close(fd)
-            emotion[i] = torch.from_numpy(self._clip_emotion(r.clip_index))
+            self.reader.read(r.clip_index, r.window_start, r.ref_frame, win_np[i], ref_np[i])
+        rows = np.fromiter((r.clip_index for r in requests), dtype=np.int64, count=b)
+        emotion.numpy()[:] = self.emotions[rows]  # float32 -> float16, one gather per batch
         return {
             "windows": windows, "ref_motion": ref_motion, "emotion": emotion,
             "window_start": torch.tensor([r.window_start for r in requests], dtype=torch.int64),
@@ -85,18 +60,6 @@ class CachedWindowDataset(Dataset):
 
     def __getitem__(self, request: WindowRequest) -> dict[str, Any]:
         return self.__getitems__([request])
-
-
-def _read_exactly(fd: int, out: np.ndarray, offset: int, path: str, nbytes: int | None = None) -> None:
-    view = memoryview(out).cast("B")
-    if nbytes is not None:
-        view = view[:nbytes]
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n <= 0:
-            raise OSError(f"{path} ended early: run `python preprocess.py verify`")
-        got += n
 
 
 def _as_batch(data: dict[str, Any]) -> dict[str, Any]:
@@ -120,9 +83,9 @@ class RequestLoader(WindowLoader):
     """A loader whose dataset builds whole batches from WindowRequests (`__getitems__`), driven by a
     torch DataLoader over this rank's RequestStream: the torch and naive loaders (same seed, same samples)."""
 
-    def __init__(self, preset: Preset, options: LoaderOptions, clip_ids: list[str], num_frames: list[int],
+    def __init__(self, preset: Preset, options: LoaderOptions, clips: ClipNames, num_frames: Sequence[int],
                  dataset: Dataset):
-        super().__init__(preset, options, clip_ids)
+        super().__init__(preset, options, clips)
         self.dataset = dataset
         self.stream = RequestStream(num_frames, preset.timing.window_frames, policy=options.epoch_policy,
                                     ref_rule=options.ref_rule, seed=options.seed, shard_id=options.shard_id,
@@ -144,7 +107,7 @@ class RequestLoader(WindowLoader):
     def _to_batch(self, data: dict[str, Any]) -> Batch:
         batch = batch_from_windows(self.preset, data["windows"], data["ref_motion"], data["emotion"],
                                    data["window_start"], data["ref_frame"],
-                                   [self.clip_ids[i] for i in data["clip_index"]])
+                                   self.clips.clip_ids(data["clip_index"]))
         return batch.to(self.options.torch_device, non_blocking=True)  # no-op where the batch already is
 
     def batches(self) -> Iterator[Batch]:
@@ -170,5 +133,4 @@ class TorchWindowLoader(RequestLoader):
     kind = "torch"
 
     def __init__(self, cache: TrainingCache, options: LoaderOptions):
-        super().__init__(cache.preset, options, [c.clip_id for c in cache.clips], [c.num_frames for c in cache.clips],
-                         CachedWindowDataset(cache))
+        super().__init__(cache.preset, options, cache, cache.num_frames, CachedWindowDataset(cache))

@@ -19,7 +19,8 @@ Every problem with one input file raises `MediaError` with one line (what is wro
 PyAV/FFmpeg/DALI exceptions never escape as anything else.
 
 Submodules (every public name is re-exported here, so `media.X` works for all of them):
-  files   VIDEO_EXTENSIONS, AUDIO_SIDE_EXTENSIONS, ClipSpec, discover_clips, discover_videos, find_side_audio
+  files   VIDEO_EXTENSIONS, AUDIO_SIDE_EXTENSIONS, ClipSpec, discover_clips, discover_videos (scan_videos: as
+          strings), find_side_audio
   segments  the --segments CSV (read_segments, segment ids); imported where used
   probe   VideoInfo, probe_video (demux only), the one-line MediaError helpers (`_media_errors`,
           `_check_readable_file`), codec names, 25 fps indices (num_frames_at_fps, frame_indices_at_fps,
@@ -39,7 +40,7 @@ from dali_float.media.audio import (clip_waveform, fit_to_frames, frames_for_sam
                                    normalize_utterance, pad_to_frames, prepare_clip_audio, prepare_speech,
                                    trim_to_frames)
 from dali_float.media.files import (AUDIO_SIDE_EXTENSIONS, VIDEO_EXTENSIONS, ClipSpec, discover_clips, discover_videos,
-                                   find_side_audio)
+                                   find_side_audio, scan_videos)
 from dali_float.media.probe import VideoInfo, clip_frame_indices, frame_indices_at_fps, num_frames_at_fps, probe_video
 from dali_float.media.video import (
     DALI_CPU, DALI_CPU_CODECS, DALI_GPU, FULL_FRAME, NVDEC_CODECS, PYAV, FrameDecoder, Window, _VideoPackets,
@@ -51,6 +52,7 @@ from dali_float.media.writer import Mp4Writer, check_mp4_path, to_uint8_frames
 __all__ = [
     # files
     "VIDEO_EXTENSIONS", "AUDIO_SIDE_EXTENSIONS", "ClipSpec", "discover_clips", "discover_videos", "find_side_audio",
+    "scan_videos",
     # probe
     "VideoInfo", "probe_video", "num_frames_at_fps", "frame_indices_at_fps", "clip_frame_indices",
     # video

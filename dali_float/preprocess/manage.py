@@ -1,5 +1,6 @@
-"""`preprocess.py status | show | verify | clear`: look at, check and delete a feature cache. Nothing here
-writes features; `status`, `show` and `verify` change nothing on disk, `clear` deletes only with confirm=True."""
+"""`preprocess.py status | show | verify | clear | compact`: look at, check, shrink and delete a feature cache.
+Nothing here computes features; `status`, `show` and `verify` change nothing on disk (`verify --repair`
+marks the clips it found damaged, for the run that re-does them), `clear` deletes only with confirm=True."""
 from __future__ import annotations
 
 import logging
@@ -7,9 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from dali_float import cache_format as cf
+from dali_float import cache_check, cache_format as cf, cache_migrate
+from dali_float import cache_store, cache_view
+from dali_float.cache_index import ClipIndex
 from dali_float.config import Preset
 from dali_float.errors import UsageError
 from dali_float.models import ModelSources
@@ -23,24 +24,39 @@ def _folder_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
 
 
+def _folder_files(root: Path) -> int:
+    return sum(1 for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+
+
 def cache_status(data_root: Path, cache_dir: Path, preset: Preset, sources: ModelSources, crop: str,
                  segments: Path | None = None) -> dict[str, Any]:
     """One JSON-ready dict describing the cache of (preset, weights) against the videos in data_root.
 
-    clips: cached / failed / skipped (entries whose source is unchanged), stale (source changed since,
-    or a cached entry whose arrays are gone), pending (source found, no entry), missing_source (entry
-    whose source is gone; the next run drops it). failures: [{clip, error}], skipped: [{clip, reason}].
-    Reads the entries on disk (the truth), not manifest.json; hashes only sources whose mtime alone moved.
+    clips: cached / failed / skipped (rows whose source is unchanged), stale (source changed since, or
+    a cached clip whose record fails the cheap invariants: `damaged` says which), pending (source found,
+    no row), missing_source (row whose source is gone; the next run drops it). failures: [{clip,
+    error}], skipped: [{clip, reason}]. Reads the index and the shards' sizes (a journal a killed run
+    left is counted as pending until the next run merges it); hashes only sources whose mtime alone moved.
     """
     fp, _, _ = cache_identity(preset, sources, crop)
     layout = cf.CacheLayout(cf.cache_root(cache_dir, preset, fp))
+    layout.check_version()
     found = plan.discover_sources(data_root, segments)
-    entries = layout.read_entries()
-    rec = plan.reconcile(found, entries, layout)
-    fresh = [entries[cid] for cid in rec.up_to_date]
+    index = ClipIndex.open_existing(layout)
+    if index is None:
+        rows, damaged, failures, skipped = {}, {}, [], []
+    else:
+        with index:
+            rows, damaged = index.light_rows(), cache_store.cheap_check(layout, index)
+            failures = [e for e in index.entries(cf.STATUS_FAILED) if e.clip_id in rows]
+            skipped = [e for e in index.entries(cf.STATUS_SKIPPED) if e.clip_id in rows]
+    rec = plan.reconcile(found, rows, damaged)
+    fresh = set(rec.up_to_date)
     stale = sorted(cid for cid, why in rec.pending.items() if why != plan.NEW)
     pending = sorted(cid for cid, why in rec.pending.items() if why == plan.NEW)
-    by_status = {s: [e for e in fresh if e.status == s] for s in cf.STATUSES}
+    cached = [rows[c] for c in rec.up_to_date if rows[c].status == cf.STATUS_CACHED]
+    by_status = {cf.STATUS_FAILED: [e for e in failures if e.clip_id in fresh],
+                 cf.STATUS_SKIPPED: [e for e in skipped if e.clip_id in fresh]}
     return {
         "fingerprint": fp,
         "preset": preset.name,
@@ -49,23 +65,25 @@ def cache_status(data_root: Path, cache_dir: Path, preset: Preset, sources: Mode
         "cache_root": str(layout.root),
         "data_root": str(data_root),
         "exists": layout.root.exists(),
-        "manifest": layout.manifest_path.exists(),
+        "index": layout.index_path.exists(),
         "bytes": _folder_bytes(layout.root),
+        "files": _folder_files(layout.root),
         "sources": len(found),
         "clips": {
-            "cached": len(by_status[cf.STATUS_CACHED]),
+            "cached": len(cached),
             "failed": len(by_status[cf.STATUS_FAILED]),
             "skipped": len(by_status[cf.STATUS_SKIPPED]),
             "stale": len(stale),
             "pending": len(pending),
             "missing_source": len(rec.gone),
         },
-        "cached_frames": sum(e.num_frames for e in by_status[cf.STATUS_CACHED]),
+        "cached_frames": sum(r.num_frames for r in cached),
         "failures": [{"clip": e.clip_id, "error": e.reason} for e in by_status[cf.STATUS_FAILED]],
         "skipped": [{"clip": e.clip_id, "reason": e.reason} for e in by_status[cf.STATUS_SKIPPED]],
         "stale_clips": stale,
         "pending_clips": pending,
-        "missing_source_clips": [e.clip_id for e in rec.gone],
+        "missing_source_clips": rec.gone,
+        "damaged": [{"clip": c, "problem": p} for c, p in sorted(damaged.items())],
         "other_caches": sorted(p.name for p in _cache_folders(cache_dir) if p != layout.root),
     }
 
@@ -74,60 +92,99 @@ def format_status(status: dict[str, Any]) -> list[str]:
     """The status as a few human-readable lines."""
     c = status["clips"]
     lines = [f"cache {status['cache_root']} ({'exists' if status['exists'] else 'not built yet'}, "
-             f"{status['bytes'] / 1e6:.1f} MB; fingerprint {status['fingerprint'][:12]})",
+             f"{status['bytes'] / 1e6:.1f} MB in {status['files']} files; fingerprint {status['fingerprint'][:12]})",
              f"{status['sources']} source video(s) under {status['data_root']}",
              f"cached {c['cached']} ({status['cached_frames']} frames), failed {c['failed']}, skipped {c['skipped']}, "
              f"stale {c['stale']}, pending {c['pending']}, source gone {c['missing_source']}"]
     lines += [f"  failed  {f['clip']}: {f['error']}" for f in status["failures"]]
     lines += [f"  skipped {s['clip']}: {s['reason']}" for s in status["skipped"]]
+    lines += [f"  damaged {d['clip']}: {d['problem']}" for d in status["damaged"]]
     if c["stale"] or c["pending"] or c["missing_source"]:
         lines.append("run `python preprocess.py` (same flags) to bring it up to date")
     return lines
 
 
-def verify_cache(cache_dir: Path, preset: Preset, sources: ModelSources, crop: str) -> dict[str, Any]:
-    """cache_format.verify over the cache of (preset, weights, crop): {fingerprint, cache_root, ok, problems}.
-
-    CacheError (exit 2) when there is no such cache or it has no manifest yet.
-    """
-    fp, _, _ = cache_identity(preset, sources, crop)
-    layout = cf.CacheLayout(cf.cache_root(cache_dir, preset, fp))
-    if not layout.root.exists():
-        raise cf.CacheError(f"no feature cache {layout.root}: run `python preprocess.py` first")
-    problems = cf.verify(layout, preset)
-    return {"fingerprint": fp, "cache_root": str(layout.root), "ok": not problems, "problems": problems,
-            "clips": len(layout.read_entries())}
-
-
-def show_clip(clip_id: str, cache_dir: Path, preset: Preset, sources: ModelSources, crop: str) -> dict[str, Any]:
-    """One clip's entry in the cache of (preset, weights, crop), JSON-ready, with its cached files' shapes.
-
-    Keys: every entry field (status, reason, source, decoder, source size and fps, frames, segment,
-    crop, crop_box [x0, y0, x1, y1] in source pixels (past the frame where it was padded), faces seen,
-    per-stage seconds, ...), plus cache_root and files {stream: {path, dtype, shape, bytes}}.
-    CacheError (exit 2) when there is no such cache; UsageError (exit 2) when it holds no such clip.
-    """
+def _existing_layout(cache_dir: Path, preset: Preset, sources: ModelSources, crop: str) -> tuple[str, cf.CacheLayout]:
+    """(fingerprint, layout) of the cache of (preset, weights, crop); CacheError (exit 2) when there is
+    none or it is of another format version (the message names the command that converts it)."""
     fp, _, _ = cache_identity(preset, sources, crop)
     layout = cf.CacheLayout(cf.cache_root(cache_dir, preset, fp))
     if not layout.root.exists():
         raise cf.CacheError(f"no feature cache {layout.root}: run `python preprocess.py` first (same flags)")
-    entries = layout.read_entries()
-    entry = entries.get(clip_id)
-    if entry is None:
-        near = sorted(c for c in entries if clip_id in c or c in clip_id)[:3] or sorted(entries)[:3]
-        raise UsageError(f"no clip {clip_id!r} in {layout.root} ({len(entries)} clips; e.g. {', '.join(near)}); "
-                         f"`python preprocess.py status --json` lists them")
+    layout.check_version()
+    if not layout.index_path.exists():
+        raise cf.CacheError(f"the cache {layout.root} has no index yet: run `python preprocess.py` (same flags)")
+    return fp, layout
+
+
+def verify_cache(cache_dir: Path, preset: Preset, sources: ModelSources, crop: str, repair: bool = False,
+                 progress: bool = False) -> dict[str, Any]:
+    """cache_check.verify over the cache of (preset, weights, crop): {fingerprint, cache_root, ok, problems,
+    clips, repair}. With `repair`, the clips with problems are marked damaged in the index: the next
+    run (which `preprocess.py verify --repair` starts) re-does exactly those.
+
+    CacheError (exit 2) when there is no such cache or it has no index yet.
+    """
+    fp, layout = _existing_layout(cache_dir, preset, sources, crop)
+    with ClipIndex(layout) as index:
+        problems = cache_check.verify(layout, index, preset, progress=progress)
+        bad = sorted({p["clip"] for p in problems if p["clip"]})
+        if repair:
+            index.mark_damaged(bad)
+        clips = len(index)
+    return {"fingerprint": fp, "cache_root": str(layout.root), "ok": not problems, "problems": problems,
+            "clips": clips, "repair": bad if repair else []}
+
+
+def compact_cache(cache_dir: Path, preset: Preset, sources: ModelSources, crop: str,
+                  progress: bool = False) -> dict[str, Any]:
+    """Rewrite the shards holding records of re-done or removed clips (cache_store.compact), then the
+    training view. Nothing else may write the cache meanwhile; a kill at any moment loses nothing."""
+    fp, layout = _existing_layout(cache_dir, preset, sources, crop)
+    with ClipIndex(layout) as index:
+        done = cache_store.compact(layout, index, progress=progress)
+        cache_view.export(layout, index, preset, fp)
+    log.info("compacted %d shard(s): %d live record(s) copied, %.1f MB reclaimed", done["shards"], done["records"],
+             done["reclaimed_bytes"] / 1e6)
+    return done
+
+
+def migrate_cache(cache_dir: Path, preset: Preset, sources: ModelSources, crop: str,
+                  progress: bool = False) -> dict[str, Any]:
+    """Convert the version 1 cache of (preset, weights, crop) in place (cache_migrate.migrate)."""
+    fp, _, _ = cache_identity(preset, sources, crop)
+    layout = cf.CacheLayout(cf.cache_root(cache_dir, preset, fp))
+    if not layout.root.exists():
+        raise cf.CacheError(f"no feature cache {layout.root} to migrate (check --cache_dir, --preset and the "
+                            f"weights flags: they name the folder)")
+    return {"cache_root": str(layout.root), **cache_migrate.migrate(layout, preset, progress=progress)}
+
+
+def show_clip(clip_id: str, cache_dir: Path, preset: Preset, sources: ModelSources, crop: str) -> dict[str, Any]:
+    """One clip's entry in the cache of (preset, weights, crop), JSON-ready, with where its record is.
+
+    Keys: every entry field (status, reason, source, decoder, source size and fps, frames, segment,
+    crop, crop_box [x0, y0, x1, y1] in source pixels (past the frame where it was padded), faces seen,
+    per-stage seconds, shard, offset, ...), plus cache_root and files {part: {path, offset, dtype,
+    shape, bytes}} (the parts of its record in its shard).
+    CacheError (exit 2) when there is no such cache; UsageError (exit 2) when it holds no such clip.
+    """
+    _, layout = _existing_layout(cache_dir, preset, sources, crop)
+    with ClipIndex(layout) as index:
+        entry = index.entry(clip_id)
+        if entry is None:
+            known = index.light_rows().keys()
+            near = sorted(c for c in known if clip_id in c or c in clip_id)[:3] or sorted(known)[:3]
+            raise UsageError(f"no clip {clip_id!r} in {layout.root} ({len(known)} clips; e.g. {', '.join(near)}); "
+                             f"`python preprocess.py status --json` lists them")
     shown: dict[str, Any] = {"cache_root": str(layout.root), **entry.to_dict(), "files": {}}
-    for stream in cf.STREAMS:
-        path = layout.stream_path(entry.key, stream)
-        if not path.exists():
-            continue
-        try:
-            array = np.load(path, mmap_mode="r")
-            shown["files"][stream.name] = {"path": str(path), "dtype": str(array.dtype), "shape": list(array.shape),
-                                           "bytes": path.stat().st_size}
-        except (OSError, ValueError) as err:
-            shown["files"][stream.name] = {"path": str(path), "error": str(err)}
+    if entry.status == cf.STATUS_CACHED:
+        parts, _ = cf.record_layout(preset, entry.num_frames)
+        for part in cf.PARTS:
+            offset, n = parts[part.name]
+            shown["files"][part.name] = {"path": str(layout.shard_path(entry.shard)), "offset": entry.offset + offset,
+                                         "dtype": str(part.dtype), "shape": list(part.shape(preset, entry.num_frames)),
+                                         "bytes": n}
     return shown
 
 
@@ -147,17 +204,18 @@ def format_clip(shown: dict[str, Any]) -> list[str]:
     if stages:
         lines.append("  seconds   " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
     for name, f in shown["files"].items():
-        lines.append(f"  {name:<9} " + (f"{f['dtype']}{f['shape']} {f['path']}" if "shape" in f else f"{f['path']}: "
-                                           f"{f['error']}"))
+        lines.append(f"  {name:<12} {f['dtype']}{f['shape']} {f['path']} at byte {f['offset']}")
     return lines
 
 
 def _cache_folders(cache_dir: Path) -> list[Path]:
-    """Folders of cache_dir that are feature caches (hold cache.json): nothing else is ever deleted."""
+    """Folders of cache_dir that are feature caches (hold cache.json, or a version 1 manifest.json):
+    nothing else is ever deleted."""
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         return []
-    return sorted(p for p in cache_dir.iterdir() if p.is_dir() and (p / "cache.json").is_file())
+    return sorted(p for p in cache_dir.iterdir()
+                  if p.is_dir() and ((p / "cache.json").is_file() or (p / "manifest.json").is_file()))
 
 
 def clear_cache(cache_dir: Path, preset: Preset, sources: ModelSources, crop: str, confirm: bool = False,

@@ -142,10 +142,10 @@ def cache_identity(preset: Preset, sources: ModelSources, crop: str) -> tuple[st
     return cf.fingerprint(preset, models, framing), models, framing
 
 
-def new_manifest(preset: Preset, fp: str, models: dict[str, str], framing: str, data_root: Path) -> cf.Manifest:
-    """An empty manifest of this fingerprint (its header is what `CacheLayout.create` records)."""
-    return cf.Manifest(fingerprint=fp, preset_name=preset.name, preset=preset.to_dict(), models=dict(models),
-                       framing=framing, data_root=str(Path(data_root).resolve()))
+def new_header(preset: Preset, fp: str, models: dict[str, str], framing: str, data_root: Path) -> cf.CacheHeader:
+    """The header of this fingerprint's cache folder (what `CacheLayout.create` records in cache.json)."""
+    return cf.CacheHeader(fingerprint=fp, preset_name=preset.name, preset=preset.to_dict(), models=dict(models),
+                          framing=framing, data_root=str(Path(data_root).resolve()))
 
 
 def worker_devices(options: PreprocessOptions) -> list[str]:

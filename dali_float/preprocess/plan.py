@@ -1,32 +1,35 @@
 """Planning a run: find the sources, compare them with the entries on disk, split the work.
 
-A source is a clip: a whole video, or a segment of one (`--segments`). The entries on disk
-(`clips/<key>/entry.json`) are the truth; `manifest.json` is derived from them. A clip is up to date
-when its entry has the video's size and mtime (or, after a mere `touch`, the same content hash: then
-only the entry's mtime is updated) and, for a segment, the same span. Everything else found is
-pending: new, changed (the video, or the segment's span), damaged (a cached entry whose arrays are
-gone) or forced. Entries whose source disappeared (a video removed, a segment row dropped) are
-dropped at the end of the run. So changing a video re-does its segments, and editing a segments file
+A source is a clip: a whole video, or a segment of one (`--segments`). The index (index.sqlite, after
+merging the journals a killed run left) is the truth. A clip is up to date when its row has the
+video's size and mtime (or, after a mere `touch`, the same content hash: then only the row's mtime
+is updated) and, for a segment, the same span. Everything else found is pending: new, changed (the
+video, or the segment's span), damaged (a cached clip whose record fails the cheap invariants, i.e.
+its shard is missing or too short, or that `verify --repair` marked) or forced. Rows whose source
+disappeared (a video removed, a segment row dropped) are dropped at the end of the run. So changing a video re-does its segments, and editing a segments file
 adds or drops only the rows that changed.
 
 Work is split so workers finish together: greedy longest-first by duration onto the least-loaded
-worker. The rule is deterministic, so torchrun ranks that plan from the same manifest snapshot
-take disjoint shares without talking to each other.
+worker. The rule is deterministic, so torchrun ranks that plan from the same index snapshot
+take disjoint shares without talking to each other. Only the columns reconciling needs are read
+(`cache_index.LIGHT`): a million rows take a few seconds and no JSON parsing.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, NamedTuple
 
 from tqdm import tqdm
 
 from dali_float import cache_format as cf
-from dali_float.atomic import remove_temporary_files, write_json_atomic
+from dali_float import cache_store
+from dali_float.cache_index import ClipIndex, IndexRow
+from dali_float.cache_migrate import remove_v1
 from dali_float import media
 from dali_float.errors import MediaError
 from dali_float.hashing import sha256_file
@@ -40,12 +43,12 @@ NEW, CHANGED, DAMAGED, FORCED = "new", "changed", "damaged", "forced"
 _PER_CLIP_OVERHEAD_S = 0.1
 
 
-@dataclass(frozen=True)
-class Source:
-    """One clip found under the data root, its video as `stat` sees it (size and mtime -1 when stat failed)."""
+class Source(NamedTuple):
+    """One clip found under the data root, its video as `stat` sees it (size and mtime -1 when stat failed).
+    A NamedTuple: a million of them are made in a fraction of a second (a frozen dataclass takes seconds)."""
 
     clip_id: str
-    path: Path
+    path: str  # the video's path (a string: a million Path objects cost seconds)
     size_bytes: int
     mtime_ns: int
     regular: bool  # a regular file; FIFOs and devices are never opened (reading one could block)
@@ -57,27 +60,34 @@ class Source:
         return None if self.span_s is None else [float(v) for v in self.span_s]
 
 
+def _stat(path: str) -> tuple[int, int, bool]:
+    try:
+        st = os.stat(path)  # follows symlinks: the clip is what the link points to
+        return st.st_size, st.st_mtime_ns, stat.S_ISREG(st.st_mode)
+    except OSError:  # a dangling symlink, a file that vanished: the worker records why
+        return -1, -1, False
+
+
 def discover_sources(data_root: Path, segments: Path | None = None) -> list[Source]:
-    """The clips of `data_root` (media.discover_clips: every video, recursive, any case; or the rows of
-    a segments CSV), sorted by clip id; each video is stat-ed once."""
-    stats: dict[Path, tuple[int, int, bool]] = {}
+    """The clips of `data_root` (every video, recursive, any case: media.scan_videos; or the rows of a
+    segments CSV: media.discover_clips), sorted by clip id; each video is stat-ed once."""
+    if segments is None:
+        return [Source(clip_id, path, *_stat(path)) for clip_id, path in media.scan_videos(Path(data_root))]
+    stats: dict[str, tuple[int, int, bool]] = {}
     found = []
     for spec in media.discover_clips(Path(data_root), segments):
-        if spec.path not in stats:
-            try:
-                st = os.stat(spec.path)  # follows symlinks: the clip is what the link points to
-                stats[spec.path] = (st.st_size, st.st_mtime_ns, stat.S_ISREG(st.st_mode))
-            except OSError:  # a dangling symlink, a file that vanished: the worker records why
-                stats[spec.path] = (-1, -1, False)
-        found.append(Source(spec.clip_id, spec.path, *stats[spec.path], span_s=spec.span_s))
+        path = str(spec.path)
+        if path not in stats:
+            stats[path] = _stat(path)
+        found.append(Source(spec.clip_id, path, *stats[path], span_s=spec.span_s))
     return found
 
 
-def _content_hash(path: Path, memo: dict[Path, str]) -> str:
+def _content_hash(path: str, memo: dict[str, str]) -> str:
     """The video's sha256 (once per video per run: its segments share it); "" when it cannot be read."""
     if path not in memo:
         try:
-            memo[path] = sha256_file(path)
+            memo[path] = sha256_file(Path(path))
         except OSError:
             memo[path] = ""
     return memo[path]
@@ -85,101 +95,102 @@ def _content_hash(path: Path, memo: dict[Path, str]) -> str:
 
 @dataclass
 class Reconciliation:
-    """How the sources compare with the entries.
+    """How the sources compare with the index's rows.
 
-    up_to_date: clip ids whose entry stays. touched: entries whose content is unchanged but whose
-    mtime (or absolute path) moved: rewrite them with these values. pending: clip id -> NEW /
-    CHANGED / DAMAGED / FORCED. gone: entries whose source disappeared.
+    up_to_date: clip ids whose row stays. touched: (clip id, mtime_ns, source path) of rows whose
+    content is unchanged but whose mtime (or absolute path) moved: update them. pending: clip id ->
+    NEW / CHANGED / DAMAGED / FORCED. gone: clip ids whose source disappeared.
     """
 
     up_to_date: list[str] = field(default_factory=list)
-    touched: list[cf.ClipEntry] = field(default_factory=list)
+    touched: list[tuple[str, int, str]] = field(default_factory=list)
     pending: dict[str, str] = field(default_factory=dict)
-    gone: list[cf.ClipEntry] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)
 
 
-def _arrays_present(layout: cf.CacheLayout, entry: cf.ClipEntry) -> bool:
-    return all(layout.stream_path(entry.key, s).exists() for s in cf.STREAMS)
-
-
-def reconcile(sources: list[Source], entries: dict[str, cf.ClipEntry], layout: cf.CacheLayout,
+def reconcile(sources: list[Source], rows: dict[str, IndexRow], damaged: Iterable[str] = (),
               force: bool = False) -> Reconciliation:
-    """Classify every source and entry (reads files only to hash sources whose mtime alone changed)."""
+    """Classify every source and row (reads files only to hash sources whose mtime alone changed).
+
+    damaged: cached clips whose record failed a check (cache_store.cheap_check, or rows marked by
+    `verify --repair`): re-done even though their source is unchanged.
+    """
     rec = Reconciliation()
-    hashes: dict[Path, str] = {}
+    hashes: dict[str, str] = {}
+    damaged = set(damaged)
     found = {s.clip_id for s in sources}
-    rec.gone = [e for cid, e in sorted(entries.items()) if cid not in found]
+    rec.gone = sorted(cid for cid in rows if cid not in found)
     for src in sources:
-        entry = entries.get(src.clip_id)
-        if entry is None:
+        row = rows.get(src.clip_id)
+        if row is None:
             rec.pending[src.clip_id] = NEW
         elif force:
             rec.pending[src.clip_id] = FORCED
-        elif entry.status == cf.STATUS_CACHED and not _arrays_present(layout, entry):
+        elif row.status == cf.STATUS_CACHED and (row.damaged or src.clip_id in damaged):
             rec.pending[src.clip_id] = DAMAGED
-        elif entry.size_bytes != src.size_bytes or entry.segment_s != src.segment_s:
+        elif row.size_bytes != src.size_bytes or _segment(row) != src.segment_s:
             rec.pending[src.clip_id] = CHANGED
-        elif entry.mtime_ns == src.mtime_ns:
+        elif row.mtime_ns == src.mtime_ns:
             rec.up_to_date.append(src.clip_id)
-            if entry.source_path != str(src.path):  # the data root moved: same bytes, new address
-                rec.touched.append(dataclasses.replace(entry, source_path=str(src.path)))
-        elif src.regular and entry.content_hash and _content_hash(src.path, hashes) == entry.content_hash:
+            if row.source_path != src.path:  # the data root moved: same bytes, new address
+                rec.touched.append((src.clip_id, row.mtime_ns, src.path))
+        elif src.regular and row.content_hash and _content_hash(src.path, hashes) == row.content_hash:
             # `touch`, a copy that kept the bytes: nothing to recompute, only the mtime to remember.
             rec.up_to_date.append(src.clip_id)
-            rec.touched.append(dataclasses.replace(entry, mtime_ns=src.mtime_ns, source_path=str(src.path)))
+            rec.touched.append((src.clip_id, src.mtime_ns, src.path))
         else:
             rec.pending[src.clip_id] = CHANGED
     return rec
 
 
-def recover(layout: cf.CacheLayout, manifest: cf.Manifest, sources: list[Source],
-            force: bool = False) -> tuple[cf.Manifest, Reconciliation]:
+def _segment(row: IndexRow) -> list[float] | None:
+    return None if row.segment_s is None else json.loads(row.segment_s)
+
+
+@dataclass
+class Snapshot:
+    """What every rank plans from: the index's rows (LIGHT columns), the clips failing the cheap
+    invariants, and the next free uid."""
+
+    rows: dict[str, IndexRow]
+    damaged: dict[str, str]
+    next_uid: int
+
+    @classmethod
+    def read(cls, layout: cf.CacheLayout) -> "Snapshot":
+        with ClipIndex(layout) as index:
+            return cls(index.light_rows(), cache_store.cheap_check(layout, index), index.next_uid())
+
+
+def recover(layout: cf.CacheLayout, header: cf.CacheHeader, sources: list[Source],
+            force: bool = False) -> tuple[Snapshot, Reconciliation]:
     """Bring the cache folder to a consistent state before any clip is processed (one process only).
 
-    Creates the folder, removes temporary files and clip folders without an entry (what a killed run
-    leaves), rewrites the entries of touched sources, and rebuilds the manifest from the entries.
-    Entries of vanished sources stay until the run ends, so the next free uid (`Manifest.next_uid`)
-    still counts theirs. Writes manifest.json only when it changed (a rerun rewrites nothing).
+    Creates the folder (with --force, a version 1 layout is deleted first), merges the journals and
+    cuts the shard tails a killed run left (cache_store.recover), checks the cheap invariants and
+    records the new mtime or path of touched sources. Rows of vanished sources stay until the run
+    ends, so the next free uid still counts theirs. A rerun with nothing to do writes nothing.
     """
-    layout.create(manifest)
-    removed = remove_temporary_files(layout.root)
-    entries = layout.read_entries()
-    # Folders without a readable entry: a clip killed before its commit point, or a damaged entry.json.
-    committed = {e.key for e in entries.values()}
-    orphans = [d.name for d in layout.clips_dir.iterdir() if d.is_dir() and d.name not in committed]
-    for key in orphans:
-        layout.remove_clip(key)
-    if orphans:
-        entries = layout.read_entries()
-    if removed or orphans:
-        log.info("recovered an interrupted run: removed %d temporary file(s) and %d unfinished clip folder(s)",
-                 removed, len(orphans))
-    rec = reconcile(sources, entries, layout, force)
-    for entry in rec.touched:
-        write_json_atomic(layout.entry_path(entry.key), entry.to_dict())
-        entries[entry.clip_id] = entry
-    manifest = dataclasses.replace(manifest, clips=entries)
-    save_manifest_if_changed(layout, manifest)
-    return manifest, rec
-
-
-def save_manifest_if_changed(layout: cf.CacheLayout, manifest: cf.Manifest) -> bool:
-    """Write manifest.json unless the one on disk already says the same (ignoring its timestamp)."""
-    try:
-        old = layout.load_manifest()
-    except cf.CacheError:
-        old = None
-    if old is not None and _comparable(old) == _comparable(manifest):
-        return False
-    layout.save_manifest(manifest)
-    return True
-
-
-def _comparable(manifest: cf.Manifest) -> str:
-    """The manifest as its JSON would say it (tuples become lists), without its timestamp."""
-    d = manifest.to_dict()
-    d.pop("updated_at", None)
-    return json.dumps(d, sort_keys=True)
+    if force and layout.stored_version() == cf.LEGACY_FORMAT_VERSION:
+        log.info("--force_preprocess: removing the version 1 layout of %s", layout.root)
+        remove_v1(layout, header_too=True)
+    layout.check_version()
+    remove_v1(layout)  # what a migration killed after its commit point left
+    layout.create(header)
+    with ClipIndex(layout) as index:
+        done = cache_store.recover(layout, index)
+        if done:
+            log.info("recovered an interrupted run: removed %d temporary file(s), cut %d shard tail(s), removed "
+                     "%d shard(s) without a live record", done.temporary_files, len(done.truncated),
+                     len(done.removed_shards))
+        snapshot = Snapshot(index.light_rows(), cache_store.cheap_check(layout, index), index.next_uid())
+        for clip_id, why in sorted(snapshot.damaged.items())[:5]:
+            log.warning("%s: %s; re-doing it", clip_id, why)
+        if len(snapshot.damaged) > 5:
+            log.warning("... %d damaged clip(s) in all", len(snapshot.damaged))
+        rec = reconcile(sources, snapshot.rows, snapshot.damaged, force)
+        index.touch(rec.touched)
+    return snapshot, rec
 
 
 @dataclass
@@ -188,7 +199,6 @@ class ClipTask:
 
     clip_id: str
     path: str
-    key: str
     clip_uid: int
     size_bytes: int
     mtime_ns: int
@@ -199,27 +209,27 @@ class ClipTask:
 
     def new_entry(self, status: str, **fields) -> cf.ClipEntry:
         """An entry of this clip (what identifies its source filled in) with `status` and `fields`."""
-        return cf.ClipEntry(clip_id=self.clip_id, key=self.key, source_path=self.path, size_bytes=self.size_bytes,
+        return cf.ClipEntry(clip_id=self.clip_id, key="", source_path=self.path, size_bytes=self.size_bytes,
                             mtime_ns=self.mtime_ns, content_hash="", status=status, clip_uid=self.clip_uid,
                             segment_s=None if self.span_s is None else [float(v) for v in self.span_s],
                             **fields)
 
 
-def make_tasks(sources: list[Source], rec: Reconciliation, manifest: cf.Manifest) -> list[ClipTask]:
+def make_tasks(sources: list[Source], rec: Reconciliation, snapshot: Snapshot) -> list[ClipTask]:
     """The pending clips as tasks, sorted by clip id. A clip keeps its uid; new ones get the next free
-    uids in clip-id order (`manifest.next_uid()` counts every entry, failed and vanished ones too)."""
-    base = manifest.next_uid()
+    uids in clip-id order (`snapshot.next_uid` counts every row, failed and vanished ones too)."""
+    base = snapshot.next_uid
     tasks = []
     for src in sources:
         if src.clip_id not in rec.pending:
             continue
-        old = manifest.clips.get(src.clip_id)
+        old = snapshot.rows.get(src.clip_id)
         if old is not None and old.clip_uid >= 0:
             uid = old.clip_uid
         else:
             uid, base = base, base + 1
-        tasks.append(ClipTask(src.clip_id, str(src.path), cf.clip_key(src.clip_id), uid, src.size_bytes,
-                              src.mtime_ns, src.regular, src.span_s))
+        tasks.append(ClipTask(src.clip_id, src.path, uid, src.size_bytes, src.mtime_ns, src.regular,
+                              src.span_s))
     return tasks
 
 

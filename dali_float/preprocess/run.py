@@ -1,16 +1,17 @@
-"""`run_preprocessing`: recover the cache, plan, process the pending clips, write the manifest, report.
+"""`run_preprocessing`: recover the cache, plan, process the pending clips, merge the journals, report.
 
 Order of a run (the same on every torchrun rank):
 
-    1. rank 0: create the folder, remove what a killed run left, rewrite touched entries,
-       write manifest.json (the snapshot every rank plans from)              -- barrier
-    2. every rank: reconcile sources with the snapshot, make tasks (stable uids), probe them,
+    1. rank 0: create the folder, merge the journals and cut the shard tails a killed run left,
+       check the cheap invariants, update touched rows (the index every rank plans from) -- barrier
+    2. every rank: reconcile sources with the index, make tasks (stable uids), probe them,
        take its share (deterministic split by duration), run it on its local workers
                                                                              -- barrier
-    3. rank 0: drop entries of vanished sources, rebuild manifest.json from the entries
+    3. rank 0: merge the journals, drop rows of vanished sources, export the training view
                                                                              -- barrier (readers may open the cache)
 
-Workers write entries (crash-safe, entry.json last); only rank 0's parent process writes the manifest.
+Every worker process writes its own shards and journal (cache_store.ShardWriter); only rank 0's
+parent process writes index.sqlite and the training view.
 """
 from __future__ import annotations
 
@@ -29,11 +30,13 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dali_float import cache_format as cf
-from dali_float import media
+from dali_float import cache_view, media
+from dali_float.cache_index import ClipIndex
+from dali_float.cache_store import ShardWriter, dead_bytes, trim_shards, writer_name
 from dali_float.cli import usable_cores
 from dali_float.errors import CheckpointError, NoSourcesError, UsageError
 from dali_float.preprocess import plan
-from dali_float.preprocess.options import (PreprocessOptions, PreprocessResult, cache_identity, new_manifest,
+from dali_float.preprocess.options import (PreprocessOptions, PreprocessResult, cache_identity, new_header,
                                            rank_and_world, worker_devices)
 from dali_float.preprocess.worker import STAGES, ClipProcessor, run_tasks, worker_main
 
@@ -69,31 +72,32 @@ def run_preprocessing(options: PreprocessOptions) -> PreprocessResult:
                                  f"video,start_s,end_s[,clip_name]")
         raise NoSourcesError(f"no video files ({', '.join(media.VIDEO_EXTENSIONS)}) under {options.data_root}: "
                              f"point --data_root at the folder that holds the videos")
-    header = new_manifest(preset, fp, model_ids, framing, options.data_root)
+    header = new_header(preset, fp, model_ids, framing, options.data_root)
     stats = _RunStats()
+    if not options.force:
+        layout.check_version()  # a version 1 cache: the command that converts it, on every rank
 
     with _process_group(world) as barrier:
         if rank == 0:
-            snapshot, _ = plan.recover(layout, header, sources, options.force)
+            snapshot, rec = plan.recover(layout, header, sources, options.force)
         barrier()
         if rank != 0:
-            snapshot = layout.load_manifest()
-        rec = plan.reconcile(sources, snapshot.clips, layout, options.force)
+            snapshot = plan.Snapshot.read(layout)
+            rec = plan.reconcile(sources, snapshot.rows, snapshot.damaged, options.force)
         tasks = plan.make_tasks(sources, rec, snapshot)
         if tasks:
             plan.probe_tasks(tasks, progress=options.progress and rank == 0)
             share = plan.balance(tasks, world)[rank]
             if world > 1:
                 log.info("rank %d of %d: %d of %d pending clip(s)", rank, world, len(share), len(tasks))
-            _run_share(share, devices, options, layout, stats)
+            _run_share(share, devices, options, layout, stats, rank)
         barrier()
         if rank == 0:
-            final = _finish(layout, snapshot, rec)
-        barrier()  # the final manifest is on disk before any rank returns (and maybe opens the cache)
-        if rank != 0:
-            final = layout.load_manifest()
+            _finish(layout, rec, preset, fp)
+        barrier()  # the index and the training view are on disk before any rank returns (and opens the cache)
+        with ClipIndex(layout) as index:
+            result = _result(fp, layout, index, rec, stats, time.perf_counter() - start)
 
-    result = _result(fp, layout, final, rec, stats, time.perf_counter() - start)
     if rank == 0:
         _log_summary(result, rec, len(tasks), options)
     return result
@@ -106,11 +110,14 @@ def _refuse_another_corpus(layout: cf.CacheLayout, data_root: Path, clip_ids: se
     shares none is another corpus, and is refused rather than replacing the cache.
     """
     try:
-        manifest = layout.load_manifest()
-    except cf.CacheError:  # none yet, or damaged: recovery rebuilds it from the entries
+        recorded = layout.read_header().data_root
+    except cf.CacheError:  # none yet, or another version: said elsewhere
         return
-    recorded = manifest.data_root
-    if manifest.clips and recorded and Path(recorded) != data_root.resolve() and not clip_ids & manifest.clips.keys():
+    if not recorded or Path(recorded) == data_root.resolve() or not layout.index_path.exists():
+        return
+    with ClipIndex(layout) as index:
+        known = index.light_rows().keys()
+    if known and not clip_ids & known:
         raise UsageError(f"the cache {layout.root} holds the features of {recorded}, not of --data_root {data_root}: "
                          f"give another --cache_dir (or --force_preprocess to rebuild it for {data_root})")
 
@@ -183,7 +190,7 @@ class _LocalReporter:
 
 
 def _run_share(share: list[plan.ClipTask], devices: list[str], options: PreprocessOptions,
-               layout: cf.CacheLayout, stats: _RunStats) -> None:
+               layout: cf.CacheLayout, stats: _RunStats, rank: int) -> None:
     """Process this rank's clips: in this process with one worker, else in spawned worker processes."""
     if not share:
         return
@@ -194,15 +201,16 @@ def _run_share(share: list[plan.ClipTask], devices: list[str], options: Preproce
             if n == 1:
                 processor = ClipProcessor(options.preset, options.sources, devices[0], options.frame_batch,
                                           crop=options.crop)
-                run_tasks(processor, layout, share, _LocalReporter(progress))
+                with ShardWriter(layout, options.preset, writer_name(f"r{rank}w0")) as writer:
+                    run_tasks(processor, writer, share, _LocalReporter(progress))
             else:
-                _run_processes(plan.balance(share, n), devices[:n], options, layout, progress)
+                _run_processes(plan.balance(share, n), devices[:n], options, layout, progress, rank)
     finally:
         progress.close()
 
 
 def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], options: PreprocessOptions,
-                   layout: cf.CacheLayout, progress: _Progress) -> None:
+                   layout: cf.CacheLayout, progress: _Progress, rank: int) -> None:
     """One spawned process per share (CUDA cannot be forked); progress and entries come back on a Queue.
 
     A worker that dies (a decoder crash, the OOM killer) costs the clip it was on: that clip gets a
@@ -221,7 +229,8 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
         tasks = list(remaining[w].values())
         procs[w] = ctx.Process(target=worker_main, name=f"preprocess-worker{w}", daemon=True,
                                args=(w, options.preset, options.sources, devices[w], options.frame_batch,
-                                     options.crop, threads, str(layout.root), tasks, messages, level))
+                                     options.crop, threads, str(layout.root), writer_name(f"r{rank}w{w}"), tasks,
+                                     messages, level))
         current[w], finished[w] = None, 0
         procs[w].start()
 
@@ -246,6 +255,7 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
 
     for w in range(len(shares)):
         launch(w)
+    parent: ShardWriter | None = None  # records the clips of workers that died (created when one does)
     try:
         while procs:
             try:
@@ -266,7 +276,9 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
                     raise RuntimeError(f"preprocessing worker {w} died ({_how(proc)}) before processing any "
                                        f"clip; run with --workers 1 -v to see why")
                 if current[w] is not None:
-                    _worker_died(w, proc, current[w], remaining, layout, progress)
+                    if parent is None:
+                        parent = ShardWriter(layout, options.preset, writer_name(f"r{rank}parent"), group_clips=1)
+                    _worker_died(w, proc, current[w], remaining, parent, progress)
                 if remaining[w]:
                     launch(w)  # a fresh process for the rest of its share
                 else:
@@ -276,6 +288,8 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
             proc.terminate()
         for proc in procs.values():
             proc.join(timeout=10)
+        if parent is not None:
+            parent.close()
 
 
 def _how(proc) -> str:
@@ -284,7 +298,7 @@ def _how(proc) -> str:
 
 
 def _worker_died(w: int, proc, clip_id: str, remaining: dict[int, dict[str, plan.ClipTask]],
-                 layout: cf.CacheLayout, progress: _Progress) -> None:
+                 writer: ShardWriter, progress: _Progress) -> None:
     """Record the clip a dead worker was on as failed (written here: the worker cannot any more)."""
     how = _how(proc)
     task = remaining[w].pop(clip_id)
@@ -293,7 +307,7 @@ def _worker_died(w: int, proc, clip_id: str, remaining: dict[int, dict[str, plan
                                   f"file or remove it")
     log.warning("worker %d died (%s) on %s; %d clip(s) of its share go to a new worker", w, how, clip_id,
                 len(remaining[w]))
-    progress.done(w, layout.write_uncached(entry))
+    progress.done(w, writer.write(entry))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,25 +345,32 @@ def _process_group(world: int) -> Iterator:
 # Finishing and reporting
 
 
-def _finish(layout: cf.CacheLayout, snapshot: cf.Manifest, rec: plan.Reconciliation) -> cf.Manifest:
-    """Drop the entries of vanished sources; rebuild manifest.json from the entries on disk."""
-    for entry in rec.gone:
-        layout.remove_clip(entry.key)
-    manifest = dataclasses.replace(snapshot, clips=layout.read_entries())
-    plan.save_manifest_if_changed(layout, manifest)
-    return manifest
+def _finish(layout: cf.CacheLayout, rec: plan.Reconciliation, preset, fp: str) -> None:
+    """Merge the writers' journals, drop the rows of vanished sources, export the training view
+    (only when the index changed: a rerun with nothing to do writes nothing)."""
+    with ClipIndex(layout) as index:
+        index.merge_journals()
+        index.delete(rec.gone)
+        trim_shards(layout, index)  # records of dropped clips at a shard's end: cut now, not next run
+        if not cache_view.export(layout, index, preset, fp):
+            return
+        dead = sum(dead_bytes(layout, index).values())
+        if dead > 0.25 * sum(p.stat().st_size for p in layout.shard_files()):
+            log.info("%.1f MB of the shards hold records of re-done or removed clips: `python preprocess.py "
+                     "compact` (same flags) reclaims them", dead / 1e6)
 
 
-def _result(fp: str, layout: cf.CacheLayout, final: cf.Manifest, rec: plan.Reconciliation, stats: _RunStats,
+def _result(fp: str, layout: cf.CacheLayout, index: ClipIndex, rec: plan.Reconciliation, stats: _RunStats,
             wall_s: float) -> PreprocessResult:
-    counts = {status: len(final.entries(status)) for status in cf.STATUSES}
+    counts = index.counts()
     fresh = set(rec.pending)
-    kept_bad = [e for e in final.entries() if e.status != cf.STATUS_CACHED and e.clip_id not in fresh]
+    failures = [(e.clip_id, e.reason) for e in index.entries(cf.STATUS_FAILED)]
+    skipped = [(e.clip_id, e.reason) for e in index.entries(cf.STATUS_SKIPPED)]
+    kept_bad = [c for c, _ in failures + skipped if c not in fresh]
     return PreprocessResult(
         fingerprint=fp, cache_root=layout.root, counts=counts, processed=dict(stats.processed),
         up_to_date=len(rec.up_to_date), removed=len(rec.gone),
-        failures=[(e.clip_id, e.reason) for e in final.entries(cf.STATUS_FAILED)],
-        skipped=[(e.clip_id, e.reason) for e in final.entries(cf.STATUS_SKIPPED)],
+        failures=failures, skipped=skipped,
         not_retried=len(kept_bad), total_frames=stats.frames, stage_seconds=dict(stats.stage_seconds),
         stage_fps={s: stats.frames / sec for s, sec in stats.stage_seconds.items() if sec > 0},
         wall_seconds=wall_s, wall_fps=stats.frames / wall_s if wall_s > 0 else 0.0,

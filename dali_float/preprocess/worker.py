@@ -29,6 +29,7 @@ import torch
 
 from dali_float import cache_format as cf
 from dali_float import media
+from dali_float.cache_store import ShardWriter
 from dali_float.config import Preset
 from dali_float.errors import ClipSkipped, DaliFloatError, MediaError, UsageError
 from dali_float.hashing import sha256_file
@@ -80,7 +81,7 @@ class ClipProcessor:
 
     # -- one clip, never raising for a problem of the clip ---------------------------------------
 
-    def process(self, task: ClipTask, layout: cf.CacheLayout,
+    def process(self, task: ClipTask, writer: ShardWriter,
                 on_frames: Callable[[int], None] | None = None) -> cf.ClipEntry:
         """Compute the clip's features and write them (or its failed/skipped entry); returns the entry."""
         entry = task.new_entry(cf.STATUS_FAILED, fps=float(self.preset.timing.fps), crop=self.framer.crop)
@@ -88,11 +89,11 @@ class ClipProcessor:
             features = self._compute(task, entry, on_frames)
         except ClipSkipped as err:
             entry.status, entry.reason = cf.STATUS_SKIPPED, one_line(err)
-            return layout.write_uncached(entry)
+            return writer.write(entry)
         except MediaError as err:
             entry.status, entry.reason = cf.STATUS_FAILED, one_line(err)
             log.debug("failed %s: %s", task.clip_id, entry.reason)  # the summary lists every failure
-            return layout.write_uncached(entry)
+            return writer.write(entry)
         except UsageError:
             raise  # wrong for every clip (no CUDA, bad weights): stop the run
         except Exception as err:  # noqa: BLE001 - a bug must cost one clip, not the run
@@ -101,8 +102,8 @@ class ClipProcessor:
             log.debug("failed %s: %s", task.clip_id, entry.reason)  # the summary lists every failure
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # e.g. out of memory: give the next clip its chance
-            return layout.write_uncached(entry)
-        return layout.write_clip(entry, features, self.preset)
+            return writer.write(entry)
+        return writer.write(entry, features)
 
     def _compute(self, task: ClipTask, entry: cf.ClipEntry,
                  on_frames: Callable[[int], None] | None) -> cf.ClipFeatures:
@@ -231,11 +232,12 @@ def _check_regular_file(path: Path) -> None:
         raise MediaError(f"{path}: not a regular file (a pipe, socket or device); replace it with the video file")
 
 
-def run_tasks(processor: ClipProcessor, layout: cf.CacheLayout, tasks: list[ClipTask], reporter: Reporter) -> None:
-    """Process `tasks` in order, reporting each clip's start, frames and entry."""
+def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: list[ClipTask], reporter: Reporter) -> None:
+    """Process `tasks` in order, reporting each clip's start, frames and entry (written through `writer`,
+    committed in groups)."""
     for task in tasks:
         reporter.start(task.clip_id)
-        entry = processor.process(task, layout, reporter.frames)
+        entry = processor.process(task, writer, reporter.frames)
         reporter.done(entry)
 
 
@@ -277,11 +279,13 @@ def fill_fixed_batches(chunks: Iterable[torch.Tensor], batch: torch.Tensor) -> I
 
 
 def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: str, frame_batch: int | None,
-                crop: str, num_threads: int, root: str, tasks: list[ClipTask], queue, log_level: int) -> None:
+                crop: str, num_threads: int, root: str, writer: str, tasks: list[ClipTask], queue,
+                log_level: int) -> None:
     """Entry point of a spawned worker: process `tasks`, then put ("exit", id) on the queue.
 
     A DaliFloatError (bad weights, no CUDA) is sent as ("fatal", id, (error class, message)); the
-    parent stops every worker and raises it. Entries are written here; the manifest is the parent's.
+    parent stops every worker and raises it. Records and rows are written here (shards and journal
+    `writer`); the index is the parent's.
     """
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname).1s worker{worker_id} %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -293,7 +297,8 @@ def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: s
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
         processor = ClipProcessor(preset, sources, device, frame_batch, num_threads=num_threads, crop=crop)
-        run_tasks(processor, cf.CacheLayout(Path(root)), tasks, QueueReporter(queue, worker_id))
+        with ShardWriter(cf.CacheLayout(Path(root)), preset, writer) as shard_writer:
+            run_tasks(processor, shard_writer, tasks, QueueReporter(queue, worker_id))
     except DaliFloatError as err:
         queue.put(("fatal", worker_id, (type(err).__name__, str(err))))
         return

@@ -48,7 +48,7 @@ class TrainConfig:
     emotion: str | None = None  # model | filename | none (None: model)
     ref: str = "first"  # reference frame rule (loaders.sampling)
     epoch_policy: str = "windows"
-    read_strategy: str = "auto"  # DALI loader: auto | pread | roi | gds (checked by the loader)
+    read_strategy: str = "auto"  # DALI loader: auto | pread | python (checked by the loader)
     num_workers: int = 2  # torch / naive loader worker processes
     num_threads: int = 2  # DALI pipeline CPU threads
     # optimisation

@@ -1,0 +1,111 @@
+"""`verify`: the full check of a cache against its format. Every run does the cheap part
+(cache_store.cheap_check: shard sizes against the index); this reads every record.
+
+Per cached clip: its shard exists and holds the record, the record's CRC-32 is the one committed,
+its parts are finite, it holds at least one window. Per cache: no temporary file, no unmerged
+journal, no shard without a live record, the training view of the index's generation, pointing at
+the same records. Problems come back as [{clip, problem}] ("" for the cache as a whole).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+from tqdm import tqdm
+
+from dali_float import cache_format as cf
+from dali_float.atomic import TMP_MARKER
+from dali_float.cache_index import ClipIndex
+from dali_float.cache_store import cheap_check
+from dali_float.cache_view import read_view_header
+from dali_float.config import Preset
+
+log = logging.getLogger(__name__)
+
+
+def verify(layout: cf.CacheLayout, index: ClipIndex, preset: Preset, progress: bool = False) -> list[dict[str, str]]:
+    problems: list[dict[str, str]] = []
+
+    def cache_problem(text: str) -> None:
+        problems.append({"clip": "", "problem": text})
+
+    for leftover in layout.root.rglob(f"*{TMP_MARKER}*"):
+        cache_problem(f"temporary file left behind: {leftover} (the next run removes it)")
+    for journal in layout.journals():
+        cache_problem(f"journal {journal.name} is not merged (a run was killed; the next run merges it)")
+    live = index.live_ends()
+    for path in layout.shard_files():
+        if path.name not in live:
+            cache_problem(f"shard {path.name} holds no live record (the next run removes it)")
+        elif path.stat().st_size > live[path.name]:
+            cache_problem(f"shard {path.name} has {path.stat().st_size - live[path.name]} bytes past its last live "
+                          f"record (a killed writer's tail; the next run cuts it)")
+    damaged = cheap_check(layout, index)
+    problems.extend({"clip": c, "problem": p} for c, p in sorted(damaged.items()))
+    problems.extend({"clip": c, "problem": p} for c, p in _check_view(layout, index, preset))
+
+    window = preset.timing.window_frames
+    total = index.counts()[cf.STATUS_CACHED]
+    fds: dict[str, int] = {}
+    try:
+        for clip_id, shard, offset, nbytes, crc, frames in tqdm(index.records(), total=total, desc="verifying",
+                                                                unit="clip", disable=not progress, leave=False):
+            if clip_id in damaged:
+                continue
+            for p in _check_record(layout, fds, shard, offset, nbytes, crc, frames, preset, window):
+                problems.append({"clip": clip_id, "problem": p})
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return problems
+
+
+def _check_record(layout: cf.CacheLayout, fds: dict[str, int], shard: str, offset: int, nbytes: int, crc: int,
+                  frames: int, preset: Preset, window: int):
+    if frames < window:
+        yield f"{frames} frames, fewer than one window ({window})"
+    parts, expected = cf.record_layout(preset, frames)
+    if nbytes != expected:
+        yield f"its record is {nbytes} bytes, {frames} frames need {expected}"
+        return
+    if shard not in fds:
+        fds[shard] = os.open(layout.shard_path(shard), os.O_RDONLY)
+    data = os.pread(fds[shard], nbytes, offset)
+    if cf.checksum(data) != crc:
+        yield f"bytes {offset}..{offset + nbytes} of shard {layout.shard_path(shard)} changed since they were " \
+              f"written (CRC-32 mismatch)"
+        return
+    record = np.frombuffer(data, dtype=np.uint8)
+    for part in cf.PARTS:
+        start, n = parts[part.name]
+        if not np.isfinite(record[start:start + n].view(part.dtype)).all():
+            yield f"its {part.name} hold non-finite values"
+
+
+def _check_view(layout: cf.CacheLayout, index: ClipIndex, preset: Preset):
+    header = read_view_header(layout)
+    if header is None:
+        yield "", "no training view (training.json): the next run writes it"
+        return
+    if header.get("generation") != index.generation:
+        yield "", f"the training view is of index generation {header.get('generation')}, the index is at " \
+                  f"{index.generation}: the next run writes it again"
+        return
+    try:
+        from dali_float.cache_view import TrainingView
+
+        view = TrainingView(layout, header)
+    except (OSError, ValueError, KeyError) as err:
+        yield "", f"the training view is unreadable ({err}): run `python preprocess.py` to write it again"
+        return
+    names = [p.name for p in view.shards]
+    for i in range(len(view)):
+        row = view.rows[i]
+        clip_id = view.clip_id(i)
+        entry = index.entry(clip_id)
+        if entry is None or entry.status != cf.STATUS_CACHED:
+            yield clip_id, "in the training view but not cached in the index"
+        elif (entry.shard, entry.offset, entry.num_frames) != (names[row["shard"]], int(row["offset"]),
+                                                              int(row["num_frames"])):
+            yield clip_id, "the training view and the index disagree on its record"
