@@ -27,6 +27,7 @@ from dali_float.face.blazeface import box_iou
 from dali_float.loaders import LoaderOptions, TrainingCache, open_loader
 from dali_float.models import ModelSources, build_encoders, encode_motion
 from dali_float.preprocess import PreprocessOptions, cache_fingerprint, run_preprocessing
+from cached import entries_of, features_of
 from faces import ASTRONAUT, ASTRONAUT_FACE, HOPPER, HOPPER_FACE, background, paste, rgb
 
 P = TINY_PRESET
@@ -88,8 +89,7 @@ def corpus(tmp_path_factory):
     options = PreprocessOptions(data_root=data, cache_dir=cache_dir, preset=P, sources=ModelSources(), crop="face",
                                 progress=False, frame_batch=16)
     result = run_preprocessing(options)
-    layout = cf.CacheLayout(result.cache_root)
-    return data, cache_dir, boxes, layout.read_entries(), result
+    return data, cache_dir, boxes, entries_of(cf.CacheLayout(result.cache_root)), result
 
 
 def test_the_crop_is_floats_square_around_the_face_at_720p_and_1080p(corpus):
@@ -146,7 +146,7 @@ def test_the_naive_loader_frames_the_same_and_equals_the_cache(corpus):
     torch.testing.assert_close(a.motion.float(), b.motion.float(), rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(a.ref_motion.float(), b.ref_motion.float(), rtol=2e-3, atol=2e-3)
     assert torch.equal(a.audio, b.audio)
-    index = naive.clip_ids.index("moving.mp4")
+    index = naive.index_of("moving.mp4")
     e = entries["moving.mp4"]
     expected = (e.crop_box[0] / 960, e.crop_box[1] / 540, e.crop_box[2] / 960, e.crop_box[3] / 540)
     assert naive.dataset.window(index) == pytest.approx(expected, abs=1e-3)
@@ -171,8 +171,8 @@ def test_one_crop_per_clip_keeps_the_head_motion(corpus):
     def window(box) -> tuple:
         return (box[0] / 960, box[1] / 540, box[2] / 960, box[3] / 540)
 
-    cached = torch.from_numpy(np.load(cf.CacheLayout(corpus[4].cache_root).stream_path(
-        entries["moving.mp4"].key, cf.FRAMES))[:, cf.motion_columns(P)]).float()
+    cached = torch.from_numpy(features_of(cf.CacheLayout(corpus[4].cache_root), entries["moving.mp4"]).motion_latents
+                              ).float()
     middle = np.array(boxes["moving.mp4"][0]) + np.array([FRAMES / 2, 0, FRAMES / 2, 0])
     by_hand = latents(window(float_crop_box(middle)))
     follow = torch.cat([latents(window(float_crop_box(np.array(boxes["moving.mp4"][0]) + [f, 0, f, 0])))[f:f + 1]
@@ -188,7 +188,7 @@ def test_on_the_gpu_the_face_crop_matches_the_cpus(corpus, tmp_path):
     data, _, _, entries, _ = corpus
     options = PreprocessOptions(data_root=data, cache_dir=tmp_path / "gpu", preset=P, sources=ModelSources(),
                                 crop="face", device="cuda", progress=False)
-    gpu = cf.CacheLayout(run_preprocessing(options).cache_root).read_entries()
+    gpu = entries_of(cf.CacheLayout(run_preprocessing(options).cache_root))
     for clip in ("still_720p.mp4", "still_1080p.mp4", "two_faces.mp4"):
         assert gpu[clip].decoder == media.DALI_GPU and gpu[clip].status == cf.STATUS_CACHED
         side = entries[clip].crop_box[2] - entries[clip].crop_box[0]

@@ -35,6 +35,7 @@ from dali_float.preprocess import (PreprocessOptions, cache_fingerprint, cache_s
                                    verify_cache)
 from dali_float.preprocess import plan
 from dali_float.cli import usable_cores
+from cached import entries_of, features_of, frames_of
 from unprivileged import run_python
 
 P = TINY_PRESET
@@ -72,23 +73,6 @@ def options(data_root: Path, cache_dir: Path, **kw) -> PreprocessOptions:
 
 def layout_of(cache_dir: Path, sources: ModelSources = SOURCES, preset=P) -> cf.CacheLayout:
     return cf.CacheLayout(cf.cache_root(cache_dir, preset, cache_fingerprint(preset, sources, "center")))
-
-
-def entries_of(layout: cf.CacheLayout) -> dict[str, cf.ClipEntry]:
-    with ClipIndex(layout) as index:
-        return {e.clip_id: e for e in index.entries()}
-
-
-def features_of(layout: cf.CacheLayout, entry: cf.ClipEntry) -> cf.ClipFeatures:
-    """A cached clip's arrays, read from its shard through the format's record layout."""
-    record = read_record(layout, entry.shard, entry.offset, entry.nbytes)
-    return cf.ClipFeatures.from_record(record, P, entry.num_frames, np.array(entry.emotion, np.float32))
-
-
-def frames_of(layout: cf.CacheLayout, entry: cf.ClipEntry) -> np.ndarray:
-    """(T, F + A) float16 rows of a cached clip, as the loaders read them."""
-    f = features_of(layout, entry)
-    return np.concatenate([f.motion_latents, f.audio_features], axis=1)
 
 
 def verify_problems(layout: cf.CacheLayout) -> list[dict[str, str]]:

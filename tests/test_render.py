@@ -61,7 +61,7 @@ def portrait(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------- the reference
 
 def test_a_clip_reference_gets_the_crop_preprocessing_gave_it(portrait):
-    entry = portrait["cache"].manifest.clips["portrait.mp4"]
+    entry = portrait["cache"].entry("portrait.mp4")
     image, decision = render.frame_first_frame(portrait["clip"], "face", P, "cpu")
     assert image.shape == (1, 3, 64, 64)
     np.testing.assert_allclose(decision.crop_box, entry.crop_box, atol=0.01)  # the entry rounds to 0.01 px

@@ -506,9 +506,10 @@ def test_render_command_from_the_trained_demo_run(demo_runs, demo_source, tmp_pa
     """`sampler render` from the 300-step demo run (random-weight encoders and decoder: the frames are not
     a face): 2.3 s of speech give ceil(2.3 x 25) = 58 frames and a 2.3 s audio track; the reference is a
     clip of the corpus (its first frame, centre crop as the run's features) or the cache entry itself."""
-    entry = demo_source.cache.manifest.clips[demo_source.cache.clips[0].clip_id]
-    speech = media.clip_waveform(media.probe_video(Path(demo_source.cache.manifest.clips[
-        demo_source.cache.clips[1].clip_id].source_path)), 22_050)[:round(2.3 * 22_050)]
+    cache = demo_source.cache
+    entry = cache.entry(cache.clip_id(0))
+    speech = media.clip_waveform(media.probe_video(Path(cache.entry(cache.clip_id(1)).source_path)),
+                                 22_050)[:round(2.3 * 22_050)]
     demo.write_audio(tmp_path / "speech.wav", speech.numpy(), 22_050)
     base = ["render", "--checkpoint", str(demo_runs["audio"]), "--audio", str(tmp_path / "speech.wav"), "--nfe", "4",
             "--no_progress"]
@@ -534,7 +535,7 @@ def test_sample_videos_during_training(demo_source, tmp_path):
           demo_source)
     videos = sorted((out / "samples").iterdir())
     assert [v.name for v in videos] == ["step_0000003.mp4", "step_0000006.mp4"]
-    expected = min(100, demo_source.cache.clips[0].num_frames)
+    expected = min(100, int(demo_source.cache.num_frames[0]))
     for video in videos:
         frames, audio_s = decoded_mp4(video)
         assert frames == expected and abs(audio_s - expected / 25) < 1e-3, (video, frames, audio_s)

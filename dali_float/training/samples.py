@@ -93,7 +93,7 @@ class SampleVideos:
         if self._renderer is None:  # first sample: the decoder, the fixed reference and speech
             sampling = FloatMotionModel(self.preset).to(self.device).eval().requires_grad_(False)
             self._renderer = render.Renderer(sampling, build_decoder(self.preset, self.cfg.motion_ckpt, self.device))
-            clip = read_clip(self.source.cache, self.source.cache.clips[0].clip_id)
+            clip = read_clip(self.source.cache, self.source.cache.clip_id(0))
             encoder = build_motion_encoder(self.preset, self.cfg.motion_ckpt, self.device)
             self._reference = render.reference_from_clip(clip, encoder, self.preset, self.device)
             frames = int(SAMPLE_SECONDS * self.preset.timing.fps)
