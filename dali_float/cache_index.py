@@ -262,13 +262,13 @@ class Journal:
         self.con.close()
 
 
-def committed_rows(path: Path) -> int:
-    """Rows committed in a journal or index file so far (0 when it has none yet); read-only."""
+def committed_ids(path: Path) -> set[str]:
+    """Clip ids committed in a journal or index file so far (none when it has no table yet); read-only."""
     try:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
         try:
-            return con.execute("SELECT COUNT(*) FROM clips").fetchone()[0]
+            return {row[0] for row in con.execute("SELECT clip_id FROM clips")}
         finally:
             con.close()
     except sqlite3.DatabaseError:
-        return 0
+        return set()
