@@ -275,11 +275,43 @@ def test_resident_memory_does_not_grow_with_the_cache(tmp_path, kind):
         # 30 MB, then 300 MB of features: holding them would show far above the 10% margin.
         fp = write_synthetic_cache(cache_dir, TINY, [10_000] * n_clips)
         out = subprocess.run([sys.executable, str(script), str(cache_dir), fp, kind], capture_output=True,
-                             text=True, check=True, cwd=REPO)
+                             text=True, cwd=REPO)
+        assert out.returncode == 0, f"the probe exited {out.returncode}:\n{out.stderr[-3000:]}"
         peaks.append(int(out.stdout.split()[-1]))
         shutil.rmtree(cache_dir)
     print(f"{kind}: peak RSS {peaks[0] / 2**20:.0f} MiB (30 MB cache), {peaks[1] / 2**20:.0f} MiB (300 MB cache)")
     assert peaks[1] <= 1.10 * peaks[0], f"peak RSS {peaks[0] / 2**20:.0f} MiB -> {peaks[1] / 2**20:.0f} MiB"
+
+
+EXIT_PROBE = textwrap.dedent("""
+    import atexit, sys, threading
+    sys.path[:0] = [{repo!r}, {tests!r}]
+
+    def prefetch_threads_at_exit():  # registered first, so it runs after every later atexit hook
+        from dali_float.loaders.dali_loader import PREFETCH_THREAD
+        alive = [t for t in threading.enumerate() if t.name == PREFETCH_THREAD and t.is_alive()]
+        print("prefetch threads alive at exit:", len(alive), flush=True)
+
+    atexit.register(prefetch_threads_at_exit)
+    from pathlib import Path
+    from dali_float.config import get_preset
+    from dali_float.loaders import LoaderOptions, TrainingCache, open_loader
+    preset = get_preset("tiny")
+    cache = TrainingCache.open(Path(sys.argv[1]), preset, sys.argv[2])
+    it = iter(open_loader("dali", preset, LoaderOptions(batch_size=4, prefetch_batches=4), cache=cache))
+    next(it)  # the loader is never closed: its prefetch thread is still reading when the script ends
+""")
+
+
+def test_a_loader_left_open_is_stopped_before_the_interpreter_exits(tiny_cache, tmp_path):
+    # A prefetch thread still inside DALI when Python finalizes kills the process with SIGABRT
+    # (std::terminate) after its work is done: a training run could lose its last checkpoint.
+    script = tmp_path / "exit_probe.py"
+    script.write_text(EXIT_PROBE.format(repo=str(REPO), tests=str(Path(__file__).parent)))
+    done = subprocess.run([sys.executable, str(script), str(tiny_cache.layout.root.parents[0]),
+                           tiny_cache.fingerprint], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "prefetch threads alive at exit: 0", done.stdout
 
 
 def test_the_pread_window_operator_builds_and_is_the_default_here():
