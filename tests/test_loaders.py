@@ -6,14 +6,17 @@ these tests need no model; parity with the naive loader on real videos is in tes
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -23,9 +26,11 @@ from hypothesis import strategies as st
 
 from dali_float import cache_format as cf
 from dali_float.config import get_preset
+from dali_float.contract import Batch
 from dali_float.errors import CacheError, UsageError
 from dali_float.loaders import LoaderOptions, RequestStream, TrainingCache, open_loader
-from dali_float.loaders.sampling import epoch_clip_indices, num_valid_starts
+from dali_float.loaders.sampling import (DRAW_RANGE, REF_RULES, epoch_clip_indices, num_valid_starts,
+                                         window_from_draws)
 from synthetic import write_synthetic_cache
 
 TINY = get_preset("tiny")
@@ -46,8 +51,14 @@ def loader(kind, cache, **options):
     return open_loader(kind, cache.preset, LoaderOptions(**options), cache=cache)
 
 
+def copied(batch: Batch) -> Batch:
+    """A batch that outlives the next one (a loader's batch is valid until the next is requested)."""
+    return Batch(**{name: t.clone() for name, t in batch.tensors().items()}, clip_id=list(batch.clip_id))
+
+
 def take(it, n):
-    return [next(it) for _ in range(n)]
+    """The next n batches, copied (Batch.to() on the CPU would be the same tensors, not a copy)."""
+    return [copied(next(it)) for _ in range(n)]
 
 
 def expected_rows(cache, clip_id, start, ref):
@@ -111,6 +122,77 @@ def test_request_stream_windows_never_cross_a_clip_end(lengths, seed, ref_rule):
         assert 0 <= r.ref_frame < t
 
 
+# Clip lengths where the arithmetic has edges: exactly one window, one start more, powers of two around
+# DALI's integer types, and a clip far longer than any real one.
+EDGE_LENGTHS = [60, 61, 119, 120, 121, 1024, 4096 + 59, 32_768 + 60, 65_536 + 60]
+lengths_strategy = st.lists(st.one_of(st.integers(60, 3000), st.sampled_from(EDGE_LENGTHS)), min_size=1, max_size=6)
+draw_strategy = st.one_of(st.integers(0, DRAW_RANGE - 1), st.sampled_from([0, 1, DRAW_RANGE - 1, DRAW_RANGE - 2]))
+
+
+@contextlib.contextmanager
+def _cache_of(tmp_root: Path, lengths: list[int]) -> Iterator[TrainingCache]:
+    """A synthetic tiny cache of its own for one hypothesis example, removed after it."""
+    folder = Path(tempfile.mkdtemp(dir=tmp_root))
+    try:
+        yield TrainingCache.open(folder, TINY, write_synthetic_cache(folder, TINY, lengths))
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("strategy", ["pread", "roi"])
+def test_dali_window_draws_follow_the_python_rules_on_any_clip_length(tmp_path, strategy):
+    """The DALI pipeline's own sampling (the pread operator in C++; DALI arithmetic for roi) applied to
+    given draws equals the Python reference (sampling.window_from_draws) and reads exactly those rows."""
+
+    @settings(max_examples=25, deadline=None)
+    @given(lengths=lengths_strategy, draws=st.lists(st.tuples(draw_strategy, draw_strategy), min_size=1, max_size=8),
+           ref_rule=st.sampled_from(REF_RULES), data=st.data())
+    def check(lengths, draws, ref_rule, data):
+        with _cache_of(tmp_path, lengths) as cache:
+            check_draws(cache, draws, ref_rule, data)
+
+    def check_draws(cache, draws, ref_rule, data):
+        picks = [data.draw(st.integers(0, len(cache.clips) - 1)) for _ in draws]
+        items = [(cache.clips[i].clip_id, a, b) for i, (a, b) in zip(picks, draws)]
+        batch = loader("dali", cache, ref_rule=ref_rule, read_strategy=strategy).load_draws(items)
+        for k, (clip_id, a, b) in enumerate(items):
+            t = next(c.num_frames for c in cache.clips if c.clip_id == clip_id)
+            start, ref = window_from_draws(t, 60, ref_rule, a, b)
+            assert (int(batch.window_start[k]), int(batch.ref_frame[k])) == (start, ref), (t, a, b, ref_rule)
+            rows, ref_motion, _ = expected_rows(cache, clip_id, start, ref)
+            assert np.array_equal(batch.motion[k].numpy(), rows[10:, :TINY.motion_dim])
+            assert np.array_equal(batch.ref_motion[k].numpy(), ref_motion)
+
+    check()
+
+
+@pytest.mark.parametrize("strategy", ["pread", "roi"])
+def test_dali_random_windows_never_cross_a_clip_end(tmp_path, strategy):
+    """The training path (fn.random.uniform draws) over hypothesis-chosen clip lengths and seeds: every
+    window inside its clip, the reference by its rule, the rows those of the file."""
+
+    @settings(max_examples=15, deadline=None)
+    @given(lengths=lengths_strategy, seed=st.integers(0, 2**16), ref_rule=st.sampled_from(REF_RULES))
+    def check(lengths, seed, ref_rule):
+        with _cache_of(tmp_path, lengths) as cache:
+            check_stream(cache, seed, ref_rule)
+
+    def check_stream(cache, seed, ref_rule):
+        frames = {c.clip_id: c.num_frames for c in cache.clips}
+        it = iter(loader("dali", cache, batch_size=8, ref_rule=ref_rule, seed=seed, read_strategy=strategy))
+        for batch in take(it, 2):
+            for k, clip_id in enumerate(batch.clip_id):
+                start, ref, t = int(batch.window_start[k]), int(batch.ref_frame[k]), frames[clip_id]
+                assert 0 <= start <= t - 60, (t, start)
+                assert {"first": ref == 0, "random_in_clip": 0 <= ref < t,
+                        "random_in_window": start <= ref < start + 60}[ref_rule], (ref_rule, start, ref, t)
+                rows, ref_motion, _ = expected_rows(cache, clip_id, start, ref)
+                assert np.array_equal(batch.motion[k].numpy(), rows[10:, :TINY.motion_dim])
+                assert np.array_equal(batch.ref_motion[k].numpy(), ref_motion)
+
+    check()
+
+
 @pytest.mark.parametrize("kind", CACHED_KINDS)
 def test_window_starts_cover_the_whole_valid_range(tmp_path, kind):
     # Short clips have few valid starts: every one of them must come up, none beyond.
@@ -148,7 +230,7 @@ def test_a_restored_loader_continues_with_the_same_batches(tiny_cache, kind):
     buffer = io.BytesIO()  # the state goes into training checkpoints: it must survive torch.save
     torch.save(first.state_dict(), buffer)
     state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
-    reference = [b.to("cpu") for b in take(it, 20)]
+    reference = take(it, 20)
     resumed = loader(kind, tiny_cache, batch_size=4, seed=11, ref_rule="random_in_clip")
     resumed.load_state_dict(state)
     again = take(iter(resumed), 20)
@@ -175,8 +257,6 @@ def test_the_batch_contract_is_checked():
                    ref_motion=torch.zeros(b, 64, dtype=torch.float16),
                    emotion=torch.zeros(b, 6, dtype=torch.float16),  # wrong shape
                    window_start=torch.zeros(b, dtype=torch.int64), ref_frame=torch.zeros(b, dtype=torch.int64))
-    from dali_float.contract import Batch
-
     batch = Batch(**tensors, clip_id=["a", "b"])
     with pytest.raises(ValueError) as err:
         batch.validate(preset)

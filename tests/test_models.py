@@ -19,6 +19,8 @@ from dali_float.models import (AudioEncoder, EmotionEncoder, FloatMotionModel, F
                                MotionEncoder, build_encoders, count_parameters, emotion_from_filename, emotion_vector,
                                load_motion_checkpoint, model_identities, uniform_emotion)
 from dali_float.models.motion_encoder import FLOAT_DIRECTION_KEY, FLOAT_ENCODER_PREFIX
+from float_layout import (FloatDims, audio_projection_layout, filled, float_checkpoint_layout, fmt_layout,
+                          motion_encoder_layout)
 
 TINY = TINY_PRESET
 F_TINY = TINY.motion_dim
@@ -30,18 +32,16 @@ def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def _float_layout(encoder: MotionEncoder, with_buffers: bool = True) -> dict[str, torch.Tensor]:
-    """A MotionEncoder's weights under FLOAT's names, plus keys of other FLOAT models (to be ignored)."""
-    buffers = {name for name, _ in encoder.named_buffers()}
-    state = {}
-    for key, value in encoder.state_dict().items():
-        if key in buffers and not with_buffers:
-            continue
-        state[FLOAT_DIRECTION_KEY if key == "direction.weight" else FLOAT_ENCODER_PREFIX + key] = value.clone()
-    state["fmt.blocks.0.attn.qkv.weight"] = torch.zeros(3, 3)
-    state["motion_autoencoder.dec.to_flows.0.conv.weight"] = torch.zeros(2, 2)
-    state["audio_encoder.audio_projection.0.weight"] = torch.zeros(4, 4)
-    return state
+# The tiny preset's sizes in FLOAT's terms: checkpoints of FLOAT's layout small enough to fill with values.
+TINY_DIMS = FloatDims(input_size=TINY.motion.input_size, dim_w=TINY.motion_dim, dim_m=TINY.motion.num_coefficients,
+                      dim_a=TINY.fmt.audio_dim, dim_h=TINY.fmt.hidden_size, fmt_depth=TINY.fmt.depth,
+                      mlp_ratio=TINY.fmt.mlp_ratio, audio_input=TINY.audio_feature_dim,
+                      frequency_embedding=TINY.fmt.timestep_frequency_dim, channels=TINY.motion.channels)
+
+
+def _encoder_key(float_key: str) -> str:
+    """Where a float.pth key of the motion encoder lives in MotionEncoder (the one renaming the loader does)."""
+    return "direction.weight" if float_key == FLOAT_DIRECTION_KEY else float_key.removeprefix(FLOAT_ENCODER_PREFIX)
 
 
 # ---------------------------------------------------------------------------------------------- motion encoder
@@ -74,30 +74,10 @@ def test_motion_encoder_init_is_seeded_and_leaves_global_rng_alone():
     assert not torch.equal(a.direction.weight, c.direction.weight)
 
 
-def _official_encoder_keys() -> dict[str, tuple[int, ...]]:
-    """FLOAT's motion_autoencoder.enc.* / dec.direction.weight keys for 512x512, written out from its layer list."""
-    channels = {512: 32, 256: 64, 128: 128, 64: 256, 32: 512, 16: 512, 8: 512, 4: 512}
-    keys = {"net_app.convs.0.0.weight": (32, 3, 1, 1), "net_app.convs.0.1.bias": (1, 32, 1, 1)}
-    size, index = 512, 1
-    while size > 4:
-        cin, cout = channels[size], channels[size // 2]
-        p = f"net_app.convs.{index}."
-        keys |= {p + "conv1.0.weight": (cin, cin, 3, 3), p + "conv1.1.bias": (1, cin, 1, 1),
-                 p + "conv2.0.kernel": (4, 4), p + "conv2.1.weight": (cout, cin, 3, 3),
-                 p + "conv2.2.bias": (1, cout, 1, 1),
-                 p + "skip.0.kernel": (4, 4), p + "skip.1.weight": (cout, cin, 1, 1)}
-        size, index = size // 2, index + 1
-    keys[f"net_app.convs.{index}.weight"] = (512, 512, 4, 4)  # final 4x4 conv, no bias
-    for i in range(4):
-        keys |= {f"fc.{i}.weight": (512, 512), f"fc.{i}.bias": (512,)}
-    keys |= {"fc.4.weight": (20, 512), "fc.4.bias": (20,), "direction.weight": (512, 20)}
-    return keys
-
-
 def test_motion_encoder_float_keys_shapes_and_forward():
     enc = MotionEncoder(FLOAT_PRESET.motion).eval()
     found = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
-    assert found == _official_encoder_keys()
+    assert found == {_encoder_key(k): v for k, v in motion_encoder_layout(FloatDims(), buffers=True).items()}
     # The blur kernels are buffers in FLOAT too (Blur.register_buffer), the rest are parameters.
     assert {n for n, _ in enc.named_buffers()} == {k for k in found if k.endswith(".kernel")}
     assert "net_app.convs.8.bias" not in found
@@ -112,16 +92,28 @@ def test_motion_encoder_float_keys_shapes_and_forward():
 
 @pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
 def test_load_float_layout_checkpoint(tmp_path, wrap):
-    source = MotionEncoder(TINY.motion, seed=1).eval()
-    state = _float_layout(source, with_buffers=wrap is None)  # FLOAT saves may or may not hold the blur buffers
+    """A float.pth laid out as FLOAT's code lays it out (tests/float_layout.py), with and without buffers:
+    every encoder tensor lands in the parameter or buffer of the same role; the other models' keys are ignored."""
+    state = filled(float_checkpoint_layout(TINY_DIMS, buffers=wrap is None), seed=1)
     path = tmp_path / "float.pth"
     torch.save({wrap: state} if wrap else state, path)
-    target = MotionEncoder(TINY.motion, seed=2).eval()
-    load_motion_checkpoint(target, path)
-    images = _images(2, TINY.motion.input_size)
-    with torch.no_grad():
-        for a, b in zip(source(images), target(images)):
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    target = load_motion_checkpoint(MotionEncoder(TINY.motion, seed=2).eval(), path)
+    own = target.state_dict()
+    loaded = {k for k in state if k.startswith(FLOAT_ENCODER_PREFIX) or k == FLOAT_DIRECTION_KEY}
+    for key in loaded:
+        assert torch.equal(own[_encoder_key(key)], state[key]), key
+    params = {name for name, _ in target.named_parameters()}
+    assert params <= {_encoder_key(k) for k in loaded}  # every parameter came from the file
+    assert {k for k in state if _encoder_key(k) in own} == loaded  # and nothing of the other models went in
+
+
+def test_float_sized_checkpoint_fits_the_motion_encoder_exactly(tmp_path):
+    """FLOAT's 512x512 encoder layout, names and shapes only (meta tensors): loads strictly, nothing left over."""
+    for buffers in (False, True):
+        torch.save(filled(float_checkpoint_layout(FloatDims(), buffers), device="meta"), tmp_path / "float.pth")
+        with torch.device("meta"):
+            enc = MotionEncoder(FLOAT_PRESET.motion)
+        load_motion_checkpoint(enc, tmp_path / "float.pth")
 
 
 def test_load_own_state_dict(tmp_path):
@@ -142,7 +134,7 @@ def test_motion_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not a torch checkpoint"):
         load_motion_checkpoint(enc, text)
 
-    state = _float_layout(MotionEncoder(TINY.motion))
+    state = filled(float_checkpoint_layout(TINY_DIMS))
     renamed = dict(state)
     renamed[FLOAT_ENCODER_PREFIX + "fc.9.weight"] = renamed.pop(FLOAT_ENCODER_PREFIX + "fc.4.weight")
     torch.save(renamed, tmp_path / "renamed.pth")
@@ -368,45 +360,48 @@ def test_velocity_with_guidance():
     torch.testing.assert_close(model.velocity_with_guidance(**inputs, a_scale=1.0, e_scale=1.0), all_cond)
 
 
-def test_fmt_float_parameter_count_and_names():
-    fmt = FlowMatchingTransformer(FLOAT_PRESET)
-    count = count_parameters(fmt)
-    print(f"float FMT parameters: {count:,}")
-    assert abs(count - 157e6) / 157e6 < 0.02
-    shapes = {k: tuple(v.shape) for k, v in fmt.state_dict().items()}
-    expected = {
-        "x_embedder.proj.weight": (1024, 512), "pos_embed": (1, 60, 1024), "t_embedder.mlp.0.weight": (1024, 256),
-        "t_embedder.mlp.2.weight": (1024, 1024), "c_embedder.weight": (1024, 1031),
-        "blocks.7.attn.qkv.weight": (3072, 1024), "blocks.7.attn.qkv.bias": (3072,),
-        "blocks.7.attn.proj.weight": (1024, 1024), "blocks.7.mlp.fc1.weight": (4096, 1024),
-        "blocks.7.mlp.fc2.weight": (1024, 4096), "blocks.7.adaLN_modulation.1.weight": (6144, 1024),
-        "decoder.adaLN_modulation.1.weight": (2048, 1024), "decoder.linear.weight": (512, 1024),
-        "alignment_mask": (60, 60),
-    }
-    assert {k: shapes.get(k) for k in expected} == expected
-    assert "blocks.8.attn.qkv.weight" not in shapes
-    assert not any("norm1.weight" in k or "norm_final.weight" in k for k in shapes)  # LayerNorms without affine
+@pytest.fixture(scope="module")
+def float_model_meta() -> FloatMotionModel:
+    """The float preset's FloatMotionModel on the meta device: names and shapes, no memory, no init time."""
+    with torch.device("meta"):
+        return FloatMotionModel(FLOAT_PRESET)
 
 
-def test_float_model_audio_projection_size():
-    projection = torch.nn.Sequential(torch.nn.Linear(9216, 512), torch.nn.LayerNorm(512), torch.nn.SiLU())
-    assert count_parameters(projection) == 4_720_128  # what FloatMotionModel adds to the FMT (FLOAT.md: ~4.72 M)
+def test_fmt_float_keys_shapes_and_parameter_count(float_model_meta):
+    found = {f"fmt.{k}": tuple(v.shape) for k, v in float_model_meta.fmt.state_dict().items()}
+    assert found == fmt_layout(FloatDims(), buffers=True)
+    trainable = sum(p.numel() for p in float_model_meta.fmt.parameters() if p.requires_grad)
+    logging.getLogger(__name__).info("float FMT: %d trainable parameters", trainable)
+    assert abs(trainable - 156.6e6) / 156.6e6 < 1e-3  # FLOAT.md: about 156.6 M for the FMT alone
+    assert not float_model_meta.fmt.pos_embed.requires_grad  # fixed sinusoids, a Parameter as in float.pth
+
+
+def test_float_model_audio_projection_size(float_model_meta):
+    """FloatMotionModel's own projection: Linear(9216 -> 512), LayerNorm(512), SiLU, FLOAT's 4.72 M parameters."""
+    projection = float_model_meta.audio_projection
+    assert [type(m) for m in projection] == [torch.nn.Linear, torch.nn.LayerNorm, torch.nn.SiLU]
+    assert (projection[0].in_features, projection[0].out_features) == (12 * 768, 512)
+    size = count_parameters(projection)
+    assert size == sum(int(np.prod(s)) for s in audio_projection_layout(FloatDims()).values()) == 4_720_128
+    assert count_parameters(float_model_meta) == count_parameters(float_model_meta.fmt) + size
+    trainable = sum(p.numel() for p in float_model_meta.parameters() if p.requires_grad)
+    assert abs(trainable - 161.3e6) / 161.3e6 < 1e-3  # FLOAT.md: ~161.3 M trainable in all
 
 
 def test_load_float_checkpoint(tmp_path):
-    source = FloatMotionModel(TINY, seed=7).eval()
-    _randomise(source, seed=7)
-    state = {}
-    for key, value in source.state_dict().items():
-        if key.startswith("audio_projection."):
-            key = "audio_encoder." + key
-        if key != "fmt.alignment_mask":  # a checkpoint of named_parameters only lacks the buffer
-            state[key] = value.clone()
-    state["motion_autoencoder.enc.fc.0.weight"] = torch.zeros(2, 2)
+    """A float.pth of FLOAT's layout (tests/float_layout.py, the tiny sizes): every fmt.* and
+    audio_encoder.audio_projection.* tensor lands in the parameter of the same name, every trainable
+    parameter comes from the file, the other models' keys are ignored, and the model then runs."""
+    state = filled(float_checkpoint_layout(TINY_DIMS), seed=7)
     torch.save(state, tmp_path / "float.pth")
     target = FloatMotionModel(TINY, seed=8).eval().load_float_checkpoint(tmp_path / "float.pth")
-    inputs = _fmt_inputs(TINY)
-    torch.testing.assert_close(target(**inputs), source(**inputs), atol=0, rtol=0)
+    params = dict(target.named_parameters())
+    taken = {k: k.removeprefix("audio_encoder.") for k in state
+             if k.startswith("fmt.") or k.startswith("audio_encoder.audio_projection.")}
+    for key, name in taken.items():
+        assert torch.equal(params[name], state[key]), key
+    assert set(params) == set(taken.values())
+    assert torch.isfinite(target(**_fmt_inputs(TINY))).all()
 
     del state["fmt.blocks.1.mlp.fc2.bias"]
     torch.save(state, tmp_path / "broken.pth")
@@ -415,6 +410,17 @@ def test_load_float_checkpoint(tmp_path):
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="no fmt"):
         FloatMotionModel(TINY).load_float_checkpoint(tmp_path / "other.pth")
+
+
+def test_float_sized_checkpoint_fits_the_fmt_exactly(tmp_path, float_model_meta):
+    """FLOAT's own sizes, names and shapes only (meta tensors), with and without the attention-mask buffer."""
+    for buffers in (False, True):
+        torch.save(filled(float_checkpoint_layout(FloatDims(), buffers), device="meta"), tmp_path / "float.pth")
+        float_model_meta.load_float_checkpoint(tmp_path / "float.pth")
+    missing = {k: v for k, v in float_checkpoint_layout(FloatDims()).items() if k != "fmt.decoder.linear.bias"}
+    torch.save(filled(missing, device="meta"), tmp_path / "short.pth")
+    with pytest.raises(CheckpointError, match=r"1 missing"):
+        float_model_meta.load_float_checkpoint(tmp_path / "short.pth")
 
 
 # ---------------------------------------------------------------------------------------------- autocast / CUDA

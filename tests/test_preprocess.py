@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -363,9 +364,25 @@ def test_sigkill_mid_run_then_rerun_verifies(small, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- parallelism
 
-def test_two_workers_make_the_same_cache_as_one(small, tmp_path):
+def launched_workers(monkeypatch) -> list[list[str]]:
+    """Record the devices of every set of worker processes preprocessing starts."""
+    from dali_float.preprocess import run as run_module
+
+    launched, real = [], run_module._run_processes
+
+    def spy(shares, devices, *args, **kwargs):
+        launched.append([f"{d}: {len(share)} clip(s)" for d, share in zip(devices, shares)])
+        return real(shares, devices, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "_run_processes", spy)
+    return launched
+
+
+def test_two_workers_make_the_same_cache_as_one(small, tmp_path, monkeypatch):
     data, cache_one, _ = small
+    launched = launched_workers(monkeypatch)
     result = run_preprocessing(options(data, tmp_path / "cache", workers=2))
+    assert launched == [["cpu: 2 clip(s)", "cpu: 2 clip(s)"]]  # two worker processes, a share each
     assert result.exit_code == 0 and result.processed == {cf.STATUS_CACHED: 4}
     assert_same_cache(layout_of(cache_one), layout_of(tmp_path / "cache"))
     assert cf.verify(layout_of(tmp_path / "cache"), P) == []
@@ -385,8 +402,9 @@ def test_balance_splits_by_duration_without_overlap():
 
 @pytest.mark.slow
 def test_two_torchrun_ranks_share_one_cache(small, tmp_path):
-    """RANK/WORLD_SIZE as torchrun sets them: each rank takes its share, rank 0 writes the manifest."""
-    data, _, _ = small
+    """RANK/WORLD_SIZE as torchrun sets them: each rank takes a share (together every clip once), rank 0
+    writes the manifest, and the cache is the one a single process makes (one thread each: bit for bit)."""
+    data, cache_one, _ = small
     cache_dir = tmp_path / "cache"
     port = str(free_port())
     procs = []
@@ -399,11 +417,12 @@ def test_two_torchrun_ranks_share_one_cache(small, tmp_path):
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    shares = [int(line.split("rank ")[1].split(": ")[1].split(" of")[0]) for out in outputs
-              for line in out.splitlines() if ": rank " in line and "pending clip" in line]
-    assert sorted(shares) != [] and sum(shares) == 4, outputs  # every clip processed once
+    shares = {int(m[1]): int(m[2]) for out in outputs
+              for m in re.finditer(r"rank (\d) of 2: (\d+) of 4 pending clip", out)}
+    assert sorted(shares) == [0, 1] and min(shares.values()) > 0 and sum(shares.values()) == 4, outputs
     layout = layout_of(cache_dir)
     assert len(layout.load_manifest().entries(cf.STATUS_CACHED)) == 4
+    assert_same_cache(layout_of(cache_one), layout)
     assert cf.verify(layout, P) == []
 
 
@@ -583,12 +602,24 @@ def test_gpu_features_match_cpu_within_fp16(small, tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpus_flag_runs_one_worker_per_gpu(small, tmp_path):
+def test_gpus_flag_runs_one_worker_per_gpu(small, tmp_path, monkeypatch):
+    """--gpus 0,1: one worker process per GPU, each with a share, and the cache of one process on one GPU."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"--gpus 0,1 needs two CUDA devices; this machine has {torch.cuda.device_count()}")
     data, _, _ = small
-    gpus = tuple(range(min(2, torch.cuda.device_count())))
-    result = run_preprocessing(options(data, tmp_path / "cache", gpus=gpus))
-    assert result.exit_code == 0 and result.counts[cf.STATUS_CACHED] == 4
-    assert cf.verify(layout_of(tmp_path / "cache"), P) == []
+    one = run_preprocessing(options(data, tmp_path / "one", device="cuda:0"))
+    launched = launched_workers(monkeypatch)
+    two = run_preprocessing(options(data, tmp_path / "two", gpus=(0, 1)))
+    assert launched == [["cuda:0: 2 clip(s)", "cuda:1: 2 clip(s)"]]
+    assert one.exit_code == two.exit_code == 0 and two.processed == {cf.STATUS_CACHED: 4}
+    a, b = layout_of(tmp_path / "one"), layout_of(tmp_path / "two")
+    ea, eb = a.read_entries(), b.read_entries()
+    assert {k: entry_fields(e) for k, e in ea.items()} == {k: entry_fields(e) for k, e in eb.items()}
+    for clip_id, entry in ea.items():  # the same model of GPU: the same kernels, at most fp16 rounding apart
+        x = np.load(a.stream_path(entry.key, cf.FRAMES)).astype(np.float32)
+        y = np.load(b.stream_path(entry.key, cf.FRAMES)).astype(np.float32)
+        np.testing.assert_allclose(y, x, rtol=2e-3, atol=2e-3, err_msg=clip_id)
+    assert cf.verify(b, P) == []
 
 
 def test_a_cache_of_another_corpus_is_never_overwritten(tmp_path):

@@ -47,16 +47,20 @@ PREFETCH_THREAD = "dali-float-prefetch"
 @pipeline_def(enable_checkpointing=True)
 def window_pipeline(info_files: list[str], frames_files: list[str], files_by_uid: list[str], *,
                     window_frames: int, motion_dim: int, ref_rule: str, strategy: str, on_gpu: bool,
-                    shuffle_seed: int | None, draw_seed: int, shard_id: int, num_shards: int,
-                    given_windows: bool):
+                    shuffle_seed: int | None, draw_seed: int, shard_id: int, num_shards: int, given: str | None):
     """Outputs per sample: windows (60, F + A) f16, ref_motion (F,) f16, emotion (E,) f16,
-    indices (3,) int64: window_start, ref_frame, clip_uid."""
+    indices (3,) int64: window_start, ref_frame, clip_uid.
+
+    given: None (training: the two draws per sample from fn.random.uniform), "draws" (the caller feeds
+    the two draws, which go through the same rules) or "windows" (the caller feeds window start and
+    reference frame themselves)."""
     reader = dict(shard_id=shard_id, num_shards=num_shards, cache_header_information=True)
     if shuffle_seed is not None:  # the same seed on every rank: one global permutation per epoch
         reader.update(shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed)
     info = fn.readers.numpy(files=info_files, name=READER_NAME, dont_use_mmap=True, **reader)
-    if given_windows:  # a fixed list (parity checks): (window start, reference frame) from the caller
-        draws = fn.external_source(name="windows", dtype=types.INT64, ndim=1)
+    given_windows = given == "windows"
+    if given:  # a fixed list: (window start, reference frame), or the draws, from the caller
+        draws = fn.external_source(name=given, dtype=types.INT64, ndim=1)
     else:  # wide integers, reduced modulo the valid range (see loaders.sampling.DRAW_RANGE)
         draws = fn.random.uniform(range=[0, DRAW_RANGE - 1], shape=[2], dtype=types.INT64, seed=draw_seed)
 
@@ -144,7 +148,7 @@ class DaliWindowLoader(WindowLoader):
     def samples_per_epoch(self) -> int:
         return self._samples_per_epoch
 
-    def _build(self, info_files: list[str], frames_files: list[str], *, given_windows: bool,
+    def _build(self, info_files: list[str], frames_files: list[str], *, given: str | None,
                batch_size: int, checkpoint: str | None = None) -> Any:
         o = self.options
         on_gpu = self.device.type == "cuda"
@@ -152,15 +156,14 @@ class DaliWindowLoader(WindowLoader):
             info_files, frames_files, self.files_by_uid,
             window_frames=self.preset.timing.window_frames, motion_dim=self.preset.motion_dim,
             ref_rule=o.ref_rule, strategy=self.strategy, on_gpu=on_gpu,
-            shuffle_seed=None if given_windows else o.seed,
+            shuffle_seed=None if given else o.seed,
             # Random draws differ per rank; the reader's shuffle seed is shared (see above).
             draw_seed=(o.seed * 1_000_003 + o.shard_id) % (1 << 31),
-            shard_id=0 if given_windows else o.shard_id, num_shards=1 if given_windows else o.num_shards,
-            given_windows=given_windows,
+            shard_id=0 if given else o.shard_id, num_shards=1 if given else o.num_shards, given=given,
             batch_size=batch_size, num_threads=o.num_threads,
             device_id=(self.device.index or 0) if on_gpu else None, seed=o.seed,
             # A fixed list is fed one batch at a time: nothing to prefetch.
-            prefetch_queue_depth=1 if given_windows else o.prefetch_batches, checkpoint=checkpoint,
+            prefetch_queue_depth=1 if given else o.prefetch_batches, checkpoint=checkpoint,
         )
         try:
             pipe.build()
@@ -173,7 +176,7 @@ class DaliWindowLoader(WindowLoader):
         if self._pipe is None:
             clips = [self.cache.clips[i] for i in self.plan]
             self._pipe = self._build([str(c.info_path) for c in clips], [str(c.frames_path) for c in clips],
-                                     given_windows=False, batch_size=self.options.batch_size,
+                                     given=None, batch_size=self.options.batch_size,
                                      checkpoint=self._checkpoint)
         return self._pipe
 
@@ -221,10 +224,18 @@ class DaliWindowLoader(WindowLoader):
         self._checkpoint = state.get("dali_checkpoint")
 
     def load_windows(self, items: Sequence[WindowItem]) -> Batch:
+        return self._load_given("windows", items)
+
+    def load_draws(self, items: Sequence[tuple[str, int, int]]) -> Batch:
+        """The batch for (clip id, start draw, reference draw): the pipeline's own sampling rules
+        (the pread operator's or DALI arithmetic) applied to draws given here instead of drawn."""
+        return self._load_given("draws", items)
+
+    def _load_given(self, given: str, items: Sequence[tuple[str, int, int]]) -> Batch:
         clips = [self.cache.clips[self.index_of(cid)] for cid, _, _ in items]
         pipe = self._build([str(c.info_path) for c in clips], [str(c.frames_path) for c in clips],
-                           given_windows=True, batch_size=len(items))
-        return self._run(pipe, windows=np.array([(s, r) for _, s, r in items], dtype=np.int64))
+                           given=given, batch_size=len(items))
+        return self._run(pipe, **{given: np.array([(a, b) for _, a, b in items], dtype=np.int64)})
 
     def close(self) -> None:
         if self._prefetcher is not None:  # stop the background thread before the pipeline goes
