@@ -9,6 +9,8 @@ generated frames and their audio; the last chunk's audio replicate-padded, the m
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -134,7 +136,7 @@ def test_loudness_direction_recovers_a_planted_direction():
     cosine = w @ direction / np.linalg.norm(w)
     assert cosine > 0.95, cosine  # 0.97 here: the noise of 64 other latent dimensions takes a little
     shifted = loudness_direction([m + 7.0 for m in motions], [r + 3.0 for r in loudness])  # centred per clip
-    np.testing.assert_allclose(shifted, w, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(shifted, w, rtol=1e-3, atol=1e-6)  # float32 latents: rounding of the offset
 
 
 def test_measure_scores_motion_that_follows_the_loudness_and_motion_that_does_not(monkeypatch):
@@ -164,3 +166,67 @@ def test_measure_scores_motion_that_follows_the_loudness_and_motion_that_does_no
 def test_sampler_command_usage_errors():
     with pytest.raises(UsageError, match="--nfe must be at least 1"):
         sampler.main(["generate", "--checkpoint", "x", "--clip", "y", "--out", "z.npy", "--nfe", "0"])
+
+
+# --- trained checkpoints and the command ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two 3-step runs (torch loader, EMA kept) on a synthetic cache: (cache, run A, run B)."""
+    from dali_float.loaders import TrainingCache
+    from dali_float.training import DataSource, TrainConfig, train
+    from synthetic import write_synthetic_cache
+
+    base = tmp_path_factory.mktemp("sampler_runs")
+    cache = TrainingCache.open(base / "cache", P, write_synthetic_cache(base / "cache", P, (70, 130)))
+    runs = []
+    for name, seed in (("a", 0), ("b", 1)):
+        cfg = TrainConfig(preset="tiny", loader="torch", steps=3, batch_size=2, output_dir=base / name, progress=False,
+                          device="cpu", num_workers=0, ema_decay=0.5, seed=seed, cache_dir=base / "cache",
+                          warmup_steps=1, lr=1e-2)
+        train(cfg, DataSource.from_cache(cache))
+        runs.append(base / name)
+    return cache, runs[0], runs[1]
+
+
+def test_load_trained_takes_the_ema_weights_unless_asked_not_to(two_runs):
+    from dali_float.training.checkpoint import find_checkpoint, load_checkpoint
+
+    _, run, _ = two_runs
+    state = load_checkpoint(find_checkpoint(run))
+    ema, raw = sampler.load_trained(run), sampler.load_trained(run, use_ema=False)
+    assert not ema.model.training and ema.fingerprint == state["fingerprint"]
+    name = "fmt.decoder.linear.weight"
+    assert torch.equal(ema.model.state_dict()[name], state["ema"]["params"][name])
+    assert torch.equal(raw.model.state_dict()[name], state["model"][name])
+    assert not torch.equal(ema.model.state_dict()[name], raw.model.state_dict()[name])
+
+
+def test_generate_command_writes_what_generate_for_clip_makes(two_runs, tmp_path):
+    cache, run, _ = two_runs
+    clip = cache.clips[1]
+    out = tmp_path / "motion.npy"
+    assert sampler.main(["generate", "--checkpoint", str(run), "--clip", clip.clip_id, "--out", str(out), "--nfe", "3",
+                         "--seed", "2"]) == 0
+    trained = sampler.load_trained(run)
+    data = sampler.read_clip(sampler.open_cache(trained), clip.clip_id)
+    assert data.motion.shape == (130, F) and data.audio.shape == (130, A)
+    expected = sampler.generate_for_clip(trained, data, GuidanceOptions(nfe=3), seed=2)
+    motion = np.load(out)
+    assert motion.dtype == np.float32 and np.array_equal(motion, expected)
+    with pytest.raises(UsageError, match="not a usable clip"):
+        sampler.main(["generate", "--checkpoint", str(run), "--clip", "nope.mp4", "--out", str(out)])
+
+
+def test_measure_command_compares_two_runs_and_writes_json(two_runs, tmp_path, monkeypatch):
+    cache, run, baseline = two_runs
+    loud = {c.clip_id: np.abs(np.sin(np.arange(c.num_frames) / 5.0)) for c in cache.clips}
+    monkeypatch.setattr(sampler, "frame_rms", lambda clip, preset: loud[clip.clip_id])  # synthetic: no audio file
+    out = tmp_path / "measure.json"
+    assert sampler.main(["measure", "--checkpoint", str(run), "--baseline", str(baseline), "--seeds", "1", "--nfe", "2",
+                         "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) >= {"model", "baseline", "real_motion", "per_clip"} and result["clips"] == 2
+    assert set(result["per_clip"]) == {c.clip_id for c in cache.clips} and result["nfe"] == 2
+    assert all(-1 <= result[k] <= 1 for k in ("model", "baseline", "real_motion"))
