@@ -422,9 +422,9 @@ def line_map() -> tuple[dict[str, dict[int, set[str]]], dict[str, set[int]]]:
         for line, names in contexts.items():
             anywhere[path].add(line)
             for context in names:
-                if context:  # "tests.test_models.test_x" (module.function)
+                if context:  # "test_models.test_x" (module.function; tests/ is on sys.path, not a package)
                     module, _, function = context.rpartition(".")
-                    by_test[path][line].add(f"{module.replace('.', '/')}.py::{function}")
+                    by_test[path][line].add(f"tests/{module.split('.')[-1]}.py::{function}")
     return by_test, anywhere
 
 
