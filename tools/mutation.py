@@ -1,6 +1,6 @@
 """Mutation testing: break the code on purpose, one small fault at a time, and count the faults the tests catch.
 
-    python tools/mutation.py coverage                  # once, ~10 min: which test executes which line
+    python tools/mutation.py coverage [--tests F ...]  # once, ~17 min: which test executes which line
     python tools/mutation.py run [--group G ...]       # every mutant of the groups (hours: see docs/TESTING.md)
     python tools/mutation.py report                    # the per-group table and the survivors, as markdown
     python tools/mutation.py list --group G            # the mutants of a group, nothing run
@@ -120,6 +120,14 @@ BINOP = {ast.Add: ("+", "-"), ast.Sub: ("-", "+"), ast.Mult: ("*", "/"), ast.Div
 LOG_NAMES = {"log", "logging", "logger", "warnings"}
 
 
+def _is_log_call(node: ast.Call) -> bool:
+    """log.info(...), logging.warning(...), warnings.warn(...), print(...): what a user reads, not behaviour."""
+    root = node.func
+    while isinstance(root, ast.Attribute):
+        root = root.value
+    return isinstance(root, ast.Name) and (root.id in LOG_NAMES or root.id == "print" and root is node.func)
+
+
 class _Finder(ast.NodeVisitor):
     """Collects mutation points of one module (text spans of its source)."""
 
@@ -216,11 +224,7 @@ class _Finder(ast.NodeVisitor):
         self._skip_tree(node)  # the error's message; which error is raised where is left to the branches
 
     def visit_Call(self, node: ast.Call) -> None:
-        func = node.func
-        root = func
-        while isinstance(root, ast.Attribute):
-            root = root.value
-        if isinstance(root, ast.Name) and root.id in LOG_NAMES or (isinstance(func, ast.Name) and func.id == "print"):
+        if _is_log_call(node):
             self._skip_tree(node)
             return
         self.generic_visit(node)
@@ -278,7 +282,7 @@ class _Finder(ast.NodeVisitor):
             self._add(start, end, "constant", text, repr(value * 2 if value else 1.0))
 
     def visit_Expr(self, node: ast.Expr) -> None:
-        if id(node) not in self.skip and isinstance(node.value, ast.Call):
+        if id(node) not in self.skip and isinstance(node.value, ast.Call) and not _is_log_call(node.value):
             start = self._offset(node.lineno, node.col_offset)
             end = self._offset(node.end_lineno, node.end_col_offset)
             self._add(start, end, "delete call", self.source[start:end], "pass")
@@ -377,20 +381,26 @@ DURATIONS = WORK / "durations.json"
 
 
 def cmd_coverage(args: argparse.Namespace) -> int:
+    """Every group's test files under coverage.py (one context per test function); with --tests, only those
+    files, added to the map made before (a test file changed since)."""
     WORK.mkdir(exist_ok=True)
     rc = WORK / "coveragerc"
     rc.write_text("[run]\nsource = dali_float\ndynamic_context = test_function\nparallel = true\n"
                   "patch = subprocess\n")
-    tests = sorted({t for g in GROUPS.values() for t in g.tests})
-    for old in WORK.glob("coverage.db*"):
-        old.unlink()
+    tests = args.tests or sorted({t for g in GROUPS.values() for t in g.tests})
+    if not args.tests:
+        for old in WORK.glob("coverage.db*"):
+            old.unlink()
     env = dict(os.environ, COVERAGE_RCFILE=str(rc), COVERAGE_FILE=str(COVERAGE_DB))
+    junit = WORK / "coverage-junit.xml"
     cmd = [sys.executable, "-m", "coverage", "run", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           f"--junitxml={WORK / 'coverage-junit.xml'}", *tests]
+           f"--junitxml={junit}", *tests]
     print(" ".join(cmd), flush=True)
     done = subprocess.run(cmd, cwd=REPO, env=env)
-    subprocess.run([sys.executable, "-m", "coverage", "combine"], cwd=REPO, env=env, check=True)
-    DURATIONS.write_text(json.dumps(_junit_durations(WORK / "coverage-junit.xml"), indent=0))
+    subprocess.run([sys.executable, "-m", "coverage", "combine", *(["--append"] if args.tests else [])], cwd=REPO,
+                   env=env, check=True)
+    durations = json.loads(DURATIONS.read_text()) if args.tests and DURATIONS.exists() else {}
+    DURATIONS.write_text(json.dumps({**durations, **_junit_durations(junit)}, indent=0))
     print(f"pytest exit {done.returncode}; coverage in {COVERAGE_DB}", flush=True)
     return 0
 
@@ -417,7 +427,7 @@ def line_map() -> tuple[dict[str, dict[int, set[str]]], dict[str, set[int]]]:
     by_test: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
     anywhere: dict[str, set[int]] = defaultdict(set)
     for filename in data.measured_files():
-        path = os.path.relpath(filename, REPO)
+        path = filename[filename.rindex("dali_float/"):]  # the map may come from another checkout
         contexts = data.contexts_by_lineno(filename)
         for line, names in contexts.items():
             anywhere[path].add(line)
@@ -570,6 +580,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     results = json.loads(args.json.read_text()) if args.json.exists() else {"mutants": {}}
     results["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                                        text=True).stdout.strip()
+    results["command"] = " ".join(["python", "tools/mutation.py", *sys.argv[1:]])
     preimport()
     (WORK / "logs").mkdir(parents=True, exist_ok=True)
     groups = args.group or list(GROUPS)
@@ -743,7 +754,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("coverage")
+    cov = sub.add_parser("coverage")
+    cov.add_argument("--tests", nargs="*", help="only these test files, added to the existing map")
     run = sub.add_parser("run")
     run.add_argument("--group", action="append", choices=list(GROUPS))
     run.add_argument("--json", type=Path, default=RESULTS)
