@@ -494,7 +494,11 @@ def run_pytest(node_ids: list[str], extra: tuple[str, ...], timeout: float, log:
             os.environ.update(DALI_FLOAT_TEST_HOME=str(home), PYTHONDONTWRITEBYTECODE="1")
             sys.dont_write_bytecode = True
             import pytest
+            from hypothesis import Phase, settings
 
+            # A failing example is enough to kill a mutant: no shrinking (which builds pipelines by the dozen).
+            settings.register_profile("mutation", phases=[Phase.explicit, Phase.reuse, Phase.generate])
+            settings.load_profile("mutation")
             code = pytest.main(["-x", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *extra, *node_ids])
             sys.stdout.flush()
             sys.stderr.flush()
@@ -751,7 +755,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop(signum, frame):  # noqa: ARG001 - SIGTERM: unwind, so the mutated file is restored (finally)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _stop)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     cov = sub.add_parser("coverage")
