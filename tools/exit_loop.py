@@ -40,7 +40,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--clips", type=int, default=120)
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose dali_float is run")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, required=True, help="where the counts and failed runs' stderr go")
     args = parser.parse_args()
     sys.path[:0] = [str(REPO), str(REPO / "tests")]
     from dali_float.config import get_preset
@@ -64,10 +64,9 @@ def main() -> int:
     result = {"repo": str(args.repo.resolve()), "runs": args.runs, "clips": args.clips,
               "exit_codes": {str(k): v for k, v in sorted(codes.items())}, "failed": sum(1 for f in failures),
               "seconds": round(time.time() - start, 1), "load_average_end": os.getloadavg(), "failures": failures}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "failures"}))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
