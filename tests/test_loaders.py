@@ -365,7 +365,7 @@ def test_resident_memory_does_not_grow_with_the_cache(tmp_path, kind):
 
 
 EXIT_PROBE = textwrap.dedent("""
-    import atexit, sys, threading
+    import atexit, sys, threading, time
     sys.path[:0] = [{repo!r}, {tests!r}]
 
     def prefetch_threads_at_exit():  # registered first, so it runs after every later atexit hook
@@ -379,8 +379,11 @@ EXIT_PROBE = textwrap.dedent("""
     from dali_float.loaders import LoaderOptions, TrainingCache, open_loader
     preset = get_preset("tiny")
     cache = TrainingCache.open(Path(sys.argv[1]), preset, sys.argv[2])
-    it = iter(open_loader("dali", preset, LoaderOptions(batch_size=4, prefetch_batches=4), cache=cache))
-    next(it)  # the loader is never closed: its prefetch thread is still reading when the script ends
+    loader = open_loader("dali", preset, LoaderOptions(batch_size=4, prefetch_batches=4), cache=cache)
+    it = iter(loader)
+    next(it)  # the loader is never closed: its prefetch thread is still running when the script ends
+    while not loader._prefetcher._queue.full():  # idle, waiting to hand over: only a stop ends it (else
+        time.sleep(0.01)                         # DALI's own exit hook could fail its next pipe.run())
 """)
 
 

@@ -251,11 +251,13 @@ class Prefetcher:
     raised by `produce` is raised again by `get()`.
 
     Every running prefetcher is stopped when the interpreter exits (`atexit`), also when its loader
-    was never closed. Left running, its daemon thread may be inside DALI (pipe.run(), the DLPack
-    hand-over: C++ that releases the GIL) when Python 3.11 finalizes; taking the GIL back there ends
-    the thread with pthread_exit, whose forced unwind through DALI's noexcept code is std::terminate:
-    the process dies with SIGABRT after its work is done ("terminate called without an active
-    exception"; 4 of 100 exits of the tests' RSS probe before this, docs/TESTING.md).
+    was never closed. Left running, its daemon thread races the exit twice: DALI's own atexit hook
+    shuts every pipeline down, also one this thread is running (nvidia.dali.pipeline
+    `_shutdown_pipelines`; ours runs first, registered after DALI's import); and when Python 3.11
+    finalizes, a daemon thread inside DALI's C++ (pipe.run(), the DLPack hand-over, which release the
+    GIL) is ended by pthread_exit as it takes the GIL back, a forced unwind through DALI's noexcept
+    code: std::terminate, SIGABRT after the work is done ("terminate called without an active
+    exception": 3 of 100 exits of the tests' RSS probe before this, 0 of 100 after; docs/TESTING.md).
     """
 
     _running: "weakref.WeakSet[Prefetcher]" = weakref.WeakSet()
