@@ -208,6 +208,25 @@ def test_window_starts_cover_the_whole_valid_range(tmp_path, kind):
         assert seen[clip.clip_id] == set(range(num_valid_starts(clip.num_frames, 60))), clip.clip_id
 
 
+def test_valid_starts_by_the_documented_rule():
+    """README: a window start is drawn from 0..T-60, so T - 59 starts; a clip shorter than a window has none."""
+    assert [num_valid_starts(t, 60) for t in (0, 59, 60, 61, 119, 1000)] == [0, 0, 1, 2, 60, 941]
+
+
+@pytest.mark.parametrize("kind", CACHED_KINDS)
+@pytest.mark.parametrize("policy, repeats", [("windows", [1, 1, 2, 4]), ("clips", [1, 1, 1, 1])])
+def test_an_epoch_repeats_each_clip_by_the_documented_rule(tmp_path, kind, policy, repeats):
+    """README: an epoch is the list of clips with each clip repeated max(1, T // 60) times (`windows`) or once
+    (`clips`); clips of 60, 119, 120 and 250 frames."""
+    lengths = [60, 119, 120, 250]
+    cache = TrainingCache.open(tmp_path, TINY, write_synthetic_cache(tmp_path, TINY, lengths))
+    ld = loader(kind, cache, batch_size=1, epoch_policy=policy, seed=2)
+    assert ld.samples_per_epoch == sum(repeats)
+    seen = collections.Counter(b.clip_id[0] for b in take(iter(ld), ld.samples_per_epoch))
+    by_length = {c.num_frames: c.clip_id for c in cache.clips}
+    assert seen == {by_length[t]: n for t, n in zip(lengths, repeats)}
+
+
 @pytest.mark.parametrize("kind", CACHED_KINDS)
 @pytest.mark.parametrize("num_shards", [2, 3])
 def test_shards_together_see_every_sample_of_an_epoch_once(tiny_cache, kind, num_shards):

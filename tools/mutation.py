@@ -2,6 +2,7 @@
 
     python tools/mutation.py coverage [--tests F ...]  # once, ~17 min: which test executes which line
     python tools/mutation.py run [--group G ...]       # every mutant of the groups (hours: see docs/TESTING.md)
+    python tools/mutation.py run --survivors           # again, only those that survived (after new tests)
     python tools/mutation.py report                    # the per-group table and the survivors, as markdown
     python tools/mutation.py list --group G            # the mutants of a group, nothing run
     python tools/mutation.py faults                    # issue 13's named faults: each listed test must fail
@@ -593,7 +594,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.limit:
             mutants = mutants[:args.limit]
         for i, m in enumerate(mutants):
-            if m.key in results["mutants"] and not args.again:
+            done = results["mutants"].get(m.key)
+            if done and not args.again and not (args.survivors and done["outcome"] not in ("killed", "timeout")):
+                continue
+            if args.survivors and not done:
                 continue
             selection, how = selection_for(m, by_test, anywhere, durations)
             if not selection:
@@ -770,6 +774,8 @@ def main() -> int:
     run.add_argument("--json", type=Path, default=RESULTS)
     run.add_argument("--limit", type=int, default=0, help="at most N mutants per group (a trial)")
     run.add_argument("--again", action="store_true", help="rerun mutants that already have a result")
+    run.add_argument("--survivors", action="store_true",
+                     help="rerun only the mutants that survived (after new tests; refresh `coverage --tests` first)")
     report = sub.add_parser("report")
     report.add_argument("--json", type=Path, default=RESULTS)
     faults = sub.add_parser("faults")
