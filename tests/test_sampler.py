@@ -10,6 +10,9 @@ generated frames and their audio; the last chunk's audio replicate-padded, the m
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,6 +68,22 @@ def test_a_constant_velocity_moves_the_noise_by_exactly_that_velocity():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_euler_steps_from_t0_to_1_along_the_times_the_velocity_is_evaluated_at():
+    """Whatever the step count: times start at 0, increase, stay below 1, and each step adds (next time - this
+    time) x the velocity there, the last step reaching t = 1."""
+    field = Field(lambda t, x: torch.sin(3 * x) + t)
+    audio, ref, emotion = _inputs(50, seed=5)
+    out = generate_motion(field, audio, ref, emotion, GuidanceOptions(nfe=6), torch.Generator().manual_seed(2))
+    times = [c["t"] for c in field.calls]
+    assert times[0] == 0 and all(a < b for a, b in zip(times, times[1:])) and times[-1] < 1
+    states = [c["x"] for c in field.calls] + [out[None]]
+    for k, call in enumerate(field.calls):
+        step = (times[k + 1] if k + 1 < len(times) else 1.0) - times[k]
+        velocity = field.velocity(times[k], torch.cat([call["prev_x"], call["x"]], dim=1))[:, 10:]
+        torch.testing.assert_close(states[k + 1], call["x"] + step * velocity, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(states[0], _noise(1, 2)[0])  # from the seeded noise at t = 0
+
+
 @pytest.mark.xfail(strict=True, reason=NEW_NFE)
 @pytest.mark.parametrize("nfe", [10, 2, 5])
 def test_euler_evaluations_on_linspace_0_1_nfe(nfe):
@@ -105,6 +124,21 @@ def test_chunks_continue_from_the_last_ten_generated_frames():
     assert GuidanceOptions() == GuidanceOptions(nfe=10, a_scale=2.0, e_scale=1.0)  # FLOAT's defaults
 
 
+def test_a_clip_is_generated_from_its_first_frame_and_its_emotion():
+    """generate_for_clip: the reference motion is the clip's first frame (FLOAT's r_s of the source image),
+    the emotion the clip's, the audio all of it."""
+    motion = np.random.default_rng(0).standard_normal((60, F)).astype(np.float32)
+    clip = ClipData("c", motion, np.random.default_rng(1).standard_normal((60, A)).astype(np.float32),
+                    np.linspace(0.1, 0.3, 7).astype(np.float32), None)
+    field = Field(lambda t, x: torch.zeros_like(x))
+    trained = type("Trained", (), {"model": field})()
+    out = sampler.generate_for_clip(trained, clip, GuidanceOptions(nfe=2), seed=0)
+    assert out.shape == (60, F) and out.dtype == np.float32
+    assert np.array_equal(field.calls[0]["wr"][0].numpy(), motion[0])
+    assert np.array_equal(field.calls[0]["we"][0].numpy(), clip.emotion)
+    assert np.array_equal(field.calls[0]["audio"][0].numpy(), clip.audio[:50])
+
+
 def test_the_same_seed_gives_the_same_motion():
     field = Field(lambda t, x: -0.3 * x)
     audio, ref, emotion = _inputs(60)
@@ -139,6 +173,22 @@ def test_loudness_direction_recovers_a_planted_direction():
     np.testing.assert_allclose(shifted, w, rtol=1e-3, atol=1e-6)  # float32 latents: rounding of the offset
 
 
+def test_frame_rms_is_the_loudness_of_each_frames_640_samples(tmp_path):
+    """One RMS per video frame of the waveform preprocessing sees: a click written at frame 20 of a 50-frame
+    clip is the loudest frame."""
+    from dali_float.demo import synth_talking_head, write_clip
+
+    frames, _, _ = synth_talking_head(50, 64, seed=1)
+    audio = np.zeros(2 * 16_000, np.float32)
+    audio[20 * 640 + 100:20 * 640 + 400] = 0.8
+    video = write_clip(tmp_path / "click.webm", frames, 25, audio=audio, audio_rate=16_000)
+    clip = ClipData("click", np.zeros((50, F), np.float32), np.zeros((50, A), np.float32), np.zeros(7, np.float32),
+                    video)
+    rms = sampler.frame_rms(clip, P)
+    assert rms.shape == (50,) and np.isfinite(rms).all() and (rms >= 0).all()
+    assert int(np.argmax(rms)) == 20 and rms[20] > 5 * np.median(rms)
+
+
 def test_measure_scores_motion_that_follows_the_loudness_and_motion_that_does_not(monkeypatch):
     """A "model" returning each clip's real motion scores like the real motion; one returning another clip's
     motion scores about zero; the real motion's own score is fitted without its clip (left-one-clip-out)."""
@@ -166,6 +216,22 @@ def test_measure_scores_motion_that_follows_the_loudness_and_motion_that_does_no
 def test_sampler_command_usage_errors():
     with pytest.raises(UsageError, match="--nfe must be at least 1"):
         sampler.main(["generate", "--checkpoint", "x", "--clip", "y", "--out", "z.npy", "--nfe", "0"])
+    given = {"--checkpoint": "run", "--clip": "c.mp4", "--out": "m.npy"}
+    for missing in given:
+        with pytest.raises(UsageError, match=missing):
+            sampler.main(["generate", *[x for k, v in given.items() if k != missing for x in (k, v)]])
+    with pytest.raises(UsageError):
+        sampler.main([])  # no command
+
+
+def test_sampler_defaults_are_floats_and_the_readmes():
+    """FLOAT's defaults (options/base_options.py: nfe 10, audio guidance 2.0, emotion guidance 1.0) and the
+    README's `[--seeds 2]`, as the commands parse them."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "[--nfe 10] [--a_scale 2] [--e_scale 1]" in readme and "[--seeds 2]" in readme
+    args = sampler._parser().parse_args(["measure", "--checkpoint", "run"])
+    assert (args.nfe, args.a_scale, args.e_scale, args.seeds) == (10, 2.0, 1.0, 2)
+    assert args.baseline is None and args.json is None and not args.no_ema and args.device == "cpu"
 
 
 # --- trained checkpoints and the command ---------------------------------------------------------------------
@@ -179,7 +245,8 @@ def two_runs(tmp_path_factory):
     from synthetic import write_synthetic_cache
 
     base = tmp_path_factory.mktemp("sampler_runs")
-    cache = TrainingCache.open(base / "cache", P, write_synthetic_cache(base / "cache", P, (70, 130)))
+    # 40 frames: in the manifest, shorter than a window, so not a usable clip
+    cache = TrainingCache.open(base / "cache", P, write_synthetic_cache(base / "cache", P, (70, 130, 40)))
     runs = []
     for name, seed in (("a", 0), ("b", 1)):
         cfg = TrainConfig(preset="tiny", loader="torch", steps=3, batch_size=2, output_dir=base / name, progress=False,
@@ -215,11 +282,23 @@ def test_generate_command_writes_what_generate_for_clip_makes(two_runs, tmp_path
     expected = sampler.generate_for_clip(trained, data, GuidanceOptions(nfe=3), seed=2)
     motion = np.load(out)
     assert motion.dtype == np.float32 and np.array_equal(motion, expected)
-    with pytest.raises(UsageError, match="not a usable clip"):
-        sampler.main(["generate", "--checkpoint", str(run), "--clip", "nope.mp4", "--out", str(out)])
+    for unusable in ("nope.mp4", next(c for c in cache.manifest.clips if c not in {x.clip_id for x in cache.clips})):
+        with pytest.raises(UsageError, match="not a usable clip"):
+            sampler.main(["generate", "--checkpoint", str(run), "--clip", unusable, "--out", str(out)])
 
 
-def test_measure_command_compares_two_runs_and_writes_json(two_runs, tmp_path, monkeypatch):
+def test_generate_command_as_a_script(two_runs, tmp_path):
+    """`python -m dali_float.sampler generate`: the output's folder is made, the log says what was written."""
+    cache, run, _ = two_runs
+    out = tmp_path / "new" / "folder" / "motion.npy"
+    done = subprocess.run([sys.executable, "-m", "dali_float.sampler", "generate", "--checkpoint", str(run), "--clip",
+                           cache.clips[0].clip_id, "--out", str(out), "--nfe", "2"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert np.load(out).shape == (70, F) and f"wrote {out}" in done.stderr
+
+
+def test_measure_command_compares_two_runs_and_writes_json(two_runs, tmp_path, monkeypatch, capsys):
     cache, run, baseline = two_runs
     loud = {c.clip_id: np.abs(np.sin(np.arange(c.num_frames) / 5.0)) for c in cache.clips}
     monkeypatch.setattr(sampler, "frame_rms", lambda clip, preset: loud[clip.clip_id])  # synthetic: no audio file
@@ -229,4 +308,11 @@ def test_measure_command_compares_two_runs_and_writes_json(two_runs, tmp_path, m
     result = json.loads(out.read_text())
     assert set(result) >= {"model", "baseline", "real_motion", "per_clip"} and result["clips"] == 2
     assert set(result["per_clip"]) == {c.clip_id for c in cache.clips} and result["nfe"] == 2
-    assert all(-1 <= result[k] <= 1 for k in ("model", "baseline", "real_motion"))
+    # The same as the measurement itself on both runs' EMA weights (the command's defaults).
+    clips = [sampler.read_clip(cache, c.clip_id) for c in cache.clips]
+    direct = sampler.measure_audio_following({"model": sampler.load_trained(run),
+                                              "baseline": sampler.load_trained(baseline)}, clips, 1,
+                                             GuidanceOptions(nfe=2))
+    assert json.loads(json.dumps(direct)) == result
+    printed = json.loads(capsys.readouterr().out)  # the summary on stdout: everything but the per-clip scores
+    assert printed == {k: v for k, v in result.items() if k != "per_clip"}
