@@ -208,6 +208,20 @@ def test_window_starts_cover_the_whole_valid_range(tmp_path, kind):
         assert seen[clip.clip_id] == set(range(num_valid_starts(clip.num_frames, 60))), clip.clip_id
 
 
+def test_request_stream_refuses_what_it_cannot_do():
+    for kwargs, words in ((dict(policy="frames"), "--epoch_policy 'frames'"), (dict(ref_rule="last"), "--ref 'last'"),
+                          (dict(shard_id=2, num_shards=2), "shard 2 is outside 0..1"),
+                          (dict(shard_id=-1, num_shards=2), "shard -1 is outside 0..1")):
+        with pytest.raises(UsageError, match=words):
+            RequestStream([120, 130], 60, **kwargs)
+    with pytest.raises(ValueError, match="at least one window"):
+        RequestStream([120, 59], 60)
+    # One sample per epoch (a 60-frame clip) feeds one rank, not two: the second would get nothing.
+    assert RequestStream([60], 60, shard_id=0, num_shards=1).samples_per_epoch == 1
+    with pytest.raises(UsageError, match="1 samples per epoch cannot feed 2 ranks"):
+        RequestStream([60], 60, shard_id=0, num_shards=2)
+
+
 def test_valid_starts_by_the_documented_rule():
     """README: a window start is drawn from 0..T-60, so T - 59 starts; a clip shorter than a window has none."""
     assert [num_valid_starts(t, 60) for t in (0, 59, 60, 61, 119, 1000)] == [0, 0, 1, 2, 60, 941]
