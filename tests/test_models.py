@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import time
 
 import numpy as np
@@ -19,6 +20,7 @@ from dali_float.models import (AudioEncoder, EmotionEncoder, FloatMotionModel, F
                                MotionEncoder, build_encoders, count_parameters, emotion_from_filename, emotion_vector,
                                load_motion_checkpoint, model_identities, uniform_emotion)
 from dali_float.models.motion_encoder import FLOAT_DIRECTION_KEY, FLOAT_ENCODER_PREFIX
+import float_reference
 from float_layout import (FloatDims, audio_projection_layout, filled, float_checkpoint_layout, fmt_layout,
                           motion_encoder_layout)
 
@@ -62,6 +64,26 @@ def test_motion_encoder_tiny_shapes_and_basis():
     torch.testing.assert_close(out.motion_latents @ q, out.coefficients, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="expects"):
         enc(_images(1, TINY.motion.input_size * 2))
+
+
+@pytest.mark.parametrize("preset", [TINY, FLOAT_PRESET], ids=["tiny", "float"])
+def test_motion_encoder_matches_an_independent_lia_forward(preset):
+    """The LIA encoder against tests/float_reference.py (FLOAT's equalised convs, blur, fused leaky ReLU, skip
+    paths, motion head and direction dictionary written out functionally), random weights and biases."""
+    enc = MotionEncoder(preset.motion, seed=3).eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    images = _images(2 if preset is TINY else 1, preset.motion.input_size, seed=5)
+    with torch.no_grad():
+        out = enc(images)
+        s, lam, r = float_reference.lia_encode(enc.state_dict(), images)
+    torch.testing.assert_close(out.identity, s, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.coefficients, lam, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.motion_latents, r, atol=1e-4, rtol=1e-4)
+    assert s.abs().mean() > 0.1 and lam.abs().mean() > 0.1  # a signal, not vanishing activations
 
 
 def test_motion_encoder_init_is_seeded_and_leaves_global_rng_alone():
@@ -303,6 +325,75 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
         for name, p in module.named_parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_fmt_matches_an_independent_forward():
+    """FloatMotionModel against tests/float_reference.py (FLOAT's FMT written out: sinusoidal positions, timestep
+    embedding, condition per frame, DiT blocks with framewise adaLN, attention as an explicit softmax over a
+    +-2 frame band, final layer) and the audio projection, a dropped audio zero after the projection."""
+    model = FloatMotionModel(TINY).eval()
+    _randomise(model, seed=3)
+    inputs = _fmt_inputs(TINY, seed=4)
+    keep = torch.tensor([1.0, 0.0])
+    fmt_sd = {k[len("fmt."):]: v for k, v in model.state_dict().items() if k.startswith("fmt.")}
+    proj_sd = {k[len("audio_projection."):]: v for k, v in model.state_dict().items() if k.startswith("audio_proj")}
+    with torch.no_grad():
+        wa = float_reference.audio_projection(proj_sd, inputs["audio"]) * keep[:, None, None]
+        prev_wa = float_reference.audio_projection(proj_sd, inputs["prev_audio"])
+        expected = float_reference.fmt_velocity(fmt_sd, TINY.fmt.num_heads, inputs["t"], inputs["x"], inputs["prev_x"],
+                                                wa, prev_wa, inputs["wr"], inputs["we"])
+        got = model(**inputs, audio_keep=keep)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert expected.abs().mean() > 0.01
+
+
+def test_fmt_embeddings_are_floats():
+    """The fixed position table (60 x 1024) and the timestep embedding (256, and an odd width) as FLOAT defines
+    them; the FMT's LayerNorms use FLOAT's eps 1e-6, the projection's torch's default (as FLOAT's nn.LayerNorm)."""
+    from dali_float.models.fmt import TimestepEmbedder, sinusoid_table
+
+    torch.testing.assert_close(sinusoid_table(60, 1024), float_reference.sinusoid_table(60, 1024), atol=1e-6, rtol=0)
+    t = torch.tensor([0.0, 0.013, 0.5, 0.999, 1.0])
+    for dim in (256, 255):
+        torch.testing.assert_close(TimestepEmbedder(8, dim).frequency_embedding(t),
+                                   float_reference.timestep_embedding(t, dim), atol=1e-6, rtol=1e-5)
+    model = FloatMotionModel(TINY)
+    torch.testing.assert_close(model.fmt.pos_embed[0], float_reference.sinusoid_table(60, TINY.fmt.hidden_size),
+                               atol=1e-6, rtol=0)
+    norms = [m for m in model.fmt.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * TINY.fmt.depth + 1 and all(m.eps == 1e-6 and m.weight is None for m in norms)
+    assert model.audio_projection[1].eps == 1e-5
+
+
+def test_fmt_init_is_dits_and_seeded():
+    """FLOAT's initialize_weights: xavier-uniform linears with zero biases, N(0, 0.02) timestep MLP, adaLN and
+    output layers zero; the audio projection torch's default U(+-1/sqrt(fan in)). The same seed, the same weights."""
+    model = FloatMotionModel(TINY, seed=5)
+    again, other = FloatMotionModel(TINY, seed=5), FloatMotionModel(TINY, seed=6)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert not torch.equal(model.fmt.blocks[0].attn.qkv.weight, other.fmt.blocks[0].attn.qkv.weight)
+    assert not torch.equal(model.audio_projection[0].weight, other.audio_projection[0].weight)
+    fmt = model.fmt
+    zeroed = {id(m) for m in [*(b.adaLN_modulation[1] for b in fmt.blocks), fmt.decoder.adaLN_modulation[1],
+                              fmt.decoder.linear]}
+    normal = {id(fmt.t_embedder.mlp[0]), id(fmt.t_embedder.mlp[2])}
+    for m in fmt.modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        w = m.weight.detach()
+        if id(m) in zeroed:
+            assert not w.any() and not m.bias.any()
+        elif id(m) in normal:
+            assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002 and not m.bias.any()
+        else:
+            bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))
+            assert w.abs().max() <= bound and abs(w.std().item() - bound / math.sqrt(3)) < 0.05 * bound
+            assert not m.bias.any()
+    linear, norm = model.audio_projection[0], model.audio_projection[1]
+    bound = 1 / math.sqrt(linear.in_features)
+    for t in (linear.weight.detach(), linear.bias.detach()):
+        assert t.abs().max() <= bound and abs(t.std().item() - bound / math.sqrt(3)) < 0.15 * bound
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and not norm.bias.any()
 
 
 def test_fmt_shapes_and_zero_init():
