@@ -494,6 +494,113 @@ def test_the_window_operator_builds_from_pip_packages_without_the_cuda_toolkit(t
     assert "unavailable" not in done.stderr and done.stdout.splitlines()[-1] == "pread window read"
 
 
+def test_cuda_headers_are_found_across_folders_or_named_when_missing(tmp_path, monkeypatch):
+    """One folder holding every header DALI includes is used alone; headers spread over folders (a toolkit's
+    runtime, pip's crt and cccl) are all passed; a missing one is named with the pip package that has it."""
+    from dali_float.loaders import plugin
+
+    def folder(name: str, headers: list[str]) -> Path:
+        for header in headers:
+            (tmp_path / name / header).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / header).write_text("")
+        return tmp_path / name
+
+    every = folder("all", list(plugin.REQUIRED_HEADERS))
+    runtime = folder("runtime", ["cuda_runtime.h", "cuda_fp16.h"])
+    crt, cccl = folder("crt", ["crt/host_config.h"]), folder("cccl", ["nv/target"])
+    for candidates, expected in (([runtime, every], [every]), ([runtime, crt, cccl, every], [every]),
+                                 ([runtime, crt, runtime, cccl], [runtime, crt, cccl])):
+        monkeypatch.setattr(plugin, "_header_candidates", lambda c=candidates: c)
+        assert plugin.cuda_include_dirs() == expected
+    monkeypatch.setattr(plugin, "_header_candidates", lambda: [runtime, tmp_path / "empty"])
+    with pytest.raises(RuntimeError) as err:
+        plugin.cuda_include_dirs()
+    assert "crt/host_config.h (pip install nvidia-cuda-crt)" in str(err.value)
+    assert "nv/target (pip install nvidia-cuda-cccl)" in str(err.value) and "cuda_runtime.h" not in str(err.value)
+
+
+def test_header_candidates_follow_cuda_home_unless_pip_only(tmp_path, monkeypatch):
+    from dali_float.loaders import plugin
+
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "toolkit"))
+    monkeypatch.delenv(plugin.HEADERS_ENV, raising=False)
+    found = plugin._header_candidates()
+    assert found[0] == tmp_path / "toolkit" / "include" and Path("/usr/local/cuda/include") in found
+    assert any("site-packages" in str(p) and p.name == "include" for p in found)  # pip's nvidia/*/include
+    monkeypatch.setenv(plugin.HEADERS_ENV, "pip")
+    assert all("site-packages" in str(p) for p in plugin._header_candidates())
+
+
+FALLBACK_PROBE = textwrap.dedent("""
+    import logging, sys
+    sys.path[:0] = [{repo!r}]
+    from pathlib import Path
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    from dali_float.config import get_preset
+    from dali_float.errors import UsageError
+    from dali_float.loaders import LoaderOptions, TrainingCache, open_loader
+    from dali_float.loaders.dali_loader import resolve_strategy
+    from dali_float.loaders.plugin import library_path
+    preset = get_preset("tiny")
+    cache = TrainingCache.open(Path(sys.argv[1]), preset, sys.argv[2])
+    assert resolve_strategy("auto", on_gpu=False) == "roi"
+    try:
+        resolve_strategy("pread", on_gpu=False)
+        raise SystemExit("pread accepted without the operator")
+    except UsageError as err:
+        print("pread refused:", err)
+    batch = next(iter(open_loader("dali", preset, LoaderOptions(batch_size=2), cache=cache)))
+    assert batch.size == 2 and not library_path().exists() and not list(library_path().parent.glob("*.tmp-*"))
+    print("roi batches")
+""")
+
+
+def test_without_a_compiler_the_dali_loader_reads_with_roi_after_one_warning(tiny_cache, tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(FALLBACK_PROBE.format(repo=str(REPO)))
+    env = dict(os.environ, CXX="false", DALI_FLOAT_HOME=str(tmp_path / "home"))  # `false`: a compiler that fails
+    done = subprocess.run([sys.executable, str(script), str(tiny_cache.layout.root.parent), tiny_cache.fingerprint],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "window-read operator unavailable (g++ failed" in warnings[0], done.stderr
+    assert "--read_strategy pread: the DALI window-read operator could not be built" in done.stdout
+    assert done.stdout.splitlines()[-1] == "roi batches"
+
+
+def test_freed_memory_is_left_to_the_c_library_where_there_is_no_mallopt(monkeypatch):
+    from dali_float.loaders import base
+
+    def no_glibc(name):
+        raise OSError("not glibc")
+
+    monkeypatch.setattr(base, "_allocator_tuned", None)
+    monkeypatch.setattr(base.ctypes, "CDLL", no_glibc)
+    assert base.keep_freed_host_memory() is False
+
+
+def test_the_naive_loader_leaves_out_unusable_videos_and_says_which(tmp_path, caplog):
+    from dali_float import demo
+    from dali_float.loaders.naive import discover_clips
+
+    frames, wave, _ = demo.synth_talking_head(70, 64, seed=1)
+    demo.write_clip(tmp_path / "good.mp4", frames, 25.0, audio=wave)
+    demo.write_clip(tmp_path / "short.mp4", frames[:40], 25.0, audio=wave[:len(wave) * 40 // 70])
+    demo.write_clip(tmp_path / "mute.mp4", frames, 25.0, audio=None)
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    with caplog.at_level("WARNING"):
+        clips = discover_clips(tmp_path, TINY)
+    assert [c.clip_id for c in clips] == ["good.mp4"] and clips[0].num_frames == 70
+    message = next(r.getMessage() for r in caplog.records if "left out" in r.getMessage())
+    assert message.startswith("naive loader: 3 clip(s) left out:")
+    assert "mute.mp4 (no audio)" in message and "short.mp4 (40 frames)" in message and "broken.mp4 (" in message
+    (tmp_path / "none").mkdir()
+    with pytest.raises(UsageError, match="no usable video"):
+        discover_clips(tmp_path / "none", TINY)
+    with pytest.raises(UsageError, match="is not a folder"):
+        discover_clips(tmp_path / "missing", TINY)
+
+
 @pytest.mark.parametrize("ref_rule", ["first", "random_in_clip", "random_in_window"])
 def test_dali_read_strategies_agree_sample_for_sample(tiny_cache, ref_rule):
     # Same seed, same draws: the pread operator and the stock ROI reader must give the same stream.
