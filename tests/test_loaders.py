@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -354,6 +355,70 @@ def test_a_truncated_frames_file_gives_one_line_not_a_dali_trace(tmp_path):
     with pytest.raises(CacheError, match="preprocess.py verify") as err:
         next(iter(loader("dali", cache, batch_size=2)))
     assert "\n" not in str(err.value)
+
+
+def test_a_truncated_frames_file_through_the_torch_loader(tmp_path):
+    fp = write_synthetic_cache(tmp_path, TINY, [200])
+    cache = TrainingCache.open(tmp_path, TINY, fp)
+    path = cache.clips[0].frames_path
+    ld = loader("torch", cache, batch_size=1)
+    clip_id = cache.clips[0].clip_id
+    with pytest.raises(IndexError, match=r"outside .*frames.npy \(200 rows\)"):
+        ld.load_windows([(clip_id, 141, 0)])  # 141 + 60 > 200
+    with pytest.raises(IndexError, match="outside"):
+        ld.load_windows([(clip_id, 0, 200)])  # the reference past the end
+    ld.load_windows([(clip_id, 140, 199)])  # the last window and the last frame are fine
+    path.write_bytes(path.read_bytes()[:4096])  # header says 200 rows, the data stops early
+    with pytest.raises(OSError, match="ended early: run `python preprocess.py verify`"):
+        loader("torch", cache, batch_size=1).load_windows([(clip_id, 100, 0)])
+
+
+def test_read_strategies_are_checked(tiny_cache):
+    from dali_float.loaders.dali_loader import resolve_strategy
+
+    assert resolve_strategy("roi", on_gpu=False) == "roi" and resolve_strategy("pread", on_gpu=False) == "pread"
+    with pytest.raises(UsageError, match="--read_strategy 'mmap' is not one of auto, pread, roi, gds"):
+        resolve_strategy("mmap", on_gpu=False)
+    with pytest.raises(UsageError, match="gds reads with GPU Direct Storage: it needs a CUDA device"):
+        resolve_strategy("gds", on_gpu=False)
+    ld = loader("dali", tiny_cache, batch_size=2)
+    next(iter(ld))
+    with pytest.raises(RuntimeError, match="before the first batch"):
+        ld.load_state_dict(ld.state_dict())
+    ld.close()
+
+
+def test_the_prefetcher_hands_over_in_order_raises_what_produce_raised_and_stops():
+    from dali_float.loaders.dali_loader import Prefetcher
+
+    produced = iter(range(5))
+
+    def produce():
+        value = next(produced)
+        if value == 3:
+            raise ValueError("the fourth batch broke")
+        return value
+
+    with Prefetcher(produce, depth=2) as ready:
+        assert [ready.get() for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(ValueError, match="the fourth batch broke"):
+            ready.get()
+    slow = Prefetcher(lambda: time.sleep(0.01) or "batch", depth=1)
+    with slow as ready:
+        assert ready.get() == "batch"
+        time.sleep(0.05)  # the thread now waits on the full queue
+    assert not slow._thread.is_alive()
+    slow.__exit__(None, None, None)  # again: nothing to do
+
+
+def test_dali_errors_are_shown_by_their_first_line():
+    from dali_float.loaders.dali_loader import _first_line
+
+    err = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1\n\n  Critical error: the file "
+                       "ends early\nmore detail")
+    assert _first_line(err) == "Critical error: the file ends early"
+    assert _first_line(RuntimeError("x" * 400)) == "x" * 300
+    assert _first_line(KeyError()) == "KeyError"
 
 
 def test_batch_larger_than_an_epoch_still_streams(tiny_cache):
