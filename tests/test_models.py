@@ -252,6 +252,48 @@ def test_emotion_predict_is_a_distribution(tiny_emotion):
     assert abs(float(probs.sum()) - 1.0) < 1e-5 and (probs > 0).all()
 
 
+@pytest.mark.parametrize("mode", ["mean", "sum", "max"])
+def test_emotion_classifier_pools_as_its_config_says(tiny_emotion, mode):
+    """r-f's Wav2Vec2ForSpeechClassification: the last hidden states pooled over time (mean, sum or max), then
+    dense -> tanh -> out_proj; another pooling mode is refused."""
+    import copy
+
+    from dali_float.models.emotion import Wav2Vec2EmotionClassifier
+
+    config = copy.deepcopy(tiny_emotion.model.config)
+    config.pooling_mode = mode
+    classifier = Wav2Vec2EmotionClassifier(config)
+    classifier.load_state_dict(tiny_emotion.model.state_dict())
+    classifier.eval()
+    wave = torch.randn(2, 16_000, generator=torch.Generator().manual_seed(1))
+    pool = {"mean": lambda h: h.mean(dim=1), "sum": lambda h: h.sum(dim=1), "max": lambda h: h.amax(dim=1)}[mode]
+    with torch.no_grad():
+        hidden = classifier.wav2vec2(wave).last_hidden_state
+        head = classifier.classifier
+        torch.testing.assert_close(classifier(wave), head.out_proj(torch.tanh(head.dense(pool(hidden)))))
+    config.pooling_mode = "median"
+    with pytest.raises(CheckpointError, match="pooling_mode 'median'"):
+        Wav2Vec2EmotionClassifier(config)
+
+
+def test_a_wav2vec2_folder_missing_weights_is_refused(tmp_path, tiny_audio):
+    """A folder whose weights do not cover the model is refused, not completed with random weights; only the
+    SpecAugment vector (unused at inference) may be absent."""
+    from safetensors.torch import load_file
+
+    tiny_audio.model.save_pretrained(tmp_path / "w2v")
+    state = load_file(tmp_path / "w2v" / "model.safetensors")
+    (tmp_path / "w2v" / "model.safetensors").unlink()
+    state.pop("masked_spec_embed", None)
+    torch.save(state, tmp_path / "w2v" / "pytorch_model.bin")
+    wave = torch.randn(1, 30 * SAMPLES_PER_FRAME)
+    torch.testing.assert_close(AudioEncoder(TINY, tmp_path / "w2v").encode(wave, 30), tiny_audio.encode(wave, 30))
+    del state[next(k for k in state if k.startswith("encoder.layers.0."))]
+    torch.save(state, tmp_path / "w2v" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="does not fit Wav2Vec2Model: 1 missing and 0 shape-mismatched"):
+        AudioEncoder(TINY, tmp_path / "w2v")
+
+
 def test_emotion_from_pretrained_in_rf_layout(tmp_path, tiny_emotion):
     """Saved like the r-f checkpoint: config with id2label and pooling_mode, legacy weight-norm names, .bin."""
     folder = tmp_path / "ser"
