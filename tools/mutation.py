@@ -380,23 +380,60 @@ def group_mutants(name: str) -> list[Mutant]:
 
 COVERAGE_DB = WORK / "coverage.db"
 DURATIONS = WORK / "durations.json"
+FIXTURES = WORK / "fixtures.json"
+
+# A pytest plugin for the coverage run: each line is recorded under the test (node id without its
+# parameters) whose setup, call or teardown executed it, fixtures included (coverage's own test_function
+# context gives a fixture's lines to the test before); and the broad-scope fixtures each test uses.
+CONTEXT_PLUGIN = """
+import json, os
+import coverage
+
+FIXTURES = {}
+
+def _switch(item):
+    cov = coverage.Coverage.current()
+    if cov is not None:
+        cov.switch_context(item.nodeid.split("[")[0])
+
+def pytest_runtest_setup(item):
+    _switch(item)
+
+def pytest_runtest_call(item):
+    _switch(item)
+
+def pytest_runtest_teardown(item):
+    _switch(item)
+
+def pytest_collection_modifyitems(session, config, items):
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        names = [n for n, defs in (info.name2fixturedefs.items() if info else []) if defs[-1].scope != "function"]
+        FIXTURES.setdefault(item.nodeid.split("[")[0], sorted(set(names)))
+
+def pytest_sessionfinish(session):
+    path = os.environ["MUTATION_FIXTURES"]
+    old = json.load(open(path)) if os.path.exists(path) else {}
+    json.dump({**old, **FIXTURES}, open(path, "w"), indent=0)
+"""
 
 
 def cmd_coverage(args: argparse.Namespace) -> int:
-    """Every group's test files under coverage.py (one context per test function); with --tests, only those
-    files, added to the map made before (a test file changed since)."""
+    """Every group's test files under coverage.py (one context per test); with --tests, only those files,
+    added to the map made before (a test file changed since)."""
     WORK.mkdir(exist_ok=True)
     rc = WORK / "coveragerc"
-    rc.write_text("[run]\nsource = dali_float\ndynamic_context = test_function\nparallel = true\n"
-                  "patch = subprocess\n")
+    rc.write_text("[run]\nsource = dali_float\nparallel = true\npatch = subprocess\n")
+    (WORK / "mutation_contexts.py").write_text(CONTEXT_PLUGIN)
     tests = args.tests or sorted({t for g in GROUPS.values() for t in g.tests})
     if not args.tests:
-        for old in WORK.glob("coverage.db*"):
-            old.unlink()
-    env = dict(os.environ, COVERAGE_RCFILE=str(rc), COVERAGE_FILE=str(COVERAGE_DB))
+        for old in [*WORK.glob("coverage.db*"), FIXTURES]:
+            old.unlink(missing_ok=True)
+    env = dict(os.environ, COVERAGE_RCFILE=str(rc), COVERAGE_FILE=str(COVERAGE_DB), MUTATION_FIXTURES=str(FIXTURES),
+               PYTHONPATH=os.pathsep.join([str(WORK), os.environ.get("PYTHONPATH", "")]))
     junit = WORK / "coverage-junit.xml"
     cmd = [sys.executable, "-m", "coverage", "run", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           f"--junitxml={junit}", *tests]
+           "-p", "mutation_contexts", f"--junitxml={junit}", *tests]
     print(" ".join(cmd), flush=True)
     done = subprocess.run(cmd, cwd=REPO, env=env)
     subprocess.run([sys.executable, "-m", "coverage", "combine", *(["--append"] if args.tests else [])], cwd=REPO,
@@ -434,9 +471,8 @@ def line_map() -> tuple[dict[str, dict[int, set[str]]], dict[str, set[int]]]:
         for line, names in contexts.items():
             anywhere[path].add(line)
             for context in names:
-                if context:  # "test_models.test_x" (module.function; tests/ is on sys.path, not a package)
-                    module, _, function = context.rpartition(".")
-                    by_test[path][line].add(f"tests/{module.split('.')[-1]}.py::{function}")
+                if context:  # "tests/test_models.py::test_x" (tools/mutation.py's pytest plugin)
+                    by_test[path][line].add(context)
     return by_test, anywhere
 
 
@@ -552,7 +588,7 @@ def run_mutant(m: Mutant, selection: list[str], extra: tuple[str, ...], timeout:
         _clear_pycache(path)
 
 
-def selection_for(m: Mutant, by_test, anywhere, durations) -> tuple[list[str], str]:
+def selection_for(m: Mutant, by_test, anywhere, durations, fixtures) -> tuple[list[str], str]:
     """(node ids to run, how chosen): the tests of the group's files that execute the line, fastest first;
     the group's files when the line runs only in a subprocess or in other files' tests; [] when no test runs it."""
     group = GROUPS[m.group]
@@ -561,6 +597,11 @@ def selection_for(m: Mutant, by_test, anywhere, durations) -> tuple[list[str], s
     lines = range(m.line, m.end_line + 1)
     tests = set().union(*(by_test.get(m.path, {}).get(line, set()) for line in lines))
     tests = {t for t in tests if t.split("::")[0] in group.tests}  # the group's own test files only
+    # A module- or session-scoped fixture runs once, in the setup of the first test that asks for it: the
+    # other tests using that fixture see what its lines made too.
+    shared = {(t.split("::")[0], f) for t in tests for f in fixtures.get(t, [])}
+    tests |= {t for t, fs in fixtures.items() if t.split("::")[0] in group.tests
+              and any((t.split("::")[0], f) in shared for f in fs)}
     if tests:
         return sorted(tests, key=lambda t: (durations.get(t, 60.0), t)), "tests executing the line"
     if not any(line in anywhere.get(m.path, set()) for line in lines):
@@ -583,6 +624,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     seed_home()
     by_test, anywhere = line_map()
     durations = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    fixtures = json.loads(FIXTURES.read_text()) if FIXTURES.exists() else {}
     results = json.loads(args.json.read_text()) if args.json.exists() else {"mutants": {}}
     results["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                                        text=True).stdout.strip()
@@ -600,7 +642,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 continue
             if args.survivors and not done:
                 continue
-            selection, how = selection_for(m, by_test, anywhere, durations)
+            selection, how = selection_for(m, by_test, anywhere, durations, fixtures)
             if not selection:
                 result = {"outcome": "not covered", "seconds": 0, "failed": []}
             else:
