@@ -406,9 +406,14 @@ def pytest_runtest_teardown(item):
     _switch(item)
 
 def pytest_collection_modifyitems(session, config, items):
-    for item in items:
+    for item in items:  # the test module's own module/session fixtures that it asks for (not autouse ones)
         info = getattr(item, "_fixtureinfo", None)
-        names = [n for n, defs in (info.name2fixturedefs.items() if info else []) if defs[-1].scope != "function"]
+        try:
+            autouse = set(session._fixturemanager._getautousenames(item))
+        except Exception:  # noqa: BLE001 - a pytest without this helper: keep every fixture
+            autouse = set()
+        names = [n for n, defs in (info.name2fixturedefs.items() if info else [])
+                 if defs[-1].scope != "function" and defs[-1].baseid.endswith(".py") and n not in autouse]
         FIXTURES.setdefault(item.nodeid.split("[")[0], sorted(set(names)))
 
 def pytest_sessionfinish(session):
