@@ -6,7 +6,10 @@ import dataclasses
 import json
 import logging
 import math
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +28,7 @@ from float_layout import (FloatDims, audio_projection_layout, filled, float_chec
                           motion_encoder_layout)
 
 TINY = TINY_PRESET
+REPO = Path(__file__).resolve().parents[1]
 F_TINY = TINY.motion_dim
 A_TINY = TINY.audio_feature_dim
 SAMPLES_PER_FRAME = TINY.timing.audio_samples_per_frame
@@ -179,6 +183,31 @@ def test_motion_checkpoint_errors(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_checkpoints_are_read_as_weights_only(tmp_path):
+    """A checkpoint is never unpickled beyond tensors (torch.load weights_only): one holding any other object is
+    refused, as is a dict whose values are not tensors."""
+    state = MotionEncoder(TINY.motion).state_dict()
+    torch.save({"state_dict": state, "opt": argparse.Namespace(lr=1)}, tmp_path / "pickled.pth")
+    with pytest.raises(CheckpointError, match="not a torch checkpoint"):
+        load_motion_checkpoint(MotionEncoder(TINY.motion), tmp_path / "pickled.pth")
+    torch.save({"step": 3, "lr": 0.1}, tmp_path / "numbers.pth")
+    with pytest.raises(CheckpointError, match="holds a dict, not a state dict of tensors"):
+        load_motion_checkpoint(MotionEncoder(TINY.motion), tmp_path / "numbers.pth")
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="holds a list"):
+        load_motion_checkpoint(MotionEncoder(TINY.motion), tmp_path / "list.pth")
+
+
+def test_a_mismatch_lists_the_first_three_keys_then_a_count(tmp_path):
+    state = MotionEncoder(TINY.motion).state_dict()
+    for n, tail in ((3, ""), (4, ", ... (+1)")):
+        missing = [k for k in state if k.startswith("fc.")][:n]  # listed in the model's order
+        torch.save({k: v for k, v in state.items() if k not in missing}, tmp_path / "m.pth")
+        with pytest.raises(CheckpointError) as err:
+            load_motion_checkpoint(MotionEncoder(TINY.motion), tmp_path / "m.pth")
+        assert f"{n} missing" in str(err.value) and f"missing: {', '.join(missing[:3])}{tail};" in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------- audio encoder
 
 @pytest.fixture(scope="module")
@@ -209,6 +238,32 @@ def test_audio_encoder_matches_manual_layers(tiny_audio):
             hidden = layer(hidden)
             layers.append(hidden)
     torch.testing.assert_close(tiny_audio.encode(wave, 50), torch.cat(layers, dim=-1))
+
+
+def test_random_init_encoders_are_seeded_and_leave_the_global_rng_alone():
+    """Without weights the encoders are the same for the same preset seed (the cache fingerprint says
+    random-init:<seed>), and the caller's random stream is untouched."""
+    torch.manual_seed(7)
+    before = torch.random.get_rng_state()
+    a, b = AudioEncoder(TINY), AudioEncoder(TINY)
+    ea, eb = EmotionEncoder(TINY), EmotionEncoder(TINY)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    for x, y in ((a, b), (ea, eb)):
+        assert all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
+    other = AudioEncoder(dataclasses.replace(TINY, init_seed=1))
+    assert not torch.equal(a.model.encoder.layers[0].attention.q_proj.weight,
+                           other.model.encoder.layers[0].attention.q_proj.weight)
+
+
+def test_random_init_layouts_are_the_real_models():
+    """facebook/wav2vec2-base-960h: group-norm feature extractor without conv biases; the r-f emotion model
+    (wav2vec2-large-xlsr-53): layer-norm feature extractor with conv biases, stable layer norm."""
+    from dali_float.models.audio_encoder import wav2vec2_config
+
+    base, large = wav2vec2_config(FLOAT_PRESET.audio.wav2vec2), wav2vec2_config(FLOAT_PRESET.emotion.wav2vec2)
+    assert (base.feat_extract_norm, base.conv_bias, base.do_stable_layer_norm) == ("group", False, False)
+    assert (large.feat_extract_norm, large.conv_bias, large.do_stable_layer_norm) == ("layer", True, True)
+    assert (base.hidden_size, base.num_hidden_layers, large.hidden_size, large.num_hidden_layers) == (768, 12, 1024, 24)
 
 
 def test_audio_encoder_frozen_and_too_short(tiny_audio):
@@ -244,6 +299,18 @@ def test_wav2vec2_path_roundtrip_and_wrong_size(tmp_path, tiny_audio):
 @pytest.fixture(scope="module")
 def tiny_emotion() -> EmotionEncoder:
     return EmotionEncoder(TINY)
+
+
+def test_emotion_encoder_is_frozen_and_checks_its_input(tiny_emotion):
+    tiny_emotion.train()
+    assert not tiny_emotion.model.training and not any(p.requires_grad for p in tiny_emotion.parameters())
+    assert tiny_emotion.predict(torch.randn(400)).shape == (7,)  # the shortest input wav2vec2 takes
+    with pytest.raises(MediaError, match="399 samples is too short"):
+        tiny_emotion.predict(torch.randn(1, 399))
+    with pytest.raises(ValueError, match=r"expects a \(1, N\) waveform"):
+        tiny_emotion.predict(torch.randn(2, 16_000))
+    with pytest.raises(ValueError, match="expects"):
+        tiny_emotion.predict(torch.randn(1, 1, 16_000))
 
 
 def test_emotion_predict_is_a_distribution(tiny_emotion):
@@ -500,6 +567,38 @@ def float_model_meta() -> FloatMotionModel:
         return FloatMotionModel(FLOAT_PRESET)
 
 
+def test_velocity_with_guidance_keeps_the_previous_audio_rule_in_all_three_passes():
+    """Batch 4; the previous audio dropped for the samples whose prev_audio_keep is 0, in the unconditional, the
+    audio-only and the fully conditioned pass alike (FLOAT keeps prev_wa in all three)."""
+    model = FloatMotionModel(TINY).eval()
+    _randomise(model, seed=1)
+    inputs = _fmt_inputs(TINY, batch=4, seed=2)
+    prev_keep = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    zeros, no_emotion = torch.zeros(4), dict(inputs, we=torch.zeros_like(inputs["we"]))
+    with torch.no_grad():
+        uncond = model(**no_emotion, audio_keep=zeros, prev_audio_keep=prev_keep)
+        audio_only = model(**no_emotion, prev_audio_keep=prev_keep)
+        all_cond = model(**inputs, prev_audio_keep=prev_keep)
+        got = model.velocity_with_guidance(**inputs, a_scale=2.5, e_scale=0.5, prev_audio_keep=prev_keep)
+    torch.testing.assert_close(got, uncond + 2.5 * (audio_only - uncond) + 0.5 * (all_cond - audio_only),
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, model.velocity_with_guidance(**inputs, a_scale=2.5, e_scale=0.5))
+
+
+def test_fmt_checks_its_frames_and_defaults_to_the_presets_seed():
+    model = FloatMotionModel(TINY)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 FloatMotionModel(TINY, seed=TINY.init_seed).state_dict().values()))
+    inputs = _fmt_inputs(TINY)
+    with pytest.raises(ValueError, match="motion has 60 frames and audio 59"):
+        model(**dict(inputs, prev_audio=inputs["prev_audio"][:, 1:]))
+    with pytest.raises(ValueError, match="at most 60"):
+        model(**dict(inputs, prev_x=torch.cat([inputs["prev_x"]] * 2, dim=1),
+                     prev_audio=torch.cat([inputs["prev_audio"]] * 2, dim=1)))
+    shorter = model(**dict(inputs, prev_x=inputs["prev_x"][:, :5], prev_audio=inputs["prev_audio"][:, :5]))
+    assert shorter.shape == (2, 55, F_TINY)  # fewer previous frames: positions 0..54
+
+
 def test_fmt_float_keys_shapes_and_parameter_count(float_model_meta):
     found = {f"fmt.{k}": tuple(v.shape) for k, v in float_model_meta.fmt.state_dict().items()}
     assert found == fmt_layout(FloatDims(), buffers=True)
@@ -628,6 +727,32 @@ def test_model_identities(tmp_path):
     (folder / "config.json").write_text('{"hidden_size": 1}')
     second = model_identities(TINY, sources)
     assert second["motion"] != first["motion"] and second["audio"] != first["audio"]
+
+
+def test_random_models_names_the_encoders_without_weights(tmp_path):
+    ckpt, folder = tmp_path / "m.pt", tmp_path / "w"
+    assert ModelSources().random_models() == ["motion", "audio", "emotion"]
+    assert ModelSources(motion_ckpt=ckpt).random_models() == ["audio", "emotion"]
+    assert ModelSources(wav2vec2_path=folder, emotion="filename").random_models() == ["motion"]
+    assert ModelSources(motion_ckpt=ckpt, wav2vec2_path=folder, emotion_path=folder).random_models() == []
+    assert ModelSources(motion_ckpt=ckpt, wav2vec2_path=folder, emotion="none").random_models() == []
+
+
+def test_build_encoders_loads_the_given_weights(tmp_path):
+    source = MotionEncoder(TINY.motion, seed=42)
+    torch.save(source.state_dict(), tmp_path / "motion.pt")
+    built = build_encoders(TINY, ModelSources(motion_ckpt=tmp_path / "motion.pt", emotion="none"), "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(built.motion.state_dict().values(), source.state_dict().values()))
+    assert built.emotion is None
+
+
+def test_the_random_weights_warning_comes_once_per_process():
+    code = ("import logging; logging.basicConfig(format='%(message)s');"
+            "from dali_float.config import TINY_PRESET as P; from dali_float.models import ModelSources, build_encoders;"
+            "build_encoders(P, ModelSources(emotion='none'), 'cpu'); build_encoders(P, ModelSources(), 'cpu')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("RANDOM WEIGHTS") == 1 and "RANDOM WEIGHTS for the motion, audio encoders" in done.stderr
 
 
 def test_build_encoders_warns_once_and_emotion_vector(monkeypatch, caplog):
