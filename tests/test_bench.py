@@ -6,6 +6,7 @@ the cache's bytes per hour as measured on disk.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -228,3 +229,136 @@ def test_usage_errors_exit_2(tmp_path):
     done = _run("--data_root", str(tmp_path / "missing"), timeout=120)
     assert done.returncode == 2 and "data_root" in done.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_cache_section_measures_this_preset_and_the_float_cache_at_512(tmp_path):
+    """The float figure at 512x512 (issue #6's 40x) is measured where a float cache exists in --cache_dir and
+    computed from the format otherwise (from this cache's mean clip length and metadata per clip)."""
+    from dali_float.bench.figures import cache_section
+    from dali_float.models import ModelSources
+    from dali_float.preprocess import cache_fingerprint
+
+    sources = ModelSources()
+    settings = dataclasses.replace(_settings(), preset="tiny")
+    synthetic = write_synthetic_cache(tmp_path / "synthetic", TINY_PRESET, [100, 150])
+    prepared = {"tiny": {"cache_root": str(cf.cache_root(tmp_path / "synthetic", TINY_PRESET, synthetic))}}
+    section = cache_section(prepared, settings, tmp_path, sources)
+    assert section["clips"] == 2 and section["frames"] == 250
+    at = section["at_512"]
+    assert at["source"].startswith("computed from the cache format")
+    assert at["bytes_per_frame"] == 2 * (512 + 9216) + 4 * 20 and at["mean_clip_frames"] == 125
+    assert at["uint8_frames_bytes_per_hour"] == 512 * 512 * 3 * 25 * 3600
+    assert at["x_smaller_than_uint8"] == pytest.approx(at["uint8_frames_bytes_per_hour"] / at["bytes_per_hour"])
+    assert at["x_smaller_than_float32"] == pytest.approx(4 * at["x_smaller_than_uint8"])
+    # A float cache (of these sources' fingerprint) in --cache_dir: measured on disk instead.
+    float_fp = cache_fingerprint(FLOAT_PRESET, sources)
+    float_root = _float_cache(tmp_path, float_fp, [70, 90])
+    measured = cache_section(prepared, settings, tmp_path, sources)["at_512"]
+    assert measured["source"] == "measured" and measured["cache_root"] == str(float_root)
+    on_disk = sum(p.stat().st_size for p in float_root.rglob("*") if p.is_file())
+    assert measured["bytes_per_hour"] == pytest.approx(on_disk / (160 / 25) * 3600)
+
+
+def _settings():
+    from dali_float.bench.plan import Settings
+
+    saved = json.loads(SAVED[0].read_text())["settings"]
+    names = {f.name for f in dataclasses.fields(Settings)}
+    return Settings(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in names})
+
+
+def _float_cache(folder: Path, fp: str, lengths: list[int]) -> Path:
+    """A float-preset cache under the fingerprint `fp` (written through the format, small random features)."""
+    layout = cf.CacheLayout(cf.cache_root(folder, FLOAT_PRESET, fp))
+    manifest = cf.Manifest(fingerprint=fp, preset_name="float", preset=FLOAT_PRESET.to_dict(), models={})
+    layout.create(manifest)
+    rng = np.random.default_rng(0)
+    for uid, t in enumerate(lengths):
+        feats = cf.ClipFeatures(rng.standard_normal((t, 512), dtype=np.float32),
+                                rng.standard_normal((t, 9216), dtype=np.float32),
+                                rng.standard_normal((t, 20), dtype=np.float32), rng.standard_normal(512, dtype=np.float32),
+                                np.full(7, 1 / 7, np.float32))
+        entry = cf.ClipEntry(f"c{uid}.mp4", cf.clip_key(f"c{uid}.mp4"), "", 0, 0, "", cf.STATUS_CACHED, clip_uid=uid)
+        manifest.clips[entry.clip_id] = layout.write_clip(entry, feats, FLOAT_PRESET)
+    layout.save_manifest(manifest)
+    return layout.root
+
+
+def test_sections_from_the_probes_jobs():
+    """Loader, training and preprocessing sections as the probes' results make them: the best configuration of
+    each loader, every ratio to the best naive, the ceiling's share; a failed probe is reported, not dropped."""
+    from dali_float.bench.figures import loader_section, preprocess_section, ratio_section, training_section
+    from dali_float.bench.plan import Job
+
+    def loader(name, label, sps, mb, **spec):
+        return Job("loader", name, label, spec, 0, {"samples_per_s": sps, "mb_per_s": mb})
+
+    jobs = [Job("ceiling", "ceiling", "copy", {}, 0, {"samples_per_s": 1000.0, "mb_per_s": 200.0}),
+            loader("naive", "w0", 2.0, 0.4, num_workers=0), loader("naive", "w2", 4.0, 0.8, num_workers=2),
+            loader("torch", "w0", 300.0, 60.0, num_workers=0), loader("torch", "w2", 100.0, 20.0, num_workers=2),
+            loader("dali", "pread 1", 500.0, 100.0, read_strategy="pread"),
+            Job("loader", "dali", "roi 1", {"read_strategy": "roi"}, 0, {"error": "probe died"}),
+            Job("train", "naive", "", {"num_workers": 2}, 0, {"steps_per_s": 0.5, "data_wait_fraction": 0.9}),
+            Job("train", "dali", "", {"read_strategy": "pread"}, 0, {"steps_per_s": 20.0, "data_wait_fraction": 0.01}),
+            Job("train", "torch", "", {}, 0, {"steps_per_s": 10.0, "data_wait_fraction": 0.05}),
+            Job("preprocess", "probe", "", {}, 0, {"dali": {"frames_per_s": 10.0}}),
+            Job("preprocess_run", "run", "", {}, 0, {"frames_per_s": 5.0})]
+    loaders, configs, ceiling = loader_section(jobs)
+    assert {k: v.get("label") for k, v in loaders.items()} == {"naive": "w2", "torch": "w0", "dali": "pread 1"}
+    assert loaders["dali"]["x_naive"] == 125.0 and loaders["dali"]["fraction_of_ceiling"] == 0.5
+    assert [c["x_naive"] for c in configs if c["loader"] == "torch"] == [75.0, 25.0]
+    assert next(c for c in configs if c["label"] == "roi 1")["error"] == "probe died"
+    assert ceiling["mb_per_s"] == 200.0
+    training = training_section(jobs)
+    assert training["dali"]["x_naive"] == 40.0 and training["torch"]["config"] == {}
+    ratios = ratio_section(loaders, configs, ceiling, training)
+    assert ratios["dali_vs_naive"] == 125.0 and ratios["dali_vs_torch"] == pytest.approx(5 / 3)
+    assert ratios["dali_vs_torch_workers0"] == pytest.approx(5 / 3) and ratios["train_dali_vs_torch"] == 2.0
+    assert ratios["torch_fraction_of_ceiling"] == 0.3 and ratios["train_dali_vs_naive"] == 40.0
+    pre = preprocess_section(jobs, {"processed": {"cached": 3}, "total_frames": 9, "wall_seconds": 3.0,
+                                    "wall_fps": 3.0, "stage_fps": {}})
+    assert pre["dali"] == {"frames_per_s": 10.0} and pre["run"] == {"frames_per_s": 5.0}
+    assert pre["first_run"]["total_frames"] == 9
+    assert "first_run" not in preprocess_section(jobs, {"processed": {}})
+    without_naive = loader_section([j for j in jobs if j.name != "naive"])[0]
+    assert without_naive["naive"]["error"] == "every configuration failed"
+    assert without_naive["dali"]["x_naive"] is None and without_naive["dali"]["fraction_of_ceiling"] == 0.5
+
+
+def test_targets_on_a_gpu_are_issue_6s_gpu_thresholds(saved_runs):
+    """On a GPU: dali >= 1.5x torch, data-wait below 1%, and the 2000 frames/s preprocessing target applies
+    with the float preset; on the CPU that one is reported as not applying."""
+    from dali_float.bench.figures import targets
+
+    run = json.loads(json.dumps(saved_runs[0]))
+    run["settings"].update(device="cuda:0", preset="float", quick=False)
+    run["preprocess"]["dali"]["end_to_end_frames_per_s"] = 2500.0
+    by_name = {t["target"]: t for t in targets(run)}
+    assert by_name["dali >= 1.5x best torch (GPU)"]["threshold"] == 1.5
+    wait = next(t for name, t in by_name.items() if name.startswith("training with dali"))
+    assert wait["threshold"] == 0.01 and wait["met"] == (wait["measured"] < 0.01)
+    pre = by_name["preprocessing >= 2000 frames/s end to end per GPU (float)"]
+    assert pre["applies"] and pre["met"] is True and pre["note"] == ""
+    cpu = {t["target"]: t for t in targets(saved_runs[0])}
+    pre = cpu["preprocessing >= 2000 frames/s end to end per GPU (float)"]
+    assert not pre["applies"] and pre["met"] is None and "GPU target" in pre["note"]
+    quick = json.loads(json.dumps(saved_runs[0]))
+    quick["settings"]["quick"], quick["elapsed_s"] = True, 170.0
+    minutes = next(t for t in targets(quick) if "3 minutes" in t["target"])
+    assert minutes["met"] is True and minutes["threshold"] == 180.0
+    quick["elapsed_s"] = 190.0
+    assert next(t for t in targets(quick) if "3 minutes" in t["target"])["met"] is False
+
+
+def test_merging_runs_that_chose_differently(saved_runs):
+    """A training configuration that differs between runs is kept per run; spreads and joined rate lists
+    only where their keys say so; equal figures stay as they are."""
+    from dali_float.bench.figures import _merge
+
+    assert _merge([{"a": 1}, {"a": 1}], "config") == {"a": 1}
+    assert _merge([{"a": 1}, {"a": 2}], "config") == {"per_run": [{"a": 1}, {"a": 2}]}
+    assert _merge([[1, 5], [0, 3]], "spread") == [0, 5] and _merge([[1, 5], [0, 3]], "step_time_s_spread") == [0, 5]
+    assert _merge([[1, 2], [3]], "samples_per_s_runs") == [1, 2, 3]
+    assert _merge([[1, 2], [3, 4]], "other") == [1, 2]
+    assert _merge([2.0, 2.0, 2.0], "x") == 2.0 and _merge([True, False], "x") is True
+    assert _merge([1.0, "n/a"], "x") == 1.0  # not all numbers: the first run's
