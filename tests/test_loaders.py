@@ -352,7 +352,8 @@ def test_a_truncated_frames_file_gives_one_line_not_a_dali_trace(tmp_path):
     cache = TrainingCache.open(tmp_path, TINY, fp)
     path = cache.clips[0].frames_path
     path.write_bytes(path.read_bytes()[:4096])  # header says 200 rows, the data stops early
-    with pytest.raises(CacheError, match="preprocess.py verify") as err:
+    with pytest.raises(CacheError, match=r"\(short read from .*frames.npy: the file ends early\): run `python "
+                                         r"preprocess.py verify`") as err:
         next(iter(loader("dali", cache, batch_size=2)))
     assert "\n" not in str(err.value)
 
@@ -417,8 +418,35 @@ def test_dali_errors_are_shown_by_their_first_line():
     err = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1\n\n  Critical error: the file "
                        "ends early\nmore detail")
     assert _first_line(err) == "Critical error: the file ends early"
+    dali = RuntimeError('Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.x`,\nwhich was used in the '
+                        'pipeline definition with the following traceback:\n\n  File "p.py", line 68, in f\n    '
+                        'outputs = fn.x(\n\nencountered:\n\nAssert on "a == b" failed: f.npy holds 2 rows\nC++ '
+                        'context: [w.cc:160]\nCurrent pipeline object is no longer valid.')
+    assert _first_line(dali) == "f.npy holds 2 rows"
     assert _first_line(RuntimeError("x" * 400)) == "x" * 300
     assert _first_line(KeyError()) == "KeyError"
+
+
+@pytest.mark.parametrize("strategy", ["pread", "roi"])
+def test_windows_outside_a_clip_and_records_that_disagree_are_refused(tmp_path, strategy):
+    """A fixed window past a clip's end, a reference frame past it, or a clip_info record whose frame count is
+    not its frames.npy's: one CacheError line, never rows from outside the clip."""
+    fp = write_synthetic_cache(tmp_path, TINY, [200, 120])
+    cache = TrainingCache.open(tmp_path, TINY, fp)
+    ld = loader("dali", cache, read_strategy=strategy)
+    clip = cache.clips[0].clip_id
+    assert ld.load_windows([(clip, 140, 199)]).size == 1  # the last window, the last frame: fine
+    for start, ref in ((141, 0), (0, 200), (-1, 0)):
+        with pytest.raises(CacheError) as err:
+            ld.load_windows([(clip, start, ref)])
+        assert "\n" not in str(err.value)
+    if strategy == "pread":  # the operator checks the record against the file it reads
+        info_path = cache.clips[0].info_path
+        info = np.load(info_path)
+        info[cf.CLIP_INFO_NUM_FRAMES] = 190  # the file holds 200 rows
+        np.save(info_path, info)
+        with pytest.raises(CacheError, match="holds 200 rows, its clip_info says 190"):
+            loader("dali", cache, read_strategy=strategy).load_windows([(clip, 0, 0)])
 
 
 def test_batch_larger_than_an_epoch_still_streams(tiny_cache):

@@ -20,6 +20,7 @@ import atexit
 import contextlib
 import logging
 import queue
+import re
 import threading
 import weakref
 from typing import Any, Callable, Iterator, Sequence
@@ -310,6 +311,15 @@ class Prefetcher:
 atexit.register(Prefetcher.stop_all)
 
 
+_DALI_ASSERT = re.compile(r'^Assert on ".*" failed: ')
+
+
 def _first_line(err: BaseException) -> str:
+    """The line of a (DALI) error that says what went wrong, at most 300 characters.
+
+    DALI wraps an operator's error in "Critical error in pipeline: ... Error in CPU operator ... encountered:",
+    the cause following; an assertion's condition is dropped, its message kept."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.startswith(("Traceback", "  File"))]
-    return lines[0][:300] if lines else type(err).__name__
+    if "encountered:" in lines[:-1]:
+        lines = lines[lines.index("encountered:") + 1:]
+    return _DALI_ASSERT.sub("", lines[0])[:300] if lines else type(err).__name__
