@@ -209,6 +209,15 @@ def test_window_starts_cover_the_whole_valid_range(tmp_path, kind):
         assert seen[clip.clip_id] == set(range(num_valid_starts(clip.num_frames, 60))), clip.clip_id
 
 
+def test_a_request_stream_starts_at_the_first_sample_or_where_it_is_told():
+    """stream() is the epoch from its start; stream(k) the same stream from sample k on (what a resume needs)."""
+    stream = RequestStream([130, 200, 61], 60, ref_rule="random_in_clip", seed=4)
+    fresh = [next(it) for it in [stream()] for _ in range(12)]
+    assert [next(it) for it in [stream(5)] for _ in range(7)] == fresh[5:]
+    assert fresh[:stream.samples_per_epoch] == [next(it) for it in [stream(0)] for _ in range(stream.samples_per_epoch)]
+    assert sorted(r.clip_index for r in fresh[:stream.samples_per_epoch]) == [0, 0, 1, 1, 1, 2]
+
+
 def test_request_stream_refuses_what_it_cannot_do():
     for kwargs, words in ((dict(policy="frames"), "--epoch_policy 'frames'"), (dict(ref_rule="last"), "--ref 'last'"),
                           (dict(shard_id=2, num_shards=2), "shard 2 is outside 0..1"),
