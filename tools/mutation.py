@@ -20,8 +20,8 @@ runs only in a subprocess (train.py, preprocess.py, bench probes) or only in oth
 group's whole test files. A line no test executes at all is "not covered" and counts as a survivor. Each run forks a server that has already
 imported torch, DALI and transformers (8-15 s saved per mutant), in a fresh DALI_FLOAT_HOME seeded with
 the built window-read operator and the demo corpus (hard links). Results go to --json as they come
-(`run` resumes where it stopped); docs/testing/mutation_equivalent.json names the equivalent mutants
-(no test can tell them apart: why, for each).
+(`run` resumes where it stopped); docs/testing/mutation_survivors.json explains every survivor: "equivalent"
+(no input tells it from the original: it does not count) or "kept" (a real change no test checks, and why).
 
 Needs `coverage` (requirements-test.txt). Run it on a quiet machine: it rewrites files of this checkout
 while it runs (each is restored; `git status` is checked before starting).
@@ -48,7 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / ".mutation"  # coverage data, the seeded home, logs (git-ignored)
 RESULTS = REPO / "docs" / "testing" / "mutation.json"
-EQUIVALENT = REPO / "docs" / "testing" / "mutation_equivalent.json"
+SURVIVORS = REPO / "docs" / "testing" / "mutation_survivors.json"  # {key: {kind: equivalent | kept, why}}
 FAULTS_RESULTS = REPO / "docs" / "testing" / "faults.json"
 
 
@@ -770,29 +770,29 @@ def cmd_faults(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     results = json.loads(args.json.read_text())["mutants"]
-    equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
+    notes = json.loads(SURVIVORS.read_text()) if SURVIVORS.exists() else {}
     rows, survivors = [], []
     for name, group in GROUPS.items():
         ms = [r for r in results.values() if r["group"] == name]
         if not ms:
             continue
-        eq = [r for r in ms if r["key"] in equivalent]
-        rest = [r for r in ms if r["key"] not in equivalent]
+        equivalent = [r for r in ms if notes.get(r["key"], {}).get("kind") == "equivalent"]
+        rest = [r for r in ms if r not in equivalent]
         killed = [r for r in rest if r["outcome"] in ("killed", "timeout")]
-        errors = [r for r in rest if r["outcome"] in ("error", "no tests")]
         score = len(killed) / len(rest) if rest else 1.0
         target = f"{group.target:.0%}" if group.target else "-"
-        rows.append(f"| {name} | {len(ms)} | {len(eq)} | {len(killed)} | {len(rest) - len(killed) - len(errors)} "
-                    f"| {len(errors)} | **{score:.1%}** | {target} |")
+        rows.append(f"| {name} | {len(ms)} | {len(equivalent)} | {len(killed)} | {len(rest) - len(killed)} | "
+                    f"**{score:.1%}** | {target} |")
         for r in sorted(ms, key=lambda r: (r["path"], r["line"])):
             if r["outcome"] not in ("killed", "timeout"):
-                why = equivalent.get(r["key"], {}).get("why", "")
-                survivors.append(f"| {r['key']} | {r['path']}:{r['line']} | `{r['original']}` -> "
-                                 f"`{r['replacement']}` | {r['outcome']} | {why or 'NOT EXPLAINED'} |")
-    print("| group | mutants | equivalent | killed | survived | errors | killed of non-equivalent | target |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+                note = notes.get(r["key"], {})
+                mutation = f"`{r['original'].strip()[:60]}` -> `{r['replacement'].strip()[:60]}`".replace("|", "\\|")
+                survivors.append(f"| {r['key']} | {r['path']}:{r['line']} | {mutation} | "
+                                 f"{note.get('kind', r['outcome'])} | {note.get('why', 'NOT EXPLAINED')} |")
+    print("| group | mutants | equivalent | killed | survived | killed of the non-equivalent | target |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
-    print("\n| key | where | mutation | outcome | why it survives |\n| --- | --- | --- | --- | --- |")
+    print("\n| key | where | mutation | kind | why it survives |\n| --- | --- | --- | --- | --- |")
     print("\n".join(s.replace("\n", "\\n") for s in survivors))
     return 0
 
