@@ -20,6 +20,7 @@ from dali_float.cache_index import ClipIndex
 from dali_float.cache_store import cheap_check
 from dali_float.cache_view import read_view_header
 from dali_float.config import Preset
+from dali_float.errors import CacheError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,11 @@ def _check_record(layout: cf.CacheLayout, fds: dict[str, int], shard: str, offse
 
 
 def _check_view(layout: cf.CacheLayout, index: ClipIndex, preset: Preset):
-    header = read_view_header(layout)
+    try:
+        header = read_view_header(layout)
+    except CacheError as err:
+        yield "", str(err)
+        return
     if header is None:
         yield "", "no training view (training.json): the next run writes it"
         return

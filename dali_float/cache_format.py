@@ -314,6 +314,9 @@ class CacheLayout:
         except FileNotFoundError:
             raise CacheError(f"the cache {self.root} has no cache.json (preprocessing did not start): "
                              f"run `python preprocess.py`") from None
+        except (TypeError, AttributeError, ValueError) as err:  # valid JSON of the wrong shape, or not JSON
+            raise CacheError(f"{self.info_path} is unreadable ({err}): run `python preprocess.py "
+                             f"--force_preprocess` (same flags) to rebuild the cache") from None
 
 
 # ---------------------------------------------------------------------------------------------

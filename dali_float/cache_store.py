@@ -137,9 +137,11 @@ class ShardWriter:
         self.pending = []
 
     def close(self) -> None:
-        self.flush()
-        self.appender.close()
-        self.journal.close()
+        try:
+            self.flush()
+        finally:  # a failed last commit still lets go of the shard and the journal
+            self.appender.close()
+            self.journal.close()
 
     def __enter__(self) -> "ShardWriter":
         return self

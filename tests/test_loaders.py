@@ -6,13 +6,19 @@ these tests need no model; parity with the naive loader on real videos is in tes
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -22,10 +28,12 @@ from hypothesis import strategies as st
 
 from dali_float import cache_format as cf
 from dali_float.config import get_preset
+from dali_float.contract import Batch
 from dali_float.errors import CacheError, UsageError
 from dali_float.cache_index import ClipIndex
 from dali_float.loaders import LoaderOptions, RequestStream, TrainingCache, open_loader
-from dali_float.loaders.sampling import epoch_clip_indices, num_valid_starts
+from dali_float.loaders.sampling import (DRAW_RANGE, REF_RULES, epoch_clip_indices, num_valid_starts,
+                                         window_from_draws)
 from synthetic import write_synthetic_cache
 
 TINY = get_preset("tiny")
@@ -46,8 +54,14 @@ def loader(kind, cache, **options):
     return open_loader(kind, cache.preset, LoaderOptions(**options), cache=cache)
 
 
+def copied(batch: Batch) -> Batch:
+    """A batch that outlives the next one (a loader's batch is valid until the next is requested)."""
+    return Batch(**{name: t.clone() for name, t in batch.tensors().items()}, clip_id=list(batch.clip_id))
+
+
 def take(it, n):
-    return [next(it) for _ in range(n)]
+    """The next n batches, copied (Batch.to() on the CPU would be the same tensors, not a copy)."""
+    return [copied(next(it)) for _ in range(n)]
 
 
 def expected_rows(cache, clip_id, start, ref):
@@ -113,6 +127,88 @@ def test_request_stream_windows_never_cross_a_clip_end(lengths, seed, ref_rule):
         assert 0 <= r.ref_frame < t
 
 
+# Clip lengths where the arithmetic has edges: exactly one window, one start more, powers of two around
+# DALI's integer types, and a clip far longer than any real one.
+EDGE_LENGTHS = [60, 61, 119, 120, 121, 1024, 4096 + 59, 32_768 + 60, 65_536 + 60]
+lengths_strategy = st.lists(st.one_of(st.integers(60, 3000), st.sampled_from(EDGE_LENGTHS)), min_size=1, max_size=6)
+draw_strategy = st.one_of(st.integers(0, DRAW_RANGE - 1), st.sampled_from([0, 1, DRAW_RANGE - 1, DRAW_RANGE - 2]))
+
+
+@contextlib.contextmanager
+def _cache_of(tmp_root: Path, lengths: list[int]) -> Iterator[TrainingCache]:
+    """A synthetic tiny cache of its own for one hypothesis example, removed after it."""
+    folder = Path(tempfile.mkdtemp(dir=tmp_root))
+    try:
+        yield TrainingCache.open(folder, TINY, write_synthetic_cache(folder, TINY, lengths))
+    finally:
+        shutil.rmtree(folder)
+
+
+def documented_window(num_frames: int, rule: str, start_draw: int, ref_draw: int) -> tuple[int, int]:
+    """README / loaders/sampling.py's docstring, spelled out: a start among the T - 59 valid ones, the
+    reference by its rule (a second statement of window_from_draws, not a call to it)."""
+    start = start_draw % (num_frames - 59)
+    return start, {"first": 0, "random_in_clip": ref_draw % num_frames,
+                   "random_in_window": start + ref_draw % 60}[rule]
+
+
+@pytest.mark.parametrize("strategy", ["pread", "python"])
+def test_dali_window_draws_follow_the_python_rules_on_any_clip_length(tmp_path, strategy):
+    """The DALI pipeline's own sampling (the pread operator in C++; the python strategy's external source)
+    applied to given draws (`load_draws`) equals the Python reference (sampling.window_from_draws, itself
+    checked against the documented rule) and reads exactly those rows."""
+
+    @settings(max_examples=25, deadline=None)
+    @given(lengths=lengths_strategy, draws=st.lists(st.tuples(draw_strategy, draw_strategy), min_size=1, max_size=8),
+           ref_rule=st.sampled_from(REF_RULES), data=st.data())
+    def check(lengths, draws, ref_rule, data):
+        with _cache_of(tmp_path, lengths) as cache:
+            check_draws(cache, draws, ref_rule, data)
+
+    def check_draws(cache, draws, ref_rule, data):
+        picks = [data.draw(st.integers(0, len(cache) - 1)) for _ in draws]
+        items = [(cache.clip_id(i), a, b) for i, (a, b) in zip(picks, draws)]
+        batch = loader("dali", cache, ref_rule=ref_rule, read_strategy=strategy).load_draws(items)
+        assert batch.clip_id == [clip_id for clip_id, _, _ in items]
+        for k, (clip_id, a, b) in enumerate(items):
+            t = int(cache.view.rows[cache.index_of(clip_id)]["num_frames"])
+            start, ref = window_from_draws(t, 60, ref_rule, a, b)
+            assert (start, ref) == documented_window(t, ref_rule, a, b), (t, a, b, ref_rule)
+            assert (int(batch.window_start[k]), int(batch.ref_frame[k])) == (start, ref), (t, a, b, ref_rule)
+            rows, ref_motion, _ = expected_rows(cache, clip_id, start, ref)
+            assert np.array_equal(batch.motion[k].numpy(), rows[10:, :TINY.motion_dim])
+            assert np.array_equal(batch.ref_motion[k].numpy(), ref_motion)
+
+    check()
+
+
+@pytest.mark.parametrize("strategy", ["pread", "python"])
+def test_dali_random_windows_never_cross_a_clip_end(tmp_path, strategy):
+    """The training path (fn.random.uniform draws for pread, NumPy's for python) over hypothesis-chosen clip
+    lengths and seeds: every window inside its clip, the reference by its rule, the rows those of the shard."""
+
+    @settings(max_examples=15, deadline=None)
+    @given(lengths=lengths_strategy, seed=st.integers(0, 2**16), ref_rule=st.sampled_from(REF_RULES))
+    def check(lengths, seed, ref_rule):
+        with _cache_of(tmp_path, lengths) as cache:
+            check_stream(cache, seed, ref_rule)
+
+    def check_stream(cache, seed, ref_rule):
+        frames = {cache.clip_id(i): int(t) for i, t in enumerate(cache.num_frames)}
+        it = iter(loader("dali", cache, batch_size=8, ref_rule=ref_rule, seed=seed, read_strategy=strategy))
+        for batch in take(it, 2):
+            for k, clip_id in enumerate(batch.clip_id):
+                start, ref, t = int(batch.window_start[k]), int(batch.ref_frame[k]), frames[clip_id]
+                assert 0 <= start <= t - 60, (t, start)
+                assert {"first": ref == 0, "random_in_clip": 0 <= ref < t,
+                        "random_in_window": start <= ref < start + 60}[ref_rule], (ref_rule, start, ref, t)
+                rows, ref_motion, _ = expected_rows(cache, clip_id, start, ref)
+                assert np.array_equal(batch.motion[k].numpy(), rows[10:, :TINY.motion_dim])
+                assert np.array_equal(batch.ref_motion[k].numpy(), ref_motion)
+
+    check()
+
+
 @pytest.mark.parametrize("kind", CACHED_KINDS)
 def test_window_starts_cover_the_whole_valid_range(tmp_path, kind):
     # Short clips have few valid starts: every one of them must come up, none beyond.
@@ -126,6 +222,48 @@ def test_window_starts_cover_the_whole_valid_range(tmp_path, kind):
             seen[clip_id].add(start)
     for i, t in enumerate(cache.num_frames):
         assert seen[cache.clip_id(i)] == set(range(num_valid_starts(int(t), 60))), cache.clip_id(i)
+
+
+def test_a_request_stream_starts_at_the_first_sample_or_where_it_is_told():
+    """stream() is the epoch from its start; stream(k) the same stream from sample k on (what a resume needs)."""
+    stream = RequestStream([130, 200, 61], 60, ref_rule="random_in_clip", seed=4)
+    fresh = [next(it) for it in [stream()] for _ in range(12)]
+    assert [next(it) for it in [stream(5)] for _ in range(7)] == fresh[5:]
+    assert fresh[:stream.samples_per_epoch] == [next(it) for it in [stream(0)] for _ in range(stream.samples_per_epoch)]
+    assert sorted(r.clip_index for r in fresh[:stream.samples_per_epoch]) == [0, 0, 1, 1, 1, 2]
+
+
+def test_request_stream_refuses_what_it_cannot_do():
+    for kwargs, words in ((dict(policy="frames"), "--epoch_policy 'frames'"), (dict(ref_rule="last"), "--ref 'last'"),
+                          (dict(shard_id=2, num_shards=2), "shard 2 is outside 0..1"),
+                          (dict(shard_id=-1, num_shards=2), "shard -1 is outside 0..1")):
+        with pytest.raises(UsageError, match=words):
+            RequestStream([120, 130], 60, **kwargs)
+    with pytest.raises(ValueError, match="at least one window"):
+        RequestStream([120, 59], 60)
+    # One sample per epoch (a 60-frame clip) feeds one rank, not two: the second would get nothing.
+    assert RequestStream([60], 60, shard_id=0, num_shards=1).samples_per_epoch == 1
+    with pytest.raises(UsageError, match="1 samples per epoch cannot feed 2 ranks"):
+        RequestStream([60], 60, shard_id=0, num_shards=2)
+
+
+def test_valid_starts_by_the_documented_rule():
+    """README: a window start is drawn from 0..T-60, so T - 59 starts; a clip shorter than a window has none."""
+    assert [num_valid_starts(t, 60) for t in (0, 59, 60, 61, 119, 1000)] == [0, 0, 1, 2, 60, 941]
+
+
+@pytest.mark.parametrize("kind", CACHED_KINDS)
+@pytest.mark.parametrize("policy, repeats", [("windows", [1, 1, 2, 4]), ("clips", [1, 1, 1, 1])])
+def test_an_epoch_repeats_each_clip_by_the_documented_rule(tmp_path, kind, policy, repeats):
+    """README: an epoch is the list of clips with each clip repeated max(1, T // 60) times (`windows`) or once
+    (`clips`); clips of 60, 119, 120 and 250 frames."""
+    lengths = [60, 119, 120, 250]
+    cache = TrainingCache.open(tmp_path, TINY, write_synthetic_cache(tmp_path, TINY, lengths))
+    ld = loader(kind, cache, batch_size=1, epoch_policy=policy, seed=2)
+    assert ld.samples_per_epoch == sum(repeats)
+    seen = collections.Counter(b.clip_id[0] for b in take(iter(ld), ld.samples_per_epoch))
+    by_length = {int(t): cache.clip_id(i) for i, t in enumerate(cache.num_frames)}
+    assert seen == {by_length[t]: n for t, n in zip(lengths, repeats)}
 
 
 @pytest.mark.parametrize("kind", CACHED_KINDS)
@@ -150,7 +288,7 @@ def test_a_restored_loader_continues_with_the_same_batches(tiny_cache, kind):
     buffer = io.BytesIO()  # the state goes into training checkpoints: it must survive torch.save
     torch.save(first.state_dict(), buffer)
     state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
-    reference = [b.to("cpu") for b in take(it, 20)]
+    reference = take(it, 20)
     resumed = loader(kind, tiny_cache, batch_size=4, seed=11, ref_rule="random_in_clip")
     resumed.load_state_dict(state)
     again = take(iter(resumed), 20)
@@ -177,8 +315,6 @@ def test_the_batch_contract_is_checked():
                    ref_motion=torch.zeros(b, 64, dtype=torch.float16),
                    emotion=torch.zeros(b, 6, dtype=torch.float16),  # wrong shape
                    window_start=torch.zeros(b, dtype=torch.int64), ref_frame=torch.zeros(b, dtype=torch.int64))
-    from dali_float.contract import Batch
-
     batch = Batch(**tensors, clip_id=["a", "b"])
     with pytest.raises(ValueError) as err:
         batch.validate(preset)
@@ -244,11 +380,120 @@ def test_a_truncated_shard_gives_one_line_naming_the_clip_and_the_file(tmp_path,
     with pytest.raises(CacheError) as err:  # at open: the cheap invariant
         TrainingCache.open(tmp_path, TINY, fp)
     assert "speaker/clip001.mp4" in str(err.value) and str(shard) in str(err.value) and "\n" not in str(err.value)
+    assert f"failed (the shard ends at byte {shard.stat().st_size}): run `python preprocess.py" in str(err.value)
     # An already open cache finds it while reading, and says the same.
     with pytest.raises(CacheError) as err:
         for _ in range(50):
             next(iter(loader(kind, cache, batch_size=8, ref_rule="random_in_clip")))
     assert "speaker/clip001.mp4" in str(err.value) and str(shard) in str(err.value) and "\n" not in str(err.value)
+    # The cause, not DALI's "Critical error in pipeline:", and what to run.
+    assert re.search(r"failed \((short read from \S+ at byte \d+: )?the shard ends early\): run `python preprocess.py",
+                     str(err.value)), str(err.value)
+
+
+# The readers of fixed windows: the torch loader's (WindowReader), and the DALI loader's two strategies.
+READERS = [("torch", "auto"), ("dali", "pread"), ("dali", "python")]
+
+
+@pytest.mark.parametrize("kind, strategy", READERS)
+def test_a_window_past_where_its_shard_was_cut_is_refused_and_one_before_it_is_read(tmp_path, kind, strategy):
+    """A cache opened before its shard lost its tail: a fixed window, or only its reference frame, past the
+    cut is one CacheError line naming the clip, the shard, the cause and what to run; a window before the
+    cut still reads the cached rows (the reads are positioned, not whole-record)."""
+    fp = write_synthetic_cache(tmp_path, TINY, [200])
+    cache = TrainingCache.open(tmp_path, TINY, fp)
+    clip = cache.clip_id(0)
+    rows, ref_motion, _ = expected_rows(cache, clip, 40, 119)  # read while the shard is whole
+    shard = cache.view.shards[0]
+    with open(shard, "r+b") as f:  # frames 120.. of the clip's 200 are gone
+        f.truncate(int(cache.view.rows[0]["offset"]) + 120 * cf.row_bytes(TINY))
+    ld = loader(kind, cache, read_strategy=strategy)
+    for start, ref in ((100, 0), (0, 120)):
+        with pytest.raises(CacheError) as err:
+            ld.load_windows([(clip, start, ref)])
+        message = str(err.value)
+        assert clip in message and str(shard) in message and "\n" not in message, message
+        assert "the shard ends early" in message and "run `python preprocess.py" in message, message
+    batch = ld.load_windows([(clip, 40, 119)])  # rows 40..99 and 119: all before the cut
+    assert np.array_equal(batch.motion[0].numpy(), rows[10:, :TINY.motion_dim])
+    assert np.array_equal(batch.audio[0].numpy(), rows[10:, TINY.motion_dim:])
+    assert np.array_equal(batch.ref_motion[0].numpy(), ref_motion)
+
+
+def test_read_strategies_are_checked(tiny_cache):
+    from dali_float.loaders.dali_loader import resolve_strategy
+
+    assert resolve_strategy("python", on_gpu=False) == "python" and resolve_strategy("pread", on_gpu=False) == "pread"
+    for gone in ("mmap", "roi", "gds"):  # roi and gds read format 1's per-clip files: no longer strategies
+        with pytest.raises(UsageError, match=f"^--read_strategy '{gone}' is not one of auto, pread, python$"):
+            resolve_strategy(gone, on_gpu=False)
+    with pytest.raises(UsageError, match="--read_strategy 'roi' is not one of"):
+        loader("dali", tiny_cache, read_strategy="roi")  # what --read_strategy roi meets
+    ld = loader("dali", tiny_cache, batch_size=2)
+    next(iter(ld))
+    with pytest.raises(RuntimeError, match="before the first batch"):
+        ld.load_state_dict(ld.state_dict())
+    ld.close()
+
+
+def test_the_prefetcher_hands_over_in_order_raises_what_produce_raised_and_stops():
+    from dali_float.loaders.dali_loader import Prefetcher
+
+    produced = iter(range(5))
+
+    def produce():
+        value = next(produced)
+        if value == 3:
+            raise ValueError("the fourth batch broke")
+        return value
+
+    with Prefetcher(produce, depth=2) as ready:
+        assert [ready.get() for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(ValueError, match="the fourth batch broke"):
+            ready.get()
+    slow = Prefetcher(lambda: time.sleep(0.01) or "batch", depth=1)
+    with slow as ready:
+        assert ready.get() == "batch"
+        time.sleep(0.05)  # the thread now waits on the full queue
+    assert not slow._thread.is_alive()
+    slow.__exit__(None, None, None)  # again: nothing to do
+
+
+def test_dali_errors_are_shown_by_their_first_line():
+    from dali_float.loaders.dali_loader import _first_line
+
+    err = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1\n\n  Critical error: the file "
+                       "ends early\nmore detail")
+    assert _first_line(err) == "Critical error: the file ends early"
+    dali = RuntimeError('Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.x`,\nwhich was used in the '
+                        'pipeline definition with the following traceback:\n\n  File "p.py", line 68, in f\n    '
+                        'outputs = fn.x(\n\nencountered:\n\nAssert on "a == b" failed: f.npy holds 2 rows\nC++ '
+                        'context: [w.cc:160]\nCurrent pipeline object is no longer valid.')
+    assert _first_line(dali) == "f.npy holds 2 rows"
+    assert _first_line(RuntimeError("x" * 400)) == "x" * 300
+    assert _first_line(KeyError()) == "KeyError"
+
+
+@pytest.mark.parametrize("kind, strategy", READERS)
+def test_windows_outside_a_clip_are_refused(tmp_path, kind, strategy):
+    """A fixed window past a clip's end or before its start, a reference frame past its end or before its
+    start: one line naming the clip and its frame count, never rows from outside the clip (in a shard,
+    the next clip's record follows). The last window and the last frame are read as cached."""
+    fp = write_synthetic_cache(tmp_path, TINY, [200, 120])
+    cache = TrainingCache.open(tmp_path, TINY, fp)
+    ld = loader(kind, cache, read_strategy=strategy)
+    clip = cache.clip_id(0)
+    batch = ld.load_windows([(clip, 140, 199)])  # the last window, the last frame: fine
+    rows, ref_motion, _ = expected_rows(cache, clip, 140, 199)
+    assert np.array_equal(batch.motion[0].numpy(), rows[10:, :TINY.motion_dim])
+    assert np.array_equal(batch.ref_motion[0].numpy(), ref_motion)
+    for start, ref in ((141, 0), (0, 200), (-1, 0), (0, -1)):
+        # The pread operator's refusal is a CacheError; WindowReader's (torch, the python strategy) an IndexError.
+        with pytest.raises((CacheError, IndexError)) as err:
+            ld.load_windows([(clip, start, ref)])
+        message = str(err.value)
+        assert clip in message and "outside" in message and "(200 frames)" in message, message
+        assert "\n" not in message, message
 
 
 def test_batch_larger_than_an_epoch_still_streams(tiny_cache):
@@ -285,19 +530,222 @@ def test_resident_memory_does_not_grow_with_the_cache(tmp_path, kind):
         # 30 MB, then 300 MB of features: holding them would show far above the 10% margin.
         fp = write_synthetic_cache(cache_dir, TINY, [10_000] * n_clips)
         out = subprocess.run([sys.executable, str(script), str(cache_dir), fp, kind], capture_output=True,
-                             text=True, check=True, cwd=REPO)
+                             text=True, cwd=REPO)
+        assert out.returncode == 0, f"the probe exited {out.returncode}:\n{out.stderr[-3000:]}"
         peaks.append(int(out.stdout.split()[-1]))
         shutil.rmtree(cache_dir)
     print(f"{kind}: peak RSS {peaks[0] / 2**20:.0f} MiB (30 MB cache), {peaks[1] / 2**20:.0f} MiB (300 MB cache)")
     assert peaks[1] <= 1.10 * peaks[0], f"peak RSS {peaks[0] / 2**20:.0f} MiB -> {peaks[1] / 2**20:.0f} MiB"
 
 
+EXIT_PROBE = textwrap.dedent("""
+    import atexit, sys, threading, time
+    sys.path[:0] = [{repo!r}, {tests!r}]
+
+    def prefetch_threads_at_exit():  # registered first, so it runs after every later atexit hook
+        from dali_float.loaders.dali_loader import PREFETCH_THREAD
+        alive = [t for t in threading.enumerate() if t.name == PREFETCH_THREAD and t.is_alive()]
+        print("prefetch threads alive at exit:", len(alive), flush=True)
+
+    atexit.register(prefetch_threads_at_exit)
+    from pathlib import Path
+    from dali_float.config import get_preset
+    from dali_float.loaders import LoaderOptions, TrainingCache, open_loader
+    preset = get_preset("tiny")
+    cache = TrainingCache.open(Path(sys.argv[1]), preset, sys.argv[2])
+    loader = open_loader("dali", preset, LoaderOptions(batch_size=4, prefetch_batches=4), cache=cache)
+    it = iter(loader)
+    next(it)  # the loader is never closed: its prefetch thread is still running when the script ends
+    while not loader._prefetcher._queue.full():  # idle, waiting to hand over: only a stop ends it (else
+        time.sleep(0.01)                         # DALI's own exit hook could fail its next pipe.run())
+""")
+
+
+def test_a_loader_left_open_is_stopped_before_the_interpreter_exits(tiny_cache, tmp_path):
+    # A prefetch thread still inside DALI when Python finalizes kills the process with SIGABRT
+    # (std::terminate) after its work is done: a training run could lose its last checkpoint.
+    script = tmp_path / "exit_probe.py"
+    script.write_text(EXIT_PROBE.format(repo=str(REPO), tests=str(Path(__file__).parent)))
+    done = subprocess.run([sys.executable, str(script), str(tiny_cache.layout.root.parents[0]),
+                           tiny_cache.fingerprint], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "prefetch threads alive at exit: 0", done.stdout
+
+
 def test_the_pread_window_operator_builds_and_is_the_default_here():
-    # On this machine class (g++ and CUDA headers present) a silent fallback to "python" would hide a
-    # slowdown: the build must work.
+    # Wherever requirements.txt is installed and g++ exists (CUDA headers: the toolkit or pip packages,
+    # see the next test) a silent fallback to "python" would hide a slowdown: the build must work.
     from dali_float.loaders.dali_loader import resolve_strategy
 
     assert resolve_strategy("auto", on_gpu=False) == "pread"
+
+
+PIP_HEADERS_PROBE = textwrap.dedent("""
+    import sys
+    sys.path[:0] = [{repo!r}]
+    from pathlib import Path
+    import numpy as np
+    from dali_float.config import get_preset
+    from dali_float.loaders import LoaderOptions, TrainingCache, open_loader
+    from dali_float.loaders.plugin import cuda_include_dirs, library_path
+
+    print("headers from", *cuda_include_dirs(), flush=True)
+    preset = get_preset("tiny")
+    cache = TrainingCache.open(Path(sys.argv[1]), preset, sys.argv[2])
+    loader = open_loader("dali", preset, LoaderOptions(read_strategy="pread"), cache=cache)
+    i = len(cache) - 1
+    batch = loader.load_windows([(cache.clip_id(i), 17, 3)])
+    row = cache.view.rows[i]  # the clip's frames rows, read with NumPy from its shard
+    width = preset.motion_dim + preset.audio_feature_dim
+    rows = np.fromfile(cache.view.shards[row["shard"]], dtype=np.float16, count=int(row["num_frames"]) * width,
+                       offset=int(row["offset"])).reshape(-1, width)
+    assert np.array_equal(batch.motion[0].numpy(), rows[27:77, :preset.motion_dim])
+    assert np.array_equal(batch.ref_motion[0].numpy(), rows[3, :preset.motion_dim])
+    assert library_path().exists()
+    print("pread window read", flush=True)
+""")
+
+
+def _without_cuda_toolkit(command: list[str], empty: Path) -> tuple[list[str], dict[str, str], str]:
+    """`command` as on a machine without the CUDA toolkit: /usr/local/cuda* hidden by empty bind mounts in
+    a mount namespace of its own where that is permitted (root), else DALI_FLOAT_CUDA_HEADERS=pip."""
+    from dali_float.loaders.plugin import HEADERS_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    toolkits = sorted(Path("/usr/local").glob("cuda*"))
+    if not toolkits:
+        return command, env, "no toolkit installed"
+    mounts = "; ".join(f"mount --bind {empty} {t}" for t in toolkits)
+    hide = ["unshare", "-m", "sh", "-c", f"{mounts} && exec \"$0\" \"$@\""]
+    if shutil.which("unshare") and subprocess.run([*hide, "true"], capture_output=True).returncode == 0:
+        return [*hide, *command], env, f"{', '.join(map(str, toolkits))} hidden (mount namespace)"
+    return command, dict(env, **{HEADERS_ENV: "pip"}), f"{HEADERS_ENV}=pip (no mount namespace here)"
+
+
+def test_the_window_operator_builds_from_pip_packages_without_the_cuda_toolkit(tiny_cache, tmp_path):
+    # Most users have a pip-installed torch and no toolkit: the operator must build from the headers
+    # requirements.txt installs, not fall back to the slower reads in Python.
+    script, empty = tmp_path / "probe.py", tmp_path / "empty"
+    script.write_text(PIP_HEADERS_PROBE.format(repo=str(REPO)))
+    empty.mkdir()
+    command, env, how = _without_cuda_toolkit(
+        [sys.executable, str(script), str(tiny_cache.layout.root.parent), tiny_cache.fingerprint], empty)
+    env["DALI_FLOAT_HOME"] = str(tmp_path / "home")  # nothing built before
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    print(how, done.stdout, sep="\n")
+    assert done.returncode == 0, f"{how}:\n{done.stdout}\n{done.stderr[-3000:]}"
+    headers = done.stdout.splitlines()[0].split()[2:]
+    assert headers and all("site-packages" in h and "/usr/local/cuda" not in h for h in headers), headers
+    assert "unavailable" not in done.stderr and done.stdout.splitlines()[-1] == "pread window read"
+
+
+def test_cuda_headers_are_found_across_folders_or_named_when_missing(tmp_path, monkeypatch):
+    """One folder holding every header DALI includes is used alone; headers spread over folders (a toolkit's
+    runtime, pip's crt and cccl) are all passed; a missing one is named with the pip package that has it."""
+    from dali_float.loaders import plugin
+
+    def folder(name: str, headers: list[str]) -> Path:
+        for header in headers:
+            (tmp_path / name / header).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / header).write_text("")
+        return tmp_path / name
+
+    every = folder("all", list(plugin.REQUIRED_HEADERS))
+    runtime = folder("runtime", ["cuda_runtime.h", "cuda_fp16.h"])
+    crt, cccl = folder("crt", ["crt/host_config.h"]), folder("cccl", ["nv/target"])
+    for candidates, expected in (([runtime, every], [every]), ([runtime, crt, cccl, every], [every]),
+                                 ([runtime, crt, runtime, cccl], [runtime, crt, cccl])):
+        monkeypatch.setattr(plugin, "_header_candidates", lambda c=candidates: c)
+        assert plugin.cuda_include_dirs() == expected
+    monkeypatch.setattr(plugin, "_header_candidates", lambda: [runtime, tmp_path / "empty"])
+    with pytest.raises(RuntimeError) as err:
+        plugin.cuda_include_dirs()
+    assert "crt/host_config.h (pip install nvidia-cuda-crt)" in str(err.value)
+    assert "nv/target (pip install nvidia-cuda-cccl)" in str(err.value) and "cuda_runtime.h" not in str(err.value)
+
+
+def test_header_candidates_follow_cuda_home_unless_pip_only(tmp_path, monkeypatch):
+    from dali_float.loaders import plugin
+
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "toolkit"))
+    monkeypatch.delenv(plugin.HEADERS_ENV, raising=False)
+    found = plugin._header_candidates()
+    assert found[0] == tmp_path / "toolkit" / "include" and Path("/usr/local/cuda/include") in found
+    assert any("site-packages" in str(p) and p.name == "include" for p in found)  # pip's nvidia/*/include
+    monkeypatch.setenv(plugin.HEADERS_ENV, "pip")
+    assert all("site-packages" in str(p) for p in plugin._header_candidates())
+
+
+FALLBACK_PROBE = textwrap.dedent("""
+    import logging, sys
+    sys.path[:0] = [{repo!r}]
+    from pathlib import Path
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    from dali_float.config import get_preset
+    from dali_float.errors import UsageError
+    from dali_float.loaders import LoaderOptions, TrainingCache, open_loader
+    from dali_float.loaders.dali_loader import resolve_strategy
+    from dali_float.loaders.plugin import library_path
+    preset = get_preset("tiny")
+    cache = TrainingCache.open(Path(sys.argv[1]), preset, sys.argv[2])
+    assert resolve_strategy("auto", on_gpu=False) == "python"
+    try:
+        resolve_strategy("pread", on_gpu=False)
+        raise SystemExit("pread accepted without the operator")
+    except UsageError as err:
+        print("pread refused:", err)
+    loader = open_loader("dali", preset, LoaderOptions(batch_size=2), cache=cache)
+    batch = next(iter(loader))
+    assert loader.strategy == "python" and batch.size == 2
+    assert not library_path().exists() and not list(library_path().parent.glob("*.tmp-*"))
+    print("python batches")
+""")
+
+
+def test_without_a_compiler_the_dali_loader_reads_in_python_after_one_warning(tiny_cache, tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(FALLBACK_PROBE.format(repo=str(REPO)))
+    env = dict(os.environ, CXX="false", DALI_FLOAT_HOME=str(tmp_path / "home"))  # `false`: a compiler that fails
+    done = subprocess.run([sys.executable, str(script), str(tiny_cache.layout.root.parent), tiny_cache.fingerprint],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "window-read operator unavailable (g++ failed" in warnings[0], done.stderr
+    assert "--read_strategy pread: the DALI window-read operator could not be built" in done.stdout
+    assert done.stdout.splitlines()[-1] == "python batches"
+
+
+def test_freed_memory_is_left_to_the_c_library_where_there_is_no_mallopt(monkeypatch):
+    from dali_float.loaders import base
+
+    def no_glibc(name):
+        raise OSError("not glibc")
+
+    monkeypatch.setattr(base, "_allocator_tuned", None)
+    monkeypatch.setattr(base.ctypes, "CDLL", no_glibc)
+    assert base.keep_freed_host_memory() is False
+
+
+def test_the_naive_loader_leaves_out_unusable_videos_and_says_which(tmp_path, caplog):
+    from dali_float import demo
+    from dali_float.loaders.naive import discover_clips
+
+    frames, wave, _ = demo.synth_talking_head(70, 64, seed=1)
+    demo.write_clip(tmp_path / "good.mp4", frames, 25.0, audio=wave)
+    demo.write_clip(tmp_path / "short.mp4", frames[:40], 25.0, audio=wave[:len(wave) * 40 // 70])
+    demo.write_clip(tmp_path / "mute.mp4", frames, 25.0, audio=None)
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    with caplog.at_level("WARNING"):
+        clips = discover_clips(tmp_path, TINY)
+    assert [c.clip_id for c in clips] == ["good.mp4"] and clips[0].num_frames == 70
+    message = next(r.getMessage() for r in caplog.records if "left out" in r.getMessage())
+    assert message.startswith("naive loader: 3 clip(s) left out:")
+    assert "mute.mp4 (no audio)" in message and "short.mp4 (40 frames)" in message and "broken.mp4 (" in message
+    (tmp_path / "none").mkdir()
+    with pytest.raises(UsageError, match="no usable video"):
+        discover_clips(tmp_path / "none", TINY)
+    with pytest.raises(UsageError, match="is not a folder"):
+        discover_clips(tmp_path / "missing", TINY)
 
 
 @pytest.mark.parametrize("ref_rule", ["first", "random_in_clip", "random_in_window"])

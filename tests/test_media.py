@@ -673,6 +673,26 @@ def test_clip_audio_is_normalised_then_padded_in_floats_order(tmp_path, content)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
 
+def _float_audio_order(wave: np.ndarray, num_samples: int) -> np.ndarray:
+    """FLOAT's audio order (generate.py, models/float/FLOAT.py): Wav2Vec2FeatureExtractor normalises the raw
+    waveform (zero mean, unit variance), then AudioEncoder.inference replicate-pads it to T x 640 samples."""
+    x = wave.astype(np.float64)
+    x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+    return np.concatenate([x, np.full(num_samples - len(x), x[-1])]).astype(np.float32)
+
+
+@pytest.mark.parametrize("seconds", [N_FRAMES / 25, 1.0])
+def test_clip_audio_is_normalised_then_padded_as_float_does(tmp_path, content, seconds):
+    """A side .wav as long as the video (nothing to pad), and one 1.0 s long under a 1.6 s video."""
+    frames, _ = content
+    video = write_clip(tmp_path / "talk.webm", frames, 25, audio=None)
+    wave = _tone(440, seconds, 16_000) + 0.2  # an offset and a scale for the normalisation to remove
+    write_audio(tmp_path / "talk.wav", wave, 16_000)
+    got = prepare_clip_audio(probe_video(video), N_FRAMES, TIMING).numpy()
+    raw = load_audio(tmp_path / "talk.wav", 16_000).numpy()  # the decoded samples (the .wav's 16-bit rounding)
+    np.testing.assert_allclose(got, _float_audio_order(raw, N_FRAMES * 640), atol=1e-5)
+
+
 def test_side_file_preferred_over_the_track(tmp_path, content):
     frames, _ = content
     video = write_clip(tmp_path / "talk.mp4", frames, 25, audio=_tone(440, 1.6, 16_000), audio_rate=16_000)

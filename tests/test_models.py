@@ -5,7 +5,11 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +23,12 @@ from dali_float.models import (AudioEncoder, EmotionEncoder, FloatMotionModel, F
                                MotionEncoder, build_encoders, count_parameters, emotion_from_filename, emotion_vector,
                                load_motion_checkpoint, model_identities, uniform_emotion)
 from dali_float.models.motion_encoder import FLOAT_DIRECTION_KEY, FLOAT_ENCODER_PREFIX
+import float_reference
+from float_layout import (FloatDims, audio_projection_layout, filled, float_checkpoint_layout, fmt_layout,
+                          motion_encoder_layout)
 
 TINY = TINY_PRESET
+REPO = Path(__file__).resolve().parents[1]
 F_TINY = TINY.motion_dim
 A_TINY = TINY.audio_feature_dim
 SAMPLES_PER_FRAME = TINY.timing.audio_samples_per_frame
@@ -30,18 +38,16 @@ def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def _float_layout(encoder: MotionEncoder, with_buffers: bool = True) -> dict[str, torch.Tensor]:
-    """A MotionEncoder's weights under FLOAT's names, plus keys of other FLOAT models (to be ignored)."""
-    buffers = {name for name, _ in encoder.named_buffers()}
-    state = {}
-    for key, value in encoder.state_dict().items():
-        if key in buffers and not with_buffers:
-            continue
-        state[FLOAT_DIRECTION_KEY if key == "direction.weight" else FLOAT_ENCODER_PREFIX + key] = value.clone()
-    state["fmt.blocks.0.attn.qkv.weight"] = torch.zeros(3, 3)
-    state["motion_autoencoder.dec.to_flows.0.conv.weight"] = torch.zeros(2, 2)
-    state["audio_encoder.audio_projection.0.weight"] = torch.zeros(4, 4)
-    return state
+# The tiny preset's sizes in FLOAT's terms: checkpoints of FLOAT's layout small enough to fill with values.
+TINY_DIMS = FloatDims(input_size=TINY.motion.input_size, dim_w=TINY.motion_dim, dim_m=TINY.motion.num_coefficients,
+                      dim_a=TINY.fmt.audio_dim, dim_h=TINY.fmt.hidden_size, fmt_depth=TINY.fmt.depth,
+                      mlp_ratio=TINY.fmt.mlp_ratio, audio_input=TINY.audio_feature_dim,
+                      frequency_embedding=TINY.fmt.timestep_frequency_dim, channels=TINY.motion.channels)
+
+
+def _encoder_key(float_key: str) -> str:
+    """Where a float.pth key of the motion encoder lives in MotionEncoder (the one renaming the loader does)."""
+    return "direction.weight" if float_key == FLOAT_DIRECTION_KEY else float_key.removeprefix(FLOAT_ENCODER_PREFIX)
 
 
 # ---------------------------------------------------------------------------------------------- motion encoder
@@ -64,6 +70,26 @@ def test_motion_encoder_tiny_shapes_and_basis():
         enc(_images(1, TINY.motion.input_size * 2))
 
 
+@pytest.mark.parametrize("preset", [TINY, FLOAT_PRESET], ids=["tiny", "float"])
+def test_motion_encoder_matches_an_independent_lia_forward(preset):
+    """The LIA encoder against tests/float_reference.py (FLOAT's equalised convs, blur, fused leaky ReLU, skip
+    paths, motion head and direction dictionary written out functionally), random weights and biases."""
+    enc = MotionEncoder(preset.motion, seed=3).eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    images = _images(2 if preset is TINY else 1, preset.motion.input_size, seed=5)
+    with torch.no_grad():
+        out = enc(images)
+        s, lam, r = float_reference.lia_encode(enc.state_dict(), images)
+    torch.testing.assert_close(out.identity, s, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.coefficients, lam, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.motion_latents, r, atol=1e-4, rtol=1e-4)
+    assert s.abs().mean() > 0.1 and lam.abs().mean() > 0.1  # a signal, not vanishing activations
+
+
 def test_motion_encoder_init_is_seeded_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
@@ -74,30 +100,10 @@ def test_motion_encoder_init_is_seeded_and_leaves_global_rng_alone():
     assert not torch.equal(a.direction.weight, c.direction.weight)
 
 
-def _official_encoder_keys() -> dict[str, tuple[int, ...]]:
-    """FLOAT's motion_autoencoder.enc.* / dec.direction.weight keys for 512x512, written out from its layer list."""
-    channels = {512: 32, 256: 64, 128: 128, 64: 256, 32: 512, 16: 512, 8: 512, 4: 512}
-    keys = {"net_app.convs.0.0.weight": (32, 3, 1, 1), "net_app.convs.0.1.bias": (1, 32, 1, 1)}
-    size, index = 512, 1
-    while size > 4:
-        cin, cout = channels[size], channels[size // 2]
-        p = f"net_app.convs.{index}."
-        keys |= {p + "conv1.0.weight": (cin, cin, 3, 3), p + "conv1.1.bias": (1, cin, 1, 1),
-                 p + "conv2.0.kernel": (4, 4), p + "conv2.1.weight": (cout, cin, 3, 3),
-                 p + "conv2.2.bias": (1, cout, 1, 1),
-                 p + "skip.0.kernel": (4, 4), p + "skip.1.weight": (cout, cin, 1, 1)}
-        size, index = size // 2, index + 1
-    keys[f"net_app.convs.{index}.weight"] = (512, 512, 4, 4)  # final 4x4 conv, no bias
-    for i in range(4):
-        keys |= {f"fc.{i}.weight": (512, 512), f"fc.{i}.bias": (512,)}
-    keys |= {"fc.4.weight": (20, 512), "fc.4.bias": (20,), "direction.weight": (512, 20)}
-    return keys
-
-
 def test_motion_encoder_float_keys_shapes_and_forward():
     enc = MotionEncoder(FLOAT_PRESET.motion).eval()
     found = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
-    assert found == _official_encoder_keys()
+    assert found == {_encoder_key(k): v for k, v in motion_encoder_layout(FloatDims(), buffers=True).items()}
     # The blur kernels are buffers in FLOAT too (Blur.register_buffer), the rest are parameters.
     assert {n for n, _ in enc.named_buffers()} == {k for k in found if k.endswith(".kernel")}
     assert "net_app.convs.8.bias" not in found
@@ -112,16 +118,28 @@ def test_motion_encoder_float_keys_shapes_and_forward():
 
 @pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
 def test_load_float_layout_checkpoint(tmp_path, wrap):
-    source = MotionEncoder(TINY.motion, seed=1).eval()
-    state = _float_layout(source, with_buffers=wrap is None)  # FLOAT saves may or may not hold the blur buffers
+    """A float.pth laid out as FLOAT's code lays it out (tests/float_layout.py), with and without buffers:
+    every encoder tensor lands in the parameter or buffer of the same role; the other models' keys are ignored."""
+    state = filled(float_checkpoint_layout(TINY_DIMS, buffers=wrap is None), seed=1)
     path = tmp_path / "float.pth"
     torch.save({wrap: state} if wrap else state, path)
-    target = MotionEncoder(TINY.motion, seed=2).eval()
-    load_motion_checkpoint(target, path)
-    images = _images(2, TINY.motion.input_size)
-    with torch.no_grad():
-        for a, b in zip(source(images), target(images)):
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    target = load_motion_checkpoint(MotionEncoder(TINY.motion, seed=2).eval(), path)
+    own = target.state_dict()
+    loaded = {k for k in state if k.startswith(FLOAT_ENCODER_PREFIX) or k == FLOAT_DIRECTION_KEY}
+    for key in loaded:
+        assert torch.equal(own[_encoder_key(key)], state[key]), key
+    params = {name for name, _ in target.named_parameters()}
+    assert params <= {_encoder_key(k) for k in loaded}  # every parameter came from the file
+    assert {k for k in state if _encoder_key(k) in own} == loaded  # and nothing of the other models went in
+
+
+def test_float_sized_checkpoint_fits_the_motion_encoder_exactly(tmp_path):
+    """FLOAT's 512x512 encoder layout, names and shapes only (meta tensors): loads strictly, nothing left over."""
+    for buffers in (False, True):
+        torch.save(filled(float_checkpoint_layout(FloatDims(), buffers), device="meta"), tmp_path / "float.pth")
+        with torch.device("meta"):
+            enc = MotionEncoder(FLOAT_PRESET.motion)
+        load_motion_checkpoint(enc, tmp_path / "float.pth")
 
 
 def test_load_own_state_dict(tmp_path):
@@ -142,7 +160,7 @@ def test_motion_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not a torch checkpoint"):
         load_motion_checkpoint(enc, text)
 
-    state = _float_layout(MotionEncoder(TINY.motion))
+    state = filled(float_checkpoint_layout(TINY_DIMS))
     renamed = dict(state)
     renamed[FLOAT_ENCODER_PREFIX + "fc.9.weight"] = renamed.pop(FLOAT_ENCODER_PREFIX + "fc.4.weight")
     torch.save(renamed, tmp_path / "renamed.pth")
@@ -163,6 +181,31 @@ def test_motion_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="--preset float") as err:
         load_motion_checkpoint(enc, tmp_path / "float_sized.pth")
     assert "\n" not in str(err.value)
+
+
+def test_checkpoints_are_read_as_weights_only(tmp_path):
+    """A checkpoint is never unpickled beyond tensors (torch.load weights_only): one holding any other object is
+    refused, as is a dict whose values are not tensors."""
+    state = MotionEncoder(TINY.motion).state_dict()
+    torch.save({"state_dict": state, "opt": argparse.Namespace(lr=1)}, tmp_path / "pickled.pth")
+    with pytest.raises(CheckpointError, match="not a torch checkpoint"):
+        load_motion_checkpoint(MotionEncoder(TINY.motion), tmp_path / "pickled.pth")
+    torch.save({"step": 3, "lr": 0.1}, tmp_path / "numbers.pth")
+    with pytest.raises(CheckpointError, match="holds a dict, not a state dict of tensors"):
+        load_motion_checkpoint(MotionEncoder(TINY.motion), tmp_path / "numbers.pth")
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="holds a list"):
+        load_motion_checkpoint(MotionEncoder(TINY.motion), tmp_path / "list.pth")
+
+
+def test_a_mismatch_lists_the_first_three_keys_then_a_count(tmp_path):
+    state = MotionEncoder(TINY.motion).state_dict()
+    for n, tail in ((3, ""), (4, ", ... (+1)")):
+        missing = [k for k in state if k.startswith("fc.")][:n]  # listed in the model's order
+        torch.save({k: v for k, v in state.items() if k not in missing}, tmp_path / "m.pth")
+        with pytest.raises(CheckpointError) as err:
+            load_motion_checkpoint(MotionEncoder(TINY.motion), tmp_path / "m.pth")
+        assert f"{n} missing" in str(err.value) and f"missing: {', '.join(missing[:3])}{tail};" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------- audio encoder
@@ -195,6 +238,32 @@ def test_audio_encoder_matches_manual_layers(tiny_audio):
             hidden = layer(hidden)
             layers.append(hidden)
     torch.testing.assert_close(tiny_audio.encode(wave, 50), torch.cat(layers, dim=-1))
+
+
+def test_random_init_encoders_are_seeded_and_leave_the_global_rng_alone():
+    """Without weights the encoders are the same for the same preset seed (the cache fingerprint says
+    random-init:<seed>), and the caller's random stream is untouched."""
+    torch.manual_seed(7)
+    before = torch.random.get_rng_state()
+    a, b = AudioEncoder(TINY), AudioEncoder(TINY)
+    ea, eb = EmotionEncoder(TINY), EmotionEncoder(TINY)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    for x, y in ((a, b), (ea, eb)):
+        assert all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
+    other = AudioEncoder(dataclasses.replace(TINY, init_seed=1))
+    assert not torch.equal(a.model.encoder.layers[0].attention.q_proj.weight,
+                           other.model.encoder.layers[0].attention.q_proj.weight)
+
+
+def test_random_init_layouts_are_the_real_models():
+    """facebook/wav2vec2-base-960h: group-norm feature extractor without conv biases; the r-f emotion model
+    (wav2vec2-large-xlsr-53): layer-norm feature extractor with conv biases, stable layer norm."""
+    from dali_float.models.audio_encoder import wav2vec2_config
+
+    base, large = wav2vec2_config(FLOAT_PRESET.audio.wav2vec2), wav2vec2_config(FLOAT_PRESET.emotion.wav2vec2)
+    assert (base.feat_extract_norm, base.conv_bias, base.do_stable_layer_norm) == ("group", False, False)
+    assert (large.feat_extract_norm, large.conv_bias, large.do_stable_layer_norm) == ("layer", True, True)
+    assert (base.hidden_size, base.num_hidden_layers, large.hidden_size, large.num_hidden_layers) == (768, 12, 1024, 24)
 
 
 def test_audio_encoder_frozen_and_too_short(tiny_audio):
@@ -232,10 +301,64 @@ def tiny_emotion() -> EmotionEncoder:
     return EmotionEncoder(TINY)
 
 
+def test_emotion_encoder_is_frozen_and_checks_its_input(tiny_emotion):
+    tiny_emotion.train()
+    assert not tiny_emotion.model.training and not any(p.requires_grad for p in tiny_emotion.parameters())
+    assert tiny_emotion.predict(torch.randn(400)).shape == (7,)  # the shortest input wav2vec2 takes
+    with pytest.raises(MediaError, match="399 samples is too short"):
+        tiny_emotion.predict(torch.randn(1, 399))
+    with pytest.raises(ValueError, match=r"expects a \(1, N\) waveform"):
+        tiny_emotion.predict(torch.randn(2, 16_000))
+    with pytest.raises(ValueError, match="expects"):
+        tiny_emotion.predict(torch.randn(1, 1, 16_000))
+
+
 def test_emotion_predict_is_a_distribution(tiny_emotion):
     probs = tiny_emotion.predict(torch.randn(1, 16_000))
     assert probs.shape == (7,) and probs.dtype == torch.float32
     assert abs(float(probs.sum()) - 1.0) < 1e-5 and (probs > 0).all()
+
+
+@pytest.mark.parametrize("mode", ["mean", "sum", "max"])
+def test_emotion_classifier_pools_as_its_config_says(tiny_emotion, mode):
+    """r-f's Wav2Vec2ForSpeechClassification: the last hidden states pooled over time (mean, sum or max), then
+    dense -> tanh -> out_proj; another pooling mode is refused."""
+    import copy
+
+    from dali_float.models.emotion import Wav2Vec2EmotionClassifier
+
+    config = copy.deepcopy(tiny_emotion.model.config)
+    config.pooling_mode = mode
+    classifier = Wav2Vec2EmotionClassifier(config)
+    classifier.load_state_dict(tiny_emotion.model.state_dict())
+    classifier.eval()
+    wave = torch.randn(2, 16_000, generator=torch.Generator().manual_seed(1))
+    pool = {"mean": lambda h: h.mean(dim=1), "sum": lambda h: h.sum(dim=1), "max": lambda h: h.amax(dim=1)}[mode]
+    with torch.no_grad():
+        hidden = classifier.wav2vec2(wave).last_hidden_state
+        head = classifier.classifier
+        torch.testing.assert_close(classifier(wave), head.out_proj(torch.tanh(head.dense(pool(hidden)))))
+    config.pooling_mode = "median"
+    with pytest.raises(CheckpointError, match="pooling_mode 'median'"):
+        Wav2Vec2EmotionClassifier(config)
+
+
+def test_a_wav2vec2_folder_missing_weights_is_refused(tmp_path, tiny_audio):
+    """A folder whose weights do not cover the model is refused, not completed with random weights; only the
+    SpecAugment vector (unused at inference) may be absent."""
+    from safetensors.torch import load_file
+
+    tiny_audio.model.save_pretrained(tmp_path / "w2v")
+    state = load_file(tmp_path / "w2v" / "model.safetensors")
+    (tmp_path / "w2v" / "model.safetensors").unlink()
+    state.pop("masked_spec_embed", None)
+    torch.save(state, tmp_path / "w2v" / "pytorch_model.bin")
+    wave = torch.randn(1, 30 * SAMPLES_PER_FRAME)
+    torch.testing.assert_close(AudioEncoder(TINY, tmp_path / "w2v").encode(wave, 30), tiny_audio.encode(wave, 30))
+    del state[next(k for k in state if k.startswith("encoder.layers.0."))]
+    torch.save(state, tmp_path / "w2v" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="does not fit Wav2Vec2Model: 1 missing and 0 shape-mismatched"):
+        AudioEncoder(TINY, tmp_path / "w2v")
 
 
 def test_emotion_from_pretrained_in_rf_layout(tmp_path, tiny_emotion):
@@ -313,6 +436,75 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+def test_fmt_matches_an_independent_forward():
+    """FloatMotionModel against tests/float_reference.py (FLOAT's FMT written out: sinusoidal positions, timestep
+    embedding, condition per frame, DiT blocks with framewise adaLN, attention as an explicit softmax over a
+    +-2 frame band, final layer) and the audio projection, a dropped audio zero after the projection."""
+    model = FloatMotionModel(TINY).eval()
+    _randomise(model, seed=3)
+    inputs = _fmt_inputs(TINY, seed=4)
+    keep = torch.tensor([1.0, 0.0])
+    fmt_sd = {k[len("fmt."):]: v for k, v in model.state_dict().items() if k.startswith("fmt.")}
+    proj_sd = {k[len("audio_projection."):]: v for k, v in model.state_dict().items() if k.startswith("audio_proj")}
+    with torch.no_grad():
+        wa = float_reference.audio_projection(proj_sd, inputs["audio"]) * keep[:, None, None]
+        prev_wa = float_reference.audio_projection(proj_sd, inputs["prev_audio"])
+        expected = float_reference.fmt_velocity(fmt_sd, TINY.fmt.num_heads, inputs["t"], inputs["x"], inputs["prev_x"],
+                                                wa, prev_wa, inputs["wr"], inputs["we"])
+        got = model(**inputs, audio_keep=keep)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert expected.abs().mean() > 0.01
+
+
+def test_fmt_embeddings_are_floats():
+    """The fixed position table (60 x 1024) and the timestep embedding (256, and an odd width) as FLOAT defines
+    them; the FMT's LayerNorms use FLOAT's eps 1e-6, the projection's torch's default (as FLOAT's nn.LayerNorm)."""
+    from dali_float.models.fmt import TimestepEmbedder, sinusoid_table
+
+    torch.testing.assert_close(sinusoid_table(60, 1024), float_reference.sinusoid_table(60, 1024), atol=1e-6, rtol=0)
+    t = torch.tensor([0.0, 0.013, 0.5, 0.999, 1.0])
+    for dim in (256, 255):
+        torch.testing.assert_close(TimestepEmbedder(8, dim).frequency_embedding(t),
+                                   float_reference.timestep_embedding(t, dim), atol=1e-6, rtol=1e-5)
+    model = FloatMotionModel(TINY)
+    torch.testing.assert_close(model.fmt.pos_embed[0], float_reference.sinusoid_table(60, TINY.fmt.hidden_size),
+                               atol=1e-6, rtol=0)
+    norms = [m for m in model.fmt.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * TINY.fmt.depth + 1 and all(m.eps == 1e-6 and m.weight is None for m in norms)
+    assert model.audio_projection[1].eps == 1e-5
+
+
+def test_fmt_init_is_dits_and_seeded():
+    """FLOAT's initialize_weights: xavier-uniform linears with zero biases, N(0, 0.02) timestep MLP, adaLN and
+    output layers zero; the audio projection torch's default U(+-1/sqrt(fan in)). The same seed, the same weights."""
+    model = FloatMotionModel(TINY, seed=5)
+    again, other = FloatMotionModel(TINY, seed=5), FloatMotionModel(TINY, seed=6)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert not torch.equal(model.fmt.blocks[0].attn.qkv.weight, other.fmt.blocks[0].attn.qkv.weight)
+    assert not torch.equal(model.audio_projection[0].weight, other.audio_projection[0].weight)
+    fmt = model.fmt
+    zeroed = {id(m) for m in [*(b.adaLN_modulation[1] for b in fmt.blocks), fmt.decoder.adaLN_modulation[1],
+                              fmt.decoder.linear]}
+    normal = {id(fmt.t_embedder.mlp[0]), id(fmt.t_embedder.mlp[2])}
+    for m in fmt.modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        w = m.weight.detach()
+        if id(m) in zeroed:
+            assert not w.any() and not m.bias.any()
+        elif id(m) in normal:
+            assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002 and not m.bias.any()
+        else:
+            bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))
+            assert w.abs().max() <= bound and abs(w.std().item() - bound / math.sqrt(3)) < 0.05 * bound
+            assert not m.bias.any()
+    linear, norm = model.audio_projection[0], model.audio_projection[1]
+    bound = 1 / math.sqrt(linear.in_features)
+    for t in (linear.weight.detach(), linear.bias.detach()):
+        assert t.abs().max() <= bound and abs(t.std().item() - bound / math.sqrt(3)) < 0.15 * bound
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and not norm.bias.any()
+
+
 def test_fmt_shapes_and_zero_init():
     model = FloatMotionModel(TINY).eval()
     inputs = _fmt_inputs(TINY)
@@ -368,45 +560,80 @@ def test_velocity_with_guidance():
     torch.testing.assert_close(model.velocity_with_guidance(**inputs, a_scale=1.0, e_scale=1.0), all_cond)
 
 
-def test_fmt_float_parameter_count_and_names():
-    fmt = FlowMatchingTransformer(FLOAT_PRESET)
-    count = count_parameters(fmt)
-    print(f"float FMT parameters: {count:,}")
-    assert abs(count - 157e6) / 157e6 < 0.02
-    shapes = {k: tuple(v.shape) for k, v in fmt.state_dict().items()}
-    expected = {
-        "x_embedder.proj.weight": (1024, 512), "pos_embed": (1, 60, 1024), "t_embedder.mlp.0.weight": (1024, 256),
-        "t_embedder.mlp.2.weight": (1024, 1024), "c_embedder.weight": (1024, 1031),
-        "blocks.7.attn.qkv.weight": (3072, 1024), "blocks.7.attn.qkv.bias": (3072,),
-        "blocks.7.attn.proj.weight": (1024, 1024), "blocks.7.mlp.fc1.weight": (4096, 1024),
-        "blocks.7.mlp.fc2.weight": (1024, 4096), "blocks.7.adaLN_modulation.1.weight": (6144, 1024),
-        "decoder.adaLN_modulation.1.weight": (2048, 1024), "decoder.linear.weight": (512, 1024),
-        "alignment_mask": (60, 60),
-    }
-    assert {k: shapes.get(k) for k in expected} == expected
-    assert "blocks.8.attn.qkv.weight" not in shapes
-    assert not any("norm1.weight" in k or "norm_final.weight" in k for k in shapes)  # LayerNorms without affine
+@pytest.fixture(scope="module")
+def float_model_meta() -> FloatMotionModel:
+    """The float preset's FloatMotionModel on the meta device: names and shapes, no memory, no init time."""
+    with torch.device("meta"):
+        return FloatMotionModel(FLOAT_PRESET)
 
 
-def test_float_model_audio_projection_size():
-    projection = torch.nn.Sequential(torch.nn.Linear(9216, 512), torch.nn.LayerNorm(512), torch.nn.SiLU())
-    assert count_parameters(projection) == 4_720_128  # what FloatMotionModel adds to the FMT (FLOAT.md: ~4.72 M)
+def test_velocity_with_guidance_keeps_the_previous_audio_rule_in_all_three_passes():
+    """Batch 4; the previous audio dropped for the samples whose prev_audio_keep is 0, in the unconditional, the
+    audio-only and the fully conditioned pass alike (FLOAT keeps prev_wa in all three)."""
+    model = FloatMotionModel(TINY).eval()
+    _randomise(model, seed=1)
+    inputs = _fmt_inputs(TINY, batch=4, seed=2)
+    prev_keep = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    zeros, no_emotion = torch.zeros(4), dict(inputs, we=torch.zeros_like(inputs["we"]))
+    with torch.no_grad():
+        uncond = model(**no_emotion, audio_keep=zeros, prev_audio_keep=prev_keep)
+        audio_only = model(**no_emotion, prev_audio_keep=prev_keep)
+        all_cond = model(**inputs, prev_audio_keep=prev_keep)
+        got = model.velocity_with_guidance(**inputs, a_scale=2.5, e_scale=0.5, prev_audio_keep=prev_keep)
+    torch.testing.assert_close(got, uncond + 2.5 * (audio_only - uncond) + 0.5 * (all_cond - audio_only),
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, model.velocity_with_guidance(**inputs, a_scale=2.5, e_scale=0.5))
+
+
+def test_fmt_checks_its_frames_and_defaults_to_the_presets_seed():
+    model = FloatMotionModel(TINY)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 FloatMotionModel(TINY, seed=TINY.init_seed).state_dict().values()))
+    inputs = _fmt_inputs(TINY)
+    with pytest.raises(ValueError, match="motion has 60 frames and audio 59"):
+        model(**dict(inputs, prev_audio=inputs["prev_audio"][:, 1:]))
+    with pytest.raises(ValueError, match="at most 60"):
+        model(**dict(inputs, prev_x=torch.cat([inputs["prev_x"]] * 2, dim=1),
+                     prev_audio=torch.cat([inputs["prev_audio"]] * 2, dim=1)))
+    shorter = model(**dict(inputs, prev_x=inputs["prev_x"][:, :5], prev_audio=inputs["prev_audio"][:, :5]))
+    assert shorter.shape == (2, 55, F_TINY)  # fewer previous frames: positions 0..54
+
+
+def test_fmt_float_keys_shapes_and_parameter_count(float_model_meta):
+    found = {f"fmt.{k}": tuple(v.shape) for k, v in float_model_meta.fmt.state_dict().items()}
+    assert found == fmt_layout(FloatDims(), buffers=True)
+    trainable = sum(p.numel() for p in float_model_meta.fmt.parameters() if p.requires_grad)
+    logging.getLogger(__name__).info("float FMT: %d trainable parameters", trainable)
+    assert abs(trainable - 156.6e6) / 156.6e6 < 1e-3  # FLOAT.md: about 156.6 M for the FMT alone
+    assert not float_model_meta.fmt.pos_embed.requires_grad  # fixed sinusoids, a Parameter as in float.pth
+
+
+def test_float_model_audio_projection_size(float_model_meta):
+    """FloatMotionModel's own projection: Linear(9216 -> 512), LayerNorm(512), SiLU, FLOAT's 4.72 M parameters."""
+    projection = float_model_meta.audio_projection
+    assert [type(m) for m in projection] == [torch.nn.Linear, torch.nn.LayerNorm, torch.nn.SiLU]
+    assert (projection[0].in_features, projection[0].out_features) == (12 * 768, 512)
+    size = count_parameters(projection)
+    assert size == sum(int(np.prod(s)) for s in audio_projection_layout(FloatDims()).values()) == 4_720_128
+    assert count_parameters(float_model_meta) == count_parameters(float_model_meta.fmt) + size
+    trainable = sum(p.numel() for p in float_model_meta.parameters() if p.requires_grad)
+    assert abs(trainable - 161.3e6) / 161.3e6 < 1e-3  # FLOAT.md: ~161.3 M trainable in all
 
 
 def test_load_float_checkpoint(tmp_path):
-    source = FloatMotionModel(TINY, seed=7).eval()
-    _randomise(source, seed=7)
-    state = {}
-    for key, value in source.state_dict().items():
-        if key.startswith("audio_projection."):
-            key = "audio_encoder." + key
-        if key != "fmt.alignment_mask":  # a checkpoint of named_parameters only lacks the buffer
-            state[key] = value.clone()
-    state["motion_autoencoder.enc.fc.0.weight"] = torch.zeros(2, 2)
+    """A float.pth of FLOAT's layout (tests/float_layout.py, the tiny sizes): every fmt.* and
+    audio_encoder.audio_projection.* tensor lands in the parameter of the same name, every trainable
+    parameter comes from the file, the other models' keys are ignored, and the model then runs."""
+    state = filled(float_checkpoint_layout(TINY_DIMS), seed=7)
     torch.save(state, tmp_path / "float.pth")
     target = FloatMotionModel(TINY, seed=8).eval().load_float_checkpoint(tmp_path / "float.pth")
-    inputs = _fmt_inputs(TINY)
-    torch.testing.assert_close(target(**inputs), source(**inputs), atol=0, rtol=0)
+    params = dict(target.named_parameters())
+    taken = {k: k.removeprefix("audio_encoder.") for k in state
+             if k.startswith("fmt.") or k.startswith("audio_encoder.audio_projection.")}
+    for key, name in taken.items():
+        assert torch.equal(params[name], state[key]), key
+    assert set(params) == set(taken.values())
+    assert torch.isfinite(target(**_fmt_inputs(TINY))).all()
 
     del state["fmt.blocks.1.mlp.fc2.bias"]
     torch.save(state, tmp_path / "broken.pth")
@@ -415,6 +642,17 @@ def test_load_float_checkpoint(tmp_path):
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="no fmt"):
         FloatMotionModel(TINY).load_float_checkpoint(tmp_path / "other.pth")
+
+
+def test_float_sized_checkpoint_fits_the_fmt_exactly(tmp_path, float_model_meta):
+    """FLOAT's own sizes, names and shapes only (meta tensors), with and without the attention-mask buffer."""
+    for buffers in (False, True):
+        torch.save(filled(float_checkpoint_layout(FloatDims(), buffers), device="meta"), tmp_path / "float.pth")
+        float_model_meta.load_float_checkpoint(tmp_path / "float.pth")
+    missing = {k: v for k, v in float_checkpoint_layout(FloatDims()).items() if k != "fmt.decoder.linear.bias"}
+    torch.save(filled(missing, device="meta"), tmp_path / "short.pth")
+    with pytest.raises(CheckpointError, match=r"1 missing"):
+        float_model_meta.load_float_checkpoint(tmp_path / "short.pth")
 
 
 # ---------------------------------------------------------------------------------------------- autocast / CUDA
@@ -489,6 +727,32 @@ def test_model_identities(tmp_path):
     (folder / "config.json").write_text('{"hidden_size": 1}')
     second = model_identities(TINY, sources)
     assert second["motion"] != first["motion"] and second["audio"] != first["audio"]
+
+
+def test_random_models_names_the_encoders_without_weights(tmp_path):
+    ckpt, folder = tmp_path / "m.pt", tmp_path / "w"
+    assert ModelSources().random_models() == ["motion", "audio", "emotion"]
+    assert ModelSources(motion_ckpt=ckpt).random_models() == ["audio", "emotion"]
+    assert ModelSources(wav2vec2_path=folder, emotion="filename").random_models() == ["motion"]
+    assert ModelSources(motion_ckpt=ckpt, wav2vec2_path=folder, emotion_path=folder).random_models() == []
+    assert ModelSources(motion_ckpt=ckpt, wav2vec2_path=folder, emotion="none").random_models() == []
+
+
+def test_build_encoders_loads_the_given_weights(tmp_path):
+    source = MotionEncoder(TINY.motion, seed=42)
+    torch.save(source.state_dict(), tmp_path / "motion.pt")
+    built = build_encoders(TINY, ModelSources(motion_ckpt=tmp_path / "motion.pt", emotion="none"), "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(built.motion.state_dict().values(), source.state_dict().values()))
+    assert built.emotion is None
+
+
+def test_the_random_weights_warning_comes_once_per_process():
+    code = ("import logging; logging.basicConfig(format='%(message)s');"
+            "from dali_float.config import TINY_PRESET as P; from dali_float.models import ModelSources, build_encoders;"
+            "build_encoders(P, ModelSources(emotion='none'), 'cpu'); build_encoders(P, ModelSources(), 'cpu')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("RANDOM WEIGHTS") == 1 and "RANDOM WEIGHTS for the motion, audio encoders" in done.stderr
 
 
 def test_build_encoders_warns_once_and_emotion_vector(monkeypatch, caplog):

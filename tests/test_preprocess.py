@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -257,13 +258,22 @@ def test_cached_features_equal_the_naive_loader(demo_cache):
         torch.testing.assert_close(batch.emotion[0].float(), torch.tensor(entry.emotion).half().float())
 
 
-def test_rerun_of_the_demo_is_a_quick_noop(demo_cache, caplog):
+def test_rerun_of_the_demo_is_a_quick_noop(demo_cache, caplog, monkeypatch):
+    """Nothing is probed, decoded or encoded (no encoder is even built), nothing is rewritten."""
+    from dali_float.preprocess import run as run_module
+
+    def forbidden(what):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"a rerun with nothing to do {what}")
+        return fail
+
     root, cache_dir, _ = demo_cache
     before = file_mtimes(cache_dir)
     caplog.set_level(logging.INFO, logger="dali_float")
-    start = time.perf_counter()
+    monkeypatch.setattr(run_module, "ClipProcessor", forbidden("built the encoders"))
+    monkeypatch.setattr(run_module, "_run_processes", forbidden("started worker processes"))
+    monkeypatch.setattr(plan, "probe_tasks", forbidden("probed a clip"))
     result = run_preprocessing(options(root, cache_dir))
-    assert time.perf_counter() - start < 10  # nothing is built
     assert result.up_to_date == 12 and result.processed == {} and result.exit_code == 0
     assert "12 up to date" in caplog.text
     assert file_mtimes(cache_dir) == before  # not a single file rewritten, index.sqlite included
@@ -473,9 +483,25 @@ def test_a_truncated_or_overwritten_record_is_redone_and_nothing_else(small, tmp
 
 # ---------------------------------------------------------------------------------------------- parallelism
 
-def test_two_workers_make_the_same_cache_as_one(small, tmp_path):
+def launched_workers(monkeypatch) -> list[list[str]]:
+    """Record the devices of every set of worker processes preprocessing starts."""
+    from dali_float.preprocess import run as run_module
+
+    launched, real = [], run_module._run_processes
+
+    def spy(shares, devices, *args, **kwargs):
+        launched.append([f"{d}: {len(share)} clip(s)" for d, share in zip(devices, shares)])
+        return real(shares, devices, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "_run_processes", spy)
+    return launched
+
+
+def test_two_workers_make_the_same_cache_as_one(small, tmp_path, monkeypatch):
     data, cache_one, _ = small
+    launched = launched_workers(monkeypatch)
     result = run_preprocessing(options(data, tmp_path / "cache", workers=2))
+    assert launched == [["cpu: 2 clip(s)", "cpu: 2 clip(s)"]]  # two worker processes, a share each
     assert result.exit_code == 0 and result.processed == {cf.STATUS_CACHED: 4}
     assert_same_cache(layout_of(cache_one), layout_of(tmp_path / "cache"))
     assert len(layout_of(tmp_path / "cache").shard_files()) == 2  # one writer, one shard each
@@ -511,9 +537,9 @@ def test_two_torchrun_ranks_share_one_cache(small, tmp_path):
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    shares = [int(line.split("rank ")[1].split(": ")[1].split(" of")[0]) for out in outputs
-              for line in out.splitlines() if ": rank " in line and "pending clip" in line]
-    assert sorted(shares) != [] and sum(shares) == 4, outputs  # every clip processed once
+    shares = {int(m[1]): int(m[2]) for out in outputs
+              for m in re.finditer(r"rank (\d) of 2: (\d+) of 4 pending clip", out)}
+    assert sorted(shares) == [0, 1] and min(shares.values()) > 0 and sum(shares.values()) == 4, outputs
     layout = layout_of(cache_dir)
     assert_same_cache(layout_of(cache_one), layout)
     assert verify_problems(layout) == []
@@ -709,12 +735,25 @@ def test_gpu_features_match_cpu_within_fp16(small, tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpus_flag_runs_one_worker_per_gpu(small, tmp_path):
+def test_gpus_flag_runs_one_worker_per_gpu(small, tmp_path, monkeypatch):
+    """--gpus 0,1: one worker process per GPU, each with a share, and the cache of one process on one GPU."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"--gpus 0,1 needs two CUDA devices; this machine has {torch.cuda.device_count()}")
     data, _, _ = small
-    gpus = tuple(range(min(2, torch.cuda.device_count())))
-    result = run_preprocessing(options(data, tmp_path / "cache", gpus=gpus))
-    assert result.exit_code == 0 and result.counts[cf.STATUS_CACHED] == 4
-    assert verify_problems(layout_of(tmp_path / "cache")) == []
+    one = run_preprocessing(options(data, tmp_path / "one", device="cuda:0"))
+    launched = launched_workers(monkeypatch)
+    two = run_preprocessing(options(data, tmp_path / "two", gpus=(0, 1)))
+    assert launched == [["cuda:0: 2 clip(s)", "cuda:1: 2 clip(s)"]]
+    assert one.exit_code == two.exit_code == 0 and two.processed == {cf.STATUS_CACHED: 4}
+    a, b = layout_of(tmp_path / "one"), layout_of(tmp_path / "two")
+    ea, eb = entries_of(a), entries_of(b)
+    fields = lambda e: {k: v for k, v in entry_fields(e).items() if k != "checksum"}  # noqa: E731 (bytes: below)
+    assert {k: fields(e) for k, e in ea.items()} == {k: fields(e) for k, e in eb.items()}
+    for clip_id, entry in ea.items():  # the same model of GPU: the same kernels, at most fp16 rounding apart
+        x = frames_of(a, entry).astype(np.float32)
+        y = frames_of(b, eb[clip_id]).astype(np.float32)
+        np.testing.assert_allclose(y, x, rtol=2e-3, atol=2e-3, err_msg=clip_id)
+    assert verify_problems(b) == []
 
 
 def test_a_cache_of_another_corpus_is_never_overwritten(tmp_path):

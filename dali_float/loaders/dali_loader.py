@@ -18,11 +18,13 @@ under a second at a million clips. The split of a window into the contract's fie
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import queue
 import re
 import threading
+import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 READ_STRATEGIES = ("auto", "pread", "python")
 OUTPUTS = ("windows", "ref_motion", "emotion", "indices")  # indices: (window_start, ref_frame, row)
+PREFETCH_THREAD = "dali-float-prefetch"
 
 
 class EpochSource:
@@ -80,23 +83,28 @@ class PythonReadSource(EpochSource):
     of loaders.sampling, and the windows read here. Returns (windows, ref, indices, emotion)."""
 
     def __init__(self, cache: TrainingCache, stream: RequestStream, batch_size: int, ref_rule: str, seed: int,
-                 given: tuple[np.ndarray, np.ndarray] | None = None):
+                 given: tuple[str, np.ndarray, np.ndarray] | None = None):
         super().__init__(cache, stream, batch_size)
         self.reader, self.ref_rule, self.seed, self.given = WindowReader(cache), ref_rule, seed, given
         self.window = cache.preset.timing.window_frames
         self.row_bytes, self.ref_bytes = cf.row_bytes(cache.preset), cache.preset.motion_dim * cf.FEATURE_DTYPE.itemsize
 
+    def starts_and_refs(self, rows: np.ndarray, draws: np.ndarray) -> np.ndarray:
+        out = np.empty_like(draws)
+        for i, (row, (d0, d1)) in enumerate(zip(rows.tolist(), draws.tolist())):
+            t = int(self.rows[row]["num_frames"])
+            start = d0 % num_valid_starts(t, self.window)
+            out[i] = (start, ref_frame(self.ref_rule, start, t, self.window, d1))
+        return out
+
     def __call__(self, info) -> tuple[np.ndarray, ...]:
-        if self.given is not None:
-            rows, starts_refs = self.given
-        else:
+        if self.given is None:
             rows = self.clip_rows(info.iteration)
             draws = np.random.default_rng([self.seed, info.iteration]).integers(0, DRAW_RANGE, size=(len(rows), 2))
-            starts_refs = np.empty_like(draws)
-            for i, (row, (d0, d1)) in enumerate(zip(rows.tolist(), draws.tolist())):
-                t = int(self.rows[row]["num_frames"])
-                start = d0 % num_valid_starts(t, self.window)
-                starts_refs[i] = (start, ref_frame(self.ref_rule, start, t, self.window, d1))
+            starts_refs = self.starts_and_refs(rows, draws)
+        else:
+            kind, rows, pairs = self.given
+            starts_refs = pairs if kind == "windows" else self.starts_and_refs(rows, pairs)
         b = len(rows)
         windows = np.empty((b, self.window, self.row_bytes), dtype=np.uint8)
         refs = np.empty((b, self.ref_bytes), dtype=np.uint8)
@@ -108,7 +116,7 @@ class PythonReadSource(EpochSource):
 
 
 class FixedSource:
-    """A fixed list of samples (the parity hook): record addresses, emotion and the given (start, ref)."""
+    """A fixed list of samples (the parity hook): record addresses, emotion and the given (start, ref) or draws."""
 
     def __init__(self, outputs: tuple[np.ndarray, ...]):
         self.outputs = outputs
@@ -119,15 +127,18 @@ class FixedSource:
 
 @pipeline_def(enable_checkpointing=True)
 def window_pipeline(source: Callable, shard_files: list[str], *, window_frames: int, row_bytes: int, ref_bytes: int,
-                    ref_rule: str, strategy: str, on_gpu: bool, draw_seed: int, given_windows: bool):
+                    ref_rule: str, strategy: str, on_gpu: bool, draw_seed: int, given: str | None):
     """Outputs per sample: windows (60, row bytes) u8, ref_motion (F bytes) u8, emotion (E,) f16,
-    indices (3,) int64: window_start, ref_frame, row of the training view."""
+    indices (3,) int64: window_start, ref_frame, row of the training view.
+
+    given: None in training (the draws come from fn.random.uniform); "draws" (the caller's
+    draws go through the same rules) or "windows" (the caller gives window start and reference frame)."""
     if strategy == "python":
         outputs = fn.external_source(source=source, batch=True, batch_info=True, num_outputs=4,
                                      dtype=[types.UINT8, types.UINT8, types.INT64, types.FLOAT16])
         windows, ref_motion, indices, emotion = outputs
     else:
-        if given_windows:  # (window start, reference frame) from the caller
+        if given:  # (window start, reference frame) or the two draws, from the caller
             records, emotion, draws = fn.external_source(source=source, batch=True, batch_info=True, num_outputs=3,
                                                          dtype=[types.INT64, types.FLOAT16, types.INT64])
         else:  # wide integers, reduced modulo the valid range (see loaders.sampling.DRAW_RANGE)
@@ -136,7 +147,7 @@ def window_pipeline(source: Callable, shard_files: list[str], *, window_frames: 
             draws = fn.random.uniform(range=[0, DRAW_RANGE - 1], shape=[2], dtype=types.INT64, seed=draw_seed)
         windows, ref_motion, indices = fn.dali_float_window_read(
             records, draws, files=shard_files, rows=window_frames, row_bytes=row_bytes, ref_bytes=ref_bytes,
-            ref_rule="given" if given_windows else ref_rule)
+            ref_rule="given" if given == "windows" else ref_rule)
     outputs = (windows, ref_motion, emotion, indices)
     return tuple(o.gpu() for o in outputs) if on_gpu else outputs
 
@@ -192,17 +203,17 @@ class DaliWindowLoader(WindowLoader):
         # Random draws differ per rank (the epoch's order is shared: loaders.sampling).
         return (self.options.seed * 1_000_003 + self.options.shard_id) % (1 << 31)
 
-    def _build(self, source: Callable, *, given_windows: bool, batch_size: int, checkpoint: str | None = None) -> Any:
+    def _build(self, source: Callable, *, given: str | None, batch_size: int, checkpoint: str | None = None) -> Any:
         o, preset = self.options, self.preset
         on_gpu = self.device.type == "cuda"
         pipe = window_pipeline(
             source, self.cache.shard_paths(), window_frames=preset.timing.window_frames,
             row_bytes=cf.row_bytes(preset), ref_bytes=preset.motion_dim * cf.FEATURE_DTYPE.itemsize,
             ref_rule=o.ref_rule, strategy=self.strategy, on_gpu=on_gpu, draw_seed=self._draw_seed,
-            given_windows=given_windows, batch_size=batch_size, num_threads=o.num_threads,
+            given=given, batch_size=batch_size, num_threads=o.num_threads,
             device_id=(self.device.index or 0) if on_gpu else None, seed=o.seed,
             # A fixed list is one batch: nothing to prefetch.
-            prefetch_queue_depth=1 if given_windows else o.prefetch_batches, checkpoint=checkpoint,
+            prefetch_queue_depth=1 if given else o.prefetch_batches, checkpoint=checkpoint,
         )
         try:
             pipe.build()
@@ -216,7 +227,7 @@ class DaliWindowLoader(WindowLoader):
             b = self.options.batch_size
             source = EpochSource(self.cache, self.stream, b) if self.strategy == "pread" else \
                 PythonReadSource(self.cache, self.stream, b, self.options.ref_rule, self._draw_seed)
-            self._pipe = self._build(source, given_windows=False, batch_size=b, checkpoint=self._checkpoint)
+            self._pipe = self._build(source, given=None, batch_size=b, checkpoint=self._checkpoint)
         return self._pipe
 
     def _run(self, pipe: Any) -> Batch:
@@ -273,15 +284,22 @@ class DaliWindowLoader(WindowLoader):
         self._checkpoint = state.get("dali_checkpoint")
 
     def load_windows(self, items: Sequence[WindowItem]) -> Batch:
+        return self._load_given("windows", items)
+
+    def load_draws(self, items: Sequence[tuple[str, int, int]]) -> Batch:
+        """The batch for (clip id, start draw, reference draw): the pipeline's own sampling rules
+        (the pread operator's, or the python strategy's) applied to draws given here instead of drawn."""
+        return self._load_given("draws", items)
+
+    def _load_given(self, given: str, items: Sequence[tuple[str, int, int]]) -> Batch:
         rows = np.array([self.index_of(cid) for cid, _, _ in items], dtype=np.int64)
-        given = np.array([(s, r) for _, s, r in items], dtype=np.int64)
-        epoch = EpochSource(self.cache, self.stream, len(items))
+        pairs = np.array([(a, b) for _, a, b in items], dtype=np.int64)
         if self.strategy == "python":
             source: Callable = PythonReadSource(self.cache, self.stream, len(items), self.options.ref_rule, 0,
-                                                given=(rows, given))
+                                                given=(given, rows, pairs))
         else:
-            source = FixedSource((*epoch.addresses(rows), given))
-        return self._run(self._build(source, given_windows=True, batch_size=len(items)))
+            source = FixedSource((*EpochSource(self.cache, self.stream, len(items)).addresses(rows), pairs))
+        return self._run(self._build(source, given=given, batch_size=len(items)))
 
     def close(self) -> None:
         if self._prefetcher is not None:  # stop the background thread before the pipeline goes
@@ -295,16 +313,28 @@ class Prefetcher:
 
     Only that thread touches what `produce` uses (DALI pipelines are not thread-safe). An exception
     raised by `produce` is raised again by `get()`.
+
+    Every running prefetcher is stopped when the interpreter exits (`atexit`), also when its loader
+    was never closed. Left running, its daemon thread races the exit twice: DALI's own atexit hook
+    shuts every pipeline down, also one this thread is running (nvidia.dali.pipeline
+    `_shutdown_pipelines`; ours runs first, registered after DALI's import); and when Python 3.11
+    finalizes, a daemon thread inside DALI's C++ (pipe.run(), the DLPack hand-over, which release the
+    GIL) is ended by pthread_exit as it takes the GIL back, a forced unwind through DALI's noexcept
+    code: std::terminate, SIGABRT after the work is done ("terminate called without an active
+    exception": 3 of 100 exits of the tests' RSS probe before this, 0 of 100 after; docs/TESTING.md).
     """
+
+    _running: "weakref.WeakSet[Prefetcher]" = weakref.WeakSet()
 
     def __init__(self, produce: Callable[[], Any], depth: int):
         self._produce = produce
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="dali-float-prefetch", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=PREFETCH_THREAD, daemon=True)
 
     def __enter__(self) -> "Prefetcher":
         self._thread.start()
+        Prefetcher._running.add(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:  # idempotent
@@ -313,6 +343,13 @@ class Prefetcher:
             with contextlib.suppress(queue.Empty):
                 self._queue.get(timeout=0.05)
         self._thread.join()
+        Prefetcher._running.discard(self)
+
+    @classmethod
+    def stop_all(cls) -> None:
+        """Stop every running prefetcher (registered with atexit: see the class docstring)."""
+        for prefetcher in list(cls._running):
+            prefetcher.__exit__(None, None, None)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -334,6 +371,18 @@ class Prefetcher:
         return result
 
 
+atexit.register(Prefetcher.stop_all)
+
+
+_DALI_ASSERT = re.compile(r'^Assert on ".*" failed: ')
+
+
 def _first_line(err: BaseException) -> str:
+    """The line of a (DALI) error that says what went wrong, at most 300 characters.
+
+    DALI wraps an operator's error in "Critical error in pipeline: ... Error in CPU operator ... encountered:",
+    the cause following; an assertion's condition is dropped, its message kept."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.startswith(("Traceback", "  File"))]
-    return lines[0][:300] if lines else type(err).__name__
+    if "encountered:" in lines[:-1]:
+        lines = lines[lines.index("encountered:") + 1:]
+    return _DALI_ASSERT.sub("", lines[0])[:300] if lines else type(err).__name__

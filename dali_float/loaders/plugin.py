@@ -2,8 +2,11 @@
 
 The library is compiled against the installed DALI's headers into
 $DALI_FLOAT_HOME/plugins/window_read-<dali version>-<source hash>.so, so a new DALI or a changed
-source builds a new one. Without a C++ compiler or CUDA headers the build fails with one warning and
-the DALI loader falls back to reading the windows in its external source (strategy "python").
+source builds a new one. DALI's headers include a few CUDA headers even for a CPU operator: they come
+from a CUDA toolkit where one is installed, else from the pip packages requirements.txt installs
+(nvidia-cuda-runtime with torch, nvidia-cuda-crt, nvidia-cuda-cccl). Without a C++ compiler or those
+headers the build fails with one warning and the DALI loader falls back to reading the windows in its
+external source (strategy "python").
 """
 from __future__ import annotations
 
@@ -24,17 +27,46 @@ SOURCE = Path(__file__).with_name("window_read.cc")
 OPERATOR = "dali_float_window_read"
 
 
-def _cuda_include_dirs() -> list[Path]:
-    """Folders holding cuda_runtime.h and crt/host_config.h (DALI's headers include them)."""
-    candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH") if v in os.environ]
-    candidates += [Path("/usr/local/cuda/include")]
-    site = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-    candidates += sorted(site.glob("nvidia/cu*/include")) + sorted(site.glob("nvidia/cuda_runtime/include"))
-    runtime = [p for p in candidates if (p / "cuda_runtime.h").exists()]
-    # pip's CUDA runtime headers may lack crt/; triton ships a copy.
-    crt = [p for p in candidates + sorted(site.glob("triton/backends/nvidia/include"))
-           if (p / "crt" / "host_config.h").exists()]
-    return runtime[:1] + [p for p in crt[:1] if p not in runtime[:1]]
+# What DALI's operator headers include from CUDA (also on the CPU), and the pip package that provides each
+# where no CUDA toolkit is installed (requirements.txt installs them next to torch's CUDA runtime).
+REQUIRED_HEADERS = {"cuda_runtime.h": "nvidia-cuda-runtime", "cuda_fp16.h": "nvidia-cuda-runtime",
+                    "crt/host_config.h": "nvidia-cuda-crt", "nv/target": "nvidia-cuda-cccl"}
+TOOLKIT_ROOTS = (Path("/usr/local/cuda"),)
+# "pip": take the headers from Python packages only (CUDA_HOME, CUDA_PATH and /usr/local/cuda are not
+# consulted), as on a machine with a pip-installed torch and no toolkit.
+HEADERS_ENV = "DALI_FLOAT_CUDA_HEADERS"
+
+
+def _header_candidates() -> list[Path]:
+    """Include folders that may hold CUDA headers: the toolkit's first, then those of pip packages."""
+    dirs = []
+    if os.environ.get(HEADERS_ENV, "auto") != "pip":
+        roots = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+        dirs += [root / "include" for root in [*roots, *TOOLKIT_ROOTS]]
+    for entry in dict.fromkeys(sys.path):  # every site-packages folder this interpreter imports from
+        nvidia = Path(entry or ".") / "nvidia"
+        if nvidia.is_dir():
+            dirs += sorted(nvidia.glob("cu*/include")) + sorted(nvidia.glob("cuda_*/include"))
+    return list(dict.fromkeys(dirs))
+
+
+def cuda_include_dirs() -> list[Path]:
+    """The -I folders for REQUIRED_HEADERS: one folder that holds them all if there is one (a toolkit,
+    or pip's nvidia/cu13/include), else the first holder of each. RuntimeError naming what is missing."""
+    candidates = _header_candidates()
+    for folder in candidates:
+        if all((folder / header).exists() for header in REQUIRED_HEADERS):
+            return [folder]
+    chosen, missing = [], []
+    for header, package in REQUIRED_HEADERS.items():
+        holder = next((folder for folder in candidates if (folder / header).exists()), None)
+        if holder is None:
+            missing.append(f"{header} (pip install {package})")
+        elif holder not in chosen:
+            chosen.append(holder)
+    if missing:
+        raise RuntimeError(f"CUDA headers not found: {', '.join(missing)}; or set CUDA_HOME to a CUDA toolkit")
+    return chosen
 
 
 def library_path() -> Path:
@@ -51,9 +83,7 @@ def build(target: Path) -> None:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) found")
-    includes = _cuda_include_dirs()
-    if not includes:
-        raise RuntimeError("no CUDA headers found (set CUDA_HOME)")
+    includes = cuda_include_dirs()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     cmd = [compiler, "-std=c++20", "-O2", "-fPIC", "-shared", "-w", str(SOURCE), "-o", str(tmp),

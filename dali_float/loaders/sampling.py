@@ -70,6 +70,14 @@ def ref_frame(rule: str, window_start: int, num_frames: int, window_frames: int,
     return window_start + draw % window_frames
 
 
+def window_from_draws(num_frames: int, window_frames: int, rule: str, start_draw: int, ref_draw: int
+                      ) -> tuple[int, int]:
+    """(window start, reference frame) from two non-negative random integers below DRAW_RANGE: the rule
+    every loader applies (the DALI pipeline in its operator or in DALI arithmetic)."""
+    start = start_draw % num_valid_starts(num_frames, window_frames)
+    return start, ref_frame(rule, start, num_frames, window_frames, ref_draw)
+
+
 @dataclass(frozen=True)
 class WindowRequest:
     """One sample, fully determined: used for fixed lists (parity tests) and by the torch/naive loaders."""
@@ -114,9 +122,9 @@ class RequestStream:
         # One generator per sample: a resumed stream draws exactly what the uninterrupted one did.
         rng = np.random.default_rng([self.seed, epoch, self._begin + position, 1])
         start_draw, ref_draw = (int(x) for x in rng.integers(0, DRAW_RANGE, size=2))
-        t = int(self.num_frames[clip_index])
-        start = start_draw % num_valid_starts(t, self.window_frames)
-        return WindowRequest(clip_index, start, ref_frame(self.ref_rule, start, t, self.window_frames, ref_draw))
+        start, ref = window_from_draws(int(self.num_frames[clip_index]), self.window_frames, self.ref_rule,
+                                       start_draw, ref_draw)
+        return WindowRequest(clip_index, start, ref)
 
     def __call__(self, start_sample: int = 0) -> Iterator[WindowRequest]:
         epoch, position = divmod(start_sample, self.samples_per_epoch)
