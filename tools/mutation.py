@@ -762,10 +762,12 @@ def cmd_faults(args: argparse.Namespace) -> int:
         m = Mutant("fault", f.path, 0, 0, 0, 0, f.what, f.old, f.new)
         m.apply = lambda text, f=f: text.replace(f.old, f.new)  # type: ignore[method-assign]
         result = run_mutant(m, [f.test], (), 1800, WORK / "logs" / f"fault{i}.log")
-        failed_as_expected = result["outcome"] in ("killed", "timeout") and any(
-            t.split("[")[0] == f.test for t in result["failed"]) or result["outcome"] == "timeout"
+        crashed = (result.get("returncode") or 0) < 0  # the test's process died of a signal (e.g. SIGFPE)
+        failed_as_expected = result["outcome"] in ("killed", "timeout") and (crashed or any(
+            t.split("[")[0] == f.test for t in result["failed"])) or result["outcome"] == "timeout"
         out.append({**asdict(f), **result, "fails_as_expected": failed_as_expected})
-        print(f"[{i + 1}/{len(FAULTS)}] {'FAILS' if failed_as_expected else 'PASSES (hollow)'} "
+        verdict = ("FAILS (its process crashed)" if crashed else "FAILS") if failed_as_expected else "PASSES (hollow)"
+        print(f"[{i + 1}/{len(FAULTS)}] {verdict} "
               f"{result['seconds']:6.1f}s {f.test.split('::')[1]}: {f.what}", flush=True)
         args.json.write_text(json.dumps(out, indent=1) + "\n")
     return 0 if all(r["fails_as_expected"] for r in out) else 1
