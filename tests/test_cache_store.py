@@ -145,10 +145,11 @@ def redo_two(layout: cf.CacheLayout) -> None:
 COMPACT_STEPS = ("compact-copy", "compact-fsync", "index-commit", "compact-unlink", "export-commit")
 
 
-def compact_and_export(layout: cf.CacheLayout) -> None:
+def compact_and_export(layout: cf.CacheLayout) -> dict[str, int]:
     with ClipIndex(layout) as index:
-        cache_store.compact(layout, index, shard_bytes=SMALL_SHARD)
+        result = cache_store.compact(layout, index, shard_bytes=SMALL_SHARD)
         cache_view.export(layout, index, P, FP)
+    return result
 
 
 @pytest.mark.parametrize("step", COMPACT_STEPS)
@@ -183,8 +184,14 @@ def test_compaction_reclaims_dead_records_and_keeps_live_bytes(tmp_path):
     redo_two(layout)
     before, size_before = stored(layout), sum(p.stat().st_size for p in layout.shard_files())
     windows_before = TrainingCache.open(tmp_path, P, FP).read_features(3).motion_latents.copy()
-    compact_and_export(layout)
-    assert sum(p.stat().st_size for p in layout.shard_files()) < size_before
+    with ClipIndex(layout) as index:
+        dead = {name for name, n in cache_store.dead_bytes(layout, index).items() if n > 0}
+        live_in_dead = sum(1 for r in index.records() if r[1] in dead)
+    result = compact_and_export(layout)
+    size_after = sum(p.stat().st_size for p in layout.shard_files())
+    assert size_after < size_before
+    # What compaction reports is what the shard files lost, byte for byte.
+    assert result == {"shards": len(dead), "records": live_in_dead, "reclaimed_bytes": size_before - size_after}
     after = stored(layout)
     assert after.keys() == before.keys() and all(np.array_equal(after[c], before[c]) for c in before)
     assert np.array_equal(TrainingCache.open(tmp_path, P, FP).read_features(3).motion_latents, windows_before)
