@@ -244,6 +244,20 @@ def test_sampler_defaults_are_floats_and_the_readmes():
     assert args.baseline is None and args.json is None and not args.no_ema and args.device == "cpu"
 
 
+def test_render_parses_the_flags_readme_gives_it(tmp_path):
+    """README's `sampler render` line: its defaults (noise seed 0 as its help says, the decoder batch left to
+    the device, the run's crop and emotion source, FLOAT's guidance) and every optional flag taking a value."""
+    speech = tmp_path / "speech.wav"
+    speech.write_bytes(b"")
+    required = ["render", "--checkpoint", "run", "--ref", "face.jpg", "--audio", str(speech), "--out", "o.mp4"]
+    args = sampler._parser().parse_args(required)
+    assert (args.seed, args.frame_batch, args.crop, args.emo) == (0, None, None, None) and args.progress
+    assert (args.nfe, args.a_scale, args.e_scale) == (10, 2.0, 1.0)
+    args = sampler._parser().parse_args(required + ["--seed", "3", "--frame_batch", "4", "--crop", "center",
+                                                    "--emo", "happy", "--no_progress"])
+    assert (args.seed, args.frame_batch, args.crop, args.emo, args.progress) == (3, 4, "center", "happy", False)
+
+
 # --- trained checkpoints and the command ---------------------------------------------------------------------
 
 
