@@ -475,6 +475,24 @@ def test_dali_errors_are_shown_by_their_first_line():
 
 
 @pytest.mark.parametrize("kind, strategy", READERS)
+def test_clips_in_several_shards_are_read_from_their_own_shard(tmp_path, kind, strategy):
+    """Every record in a shard of its own (a cache of many writers, or larger than one shard): fixed windows
+    and a training stream read each clip's rows from its shard at its offset, as NumPy reads them."""
+    fp = write_synthetic_cache(tmp_path, TINY, [70, 90, 120, 61], shard_bytes=1)
+    cache = TrainingCache.open(tmp_path, TINY, fp)
+    assert len(cache.view.shards) == 4 and sorted(cache.view.rows["shard"].tolist()) == [0, 1, 2, 3]
+    ld = loader(kind, cache, read_strategy=strategy, batch_size=4, ref_rule="random_in_clip", seed=3)
+    items = [(cache.clip_id(i), int(cache.num_frames[i]) - 60, i) for i in range(len(cache))]
+    for batches in ([ld.load_windows(items)], take(iter(ld), 3)):
+        for batch in batches:
+            for k, clip_id in enumerate(batch.clip_id):
+                rows, ref_motion, _ = expected_rows(cache, clip_id, int(batch.window_start[k]), int(batch.ref_frame[k]))
+                assert np.array_equal(batch.motion[k].numpy(), rows[10:, :TINY.motion_dim]), clip_id
+                assert np.array_equal(batch.ref_motion[k].numpy(), ref_motion), clip_id
+    ld.close()
+
+
+@pytest.mark.parametrize("kind, strategy", READERS)
 def test_windows_outside_a_clip_are_refused(tmp_path, kind, strategy):
     """A fixed window past a clip's end or before its start, a reference frame past its end or before its
     start: one line naming the clip and its frame count, never rows from outside the clip (in a shard,
