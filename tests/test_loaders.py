@@ -789,9 +789,13 @@ FREED_BATCH_PROBE = textwrap.dedent("""
     import resource, sys
     import numpy as np
     sys.path.insert(0, {repo!r})
-    if sys.argv[1] == "open_loader":  # what every loader does on construction
-        from dali_float.loaders.base import keep_freed_host_memory
-        assert keep_freed_host_memory()
+    if sys.argv[1] == "open_loader":  # a loader opened first: every loader tunes the allocator on construction
+        from pathlib import Path
+        from dali_float.config import get_preset
+        from dali_float.loaders import LoaderOptions, TrainingCache, open_loader
+        preset = get_preset("tiny")
+        cache = TrainingCache.open(Path(sys.argv[2]), preset, sys.argv[3])
+        loader = open_loader(sys.argv[4], preset, LoaderOptions(num_workers=0), cache=cache)
     batch_bytes = 9_347_184  # a float batch of 8 windows
     def step():  # the batch in the training step and the next one being read, both freed after
         batch = np.empty(batch_bytes, np.uint8)
@@ -813,10 +817,13 @@ def test_freed_batch_buffers_are_reused_not_faulted_in_again(tmp_path):
     # in again: up to half the float loaders' samples/s on 2 cores (docs/BENCHMARKS.md).
     script = tmp_path / "probe.py"
     script.write_text(FREED_BATCH_PROBE.format(repo=str(REPO)))
+    fp = write_synthetic_cache(tmp_path / "cache", TINY, [70])
     faulted = {}
-    for mode in ("defaults", "open_loader"):
-        out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, check=True)
+    for mode in ("defaults", "torch", "dali"):
+        args = ["defaults"] if mode == "defaults" else ["open_loader", str(tmp_path / "cache"), fp, mode]
+        out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
         faulted[mode] = float(out.stdout.split()[-1])
     print(f"share of each batch's pages faulted in: {faulted}")
     assert faulted["defaults"] > 0.05, f"glibc's defaults no longer fault batches in here: {faulted}"
-    assert faulted["open_loader"] < 0.01, faulted
+    assert faulted["torch"] < 0.01 and faulted["dali"] < 0.01, faulted
