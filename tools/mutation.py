@@ -650,6 +650,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         queue += [(name, i, len(mutants), m) for i, m in enumerate(mutants)]
     if args.sample:  # round robin over the groups: a run stopped early still has a random part of each
         queue.sort(key=lambda q: q[1])
+    if args.keys:  # only these mutants (run again: e.g. survivors after the tests written for them)
+        queue = [q for q in queue if q[3].key in args.keys]
     for name, i, of, m in queue:
         done = results["mutants"].get(m.key)
         if done and not args.again and not (args.survivors and done["outcome"] not in ("killed", "timeout")):
@@ -850,6 +852,7 @@ def main() -> int:
     run.add_argument("--sample", type=int, default=0,
                      help="a random sample of N mutants per group (seeded by --seed): an estimated score")
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--keys", nargs="*", help="only the mutants with these keys (with --again: run them again)")
     run.add_argument("--again", action="store_true", help="rerun mutants that already have a result")
     run.add_argument("--survivors", action="store_true",
                      help="rerun only the mutants that survived (after new tests; refresh `coverage --tests` first)")
