@@ -42,15 +42,9 @@ def num_valid_starts(num_frames: int, window_frames: int) -> int:
     return max(0, num_frames - window_frames + 1)
 
 
-def appearances_per_epoch(num_frames: int, window_frames: int, policy: str) -> int:
-    if policy == "clips":
-        return 1
-    return max(1, num_frames // window_frames)
-
-
 def epoch_clip_indices(num_frames: Sequence[int] | np.ndarray, window_frames: int, policy: str) -> np.ndarray:
-    """The unshuffled epoch: clip index i repeated appearances_per_epoch(T_i) times (vectorised:
-    a million clips take milliseconds)."""
+    """The unshuffled epoch: clip index i repeated max(1, T_i // window) times with policy `windows`, once
+    with `clips` (vectorised: a million clips take milliseconds)."""
     t = np.asarray(num_frames, dtype=np.int64)
     counts = np.ones_like(t) if policy == "clips" else np.maximum(1, t // window_frames)
     return np.repeat(np.arange(len(t), dtype=np.int64), counts)
