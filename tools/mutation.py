@@ -69,7 +69,7 @@ GROUPS: dict[str, Group] = {
                      "dali_float/models/audio_encoder.py", "dali_float/models/emotion.py",
                      "dali_float/models/__init__.py"), ("tests/test_models.py",), 0.85),
     "objective": Group(("dali_float/training/objective.py",), ("tests/test_training.py",), 0.85),
-    "sampler": Group(("dali_float/sampler.py",), ("tests/test_sampler.py",), 0.85),
+    "sampler": Group(("dali_float/sampler.py",), ("tests/test_sampler.py", "tests/test_render.py"), 0.85),
     "sampling": Group(("dali_float/loaders/sampling.py",), ("tests/test_loaders.py",), 0.85),
     "loaders": Group(("dali_float/loaders/base.py", "dali_float/loaders/cached.py", "dali_float/loaders/dali_loader.py",
                       "dali_float/loaders/torch_loader.py", "dali_float/loaders/naive.py",
