@@ -744,6 +744,35 @@ def test_freed_memory_is_left_to_the_c_library_where_there_is_no_mallopt(monkeyp
     assert base.keep_freed_host_memory() is False
 
 
+def test_the_operator_is_compiled_with_cxx_else_g_plus_plus_else_c_plus_plus(tmp_path, monkeypatch):
+    """The compiler: $CXX when set, else g++ (what setup.sh and README name), else c++; none: one error."""
+    from dali_float.loaders import plugin
+
+    found = {}
+    monkeypatch.setattr(plugin.shutil, "which", lambda name: found.get(name))
+    used = []
+
+    def fake_compile(cmd, **kwargs):
+        used.append(cmd[0])
+        return subprocess.CompletedProcess(cmd, 1, "", "stop here")
+
+    monkeypatch.setattr(plugin.subprocess, "run", fake_compile)
+    for cxx, found, expected in ((None, {"g++": "/bin/g++", "c++": "/bin/c++"}, "/bin/g++"),
+                                 (None, {"c++": "/bin/c++"}, "/bin/c++"),
+                                 ("clang++", {"g++": "/bin/g++"}, "clang++")):
+        if cxx:
+            monkeypatch.setenv("CXX", cxx)
+        else:
+            monkeypatch.delenv("CXX", raising=False)
+        with pytest.raises(RuntimeError, match="stop here"):
+            plugin.build(tmp_path / "window_read.so")
+        assert used[-1] == expected
+    monkeypatch.delenv("CXX")
+    found = {}
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        plugin.build(tmp_path / "window_read.so")
+
+
 def test_the_naive_loader_leaves_out_unusable_videos_and_says_which(tmp_path, caplog):
     from dali_float import demo
     from dali_float.loaders.naive import discover_clips
