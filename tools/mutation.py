@@ -799,7 +799,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         target = f"{group.target:.0%}" if group.target else "-"
         low, high = wilson_interval(len(killed), len(rest))
         sample = samples.get(name)
-        drawn = f"{len(ms)} of {sample['of']} (sample)" if sample else f"{len(ms)} (all)"
+        drawn = f"{len(ms)} of {sample['of']} (sample)" if sample and len(ms) < sample["of"] else f"{len(ms)} (all)"
         rows.append(f"| {name} | {drawn} | {len(equivalent)} | {len(killed)} | {len(rest) - len(killed)} | "
                     f"**{score:.1%}** | {low:.0%}-{high:.0%} | {target} |")
         for r in sorted(ms, key=lambda r: (r["path"], r["line"])):
