@@ -37,10 +37,11 @@ def verify(layout: cf.CacheLayout, index: ClipIndex, preset: Preset, progress: b
         cache_problem(f"journal {journal.name} is not merged (a run was killed; the next run merges it)")
     live = index.live_ends()
     for path in layout.shard_files():
+        size = path.stat().st_size
         if path.name not in live:
             cache_problem(f"shard {path.name} holds no live record (the next run removes it)")
-        elif path.stat().st_size > live[path.name]:
-            cache_problem(f"shard {path.name} has {path.stat().st_size - live[path.name]} bytes past its last live "
+        elif size > live[path.name]:
+            cache_problem(f"shard {path.name} has {size - live[path.name]} bytes past its last live "
                           f"record (a killed writer's tail; the next run cuts it)")
     damaged = cheap_check(layout, index)
     problems.extend({"clip": c, "problem": p} for c, p in sorted(damaged.items()))

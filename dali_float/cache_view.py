@@ -127,10 +127,13 @@ class TrainingView:
     def num_frames(self) -> np.ndarray:
         return self.rows["num_frames"]
 
-    def clip_id(self, i: int) -> str:
+    def _id_bytes(self, i: int) -> bytes:
         row = self.rows[int(i)]
         start = int(row["id_offset"])
-        return bytes(self.ids[start:start + int(row["id_length"])]).decode()
+        return bytes(self.ids[start:start + int(row["id_length"])])
+
+    def clip_id(self, i: int) -> str:
+        return self._id_bytes(i).decode()
 
     def clip_ids(self, indices) -> list[str]:
         return [self.clip_id(i) for i in np.asarray(indices).reshape(-1).tolist()]
@@ -140,9 +143,7 @@ class TrainingView:
         key, lo, hi = clip_id.encode(), 0, len(self.rows)
         while lo < hi:
             mid = (lo + hi) // 2
-            row = self.rows[mid]
-            start = int(row["id_offset"])
-            here = bytes(self.ids[start:start + int(row["id_length"])])
+            here = self._id_bytes(mid)
             if here < key:
                 lo = mid + 1
             elif here > key:

@@ -659,14 +659,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.survivors and not done:
             continue
         selection, how = selection_for(m, by_test, anywhere, durations, fixtures)
-        if not selection:
-            result = {"outcome": "not covered", "seconds": 0, "failed": []}
-        else:
-            normal = sum(durations.get(t, 60.0) for t in selection) if "::" in selection[0] else \
-                sum(v for k, v in durations.items() if k.split("::")[0] in selection)
-            timeout = 3 * normal + 60 + (120 if m.path.endswith(".cc") else 0)
-            result = run_mutant(m, selection, GROUPS[name].pytest_args, timeout,
-                                WORK / "logs" / f"{m.key}.log")
+        normal = sum(durations.get(t, 60.0) for t in selection) if "::" in selection[0] else \
+            sum(v for k, v in durations.items() if k.split("::")[0] in selection)
+        timeout = 3 * normal + 60 + (120 if m.path.endswith(".cc") else 0)
+        result = run_mutant(m, selection, GROUPS[name].pytest_args, timeout, WORK / "logs" / f"{m.key}.log")
         results["mutants"][m.key] = {**asdict(m), **result, "selection": how, "tests_run": len(selection)}
         print(f"[{name} {i + 1}/{of}] {result['outcome']:>11} {result['seconds']:6.1f}s "
               f"{m.describe()}", flush=True)
@@ -717,8 +713,9 @@ FAULTS: list[Fault] = [
     Fault("tests/test_bench.py::test_cache_figures_measure_the_cached_clips_on_disk", "dali_float/bench/figures.py",
           "seconds = frames / preset.timing.fps", "seconds = frames / 30", "hours of video at the wrong frame rate"),
     Fault("tests/test_loaders.py::test_dali_window_draws_follow_the_python_rules_on_any_clip_length",
-          "dali_float/loaders/dali_loader.py", "start = d0 % num_valid_starts(t, self.window)",
-          "start = d0 % (num_valid_starts(t, self.window) - 1)", "python strategy: one valid start fewer"),
+          "dali_float/loaders/sampling.py", "start = start_draw % num_valid_starts(num_frames, window_frames)",
+          "start = start_draw % (num_valid_starts(num_frames, window_frames) - 1)",
+          "the Python rule (the python strategy's): one valid start fewer"),
     Fault("tests/test_loaders.py::test_dali_window_draws_follow_the_python_rules_on_any_clip_length",
           "dali_float/loaders/window_read.cc", "s.start = d[0] % (num_frames - rows_ + 1);",
           "s.start = d[0] % (num_frames - rows_);", "C++ operator (pread): one valid start fewer"),

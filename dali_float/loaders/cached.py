@@ -61,9 +61,6 @@ class TrainingCache:
     def shard_paths(self) -> list[str]:
         return [str(p) for p in self.view.shards]
 
-    def frames_bytes(self) -> int:
-        return int((self.view.num_frames * cf.row_bytes(self.preset)).sum())
-
     def read_features(self, i: int) -> cf.ClipFeatures:
         """Every array of clip `i` (read from its shard; the bench, the sampler and the tests use it)."""
         row = self.view.rows[i]
@@ -190,8 +187,3 @@ class WindowReader:
                 if n <= 0:
                     raise CacheError(self.cache.describe_failure(clip_index, "the shard ends early"))
                 got += n
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}

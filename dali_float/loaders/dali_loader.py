@@ -37,7 +37,7 @@ from dali_float.errors import CacheError, UsageError
 from dali_float.loaders.base import LoaderOptions, WindowItem, WindowLoader, batch_from_windows
 from dali_float.loaders.cached import TrainingCache, WindowReader
 from dali_float.loaders.plugin import load_window_reader
-from dali_float.loaders.sampling import DRAW_RANGE, RequestStream, num_valid_starts, ref_frame
+from dali_float.loaders.sampling import DRAW_RANGE, RequestStream, window_from_draws
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,9 @@ class PythonReadSource(EpochSource):
 
     def starts_and_refs(self, rows: np.ndarray, draws: np.ndarray) -> np.ndarray:
         out = np.empty_like(draws)
-        for i, (row, (d0, d1)) in enumerate(zip(rows.tolist(), draws.tolist())):
-            t = int(self.rows[row]["num_frames"])
-            start = d0 % num_valid_starts(t, self.window)
-            out[i] = (start, ref_frame(self.ref_rule, start, t, self.window, d1))
+        lengths = self.rows["num_frames"][rows].tolist()  # one gather, not a row per sample
+        for i, (t, (d0, d1)) in enumerate(zip(lengths, draws.tolist())):
+            out[i] = window_from_draws(int(t), self.window, self.ref_rule, d0, d1)
         return out
 
     def __call__(self, info) -> tuple[np.ndarray, ...]:
@@ -111,7 +110,7 @@ class PythonReadSource(EpochSource):
         self.reader.advise(zip(rows.tolist(), starts_refs[:, 0].tolist(), starts_refs[:, 1].tolist()))
         for i in range(b):
             self.reader.read(int(rows[i]), int(starts_refs[i, 0]), int(starts_refs[i, 1]), windows[i], refs[i])
-        _, emotion = self.addresses(rows)
+        emotion = self.rows["emotion"][rows].astype(np.float16)
         return windows, refs, np.concatenate([starts_refs, rows[:, None]], axis=1), emotion
 
 

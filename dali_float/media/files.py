@@ -96,10 +96,6 @@ class ClipSpec:
     path: Path
     span_s: tuple[float, float] | None = None
 
-    @property
-    def duration_hint_s(self) -> float | None:
-        return None if self.span_s is None else self.span_s[1] - self.span_s[0]
-
 
 def discover_clips(root: Path, segments: Path | None = None) -> list[ClipSpec]:
     """The clips of a data root, sorted by clip id: every video under it (`discover_videos`), or, with

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from dali_float.errors import ClipSkipped, UsageError
+from dali_float.face.blazeface import box_iou
 from dali_float.face.detector import FLOAT_CROP_SCALE, float_crop_box
 from dali_float.media.probe import VideoInfo
 from dali_float.media.video import FULL_FRAME, FrameDecoder, Window, center_square_window
@@ -105,12 +106,6 @@ def _area(box: np.ndarray) -> np.ndarray:
     return np.clip(box[..., 2] - box[..., 0], 0, None) * np.clip(box[..., 3] - box[..., 1], 0, None)
 
 
-def _iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
-    lo, hi = np.maximum(boxes[:, :2], box[:2]), np.minimum(boxes[:, 2:], box[2:])
-    inter = np.clip(hi - lo, 0, None).prod(axis=1)
-    return inter / np.maximum(_area(boxes) + _area(box) - inter, 1e-9)
-
-
 def choose_face_crop(frame_boxes: Sequence[np.ndarray], width: int, height: int, input_size: int,
                      frame_times_s: Sequence[float] | None = None) -> CropDecision:
     """One crop for a clip from the face boxes of its sampled frames; ClipSkipped when it cannot be framed.
@@ -149,7 +144,7 @@ def choose_face_crop(frame_boxes: Sequence[np.ndarray], width: int, height: int,
         # The clip's face on this frame: the box overlapping the clip's face box most; when none overlaps,
         # the largest (the same rule that chose the face), which has moved away from the crop or is another
         # face while the chosen one is missed: either way this crop cannot be trusted on this frame.
-        overlap = _iou(boxes, face_box)
+        overlap = box_iou(face_box, boxes)
         face = boxes[np.argmax(overlap)] if overlap.max() > 0 else boxes[np.argmax(_area(boxes))]
         found += 1
         outside = max(crop[0] - face[0], crop[1] - face[1], face[2] - crop[2], face[3] - crop[3])
@@ -230,11 +225,6 @@ class ClipFramer:
         if batch:
             flush()
         return choose_face_crop(boxes, info.width, info.height, input_size, positions / fps)
-
-    @property
-    def identity(self) -> str:
-        """What the cache fingerprint records of the framing: the mode, and the detector for `face`."""
-        return framing_identity(self.crop)
 
 
 @contextmanager

@@ -48,8 +48,7 @@ def cache_status(data_root: Path, cache_dir: Path, preset: Preset, sources: Mode
     else:
         with index:
             rows, damaged = index.light_rows(), cache_store.cheap_check(layout, index)
-            failures = [e for e in index.entries(cf.STATUS_FAILED) if e.clip_id in rows]
-            skipped = [e for e in index.entries(cf.STATUS_SKIPPED) if e.clip_id in rows]
+            failures, skipped = list(index.entries(cf.STATUS_FAILED)), list(index.entries(cf.STATUS_SKIPPED))
     rec = plan.reconcile(found, rows, damaged)
     fresh = set(rec.up_to_date)
     stale = sorted(cid for cid, why in rec.pending.items() if why != plan.NEW)

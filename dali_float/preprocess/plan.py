@@ -159,7 +159,11 @@ class Snapshot:
     @classmethod
     def read(cls, layout: cf.CacheLayout) -> "Snapshot":
         with ClipIndex(layout) as index:
-            return cls(index.light_rows(), cache_store.cheap_check(layout, index), index.next_uid())
+            return cls.of(layout, index)
+
+    @classmethod
+    def of(cls, layout: cf.CacheLayout, index: ClipIndex) -> "Snapshot":
+        return cls(index.light_rows(), cache_store.cheap_check(layout, index), index.next_uid())
 
 
 def recover(layout: cf.CacheLayout, header: cf.CacheHeader, sources: list[Source],
@@ -183,7 +187,7 @@ def recover(layout: cf.CacheLayout, header: cf.CacheHeader, sources: list[Source
             log.info("recovered an interrupted run: removed %d temporary file(s), cut %d shard tail(s), removed "
                      "%d shard(s) without a live record", done.temporary_files, len(done.truncated),
                      len(done.removed_shards))
-        snapshot = Snapshot(index.light_rows(), cache_store.cheap_check(layout, index), index.next_uid())
+        snapshot = Snapshot.of(layout, index)
         for clip_id, why in sorted(snapshot.damaged.items())[:5]:
             log.warning("%s: %s; re-doing it", clip_id, why)
         if len(snapshot.damaged) > 5:
