@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from dali_float import cache_format as cf
 from dali_float.config import get_preset
 from dali_float.contract import Batch
-from dali_float.errors import CacheError, UsageError
+from dali_float.errors import CacheError, CheckpointError, UsageError
 from dali_float.cache_index import ClipIndex
 from dali_float.loaders import LoaderOptions, RequestStream, TrainingCache, open_loader
 from dali_float.loaders.sampling import (DRAW_RANGE, REF_RULES, epoch_clip_indices, num_valid_starts,
@@ -303,6 +303,37 @@ def test_resuming_with_other_settings_is_refused(tiny_cache):
     with pytest.raises(UsageError, match="batch_size"):
         loader("dali", tiny_cache, batch_size=8).load_state_dict(state)
 
+
+def test_a_dali_loader_state_that_does_not_fit_is_one_line_about_the_checkpoint(tiny_cache):
+    """A resume whose DALI state cannot be restored says so, not "run verify" (the cache is fine): read
+    with the other strategy (auto resolves to python where the operator cannot be built), or a state
+    DALI cannot read (another DALI version, a damaged checkpoint). Caught when the pipeline is built."""
+    saved = loader("dali", tiny_cache, batch_size=2, read_strategy="pread")
+    it = iter(saved)
+    take(it, 2)
+    state = saved.state_dict()
+    saved.close()
+    with pytest.raises(CheckpointError, match="saved reading with --read_strategy pread, this run reads with python"):
+        loader("dali", tiny_cache, batch_size=2, read_strategy="python").load_state_dict(state)
+    for damaged in (b"not a DALI checkpoint", state["dali_checkpoint"][:len(state["dali_checkpoint"]) // 2]):
+        resumed = loader("dali", tiny_cache, batch_size=2, read_strategy="pread")
+        resumed.load_state_dict(dict(state, dali_checkpoint=damaged))
+        with pytest.raises(CheckpointError, match="^cannot resume the DALI loader from the checkpoint's loader state"):
+            next(iter(resumed))
+        resumed.close()
+
+
+def test_default_loader_options_are_train_py_defaults():
+    """A loader opened with `LoaderOptions()` (the library's way in) reads what `train.py` without flags
+    reads: the same batch size, seed, rules and workers, so its stream is the training run's stream."""
+    from dali_float.training.config import TrainConfig
+
+    train, options = TrainConfig(), LoaderOptions()
+    shared = {"batch_size": "batch_size", "seed": "seed", "ref": "ref_rule", "epoch_policy": "epoch_policy",
+              "num_workers": "num_workers", "num_threads": "num_threads", "read_strategy": "read_strategy"}
+    assert {name: getattr(train, name) for name in shared} == \
+        {name: getattr(options, field) for name, field in shared.items()}
+    assert options.device == "cpu" and (options.shard_id, options.num_shards) == (0, 1)  # one process
 
 def test_the_batch_contract_is_checked():
     batch = None
@@ -856,3 +887,48 @@ def test_freed_batch_buffers_are_reused_not_faulted_in_again(tmp_path):
     print(f"share of each batch's pages faulted in: {faulted}")
     assert faulted["defaults"] > 0.05, f"glibc's defaults no longer fault batches in here: {faulted}"
     assert faulted["torch"] < 0.01 and faulted["dali"] < 0.01, faulted
+
+
+ALLOCATOR_PROBE = textwrap.dedent("""
+    import ctypes, json, sys
+    sys.path.insert(0, {repo!r})
+    from dali_float.loaders import base
+    tuned = base.keep_freed_host_memory()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    class MallInfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc.mallinfo2.restype = MallInfo2
+    MiB = 1 << 20
+    def kept_after_freeing(total):  # blocks at the heap's top, freed: the top chunk left (keepcost)
+        blocks = [8 * MiB] * (total // (8 * MiB)) + [total % (8 * MiB)]
+        pointers = [libc.malloc(n) for n in blocks]
+        for p in reversed(pointers):
+            libc.free(p)
+        return libc.mallinfo2().keepcost / MiB
+    def own_mapping(nbytes):  # a block mmapped on its own is unmapped (handed back) when freed
+        before = libc.mallinfo2().hblkhd
+        p = libc.malloc(nbytes)
+        mapped = libc.mallinfo2().hblkhd > before
+        libc.free(p)
+        return mapped
+    print(json.dumps({{"tuned": tuned, "kept_255": kept_after_freeing(255 * MiB),
+                      "kept_256_25": kept_after_freeing(256 * MiB + MiB // 4),
+                      "mapped_31_9": own_mapping(32 * MiB - 128 * 1024), "mapped_32_1": own_mapping(32 * MiB + 128 * 1024)}}))
+""")
+
+
+def test_up_to_256_mib_of_freed_heap_is_kept_and_blocks_from_32_mib_are_mapped(tmp_path):
+    """What keep_freed_host_memory's docstring promises, read back from glibc (mallinfo2): freed heap up to
+    256 MiB stays in the process, more is trimmed; blocks under 32 MiB come from the heap, larger ones
+    are mapped on their own (glibc's trim and mmap rules, malloc.h)."""
+    script = tmp_path / "probe.py"
+    script.write_text(ALLOCATOR_PROBE.format(repo=str(REPO)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    heap = json.loads(out.stdout.splitlines()[-1])
+    assert heap["tuned"] is True, heap
+    assert heap["kept_255"] >= 255 and heap["kept_256_25"] < 1, heap
+    assert heap["mapped_31_9"] is False and heap["mapped_32_1"] is True, heap

@@ -33,7 +33,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from dali_float import cache_format as cf
 from dali_float.contract import FEATURE_DTYPE, Batch
-from dali_float.errors import CacheError, UsageError
+from dali_float.errors import CacheError, CheckpointError, UsageError
 from dali_float.loaders.base import LoaderOptions, WindowItem, WindowLoader, batch_from_windows
 from dali_float.loaders.cached import TrainingCache, WindowReader
 from dali_float.loaders.plugin import load_window_reader
@@ -215,8 +215,13 @@ class DaliWindowLoader(WindowLoader):
             prefetch_queue_depth=1 if given else o.prefetch_batches, checkpoint=checkpoint,
         )
         try:
-            pipe.build()
+            pipe.build()  # here, not at the first run: a checkpoint that does not fit is told apart from a bad read
         except RuntimeError as err:
+            if checkpoint is not None:
+                raise CheckpointError(
+                    f"cannot resume the DALI loader from the checkpoint's loader state ({_first_line(err)}): it was "
+                    f"saved by another DALI version or pipeline; resume with the DALI version and --read_strategy it "
+                    f"was saved with") from None
             raise CacheError(f"the DALI pipeline over {self.cache.root} failed to start ({_first_line(err)}): "
                              f"run `python preprocess.py verify`") from None
         return pipe
@@ -280,6 +285,11 @@ class DaliWindowLoader(WindowLoader):
         if self._pipe is not None:
             raise RuntimeError("load_state_dict must come before the first batch")
         super().load_state_dict(state)
+        saved = state.get("read_strategy", self.strategy)
+        if state.get("dali_checkpoint") is not None and saved != self.strategy:
+            # The two strategies are different pipelines: one's operator states mean nothing to the other.
+            raise CheckpointError(f"cannot resume the DALI loader: its state was saved reading with --read_strategy "
+                                  f"{saved}, this run reads with {self.strategy}: resume with --read_strategy {saved}")
         self._checkpoint = state.get("dali_checkpoint")
 
     def load_windows(self, items: Sequence[WindowItem]) -> Batch:
