@@ -19,7 +19,8 @@ fi
 .venv/bin/python -m dali_float.loaders.plugin
 case "$job" in
   demo) exec .venv/bin/python train.py --output_dir "runs/demo-$(date +%Y%m%d-%H%M%S)" ;;
-  test) exec .venv/bin/python -m pytest -q ;;
+  # Two test processes, a file each at a time (module fixtures are built once): the suite keeps 2 cores busy.
+  test) exec .venv/bin/python -m pytest -q -n 2 --dist loadfile ;;
   install) ;;
   *) echo "usage: ./setup.sh [demo|test|install]" >&2; exit 2 ;;
 esac

@@ -92,6 +92,7 @@ def corpus(tmp_path_factory):
     return data, cache_dir, boxes, entries_of(cf.CacheLayout(result.cache_root)), result
 
 
+@pytest.mark.slow
 def test_the_crop_is_floats_square_around_the_face_at_720p_and_1080p(corpus):
     _, _, boxes, entries, _ = corpus
     for clip in ("still_720p.mp4", "still_1080p.mp4"):

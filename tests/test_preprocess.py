@@ -665,6 +665,7 @@ def test_status_clear_and_verify_api(bad, tmp_path):
     assert clear_cache(cache_dir, P, SOURCES, "center", confirm=True) == [root] and not root.exists()
 
 
+@pytest.mark.slow
 def test_script_exit_codes_and_status_json(bad, tmp_path):
     data, cache_dir, _ = bad
     common = ["--preset", "tiny", "--data_root", str(data), "--cache_dir", str(cache_dir)]

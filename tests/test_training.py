@@ -429,6 +429,7 @@ def test_a_stale_cache_is_preprocessed_first_and_naive_needs_none(tmp_path, capl
     assert load_checkpoint(naive.checkpoint)["fingerprint"] == cache_fingerprint(P, ModelSources(), "center")
 
 
+@pytest.mark.slow
 def test_train_py_with_the_naive_loader_runs_20_steps(tmp_path):
     """`python train.py --loader naive --steps 20`: every sample decoded and encoded afresh (no cache made),
     20 steps through the same loop, a metrics record per step and the final checkpoint at step 20."""
@@ -501,6 +502,7 @@ def test_ctrl_c_saves_then_resume_continues(demo_source, tmp_path):
     assert [r["step"] for r in metrics(out)] == list(range(1, saved["step"] + 3))
 
 
+@pytest.mark.slow
 def test_loss_falls_on_the_demo_corpus(demo_runs):
     """300 steps, batch 8, lr 1e-3 (tiny's default), warm-up 20, dali loader. Measured on 2 CPU cores for
     seeds 0, 1, 2: the mean loss of the last 20 steps is 4.0 %, 4.0 %, 3.2 % of the first 20 (3.0-4.0 % with
