@@ -178,7 +178,6 @@ class ClipEntry:
     """What the index knows of one clip (one row of index.sqlite; its JSON is stored whole)."""
 
     clip_id: str  # path relative to the data root, '/'-separated; a segment's id (media.segments)
-    key: str  # unused since format 2 (was the clip's folder); kept for entries converted from version 1
     source_path: str  # absolute path of the video
     size_bytes: int
     mtime_ns: int

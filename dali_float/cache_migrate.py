@@ -79,7 +79,6 @@ def migrate(layout: cf.CacheLayout, preset: Preset, progress: bool = False) -> d
                 if entry.clip_id in done:
                     counts["already"] += 1
                     continue
-                entry.key = ""
                 if entry.status != cf.STATUS_CACHED:
                     writer.write(entry)
                 else:

@@ -26,7 +26,7 @@ def random_features(preset: Preset, t: int, rng: np.random.Generator) -> cf.Clip
 
 
 def synthetic_entry(clip_id: str, uid: int, preset: Preset) -> cf.ClipEntry:
-    return cf.ClipEntry(clip_id=clip_id, key="", source_path=f"/synthetic/{clip_id}", size_bytes=0, mtime_ns=0,
+    return cf.ClipEntry(clip_id=clip_id, source_path=f"/synthetic/{clip_id}", size_bytes=0, mtime_ns=0,
                         content_hash="", status=cf.STATUS_CACHED, clip_uid=uid, fps=preset.timing.fps,
                         decoder="synthetic")
 

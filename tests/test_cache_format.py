@@ -45,7 +45,7 @@ def features(t: int, seed: int = 0) -> cf.ClipFeatures:
 
 
 def entry(clip_id: str, uid: int, status: str = cf.STATUS_CACHED, **fields) -> cf.ClipEntry:
-    return cf.ClipEntry(clip_id=clip_id, key="", source_path=f"/data/{clip_id}", size_bytes=1000 + uid,
+    return cf.ClipEntry(clip_id=clip_id, source_path=f"/data/{clip_id}", size_bytes=1000 + uid,
                         mtime_ns=2000 + uid, content_hash=f"{uid:064x}", status=status, clip_uid=uid, fps=25.0,
                         **fields)
 

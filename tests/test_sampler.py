@@ -53,7 +53,7 @@ class Field(torch.nn.Module):
 
 def _clip(clip_id: str, motion, audio, emotion, source: Path | None) -> ClipData:
     """A whole-video clip as the sampler reads it from the cache (identity unused here)."""
-    entry = cf.ClipEntry(clip_id, "", str(source), 0, 0, "", cf.STATUS_CACHED, num_frames=len(motion))
+    entry = cf.ClipEntry(clip_id, str(source), 0, 0, "", cf.STATUS_CACHED, num_frames=len(motion))
     return ClipData(clip_id, motion, audio, emotion, source, np.zeros(F, np.float32), entry)
 
 

@@ -784,7 +784,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     notes = json.loads(SURVIVORS.read_text()) if SURVIVORS.exists() else {}
     rows, survivors = [], []
     for name, group in GROUPS.items():
-        ms = [r for r in results.values() if r["group"] == name]
+        # A result whose mutant the code no longer has (its line was edited since) is left out: it
+        # measured code that is gone; the mutant of the edited line is a new key, run on its own.
+        current = {m.key for m in group_mutants(name)}
+        gone = [r for r in results.values() if r["group"] == name and r["key"] not in current]
+        if gone:
+            print(f"<!-- {name}: {len(gone)} result(s) of mutants the code no longer has, left out: "
+                  f"{' '.join(r['key'] for r in gone)} -->")
+        ms = [r for r in results.values() if r["group"] == name and r["key"] in current]
         if not ms:
             continue
         equivalent = [r for r in ms if notes.get(r["key"], {}).get("kind") == "equivalent"]

@@ -102,7 +102,7 @@ def _write_cache(layout: cf.CacheLayout, header: cf.CacheHeader, data_root: Path
                                        emotion=emotion[i % len(emotion)])
             path = data_root / clip_id
             st = path.stat()
-            entry = cf.ClipEntry(clip_id=clip_id, key="", source_path=str(path), size_bytes=st.st_size,
+            entry = cf.ClipEntry(clip_id=clip_id, source_path=str(path), size_bytes=st.st_size,
                                  mtime_ns=st.st_mtime_ns, content_hash="", status=cf.STATUS_CACHED, clip_uid=i,
                                  fps=float(preset.timing.fps), decoder="synthetic", crop="center")
             writer.write(entry, features)

@@ -213,7 +213,7 @@ class ClipTask:
 
     def new_entry(self, status: str, **fields) -> cf.ClipEntry:
         """An entry of this clip (what identifies its source filled in) with `status` and `fields`."""
-        return cf.ClipEntry(clip_id=self.clip_id, key="", source_path=self.path, size_bytes=self.size_bytes,
+        return cf.ClipEntry(clip_id=self.clip_id, source_path=self.path, size_bytes=self.size_bytes,
                             mtime_ns=self.mtime_ns, content_hash="", status=status, clip_uid=self.clip_uid,
                             segment_s=None if self.span_s is None else [float(v) for v in self.span_s],
                             **fields)
