@@ -422,6 +422,19 @@ def test_a_truncated_shard_gives_one_line_naming_the_clip_and_the_file(tmp_path,
                      str(err.value)), str(err.value)
 
 
+def test_an_emptied_shard_and_a_deleted_one_are_told_apart_at_open(tmp_path):
+    fp = write_synthetic_cache(tmp_path, TINY, [70, 80])
+    shard = TrainingCache.open(tmp_path, TINY, fp).view.shards[0]
+    shard.write_bytes(b"")  # there, with nothing in it
+    with pytest.raises(CacheError, match="speaker/clip000.mp4") as err:
+        TrainingCache.open(tmp_path, TINY, fp)
+    assert "failed (the shard ends at byte 0): run `python preprocess.py" in str(err.value), str(err.value)
+    shard.unlink()
+    with pytest.raises(CacheError) as err:
+        TrainingCache.open(tmp_path, TINY, fp)
+    assert "failed (the shard is missing): run `python preprocess.py" in str(err.value), str(err.value)
+
+
 # The readers of fixed windows: the torch loader's (WindowReader), and the DALI loader's two strategies.
 READERS = [("torch", "auto"), ("dali", "pread"), ("dali", "python")]
 
