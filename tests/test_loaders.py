@@ -298,6 +298,36 @@ def test_a_restored_loader_continues_with_the_same_batches(tiny_cache, kind):
             assert torch.equal(tensor, b.tensors()[name]), name
 
 
+@pytest.mark.parametrize("strategy", ["pread", "python"])
+def test_dali_window_draws_differ_between_seeds_and_between_ranks(tmp_path, strategy):
+    """One clip, so every stream visits the same clip in the same order: only the random draws can
+    make the windows differ. Another seed draws other windows, and so does another rank (ranks share
+    the epoch's order, not their draws: loaders.sampling)."""
+    fp = write_synthetic_cache(tmp_path, TINY, [333])
+    cache = TrainingCache.open(tmp_path, TINY, fp)
+
+    def starts(seed, shard_id=0, num_shards=1):
+        ld = loader("dali", cache, batch_size=2, seed=seed, ref_rule="random_in_clip", read_strategy=strategy,
+                    shard_id=shard_id, num_shards=num_shards)
+        it = iter(ld)
+        got = [(int(s), int(r)) for b in take(it, 4) for s, r in zip(b.window_start, b.ref_frame)]
+        ld.close()
+        return got
+
+    assert starts(1) != starts(2)
+    assert starts(5, 0, 2) != starts(5, 1, 2)
+
+
+def test_the_naive_loader_needs_its_videos_and_encoders_and_the_cached_ones_a_cache():
+    with pytest.raises(ValueError, match="needs data_root and encoders"):
+        open_loader("naive", TINY, LoaderOptions(), data_root=Path("/data"))
+    with pytest.raises(ValueError, match="needs data_root and encoders"):
+        open_loader("naive", TINY, LoaderOptions(), encoders=object())
+    for kind in CACHED_KINDS:
+        with pytest.raises(ValueError, match=f"the {kind} loader reads a feature cache"):
+            open_loader(kind, TINY, LoaderOptions(), data_root=Path("/data"))
+
+
 def test_resuming_with_other_settings_is_refused(tiny_cache):
     state = loader("dali", tiny_cache, batch_size=4).state_dict()
     with pytest.raises(UsageError, match="batch_size"):
