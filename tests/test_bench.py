@@ -227,6 +227,8 @@ def test_cache_figures_measure_the_cached_clips_on_disk(tmp_path):
     uint8_per_hour = 64 * 64 * 3 * 25 * 3600  # decoded RGB frames at the tiny preset's 64x64
     assert figures["x_smaller_than_uint8"] == pytest.approx(uint8_per_hour / figures["bytes_per_hour"])
     assert figures["x_smaller_than_float32"] == pytest.approx(4 * figures["x_smaller_than_uint8"])
+    assert (figures["uint8_frames_bytes_per_hour"], figures["float32_frames_bytes_per_hour"]) == \
+        (uint8_per_hour, 4 * uint8_per_hour)
     # The shards hold exactly the three records (the failed clip: none). Per frame a (motion | audio) float16
     # row and 20 float32 coefficients; per clip the float32 identity and at most 64 bytes of padding per part.
     assert shard_bytes == sum(cf.record_bytes(TINY_PRESET, t) for t in lengths)
@@ -397,6 +399,8 @@ def test_targets_on_a_gpu_are_issue_6s_gpu_thresholds(saved_runs):
     minutes = next(t for t in targets(quick) if "3 minutes" in t["target"])
     assert minutes["met"] is True and minutes["threshold"] == 180.0
     quick["elapsed_s"] = 190.0
+    assert next(t for t in targets(quick) if "3 minutes" in t["target"])["met"] is False
+    quick["elapsed_s"] = 180.0  # "under 3 minutes": 3 minutes exactly is not under
     assert next(t for t in targets(quick) if "3 minutes" in t["target"])["met"] is False
 
 

@@ -179,8 +179,23 @@ def test_probe_bad_inputs_raise_one_line_media_error(tmp_path, clips, content, c
     assert "\n" not in message
     assert path.name in message
     assert fragment in message
+    if case == "text renamed .mp4":  # FFmpeg's own words for the cause (AVERROR_INVALIDDATA), kept on the line
+        assert "Invalid data found when processing input" in message
     # A message says what to do, not only what is wrong.
     assert any(word in message for word in ("re-", "remove", "give", "make", "check"))
+
+
+def test_the_native_rate_of_an_unusable_file_is_the_probes_one_line(tmp_path):
+    """native_rate (a speech file's rate for `sampler render`, a clip's before resampling) checks the file
+    before FFmpeg opens it, as the probe does: FFmpeg would call an empty file invalid data and block on a pipe."""
+    from dali_float.media.audio import native_rate
+
+    empty = tmp_path / "speech.wav"
+    empty.write_bytes(b"")
+    with pytest.raises(MediaError, match="file is empty \\(0 bytes\\)"):
+        native_rate(empty)
+    with pytest.raises(MediaError, match="is a folder"):
+        native_rate(tmp_path)
 
 
 def test_probe_unreadable_file(tmp_path, clips):
