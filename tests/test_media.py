@@ -1,6 +1,7 @@
 """dali_float.media: discovery, probing (good and bad files), 25 fps indices, decoding, audio."""
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +22,7 @@ from dali_float.media import (
     find_side_audio, frame_indices_at_fps, pad_to_frames, trim_to_frames, load_audio, normalize_utterance,
     num_frames_at_fps, prepare_clip_audio, probe_video,
 )
+from dali_float.media.video import FULL_FRAME
 from unprivileged import run_python
 
 S = 64  # the tiny preset's input size
@@ -366,6 +368,27 @@ def test_a_crop_window_past_the_frame_is_zero_padded_like_floats_framing(clips, 
     assert diff.mean() < 0.005 and diff.max() < 0.1, (float(diff.mean()), float(diff.max()))
     # Against the centred square the picture moved: the window was honoured, not ignored.
     assert (got - torch.cat(list(decoder.decode(info, np.arange(N_FRAMES), kind=kind)))).abs().mean() > 0.1
+
+
+def test_frames_for_samples_is_the_ceiling_of_the_speech_in_frames():
+    """FLOAT's sampler counts ceil(duration x fps) frames for a speech of N samples: a part frame counts."""
+    from dali_float.media.audio import frames_for_samples
+
+    for n in (1, 639, 640, 641, 15_999, 16_000, 16_001, 1_234_567):
+        got = frames_for_samples(n, TIMING)
+        assert isinstance(got, int) and got == math.ceil(n * TIMING.fps / TIMING.sample_rate_hz), n
+
+
+@pytest.mark.parametrize("kind", ["mp4", "webm"])
+def test_a_whole_frame_at_another_aspect_comes_out_at_the_size_asked(clips, content, decoder, kind):
+    """What the face detector's pass asks for (media.framing): the whole frame, not the centre square,
+    resized to (height, width) as given, here 48 x 64 of the 96 x 128 source."""
+    frames, _ = content
+    got = torch.cat(list(decoder.decode(probe_video(clips[kind]), np.arange(4), window=FULL_FRAME, out_size=(48, 64))))
+    assert got.shape == (4, 3, 48, 64)
+    x = torch.from_numpy(frames[:4]).permute(0, 3, 1, 2).float()
+    want = (F.interpolate(x, size=(48, 64), mode="bilinear", antialias=True, align_corners=False) - 127.5) / 127.5
+    assert (got.cpu().float() - want).abs().mean() < 0.03  # codec loss, as in the centre-square tests
 
 
 def test_pyav_starts_a_late_segment_at_the_key_frame_before_it(tmp_path, decoder, monkeypatch):
