@@ -513,3 +513,18 @@ def test_clip_ids_of_any_spelling_round_trip_and_are_found(tmp_path):
         assert i is not None and found.clip_id(i) == clip_id and int(table[i]["uid"]) == uid
     for absent in ("", "Actor_01", "ü", "zz", "a" * 300):
         assert found.find(absent) is None
+
+
+def test_the_training_view_is_written_when_the_index_changed_and_only_then(tmp_path):
+    """export() says whether it wrote (a run with nothing to do skips what follows: the compaction
+    hint): a current view is left as it is, another generation of the index or force rewrites it."""
+    layout, _, _ = new_cache(tmp_path, {"a.mp4": 70, "b.mp4": 90})  # merged and exported once
+    view = layout.root / "training.json"
+    before = view.stat().st_mtime_ns, view.read_bytes()
+    with ClipIndex(layout) as index:
+        assert cache_view.export(layout, index, P, FP) is False
+        assert (view.stat().st_mtime_ns, view.read_bytes()) == before
+        assert cache_view.export(layout, index, P, FP, force=True) is True
+        index.delete(["a.mp4"])
+        assert cache_view.export(layout, index, P, FP) is True
+    assert json.loads(view.read_text())["generation"] != json.loads(before[1])["generation"]
