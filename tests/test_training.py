@@ -100,8 +100,9 @@ def one_torch_thread():
 def no_wandb_service_left():
     """A run's wandb service (wandb-core) lives as long as the process that started it: in this test
     process, the rest of the session. Found in a two-process suite run: left running after the wandb
-    tests it took 40-65% of a core and polled the process tree, which then held a bench probe in the
-    kernel reaping its DataLoader worker. `train.py` exits after a run; the tests stop the service."""
+    tests it took 40-65% of a core, and a bench probe in the same test process then hung in the kernel
+    reaping its DataLoader worker (the likely link: its polling of the process tree's /proc entries).
+    `train.py` exits after a run; the tests stop the service."""
     yield
     if "wandb" in sys.modules:
         sys.modules["wandb"].teardown()
