@@ -35,6 +35,7 @@ from dali_float.loaders import LoaderOptions, RequestStream, TrainingCache, open
 from dali_float.loaders.sampling import (DRAW_RANGE, REF_RULES, epoch_clip_indices, num_valid_starts,
                                          window_from_draws)
 from synthetic import write_synthetic_cache
+from tolerances import within_one_float16_ulp
 
 TINY = get_preset("tiny")
 CACHED_KINDS = ("torch", "dali")
@@ -869,15 +870,11 @@ def test_the_naive_loader_leaves_out_unusable_videos_and_says_which(tmp_path, ca
         discover_clips(tmp_path / "missing", TINY)
 
 
-def _child_pids() -> set[int]:
-    return {int(p) for task in Path("/proc/self/task").iterdir()
-            for p in (task / "children").read_text().split()}
-
-
 def test_the_naive_loader_makes_samples_in_worker_processes_on_the_cpu_and_the_same_ones(tmp_path):
     """On the CPU the naive loader decodes and encodes in --num_workers forked processes (its whole cost
     is there), and they make exactly the samples one process makes."""
     from dali_float import demo
+    from dali_float.bench.probes import _tree_pids  # the bench's reader of a process tree (/proc)
     from dali_float.models import ModelSources, build_encoders
 
     for i in range(2):
@@ -886,12 +883,12 @@ def test_the_naive_loader_makes_samples_in_worker_processes_on_the_cpu_and_the_s
     encoders = build_encoders(TINY, ModelSources(emotion="filename"), "cpu")
     batches = {}
     for workers in (2, 0):  # workers first: a fork after this process ran the encoders can hang (OpenMP)
-        before = _child_pids()
+        before = set(_tree_pids(os.getpid()))
         naive = open_loader("naive", TINY, LoaderOptions(batch_size=2, num_workers=workers, seed=3),
                             data_root=tmp_path, crop="center", encoders=encoders)
         it = iter(naive)
         batches[workers] = copied(next(it))
-        assert len(_child_pids() - before) == workers, f"--num_workers {workers}"
+        assert len(set(_tree_pids(os.getpid())) - before) == workers, f"--num_workers {workers}"
         del it
         naive.close()
     assert batches[0].clip_id == batches[2].clip_id
@@ -902,8 +899,7 @@ def test_the_naive_loader_makes_samples_in_worker_processes_on_the_cpu_and_the_s
             continue
         # A worker runs torch on one thread, this process on two: float32 sums in another order may
         # round to the neighbouring float16 (1 ulp), as in test_parity.
-        ulp = torch.finfo(torch.float16).eps * tensor.float().abs().clamp_min(2.0 ** -14)
-        assert ((tensor.float() - other.float()).abs() <= ulp + 1e-6).all(), name
+        assert within_one_float16_ulp(other, tensor), name
 
 
 @pytest.mark.parametrize("ref_rule", ["first", "random_in_clip", "random_in_window"])

@@ -18,6 +18,7 @@ from dali_float.demo import ensure_demo_corpus
 from dali_float.loaders import LoaderOptions, TrainingCache, open_loader
 from dali_float.models import ModelSources, build_encoders
 from dali_float.preprocess import PreprocessOptions, run_preprocessing
+from tolerances import within_one_float16_ulp
 
 
 def cached_and_naive(data_root, cache_dir, preset, sources, device="cpu", segments=None):
@@ -44,8 +45,7 @@ def assert_parity(loaders, items, preset):
             continue
         # Both sides are float16 roundings of float32 features computed from the same pixels and
         # samples; batch composition may move a float32 value across a rounding boundary: 1 ulp.
-        ulp = torch.finfo(torch.float16).eps * want.abs().clamp_min(2.0 ** -14)
-        assert ((got - want).abs() <= ulp + 1e-6).all(), f"naive vs cache: {name}, " \
+        assert within_one_float16_ulp(got, want), f"naive vs cache: {name}, " \
             f"max diff {(got - want).abs().max().item():.3g}"
     assert exact.clip_id == fresh.clip_id == [c for c, _, _ in items]
 

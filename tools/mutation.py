@@ -796,9 +796,11 @@ def cmd_report(args: argparse.Namespace) -> int:
             continue
         equivalent = [r for r in ms if notes.get(r["key"], {}).get("kind") == "equivalent"]
         rest = [r for r in ms if r not in equivalent]
-        # "error": pytest stopped before any test ran (the mutant breaks importing a test module): caught too
-        killed = [r for r in rest if r["outcome"] in ("killed", "timeout", "error")
-                  or notes.get(r["key"], {}).get("kind") == "killed"]  # checked by hand: see its "why"
+        # "error": pytest stopped before any test ran (the mutant breaks importing a test module): caught too;
+        # a "killed" note: checked by hand (see its "why")
+        caught = {r["key"] for r in ms if r["outcome"] in ("killed", "timeout", "error")
+                  or notes.get(r["key"], {}).get("kind") == "killed"}
+        killed = [r for r in rest if r["key"] in caught]
         score = len(killed) / len(rest) if rest else 1.0
         target = f"{group.target:.0%}" if group.target else "-"
         low, high = wilson_interval(len(killed), len(rest))
@@ -807,7 +809,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         rows.append(f"| {name} | {drawn} | {len(equivalent)} | {len(killed)} | {len(rest) - len(killed)} | "
                     f"**{score:.1%}** | {low:.0%}-{high:.0%} | {target} |")
         for r in sorted(ms, key=lambda r: (r["path"], r["line"])):
-            if r["outcome"] not in ("killed", "timeout", "error") and notes.get(r["key"], {}).get("kind") != "killed":
+            if r["key"] not in caught:
                 note = notes.get(r["key"], {})
                 mutation = f"`{r['original'].strip()[:60]}` -> `{r['replacement'].strip()[:60]}`".replace("|", "\\|")
                 survivors.append(f"| {r['key']} | {r['path']}:{r['line']} | {mutation} | "
