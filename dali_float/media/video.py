@@ -351,6 +351,16 @@ def _geometry(info: VideoInfo, window: Window | None, out_size: tuple[int, int])
     return w, size
 
 
+def _still_video_stream(container, path: Path):
+    """The probed file's video stream, opened again; a MediaError (container closed) when it has none now."""
+    stream = _video_stream(container)
+    if stream is None:
+        container.close()
+        raise MediaError(f"{path}: no video stream any more; the file changed since it was probed: "
+                         f"run again to probe it anew")
+    return stream
+
+
 class _VideoPackets:
     """The compressed video packets of one clip (decode order) and where it can be cut.
 
@@ -376,10 +386,7 @@ class _VideoPackets:
         path = info.path
         with _media_errors(path, "demuxing for DALI"):
             container = av.open(str(path), metadata_errors="ignore")
-            stream = _video_stream(container)
-            if stream is None:
-                container.close()
-                raise MediaError(f"{path}: no video stream any more; the file changed since it was probed")
+            stream = _still_video_stream(container, path)
             packets = [p for p in container.demux(stream) if p.size and not p.is_discard]
             fmt = container.format.name
             only_stream = len(container.streams.video) == 1
@@ -471,7 +478,7 @@ class _PyavCursor:
         self.close()
         with _media_errors(self.info.path, "opening for decoding"):
             self.container = av.open(str(self.info.path), metadata_errors="ignore")
-            stream = _video_stream(self.container)
+            stream = _still_video_stream(self.container, self.info.path)
             stream.thread_type = "AUTO"  # frame threading: H.264 decodes on every core
             self.by_time = seek and index >= _SEEK_AFTER_FRAMES and stream.time_base is not None
             if self.by_time:
