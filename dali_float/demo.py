@@ -30,6 +30,7 @@ import numpy as np
 from av.codec.context import Flags
 
 from dali_float.errors import UsageError
+from dali_float.media.writer import mux_audio
 from dali_float.paths import home
 
 log = logging.getLogger(__name__)
@@ -159,23 +160,11 @@ def write_clip(
         container.mux(vstream.encode(None))
 
         if astream is not None:
-            _encode_audio(container, astream, np.asarray(audio, dtype=np.float32), audio_rate)
+            audio = np.asarray(audio, dtype=np.float32)
+            if audio.ndim != 1:
+                raise ValueError(f"audio must be mono (M,), got {audio.shape}")
+            mux_audio(container, astream, audio, audio_rate)
     return path
-
-
-def _encode_audio(container, stream, audio: np.ndarray, rate: int) -> None:
-    """Feed mono float audio in blocks; PyAV re-blocks to the encoder's frame size."""
-    if audio.ndim != 1:
-        raise ValueError(f"audio must be mono (M,), got {audio.shape}")
-    block = 1024
-    for start in range(0, len(audio), block):
-        chunk = np.ascontiguousarray(audio[start:start + block], dtype=np.float32)[None, :]
-        frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout="mono")
-        frame.sample_rate = rate
-        frame.pts = start
-        frame.time_base = Fraction(1, rate)
-        container.mux(stream.encode(frame))
-    container.mux(stream.encode(None))
 
 
 def write_audio(path: Path, audio: np.ndarray, rate: int, codec: str | None = None,
@@ -197,15 +186,7 @@ def write_audio(path: Path, audio: np.ndarray, rate: int, codec: str | None = No
         stream = container.add_stream(_AUDIO_ENCODERS.get(codec, codec), rate=rate)
         stream.layout = layout
         stream.codec_context.flags |= Flags.bitexact
-        block = 1024
-        for start in range(0, data.shape[1], block):
-            chunk = np.ascontiguousarray(data[:, start:start + block])
-            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=layout)
-            frame.sample_rate = rate
-            frame.pts = start
-            frame.time_base = Fraction(1, rate)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+        mux_audio(container, stream, data, rate)
     return path
 
 

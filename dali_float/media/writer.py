@@ -47,6 +47,20 @@ def check_mp4_path(path: Path) -> Path:
     return path
 
 
+def mux_audio(container: av.container.OutputContainer, stream: av.audio.stream.AudioStream, audio: np.ndarray,
+              rate: int) -> None:
+    """Encode a whole track into `stream` and mux it, encoder flushed: (M,) mono or (channels, M) float32
+    in [-1, 1] at `rate` Hz. PyAV re-blocks to the encoder's frame size; pts count samples."""
+    planes = np.atleast_2d(np.asarray(audio, dtype=np.float32))
+    layout = {1: "mono", 2: "stereo"}[len(planes)]
+    for start in range(0, planes.shape[1], _AUDIO_BLOCK):
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes[:, start:start + _AUDIO_BLOCK]),
+                                           format="fltp", layout=layout)
+        frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+
+
 class Mp4Writer:
     """An MP4 being written: H.264 video of `size` x `size` at `fps`, optional mono AAC audio.
 
@@ -79,12 +93,7 @@ class Mp4Writer:
         stream = self._container.add_stream(AUDIO_CODEC, rate=rate)
         stream.layout = "mono"
         stream.bit_rate = AUDIO_BIT_RATE
-        for start in range(0, len(audio), _AUDIO_BLOCK):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[None, start:start + _AUDIO_BLOCK]),
-                                               format="flt", layout="mono")
-            frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
-            self._container.mux(stream.encode(frame))
-        self._container.mux(stream.encode(None))
+        mux_audio(self._container, stream, audio, rate)
 
     def write(self, images: torch.Tensor | np.ndarray) -> None:
         """Append frames: (n, 3, S, S) float in [-1, 1] (a tensor, any device) or (n, S, S, 3) uint8 RGB."""
