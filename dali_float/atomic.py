@@ -3,9 +3,14 @@ write a temporary sibling, flush, fsync, rename over the target, fsync the folde
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
+
+log = logging.getLogger(__name__)
 
 TMP_MARKER = ".tmp-"  # temporary files are <name>.tmp-<pid>; leftovers of a killed write match *.tmp-*
 
@@ -36,6 +41,38 @@ def fsync_dir(folder: Path) -> None:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()))
+
+
+def create_folder_once(final: Path, complete_file: str, fill: Callable[[Path], Any], what: str) -> Path:
+    """The folder `final`, made by `fill(tmp)` on a temporary sibling renamed into place unless
+    `final/complete_file` already exists; `what` names it in the log.
+
+    The rename is atomic, so a half-filled folder is never seen under its final name; of two processes
+    racing, one rename wins and the other uses the winner's folder. UsageError when `final` exists
+    without `complete_file` (a folder left by something else).
+    """
+    from dali_float.errors import UsageError
+
+    final = Path(final)
+    if (final / complete_file).is_file():
+        return final
+    log.info("writing %s in %s (once)", what, final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}{TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        fill(tmp)
+        try:
+            os.rename(tmp, final)  # replaces only a missing or empty folder
+        except OSError as err:
+            if not (final / complete_file).is_file():
+                raise UsageError(f"{final} exists but is not complete (no {complete_file}: {err.strerror}); "
+                                 f"remove it and run again") from None
+            log.info("another process wrote %s first; using it", what)
+        else:
+            log.info("%s ready in %s", what, final)
+        return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_temporary_files(root: Path) -> int:

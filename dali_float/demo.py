@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +26,7 @@ import av
 import numpy as np
 from av.codec.context import Flags
 
+from dali_float.atomic import create_folder_once
 from dali_float.errors import UsageError
 from dali_float.media.writer import mux_audio
 from dali_float.paths import home
@@ -416,27 +414,7 @@ def ensure_demo_corpus() -> Path:
     The rename is atomic, so a half-written corpus is never seen under the final name, and two
     processes racing to create it both end up with one complete copy.
     """
-    final = demo_corpus_dir()
-    if (final / "demo.json").is_file():
-        log.debug("demo corpus found at %s", final)
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    log.info("generating the demo corpus (v%d) in %s", DEMO_VERSION, final)
-    try:
-        paths = generate_demo_corpus(tmp)
-        try:
-            os.rename(tmp, final)  # atomic; replaces only a missing or empty folder
-        except OSError as err:
-            if not (final / "demo.json").is_file():
-                raise UsageError(f"{final} exists but is not a complete demo corpus ({err.strerror}); "
-                                 f"remove it and run again") from None
-            log.info("another process created the demo corpus first; using it")
-        else:
-            log.info("demo corpus ready: %d clips in %s", len(paths), final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return create_folder_once(demo_corpus_dir(), "demo.json", generate_demo_corpus, f"the demo corpus (v{DEMO_VERSION})")
 
 
 def generate_large_corpus(out_dir: Path, total_seconds: float = 120.0, size: int = 512, clip_seconds: float = 10.0,

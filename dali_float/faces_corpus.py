@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
+from dali_float.atomic import create_folder_once
 from dali_float.demo import synth_talking_head, write_clip
 from dali_float.paths import home
 
@@ -134,22 +132,8 @@ def generate_faces_corpus(out_dir: Path, seconds: float = 4.0, clips: int = 4) -
 def ensure_faces_corpus() -> Path:
     """The corpus under $DALI_FLOAT_HOME/faces/v<version>, written once (into a temporary sibling, then
     renamed, as the demo corpus)."""
-    final = home() / "faces" / f"v{FACES_CORPUS_VERSION}"
-    if (final / "faces.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    log.info("writing the raw-video corpus of real faces in %s (once)", final)
-    try:
-        generate_faces_corpus(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "faces.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return create_folder_once(home() / "faces" / f"v{FACES_CORPUS_VERSION}", "faces.json", generate_faces_corpus,
+                              "the raw-video corpus of real faces")
 
 
 def main() -> int:

@@ -47,9 +47,9 @@ def test_corpus_location_and_reuse(corpus, caplog):
     root, clips = corpus
     assert root == demo_corpus_dir() == home() / "demo" / f"v{DEMO_VERSION}"
     before = {p: p.stat().st_mtime_ns for _, p in clips}
-    with caplog.at_level("INFO", logger="dali_float.demo"):
+    with caplog.at_level("INFO", logger="dali_float"):
         assert ensure_demo_corpus() == root
-    assert "generating" not in caplog.text  # reused, not regenerated
+    assert "writing" not in caplog.text  # reused, not regenerated
     assert {p: p.stat().st_mtime_ns for _, p in clips} == before
     assert not [p for p in root.parent.iterdir() if ".tmp-" in p.name]  # no half-written leftovers
 
@@ -138,3 +138,51 @@ def test_generation_is_deterministic(tmp_path, corpus, decoded):
         info2 = probe_video(path)
         assert torch.equal(decode_frames(info2, idx, decoder), frames)
         assert torch.equal(prepare_clip_audio(info2, len(idx), TIMING), prepare_clip_audio(info, len(idx), TIMING))
+
+
+def test_a_folder_written_once_appears_whole_or_not_at_all(tmp_path):
+    """create_folder_once (the demo and faces corpora): the folder appears complete under its name, once;
+    a racing writer's copy is dropped; a failed fill leaves nothing; a foreign folder is one UsageError."""
+    from dali_float.atomic import create_folder_once
+    from dali_float.errors import UsageError
+
+    final, fills = tmp_path / "corpus" / "v1", []
+
+    def write(folder, marker):
+        folder.mkdir()
+        (folder / "clip.bin").write_bytes(b"x" * 10)
+        (folder / "done.json").write_text(marker)
+
+    def fill(folder):
+        fills.append(folder)
+        assert not final.exists()  # filled aside, never under the final name
+        write(folder, "{}")
+
+    assert create_folder_once(final, "done.json", fill, "a corpus") == final
+    assert sorted(p.name for p in final.iterdir()) == ["clip.bin", "done.json"]
+    assert create_folder_once(final, "done.json", fill, "a corpus") == final and len(fills) == 1  # reused
+
+    raced = tmp_path / "raced"
+
+    def racing_fill(folder):  # another process renames its complete copy in while this one fills
+        write(tmp_path / "other", '"theirs"')
+        (tmp_path / "other").rename(raced)
+        write(folder, '"mine"')
+
+    assert create_folder_once(raced, "done.json", racing_fill, "a corpus") == raced
+    assert (raced / "done.json").read_text() == '"theirs"'
+
+    def failing_fill(folder):
+        folder.mkdir()
+        (folder / "half.bin").write_bytes(b"x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        create_folder_once(tmp_path / "failed", "done.json", failing_fill, "a corpus")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "raced"]  # no leftovers, no final folder
+
+    foreign = tmp_path / "foreign"
+    (foreign / "mine").mkdir(parents=True)
+    with pytest.raises(UsageError, match="foreign exists but is not complete .*remove it and run again"):
+        create_folder_once(foreign, "done.json", lambda folder: write(folder, "{}"), "a corpus")
+    assert (foreign / "mine").is_dir()  # nothing of the user's removed
