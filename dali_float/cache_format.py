@@ -193,10 +193,11 @@ class ClipEntry:
     emotion_source: str = ""
     stage_seconds: dict[str, float] = field(default_factory=dict)  # framing / decode / motion / audio / emotion
     segment_s: list[float] | None = None  # [start, end) seconds of the video for a segment clip; None: whole
-    source_width: int = 0  # frame size of the source video (pixels)
+    source_width: int = 0  # frame size of the source video as shown (pixels, upright: after source_rotation_deg)
     source_height: int = 0
+    source_rotation_deg: int = 0  # counter-clockwise turn of the stored frames its display matrix asks for
     crop: str = ""  # face | center | none (media.framing)
-    crop_box: list[float] = field(default_factory=list)  # x0, y0, x1, y1 source pixels; may reach past the frame
+    crop_box: list[float] = field(default_factory=list)  # x0, y0, x1, y1 upright source pixels; may reach past
     face_box: list[float] | None = None  # the clip's median face box (crop face), source pixels
     faces_seen: int = 0  # most faces on one sampled frame (crop face)
     detect_frames: int = 0  # frames the face detector saw

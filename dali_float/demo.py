@@ -75,6 +75,7 @@ def write_clip(
     gop_frames: int = 50,
     colorspace: str | None = None,
     x264_preset: str = "medium",
+    display_rotation_deg: int = 0,
 ) -> Path:
     """Encode `frames` (N, H, W, 3) uint8 RGB (and optional mono `audio`) into a media file.
 
@@ -89,6 +90,8 @@ def write_clip(
     colorspace: None (untagged, BT.601 matrix, what FFmpeg assumes) or "bt709" (converted with the
         BT.709 matrix and tagged so).
     x264_preset: libx264's speed preset (e.g. "veryfast" for large test frames: still B-frames).
+    display_rotation_deg: a display matrix turning the frames this many degrees counter-clockwise when
+        shown (what a phone records); the frames are stored as given.
 
     Single-threaded encoders, FFmpeg's bitexact flags and libx264 without its SIMD code make the bytes
     reproducible for a given PyAV/FFmpeg build. H.264 and (4:2:0) VP9 need even widths and heights.
@@ -131,6 +134,8 @@ def write_clip(
         vstream.codec_context.time_base = tick
         if colorspace == "bt709":
             vstream.codec_context.colorspace = _AVCOL_SPC_BT709
+        if display_rotation_deg:
+            vstream.set_display_rotation(display_rotation_deg)
         if video_codec == "h264":
             vstream.options = {"crf": str(quality or 18), "preset": x264_preset, "x264-params": _X264_PARAMS}
         elif video_codec in ("vp9", "vp8"):

@@ -27,6 +27,7 @@ from dali_float.face.blazeface import box_iou
 from dali_float.loaders import LoaderOptions, TrainingCache, open_loader
 from dali_float.models import ModelSources, build_encoders, encode_motion
 from dali_float.preprocess import PreprocessOptions, cache_fingerprint, run_preprocessing
+from dali_float.preprocess.manage import format_clip
 from cached import entries_of, features_of
 from faces import ASTRONAUT, ASTRONAUT_FACE, HOPPER, HOPPER_FACE, background, paste, rgb
 
@@ -51,9 +52,12 @@ def assert_floats_square(crop_box, face_box, what: str) -> None:
     assert centre_error < 0.1 * side, (what, centre_error, side)
 
 
-def face_clip(path: Path, size: tuple[int, int], *people, frames: int = FRAMES) -> list[tuple]:
+def face_clip(path: Path, size: tuple[int, int], *people, frames: int = FRAMES, display_rotation_deg: int = 0
+              ) -> list[tuple]:
     """An H.264 + AAC clip of `size` (width, height) on a real background; people: (photo, face box, scale,
-    top-left at frame 0, pixels per frame along x). Returns the face boxes of frame 0 (source pixels)."""
+    top-left at frame 0, pixels per frame along x). Returns the face boxes of frame 0 (source pixels).
+    display_rotation_deg: the frames are stored turned back by it, with a display matrix that turns them
+    upright (a phone video); `size` and the boxes are the upright frame's."""
     width, height = size
     base = background(width, height)
     photos = [(rgb(photo), face, scale, at, speed) for photo, face, scale, at, speed in people]
@@ -66,7 +70,9 @@ def face_clip(path: Path, size: tuple[int, int], *people, frames: int = FRAMES) 
                 first.append(box)
         video.append(frame)
     _, audio, _ = demo.synth_talking_head(frames, 32, seed=len(people))
-    demo.write_clip(path, np.stack(video), 25.0, audio=audio, x264_preset="veryfast")
+    stored = np.rot90(np.stack(video), k=-(display_rotation_deg // 90), axes=(1, 2))
+    demo.write_clip(path, np.ascontiguousarray(stored), 25.0, audio=audio, x264_preset="veryfast",
+                    display_rotation_deg=display_rotation_deg)
     return first
 
 
@@ -85,6 +91,9 @@ def corpus(tmp_path_factory):
         "leaves.mp4": face_clip(data / "leaves.mp4", (960, 540), (HOPPER, HOPPER_FACE, 0.6, (40, 110), 9.0)),
         "tiny_face.mp4": face_clip(data / "tiny_face.mp4", (960, 540), (ASTRONAUT, ASTRONAUT_FACE, 0.09, (450, 220), 0)),
         "nobody.mp4": face_clip(data / "nobody.mp4", (960, 540)),
+        # Held upright: stored 960 x 540, shown 540 x 960 (turned 90 degrees clockwise, as phones tag it).
+        "phone.mp4": face_clip(data / "phone.mp4", (540, 960), (HOPPER, HOPPER_FACE, 0.6, (60, 300), 0),
+                               display_rotation_deg=270),
     }
     options = PreprocessOptions(data_root=data, cache_dir=cache_dir, preset=P, sources=ModelSources(), crop="face",
                                 progress=False, frame_batch=16)
@@ -101,6 +110,18 @@ def test_the_crop_is_floats_square_around_the_face_at_720p_and_1080p(corpus):
         assert_floats_square(e.crop_box, boxes[clip][0], clip)
         assert e.detect_frames == e.face_frames >= 8
     assert (entries["still_1080p.mp4"].source_width, entries["still_1080p.mp4"].source_height) == (1920, 1080)
+
+
+def test_a_phone_video_is_framed_upright(corpus):
+    """A face in a video stored sideways with a display rotation: found and framed in the upright frame,
+    whose size and turn the entry records (the detector would find no face, or a sideways one, otherwise)."""
+    _, _, boxes, entries, _ = corpus
+    e = entries["phone.mp4"]
+    assert e.status == cf.STATUS_CACHED and e.faces_seen == 1, e.reason
+    assert (e.source_width, e.source_height, e.source_rotation_deg) == (540, 960, 270)
+    assert_floats_square(e.crop_box, boxes["phone.mp4"][0], "phone.mp4")
+    video_line = format_clip({**e.to_dict(), "files": {}})[2]
+    assert "540x960 (upright after a 270 deg counter-clockwise turn)" in video_line and "decoder pyav" in video_line
 
 
 def test_two_faces_frame_the_larger(corpus):

@@ -356,6 +356,71 @@ def test_30_fps_clip_gives_75_frames_for_3_s(tmp_path, content):
 
 
 # ------------------------------------------------------------------------------------------------
+# Rotated (phone) videos
+
+# ISO/IEC 14496-12 track header matrix [a b u; c d v; x y w] (a-d, x, y in 16.16; u, v, w in 2.30), as
+# stored big-endian in a 'tkhd' box: the identity, and a phone held upright (a=0, b=1, c=-1, d=0, x=width
+# shown): a stored pixel (x, y) is shown at (-y + tx, x), the stored frame turned 90 degrees clockwise.
+_IDENTITY_MATRIX = np.array([0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000], ">u4").tobytes()
+
+
+def _portrait_matrix(stored_height: int) -> bytes:
+    return np.array([0, 0x10000, 0, 0xFFFF0000, 0, 0, stored_height << 16, 0, 0x40000000], ">u4").tobytes()
+
+
+def _decoded(decoder, info, indices, **options) -> torch.Tensor:
+    return torch.cat(list(decoder.decode(info, indices, **options)))
+
+
+def test_a_phone_video_is_decoded_upright_as_its_mp4_matrix_says(tmp_path, content, decoder):
+    """The direction comes from the MP4 spec, not from FFmpeg or the code: the video track's matrix is
+    written into the file by hand, and the reference is the stored frames turned clockwise."""
+    frames = content[0]  # stored landscape, 96 x 128
+    plain = write_clip(tmp_path / "plain.mp4", frames, 25, audio=None)
+    data = plain.read_bytes()
+    video_tkhd = data.index(b"tkhd")  # the first track is the video
+    at = data.index(_IDENTITY_MATRIX, video_tkhd)
+    assert at - video_tkhd < 60  # the matrix of that same box
+    phone = tmp_path / "phone.mp4"
+    phone.write_bytes(data[:at] + _portrait_matrix(HEIGHT) + data[at + len(_IDENTITY_MATRIX):])
+
+    info = probe_video(phone)
+    assert (info.width, info.height, info.rotation_deg) == (HEIGHT, WIDTH, 270)  # 270 counter-clockwise
+    stored = _decoded(decoder, probe_video(plain), np.arange(N_FRAMES), window=FULL_FRAME, out_size=(HEIGHT, WIDTH),
+                      kind=PYAV)
+    upright = _decoded(decoder, info, np.arange(N_FRAMES), window=FULL_FRAME, out_size=(WIDTH, HEIGHT))
+    assert decoder.last_decoder == PYAV
+    assert torch.equal(upright, torch.rot90(stored, k=-1, dims=(2, 3)))  # clockwise in (H, W)
+    # The default crop is the centred square of the upright frame.
+    square = _decoded(decoder, info, np.arange(N_FRAMES))
+    upright_frames = np.rot90(frames, k=-1, axes=(1, 2))
+    assert (square - reference_process(np.ascontiguousarray(upright_frames), S)).abs().mean() < 0.03
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".mkv"])
+@pytest.mark.parametrize("turn_deg", [90, 180, 270])
+def test_display_rotation_is_applied_on_every_decoder_path(tmp_path, content, decoder, suffix, turn_deg):
+    """A display matrix written by FFmpeg (PyAV) in each container: the probe reports the upright size, the
+    frames come out turned as the matrix says (the same file without it, turned), also where DALI would
+    decode the codec (VP9), and a DALI decoder asked for by name is refused rather than given sideways frames."""
+    frames = content[0][:12]
+    tagged = probe_video(write_clip(tmp_path / f"t{suffix}", frames, 25, audio=None, display_rotation_deg=turn_deg))
+    plain = probe_video(write_clip(tmp_path / f"p{suffix}", frames, 25, audio=None))
+    quarter = turn_deg in (90, 270)
+    assert tagged.rotation_deg == turn_deg and plain.rotation_deg == 0
+    assert (tagged.width, tagged.height) == ((HEIGHT, WIDTH) if quarter else (WIDTH, HEIGHT))
+    idx = np.arange(12)
+    stored = _decoded(decoder, plain, idx, window=FULL_FRAME, out_size=(HEIGHT, WIDTH), kind=PYAV)
+    shown = _decoded(decoder, tagged, idx, window=FULL_FRAME, out_size=(tagged.height, tagged.width))
+    assert decoder.last_decoder == PYAV
+    assert torch.equal(shown, torch.rot90(stored, k=turn_deg // 90, dims=(2, 3)))
+    if suffix == ".webm":
+        assert choose_decoder(tagged.codec, "cpu", tagged.colorspace) == DALI_CPU  # the codec alone: DALI
+        with pytest.raises(ValueError, match="only pyav turns its frames upright"):
+            _decoded(decoder, tagged, idx, kind=DALI_CPU)
+
+
+# ------------------------------------------------------------------------------------------------
 # Decoding
 
 
@@ -577,7 +642,7 @@ def test_dali_failure_on_the_first_batch_falls_back_to_pyav(clips, decoder, monk
     info = probe_video(clips["mp4"])
     expected, _ = _decode_all(decoder, info, kind=PYAV)
     # FrameDecoder.decode looks choose_decoder up in dali_float.media.video, not in the package.
-    monkeypatch.setattr(video, "choose_decoder", lambda codec, device, colorspace=None: DALI_CPU)
+    monkeypatch.setattr(video, "choose_decoder", lambda codec, device, colorspace=None, rotation_deg=0: DALI_CPU)
     with caplog.at_level("WARNING", logger="dali_float.media.video"):
         got, kind = _decode_all(decoder, info)
     assert kind == PYAV and torch.equal(got, expected)

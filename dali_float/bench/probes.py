@@ -436,7 +436,7 @@ def preprocess_probe(spec: dict[str, Any]) -> dict[str, Any]:
     infos = _probe_clips(Path(spec["data_root"]))
     dali_kind = media.DALI_GPU if torch_device.type == "cuda" else media.DALI_CPU
     # The clips DALI decodes on this device; both paths are timed on exactly these.
-    same = [i for i in infos if media.choose_decoder(i.codec, torch_device, i.colorspace) == dali_kind]
+    same = [i for i in infos if media.choose_decoder(i.codec, torch_device, i.colorspace, i.rotation_deg) == dali_kind]
     if not same:
         raise RuntimeError(f"no clip under {spec['data_root']} that {dali_kind} decodes "
                            f"(codecs: {sorted({i.codec for i in infos})})")

@@ -51,6 +51,10 @@ class VideoInfo:
     start_time_s: absolute presentation time (s) of the first frame in the container's timeline
         (used to line the clip's own audio track up with its first frame).
     colorspace: the YUV matrix the stream declares (FFmpeg AVColorSpace code); see choose_decoder.
+    rotation_deg: the counter-clockwise turn (0, 90, 180 or 270) that shows the frames upright, from the
+        stream's display matrix (a phone held upright records landscape frames and this tag), as
+        players and FFmpeg apply it. `width` and `height` are the upright frame's; decoding applies the
+        turn (PyAV path, see choose_decoder), so every crop window and box is in upright pixels.
     """
 
     path: Path
@@ -63,6 +67,7 @@ class VideoInfo:
     audio_source: Path | None
     start_time_s: float = 0.0
     colorspace: int = 2  # FFmpeg AVColorSpace of the YUV data: 1 BT.709, 5/6 BT.601, 2 unspecified
+    rotation_deg: int = 0
 
     @property
     def num_frames(self) -> int:
@@ -100,6 +105,20 @@ def _video_stream(container):
         if not stream.disposition & av.stream.Disposition.attached_pic:
             return stream
     return None
+
+
+def _first_frame_rotation(stream, packet: av.Packet | None) -> int | None:
+    """The display rotation of the first frame `packet` (None: flush) gives: 0, 90, 180 or 270 degrees
+    counter-clockwise (FFmpeg's av_display_rotation_get, rounded to a quarter turn as FFmpeg's own
+    autorotation does; mirroring is not applied), or None while the decoder has given no frame yet.
+    A packet the decoder refuses counts as no rotation: decoding reports the damage with its own line."""
+    try:
+        frames = stream.codec_context.decode(packet)
+    except (av.FFmpegError, ValueError):
+        return 0
+    if not frames:
+        return None if packet is not None else 0
+    return int(round(frames[0].rotation / 90.0)) % 4 * 90
 
 
 def _codec_name(stream: av.video.stream.VideoStream) -> str:
@@ -152,6 +171,7 @@ def probe_video(path: Path) -> VideoInfo:
         corrupt = 0
         end_s = -math.inf  # end of the latest packet over all streams (s)
         demuxed = 0  # video packets including empty ones (AVI marks dropped frames with those)
+        rotation: int | None = None  # read from the first decoded frame (its display matrix side data)
         for packet in container.demux():
             if packet.stream.index == stream.index and (packet.size or packet.dts is not None):
                 demuxed += 1
@@ -163,6 +183,8 @@ def probe_video(path: Path) -> VideoInfo:
             if packet.stream.index != stream.index:
                 continue
             corrupt += bool(packet.is_corrupt)
+            if rotation is None:
+                rotation = _first_frame_rotation(stream, packet)
             if t is None:
                 raise MediaError(f"{path}: video packets carry no timestamps; remux it "
                                  f"(ffmpeg -i in -c copy out.mkv) or re-encode it")
@@ -172,6 +194,8 @@ def probe_video(path: Path) -> VideoInfo:
         declared_s = container.duration / av.time_base if container.duration else None
         start_s = float(container.start_time / av.time_base) if container.start_time is not None else 0.0
         has_audio = bool(container.streams.audio)
+        if rotation is None:  # the decoder held every frame back until the end (or decoded none)
+            rotation = _first_frame_rotation(stream, None)
 
     if not pts:
         raise MediaError(f"{path}: the video stream has no frames; re-encode or remove it")
@@ -199,11 +223,13 @@ def probe_video(path: Path) -> VideoInfo:
     if duration_s <= 0:
         duration_s = 1.0 / float(stream.guessed_rate or stream.average_rate or 25)
     side = find_side_audio(path)
+    if rotation in (90, 270):
+        width, height = height, width
     return VideoInfo(
         path=path, codec=codec, width=int(width), height=int(height), frame_times_s=frame_times,
         duration_s=duration_s, source_fps=len(frame_times) / duration_s,
         audio_source=side if side is not None else (path if has_audio else None),
-        start_time_s=float(ticks[0] * tb), colorspace=colorspace,
+        start_time_s=float(ticks[0] * tb), colorspace=colorspace, rotation_deg=rotation or 0,
     )
 
 

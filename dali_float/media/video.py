@@ -43,14 +43,19 @@ _SWS_FLAGS = (av.video.reformatter.Interpolation.BILINEAR | av.video.reformatter
 # Decoder choice and the DALI graph
 
 
-def choose_decoder(codec: str, device: str | torch.device, colorspace: int | None = None) -> str:
+def choose_decoder(codec: str, device: str | torch.device, colorspace: int | None = None,
+                   rotation_deg: int = 0) -> str:
     """"dali-gpu" (CUDA device and NVDEC decodes `codec`), "dali-cpu" (VP8/VP9/MJPEG), else "pyav".
 
     colorspace: the clip's AVColorSpace (VideoInfo.colorspace). DALI's CPU decoder converts YUV with
     the BT.601 matrix whatever the stream declares (measured: a BT.709-tagged VP9 clip comes out
     0.03 mean abs off in [-1, 1] units, PyAV honours the tag), so BT.709/BT.2020 clips go to PyAV
     on the CPU. Unspecified (2) is taken as BT.601, as FFmpeg does.
+    rotation_deg: VideoInfo.rotation_deg. DALI's decoders ignore the display matrix, so a rotated clip
+    (a phone video) goes to PyAV, which turns its frames upright.
     """
+    if rotation_deg:
+        return PYAV
     on_cuda = torch.device(device).type == "cuda"
     if on_cuda and codec in NVDEC_CODECS:
         return DALI_GPU
@@ -277,9 +282,12 @@ class FrameDecoder:
                              f"got [{indices.min()}, {indices.max()}]")
         fallback = kind is None
         if kind is None:
-            kind = choose_decoder(info.codec, self.device, info.colorspace)
+            kind = choose_decoder(info.codec, self.device, info.colorspace, info.rotation_deg)
         elif kind not in (DALI_GPU, DALI_CPU, PYAV):
             raise ValueError(f"unknown decoder {kind!r}; choose {DALI_GPU}, {DALI_CPU} or {PYAV}")
+        elif kind != PYAV and info.rotation_deg:
+            raise ValueError(f"{info.path} is shown turned by {info.rotation_deg} degrees; only {PYAV} turns "
+                             f"its frames upright (DALI's decoders ignore the display matrix)")
         elif kind == DALI_GPU and self.device.type != "cuda":
             raise ValueError(f"{DALI_GPU} needs a CUDA FrameDecoder, this one is on {self.device}")
         self.last_decoder = kind
@@ -535,6 +543,8 @@ def _pyav_decode_chunks(info: VideoInfo, chunks: list[np.ndarray]) -> Iterator[n
                 frame = cursor.frame(int(index))
                 with _media_errors(path, "decoding"):
                     rgb = frame.to_ndarray(format="rgb24", interpolation=_SWS_FLAGS)
+                if info.rotation_deg:  # upright, as a player shows it (np.rot90 turns counter-clockwise)
+                    rgb = np.rot90(rgb, k=info.rotation_deg // 90)
                 if out is None:
                     out = np.empty((len(chunk),) + rgb.shape, dtype=np.uint8)
                 if rgb.shape != out.shape[1:]:

@@ -192,7 +192,9 @@ def format_clip(shown: dict[str, Any]) -> list[str]:
     lines = [f"{shown['clip_id']}: {shown['status']}" + (f" ({shown['reason']})" if shown.get("reason") else "")]
     segment = shown.get("segment_s")
     lines.append(f"  source    {shown['source_path']}" + (f" [{segment[0]:g} s, {segment[1]:g} s)" if segment else ""))
-    lines.append(f"  video     {shown.get('source_width', 0)}x{shown.get('source_height', 0)} at "
+    turned = (f" (upright after a {shown['source_rotation_deg']} deg counter-clockwise turn)"
+              if shown.get("source_rotation_deg") else "")
+    lines.append(f"  video     {shown.get('source_width', 0)}x{shown.get('source_height', 0)}{turned} at "
                  f"{shown.get('source_fps', 0):.3f} fps, decoder {shown.get('decoder') or '-'}; "
                  f"{shown['num_frames']} frames at {shown.get('fps', 0):g} fps")
     box = shown.get("crop_box") or []

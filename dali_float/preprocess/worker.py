@@ -114,6 +114,7 @@ class ClipProcessor:
         info = task.info if task.info is not None else media.probe_video(path)
         entry.source_fps = float(info.source_fps)
         entry.source_width, entry.source_height = info.width, info.height
+        entry.source_rotation_deg = info.rotation_deg
         indices = media.clip_frame_indices(info, timing.fps, task.span_s)
         t = len(indices)
         entry.num_frames = t
