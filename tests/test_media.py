@@ -437,6 +437,7 @@ def test_choose_decoder():
     assert choose_decoder("av1", "cuda") == PYAV  # Hopper's NVDEC has no AV1
     assert choose_decoder("vp9", "cpu", colorspace=1) == PYAV  # BT.709: DALI's CPU decoder would use BT.601
     assert choose_decoder("vp9", "cpu", colorspace=2) == DALI_CPU
+    assert choose_decoder("h264", "cuda", rotation_deg=270) == PYAV  # NVDEC ignores the display matrix
 
 
 def reference_window(rgb: np.ndarray, box_px: tuple[int, int, int, int], out: int) -> tuple[torch.Tensor, tuple]:
