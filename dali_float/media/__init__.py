@@ -4,7 +4,7 @@ per clip), decode + crop/resize them, load audio.
 Preprocessing (batched, DALI) and the per-sample naive loader both go through this package, so both
 see exactly the same pixels and audio samples:
 
-    info = probe_video(path)                                   # demux only, no decoding
+    info = probe_video(path)                                   # demux (and the first frame's turn)
     idx = clip_frame_indices(info, 25, span_s)                 # T source frame indices (of a segment)
     crop = ClipFramer("face").decide(info, decoder, idx, 25, 512)   # FLOAT's square around the face
     for chunk in FrameDecoder(512).decode(info, idx, window=crop.window): ...   # (n, 3, 512, 512) in [-1, 1]
@@ -22,9 +22,9 @@ Submodules (every public name is re-exported here, so `media.X` works for all of
   files   VIDEO_EXTENSIONS, AUDIO_SIDE_EXTENSIONS, ClipSpec, discover_clips, discover_videos (scan_videos: as
           strings), find_side_audio
   segments  the --segments CSV (read_segments, segment ids); imported where used
-  probe   VideoInfo, probe_video (demux only), the one-line MediaError helpers (`_media_errors`,
-          `_check_readable_file`), codec names, 25 fps indices (num_frames_at_fps, frame_indices_at_fps,
-          clip_frame_indices)
+  probe   VideoInfo, probe_video (demux; one frame decoded for its display turn), the one-line MediaError
+          helpers (`_media_errors`, `_check_readable_file`), codec names, 25 fps indices (num_frames_at_fps,
+          frame_indices_at_fps, clip_frame_indices)
   video   decoder choice (DALI_GPU, DALI_CPU, PYAV, choose_decoder), crop windows (Window, FULL_FRAME,
           center_square_window), the DALI graph (process_frames), FrameDecoder, its key-frame pieces
           (_VideoPackets) and PyAV source (_PyavCursor: seeks to a segment), get_frame_decoder, decode_frames

@@ -1,4 +1,5 @@
-"""Probing: demux a clip (no decoding) into a VideoInfo; one-line MediaErrors; 25 fps frame indices.
+"""Probing: demux a clip (one frame decoded, for its display turn) into a VideoInfo; one-line MediaErrors;
+25 fps frame indices.
 
 Every problem with one input file raises `MediaError` with one line (what is wrong, what to do);
 PyAV/FFmpeg exceptions never escape as anything else. The helpers that turn them into MediaErrors
@@ -39,7 +40,7 @@ _TRUNCATION_TOLERANCE_S = 0.5
 
 @dataclass(frozen=True, eq=False)
 class VideoInfo:
-    """What probing a clip found (demuxed packets only, nothing decoded).
+    """What probing a clip found (demuxed packets; the first frame decoded only for its display turn).
 
     frame_times_s: (N,) float64, presentation time (s) of every frame, in presentation order,
         relative to the first frame (so frame_times_s[0] == 0).
@@ -145,7 +146,8 @@ def _check_readable_file(path: Path, action: str) -> None:
 
 
 def probe_video(path: Path) -> VideoInfo:
-    """Demux `path` (no decoding) and describe its video stream; MediaError for anything unusable.
+    """Demux `path` (decoding only the first frame, for its display turn) and describe its video stream;
+    MediaError for anything unusable.
 
     Detected: missing/unreadable file, zero bytes, not a media container (e.g. text renamed .mp4),
     no video stream, no frames, an MP4 whose index is cut off, a file whose packets stop well before
