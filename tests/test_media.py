@@ -397,6 +397,24 @@ def test_a_phone_video_is_decoded_upright_as_its_mp4_matrix_says(tmp_path, conte
     assert (square - reference_process(np.ascontiguousarray(upright_frames), S)).abs().mean() < 0.03
 
 
+@pytest.mark.parametrize("suffix", [".mp4", ".mov", ".webm", ".mkv", ".avi"])
+def test_the_probe_decodes_a_frame_only_where_the_container_may_turn_it(tmp_path, content, monkeypatch, suffix):
+    """Reading the display turn costs a frame decode (~20 ms at 1080p, in a planning pass that probes every
+    clip): a file whose container holds no display transform is probed without one; a tagged one is decoded."""
+    from dali_float.media import probe
+
+    decoded = []
+    real = probe._first_frame_rotation
+    monkeypatch.setattr(probe, "_first_frame_rotation", lambda *a: decoded.append(1) or real(*a))
+    frames = content[0][:6]
+    codec = "mjpeg" if suffix == ".avi" else None
+    assert probe_video(write_clip(tmp_path / f"plain{suffix}", frames, 25, video_codec=codec)).rotation_deg == 0
+    assert decoded == []
+    if suffix != ".avi":  # AVI has no display matrix
+        info = probe_video(write_clip(tmp_path / f"turned{suffix}", frames, 25, display_rotation_deg=180))
+        assert decoded and info.rotation_deg == 180
+
+
 @pytest.mark.parametrize("suffix", [".mp4", ".webm", ".mkv"])
 @pytest.mark.parametrize("turn_deg", [90, 180, 270])
 def test_display_rotation_is_applied_on_every_decoder_path(tmp_path, content, decoder, suffix, turn_deg):

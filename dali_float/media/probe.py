@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,86 @@ def _video_stream(container):
     return None
 
 
+# ISO/IEC 14496-12 'mvhd'/'tkhd' matrix [a b u; c d v; x y w] of no transformation, as stored (big-endian).
+_MP4_IDENTITY_MATRIX = struct.pack(">9I", 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
+_MP4_MATRIX_AT = {b"mvhd": (36, 48), b"tkhd": (40, 52)}  # matrix offset in the payload: version 0, version 1
+_MP4_MAX_MOOV_BYTES = 64 << 20
+_MATROSKA_HEADER_BYTES = 1 << 20
+
+
+def _may_be_turned(path: Path, format_name: str) -> bool:
+    """False when the container surely holds no display transform, so the probe need not decode a frame
+    to read one (it costs ~20 ms a 1080p clip; the index holds nothing else that needs decoding).
+
+    MP4/MOV: FFmpeg builds the display matrix from the 'mvhd' and video 'tkhd' matrices; when every one of
+    them is the identity there is none. Matroska/WebM: it comes from a Projection element (ID 0x7670, with
+    ProjectionPoseRoll 0x7675) in the Tracks, which precede the first Cluster. Other containers carry none.
+    Anything unexpected (damaged boxes, a huge index) answers True: the decode then decides.
+    """
+    try:
+        if "mp4" in format_name:
+            return _mp4_matrices(path) != {_MP4_IDENTITY_MATRIX}
+        if "matroska" in format_name:
+            with open(path, "rb") as f:
+                head = f.read(_MATROSKA_HEADER_BYTES)
+            cluster = head.find(b"\x1f\x43\xb6\x75")
+            head = head if cluster < 0 else head[:cluster]
+            return b"\x76\x70" in head and b"\x76\x75" in head
+    except (OSError, ValueError, IndexError, struct.error):
+        return True
+    return False
+
+
+def _mp4_matrices(path: Path) -> set[bytes]:
+    """The matrices of the movie header and of every track header of an MP4/MOV file, as stored."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        at = 0
+        while at + 8 <= size:  # top-level boxes: find 'moov' without reading the media data
+            f.seek(at)
+            length, kind = struct.unpack(">I4s", f.read(8))
+            header = 8
+            if length == 1:
+                length, header = struct.unpack(">Q", f.read(8))[0], 16
+            elif length == 0:
+                length = size - at
+            if length < header:
+                raise ValueError("a box shorter than its header")
+            if kind == b"moov":
+                if length > _MP4_MAX_MOOV_BYTES:
+                    raise ValueError("an index too large to read here")
+                moov = f.read(length - header)
+                break
+            at += length
+        else:
+            raise ValueError("no 'moov' box")
+    found: set[bytes] = set()
+    _mp4_walk(moov, found)
+    if not found:
+        raise ValueError("no movie or track header")
+    return found
+
+
+def _mp4_walk(data: bytes, found: set[bytes]) -> None:
+    at = 0
+    while at + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, at)
+        header = 8
+        if length == 1:
+            length, header = struct.unpack_from(">Q", data, at + 8)[0], 16
+        elif length == 0:
+            length = len(data) - at
+        if length < header or at + length > len(data):
+            raise ValueError("a box past its parent")
+        payload = data[at + header:at + length]
+        if kind == b"trak":
+            _mp4_walk(payload, found)
+        elif kind in _MP4_MATRIX_AT:
+            offset = _MP4_MATRIX_AT[kind][payload[0] == 1]
+            found.add(payload[offset:offset + 36])
+        at += length
+
+
 def _first_frame_rotation(stream, packet: av.Packet | None) -> int | None:
     """The display rotation of the first frame `packet` (None: flush) gives: 0, 90, 180 or 270 degrees
     counter-clockwise (FFmpeg's av_display_rotation_get, rounded to a quarter turn as FFmpeg's own
@@ -173,7 +254,8 @@ def probe_video(path: Path) -> VideoInfo:
         corrupt = 0
         end_s = -math.inf  # end of the latest packet over all streams (s)
         demuxed = 0  # video packets including empty ones (AVI marks dropped frames with those)
-        rotation: int | None = None  # read from the first decoded frame (its display matrix side data)
+        # The display turn, read from the first decoded frame's display matrix where there may be one.
+        rotation: int | None = None if _may_be_turned(path, container.format.name) else 0
         for packet in container.demux():
             if packet.stream.index == stream.index and (packet.size or packet.dts is not None):
                 demuxed += 1
