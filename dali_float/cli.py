@@ -111,3 +111,8 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def cores_per_local_rank() -> int:
+    """usable_cores() shared among the torchrun ranks on this machine (LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    return max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))

@@ -508,6 +508,47 @@ def test_two_workers_make_the_same_cache_as_one(small, tmp_path, monkeypatch):
     assert verify_problems(layout_of(tmp_path / "cache")) == []
 
 
+def test_probing_in_processes_finds_what_one_process_finds(tmp_path, monkeypatch, caplog):
+    """A large plan probes in a pool of forked processes: the same VideoInfo per video, once per video
+    (segments share it), None for a file that is not a video and for a task that is not a regular file."""
+    clips = [c for c in sorted(demo.ensure_demo_corpus().rglob("*")) if c.suffix in (".mp4", ".webm")]
+    paths = []
+    for i in range(40):
+        link = tmp_path / f"c{i:02d}{clips[i % len(clips)].suffix}"
+        os.link(clips[i % len(clips)], link)
+        paths.append(str(link))
+    (tmp_path / "notes.mp4").write_text("not a video\n")
+    paths.append(str(tmp_path / "notes.mp4"))
+
+    def tasks():
+        made = [plan.ClipTask(f"c{i}", p, i, 1, 1, True) for i, p in enumerate(paths)]
+        made.append(plan.ClipTask("seg", paths[0], 99, 1, 1, True, span_s=(0.5, 1.5)))  # shares paths[0]
+        made.append(plan.ClipTask("pipe", paths[1], 98, 1, 1, False))
+        return made
+
+    alone, pooled = tasks(), tasks()
+    plan.probe_tasks(alone, processes=1)
+    with caplog.at_level(logging.INFO, logger="dali_float.preprocess.plan"):
+        plan.probe_tasks(pooled, processes=2)
+    assert f"probing {len(paths)} videos in 2 processes" in caplog.text
+    for a, b in zip(alone, pooled, strict=True):
+        assert (a.info is None) == (b.info is None) and a.duration_s == b.duration_s, a.clip_id
+        if a.info is not None:
+            assert np.array_equal(a.info.frame_times_s, b.info.frame_times_s) and a.info.codec == b.info.codec
+    assert pooled[-3].info is None and pooled[-1].info is None and pooled[-2].duration_s == pytest.approx(1.0)
+    assert all(t.info is not None for t in pooled[:40])
+
+    monkeypatch.setattr(plan, "cores_per_local_rank", lambda: 8)
+    assert plan.probe_processes(plan._PROBE_POOL_MIN_VIDEOS - 1) == 1  # small plans: no pool
+    assert plan.probe_processes(plan._PROBE_POOL_MIN_VIDEOS) == plan._PROBE_POOL_MIN_VIDEOS // plan._PROBE_CHUNK
+    assert plan.probe_processes(10**6) == 8
+    from dali_float import cli
+
+    monkeypatch.setattr(cli, "usable_cores", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four torchrun ranks on this machine share its cores
+    assert cli.cores_per_local_rank() == 4
+
+
 def test_balance_splits_by_duration_without_overlap():
     tasks = [plan.ClipTask(f"c{i}", f"/x/c{i}", i, 1, 1, True, duration_s=d)
              for i, d in enumerate([10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0])]

@@ -30,6 +30,7 @@ from dali_float import cache_format as cf
 from dali_float import cache_store
 from dali_float.cache_index import ClipIndex, IndexRow
 from dali_float.cache_migrate import remove_v1
+from dali_float.cli import cores_per_local_rank
 from dali_float import media
 from dali_float.errors import MediaError
 from dali_float.hashing import sha256_file
@@ -237,22 +238,52 @@ def make_tasks(sources: list[Source], rec: Reconciliation, snapshot: Snapshot) -
     return tasks
 
 
-def probe_tasks(tasks: list[ClipTask], progress: bool = False) -> None:
-    """Probe each regular-file task's video (demux only, once per video: segments share it) for its
-    duration; a MediaError leaves info None (the worker probes again and records the one-line reason)."""
-    probed: dict[str, media.VideoInfo | None] = {}
-    for task in tqdm(tasks, desc="probing", unit="clip", disable=not progress or len(tasks) < 20, leave=False):
-        if not task.regular:
-            continue
-        if task.path not in probed:
-            try:
-                probed[task.path] = media.probe_video(Path(task.path))
-            except MediaError:
-                probed[task.path] = None
-            except Exception:  # noqa: BLE001 - a probing bug costs this clip (in the worker), not the plan
-                log.debug("probing %s failed", task.path, exc_info=True)
-                probed[task.path] = None
-        task.info = probed[task.path]
+_PROBE_POOL_MIN_VIDEOS = 64  # fewer are probed in this process (a second or so)
+_PROBE_CHUNK = 16  # videos per hand-out to a pool process
+
+
+def probe_processes(videos: int) -> int:
+    """How many processes probe `videos` videos: 1 below _PROBE_POOL_MIN_VIDEOS, else this rank's share of
+    the machine's cores (cli.cores_per_local_rank), with at least a chunk of videos each."""
+    if videos < _PROBE_POOL_MIN_VIDEOS:
+        return 1
+    return max(1, min(cores_per_local_rank(), videos // _PROBE_CHUNK))
+
+
+def _probe_or_none(path: str) -> media.VideoInfo | None:
+    try:
+        return media.probe_video(Path(path))
+    except MediaError:
+        return None
+    except Exception:  # noqa: BLE001 - a probing bug costs this clip (in the worker), not the plan
+        log.debug("probing %s failed", path, exc_info=True)
+        return None
+
+
+def probe_tasks(tasks: list[ClipTask], progress: bool = False, processes: int | None = None) -> None:
+    """Probe each regular-file task's video (once per video: segments share it) for its duration; a
+    MediaError leaves info None (the worker probes again and records the one-line reason).
+
+    processes: default `probe_processes`. Probing is mostly FFmpeg demuxing on one core per video; at
+    10^5-10^6 new clips one process would take hours (~20 ms a 720p/1080p clip here), so large plans
+    probe in a pool. Forked, as DataLoader workers are: the children only demux (FFmpeg, NumPy) and
+    run no torch op; "spawn"/"forkserver" would run the caller's main script again in every child
+    (a script without an `if __name__ == "__main__":` guard would start over).
+    """
+    paths = sorted({task.path for task in tasks if task.regular})
+    processes = probe_processes(len(paths)) if processes is None else processes
+    bar = dict(desc="probing", unit="video", disable=not progress or len(paths) < 20, leave=False)
+    if processes > 1 and len(paths) > 1:
+        import multiprocessing
+
+        log.info("probing %d videos in %d processes", len(paths), processes)
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            probed = dict(zip(paths, tqdm(pool.imap(_probe_or_none, paths, chunksize=_PROBE_CHUNK),
+                                          total=len(paths), **bar)))
+    else:
+        probed = {path: _probe_or_none(path) for path in tqdm(paths, **bar)}
+    for task in tasks:
+        task.info = probed.get(task.path) if task.regular else None
         if task.info is not None:
             end = task.info.duration_s if task.span_s is None else min(task.span_s[1], task.info.duration_s)
             task.duration_s = max(0.0, end - (task.span_s[0] if task.span_s else 0.0))

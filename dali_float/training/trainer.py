@@ -26,7 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from dali_float import __version__
-from dali_float.cli import usable_cores
+from dali_float.cli import cores_per_local_rank
 from dali_float.config import Preset, get_preset
 from dali_float.errors import DaliFloatError, UsageError
 from dali_float.models import FloatMotionModel
@@ -249,11 +249,10 @@ def _share_cores_with_the_loader(cfg: TrainConfig) -> None:
     if "OMP_NUM_THREADS" in os.environ:
         return
     loader_cores = cfg.num_threads if cfg.loader == "dali" else cfg.num_workers
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    threads = max(1, usable_cores() // ranks_here - loader_cores - 1)
+    threads = max(1, cores_per_local_rank() - loader_cores - 1)
     torch.set_num_threads(threads)
     log.info("%d torch thread(s) on the CPU (%d core(s) per rank, %d for the %s loader; set OMP_NUM_THREADS to "
-             "choose)", threads, usable_cores() // ranks_here, loader_cores, cfg.loader)
+             "choose)", threads, cores_per_local_rank(), loader_cores, cfg.loader)
 
 
 def _read_resume(cfg: TrainConfig, store: CheckpointStore, preset: Preset, world_size: int) -> tuple[Path, dict] | None:
