@@ -10,6 +10,8 @@ import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+from dali_float.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 TMP_MARKER = ".tmp-"  # temporary files are <name>.tmp-<pid>; leftovers of a killed write match *.tmp-*
@@ -51,8 +53,6 @@ def create_folder_once(final: Path, complete_file: str, fill: Callable[[Path], A
     racing, one rename wins and the other uses the winner's folder. UsageError when `final` exists
     without `complete_file` (a folder left by something else).
     """
-    from dali_float.errors import UsageError
-
     final = Path(final)
     if (final / complete_file).is_file():
         return final

@@ -139,6 +139,20 @@ def _may_be_turned(path: Path, format_name: str) -> bool:
     return False
 
 
+def _mp4_box(header: bytes, room: int) -> tuple[bytes, int, int]:
+    """(type, length, header length) of the box starting with `header` (its first 8-16 bytes), with `room`
+    bytes from its start to the end of its parent (a length of 0 means all of them)."""
+    length, kind = struct.unpack_from(">I4s", header)
+    head = 8
+    if length == 1:
+        length, head = struct.unpack_from(">Q", header, 8)[0], 16
+    elif length == 0:
+        length = room
+    if length < head or length > room:
+        raise ValueError("a box shorter than its header or past its parent")
+    return kind, length, head
+
+
 def _mp4_matrices(path: Path) -> set[bytes]:
     """The matrices of the movie header and of every track header of an MP4/MOV file, as stored."""
     with open(path, "rb") as f:
@@ -146,18 +160,12 @@ def _mp4_matrices(path: Path) -> set[bytes]:
         at = 0
         while at + 8 <= size:  # top-level boxes: find 'moov' without reading the media data
             f.seek(at)
-            length, kind = struct.unpack(">I4s", f.read(8))
-            header = 8
-            if length == 1:
-                length, header = struct.unpack(">Q", f.read(8))[0], 16
-            elif length == 0:
-                length = size - at
-            if length < header:
-                raise ValueError("a box shorter than its header")
+            kind, length, head = _mp4_box(f.read(16), size - at)
             if kind == b"moov":
                 if length > _MP4_MAX_MOOV_BYTES:
                     raise ValueError("an index too large to read here")
-                moov = f.read(length - header)
+                f.seek(at + head)
+                moov = f.read(length - head)
                 break
             at += length
         else:
@@ -172,15 +180,8 @@ def _mp4_matrices(path: Path) -> set[bytes]:
 def _mp4_walk(data: bytes, found: set[bytes]) -> None:
     at = 0
     while at + 8 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, at)
-        header = 8
-        if length == 1:
-            length, header = struct.unpack_from(">Q", data, at + 8)[0], 16
-        elif length == 0:
-            length = len(data) - at
-        if length < header or at + length > len(data):
-            raise ValueError("a box past its parent")
-        payload = data[at + header:at + length]
+        kind, length, head = _mp4_box(data[at:at + 16], len(data) - at)
+        payload = data[at + head:at + length]
         if kind == b"trak":
             _mp4_walk(payload, found)
         elif kind in _MP4_MATRIX_AT:

@@ -249,10 +249,11 @@ def _share_cores_with_the_loader(cfg: TrainConfig) -> None:
     if "OMP_NUM_THREADS" in os.environ:
         return
     loader_cores = cfg.num_threads if cfg.loader == "dali" else cfg.num_workers
-    threads = max(1, cores_per_local_rank() - loader_cores - 1)
+    cores = cores_per_local_rank()
+    threads = max(1, cores - loader_cores - 1)
     torch.set_num_threads(threads)
     log.info("%d torch thread(s) on the CPU (%d core(s) per rank, %d for the %s loader; set OMP_NUM_THREADS to "
-             "choose)", threads, cores_per_local_rank(), loader_cores, cfg.loader)
+             "choose)", threads, cores, loader_cores, cfg.loader)
 
 
 def _read_resume(cfg: TrainConfig, store: CheckpointStore, preset: Preset, world_size: int) -> tuple[Path, dict] | None:
