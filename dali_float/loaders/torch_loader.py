@@ -8,6 +8,7 @@ take it to the GPU. It is the honest peer the DALI loader is measured against.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Any, Iterator, Sequence
 
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from dali_float.config import Preset
 from dali_float.contract import Batch
+from dali_float.forking import no_garbage_across_fork
 from dali_float.loaders.base import ClipNames, LoaderOptions, WindowItem, WindowLoader, batch_from_windows
 from dali_float.loaders.cached import TrainingCache, WindowReader
 from dali_float.loaders.sampling import RequestStream, WindowRequest
@@ -118,7 +120,9 @@ class RequestLoader(WindowLoader):
             pin_memory=self.pin_memory,
             prefetch_factor=o.prefetch_batches if self.num_workers else None,
         )
-        for data in loader:
+        with no_garbage_across_fork() if self.num_workers else contextlib.nullcontext():
+            data_iter = iter(loader)  # forks the workers
+        for data in data_iter:
             self.batches_consumed += 1
             yield self._to_batch(data)
 

@@ -33,6 +33,7 @@ from dali_float.cache_migrate import remove_v1
 from dali_float.cli import cores_per_local_rank
 from dali_float import media
 from dali_float.errors import MediaError
+from dali_float.forking import no_garbage_across_fork
 from dali_float.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,9 @@ def probe_tasks(tasks: list[ClipTask], progress: bool = False, processes: int | 
         import multiprocessing
 
         log.info("probing %d videos in %d processes", len(paths), processes)
-        with multiprocessing.get_context("fork").Pool(processes) as pool:
+        with no_garbage_across_fork():
+            pool = multiprocessing.get_context("fork").Pool(processes)
+        with pool:
             probed = dict(zip(paths, tqdm(pool.imap(_probe_or_none, paths, chunksize=_PROBE_CHUNK),
                                           total=len(paths), **bar)))
     else:
