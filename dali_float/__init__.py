@@ -3,8 +3,8 @@
 Modules, one concern each:
   config        presets and every model dimension
   contract      the batch every loader returns
-  cache_format  the on-disk feature cache (layout, records, entries, fingerprint; cache_index, cache_store,
-                cache_view, cache_check, cache_migrate hold the index, the shards, the training view, verify)
+  cache         the on-disk feature cache: format (layout, records, entries, fingerprint), index, store
+                (shards), view (the training view), check (verify), migrate, lock (one writer, reader leases)
   media         decoding, 25 fps conversion, crop/resize, audio (shared by preprocessing and the naive loader)
   demo          the built-in demo corpus
   models        motion encoder, audio encoder, emotion encoder, flow-matching transformer

@@ -36,7 +36,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from dali_float import cache_format as cf
+from dali_float.cache import format as cf
 from dali_float import media
 from dali_float.cli import ArgumentParser, add_model_arguments, existing_path, run_main, setup_logging
 from dali_float.config import EMOTION_CLASSES, Preset, get_preset

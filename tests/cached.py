@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from dali_float import cache_format as cf
-from dali_float.cache_index import ClipIndex
-from dali_float.cache_store import read_record
+from dali_float.cache import format as cf
+from dali_float.cache.index import ClipIndex
+from dali_float.cache.store import read_record
 from dali_float.config import Preset, TINY_PRESET
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dali_float import cache_format as cf
+from dali_float.cache import format as cf
 from dali_float.config import Preset
 from synthetic import SYNTHETIC_MODELS, random_features, synthetic_entry
 

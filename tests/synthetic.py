@@ -6,10 +6,10 @@ from typing import Sequence
 
 import numpy as np
 
-from dali_float import cache_format as cf
-from dali_float import cache_view
-from dali_float.cache_index import ClipIndex
-from dali_float.cache_store import ShardWriter, writer_name
+from dali_float.cache import format as cf
+from dali_float.cache import view as cache_view
+from dali_float.cache.index import ClipIndex
+from dali_float.cache.store import ShardWriter, writer_name
 from dali_float.config import Preset
 
 SYNTHETIC_MODELS = {"motion": "synthetic", "audio": "synthetic", "emotion": "synthetic"}

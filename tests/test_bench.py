@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dali_float import cache_format as cf
-from dali_float import cache_view
+from dali_float.cache import format as cf
+from dali_float.cache import view as cache_view
 from dali_float.bench.figures import (cache_figures, computed_cache_bytes_per_hour, frame_bytes_per_hour,
                                       median_of_runs)
 from dali_float.bench.report import format_table
-from dali_float.cache_index import ClipIndex
-from dali_float.cache_store import ShardWriter, writer_name
+from dali_float.cache.index import ClipIndex
+from dali_float.cache.store import ShardWriter, writer_name
 from dali_float.config import FLOAT_PRESET, TINY_PRESET
 from dali_float.errors import UsageError
 from synthetic import random_features, synthetic_entry, write_synthetic_cache

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dali_float import cache_check, cache_format as cf, cache_store, cache_view
+from dali_float.cache import check as cache_check, format as cf, store as cache_store, view as cache_view
 from dali_float.atomic import TMP_MARKER
-from dali_float.cache_index import ClipIndex, Journal
-from dali_float.cache_store import ShardWriter, writer_name
+from dali_float.cache.index import ClipIndex, Journal
+from dali_float.cache.store import ShardWriter, writer_name
 from dali_float.config import FLOAT_PRESET, TINY_PRESET
 from dali_float.errors import CacheError
 
@@ -32,7 +32,7 @@ F, A, M, E = P.motion_dim, P.audio_feature_dim, P.motion.num_coefficients, P.emo
 WINDOW = P.timing.window_frames
 MODELS = {"motion": "random-init:0", "audio": "random-init:0", "emotion": "random-init:0"}
 FP = cf.fingerprint(P, MODELS, "center")
-ALIGN = 64  # every record, and every part of one, starts on a multiple of 64 bytes (cache_format)
+ALIGN = 64  # every record, and every part of one, starts on a multiple of 64 bytes (cache.format)
 
 
 def features(t: int, seed: int = 0) -> cf.ClipFeatures:

@@ -1,7 +1,7 @@
 """The storage layer on its own (no video, no model): the writer, recovery, compaction, the training view,
 migration from format version 1, each checked by breaking it.
 
-Crash tests inject a fault (dali_float.faults) at every step of writing a clip and of compaction: a
+Crash tests inject a fault (dali_float.cache.faults) at every step of writing a clip and of compaction: a
 forked child dies with os._exit at the n-th time it reaches the step (no clean-up, no flush: what a
 SIGKILL leaves), then the parent does what the next run does (recover, merge, export) and checks that
 `verify` is clean and every clip committed before the crash is there, byte for byte.
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dali_float import cache_check, cache_format as cf, cache_migrate, cache_store, cache_view, faults
-from dali_float.cache_index import ClipIndex, Journal
+from dali_float.cache import check as cache_check, format as cf, migrate as cache_migrate, store as cache_store, view as cache_view, faults
+from dali_float.cache.index import ClipIndex, Journal
 from dali_float.config import get_preset
 from dali_float.errors import CacheError
 from dali_float.loaders import TrainingCache

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from dali_float import cache_format as cf
+from dali_float.cache import format as cf
 from dali_float import demo, media
 from dali_float.config import TINY_PRESET
 from dali_float.face import float_crop_box

@@ -26,11 +26,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dali_float import cache_format as cf
+from dali_float.cache import format as cf
 from dali_float.config import get_preset
 from dali_float.contract import Batch
 from dali_float.errors import CacheError, CheckpointError, UsageError
-from dali_float.cache_index import ClipIndex
+from dali_float.cache.index import ClipIndex
 from dali_float.loaders import LoaderOptions, RequestStream, TrainingCache, open_loader
 from dali_float.loaders.sampling import (DRAW_RANGE, REF_RULES, epoch_clip_indices, num_valid_starts,
                                          window_from_draws)

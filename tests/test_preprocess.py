@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from dali_float import cache_check, cache_format as cf
+from dali_float.cache import check as cache_check, format as cf
 from dali_float.atomic import TMP_MARKER
-from dali_float.cache_index import ClipIndex, committed_ids
-from dali_float.cache_store import read_record
+from dali_float.cache.index import ClipIndex, committed_ids
+from dali_float.cache.store import read_record
 from dali_float import demo, media
 from dali_float.config import FLOAT_PRESET, TINY_PRESET
 from dali_float.errors import CheckpointError, UsageError

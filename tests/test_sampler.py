@@ -25,7 +25,7 @@ from dali_float import sampler
 from dali_float.config import TINY_PRESET, get_preset
 from dali_float.errors import UsageError
 from dali_float.models import FloatMotionModel
-from dali_float import cache_format as cf
+from dali_float.cache import format as cf
 from dali_float.sampler import ClipData, GuidanceOptions, generate_motion, loudness_direction
 from cached import entries_of
 

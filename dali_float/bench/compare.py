@@ -21,7 +21,7 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dali_float import cache_format as cf
+from dali_float.cache import format as cf
 from dali_float import paths
 from dali_float.bench import probes
 from dali_float.bench.figures import assemble, targets

@@ -8,8 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from dali_float import cache_format as cf
-from dali_float.cache_index import ClipIndex
+from dali_float.cache import format as cf
+from dali_float.cache.index import ClipIndex
 from dali_float.bench import probes
 from dali_float.bench.plan import LOADERS, Job, Settings, sources_spec
 from dali_float.config import FLOAT_PRESET, Preset, get_preset
@@ -59,7 +59,7 @@ def frame_bytes_per_hour(size: int, fps: int, itemsize: int) -> float:
 
 def computed_cache_bytes_per_hour(preset: Preset, mean_clip_frames: float,
                                   metadata_bytes_per_clip: float = 300.0) -> dict[str, Any]:
-    """Cache bytes per hour from the format alone: the records (cache_format.record_bytes) of clips of
+    """Cache bytes per hour from the format alone: the records (cache.format.record_bytes) of clips of
     `mean_clip_frames` frames, plus per clip its index row and training-view row (give the figure
     measured on another cache of the same corpus)."""
     frames_per_hour = preset.timing.fps * 3600

@@ -225,7 +225,7 @@ def _segments(spec: dict[str, Any]) -> Path | None:
 def sample_bytes(preset) -> int:
     """Bytes one sample of the batch contract carries (float16): the window's rows, the reference
     motion and the emotion vector."""
-    from dali_float import cache_format as cf
+    from dali_float.cache import format as cf
 
     width = preset.motion_dim + preset.audio_feature_dim
     return cf.FEATURE_DTYPE.itemsize * (preset.timing.window_frames * width + preset.motion_dim + preset.emotion_dim)
@@ -312,7 +312,7 @@ def ceiling_probe(spec: dict[str, Any]) -> dict[str, Any]:
     the window positions drawn before timing. On a GPU also: that copy plus pinned host -> device."""
     import torch
 
-    from dali_float import cache_format as cf
+    from dali_float.cache import format as cf
     from dali_float.loaders.sampling import RequestStream
 
     preset, _ = _context(spec)

@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from dali_float import cache_format as cf
-from dali_float import cache_view
+from dali_float.cache import format as cf
+from dali_float.cache import view as cache_view
 from dali_float.bench import probes
 from dali_float.bench.machine import load_average, machine_info
-from dali_float.cache_index import ClipIndex
-from dali_float.cache_store import GROUP_CLIPS, ShardWriter, writer_name
+from dali_float.cache.index import ClipIndex
+from dali_float.cache.store import GROUP_CLIPS, ShardWriter, writer_name
 from dali_float.config import get_preset
 from dali_float.errors import UsageError
 

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
-from dali_float import cache_format as cf
+from dali_float.cache import format as cf
 from dali_float.config import Preset
 from dali_float.contract import FEATURE_DTYPE, Batch
 from dali_float.errors import UsageError

@@ -1,7 +1,7 @@
 """Opening a feature cache for training: checks first, so a user never sees a DALI stack trace.
 
 Both cached loaders (`torch`, `dali`) read through `TrainingCache`: the training view's memory-mapped
-arrays (cache_view: per clip its shard, byte offset, frame count, emotion and id) and the shards.
+arrays (cache.view: per clip its shard, byte offset, frame count, emotion and id) and the shards.
 Nothing here holds a Python object per clip. `WindowReader` is the one reading of a window the
 torch loader, the DALI loader's Python fallback and the bench's copy ceiling share.
 """
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dali_float import cache_format as cf
-from dali_float.cache_index import ClipIndex
-from dali_float.cache_store import read_record, shard_size
-from dali_float.cache_view import TrainingView
+from dali_float.cache import format as cf
+from dali_float.cache.index import ClipIndex
+from dali_float.cache.store import read_record, shard_size
+from dali_float.cache.view import TrainingView
 from dali_float.config import Preset
 from dali_float.errors import CacheError, UsageError
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from dali_float import cache_format as cf
+from dali_float.cache import format as cf
 from dali_float.contract import FEATURE_DTYPE, Batch
 from dali_float.errors import CacheError, CheckpointError, UsageError
 from dali_float.loaders.base import LoaderOptions, WindowItem, WindowLoader, batch_from_windows

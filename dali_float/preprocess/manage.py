@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dali_float import cache_check, cache_format as cf, cache_migrate
-from dali_float import cache_store, cache_view
-from dali_float.cache_index import ClipIndex
+from dali_float.cache import check as cache_check, format as cf, migrate as cache_migrate
+from dali_float.cache import store as cache_store, view as cache_view
+from dali_float.cache.index import ClipIndex
 from dali_float.config import Preset
 from dali_float.errors import UsageError
 from dali_float.models import ModelSources

@@ -1,6 +1,6 @@
 """What a preprocessing run is asked to do, what it reports, and which cache folder it writes.
 
-The fingerprint (cache_format.fingerprint over the preset, the identity of every encoder's weights and
+The fingerprint (cache.format.fingerprint over the preset, the identity of every encoder's weights and
 the framing) names the cache folder: another preset, other weights or another crop write to another
 folder, so stale features are never mixed with fresh ones.
 """
@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dali_float import cache_format as cf
+from dali_float.cache import format as cf
 from dali_float import paths
 from dali_float.cli import env_rank, usable_cores, visible_cuda_devices
 from dali_float.config import Preset

@@ -12,7 +12,7 @@ adds or drops only the rows that changed.
 Work is split so workers finish together: greedy longest-first by duration onto the least-loaded
 worker. The rule is deterministic, so torchrun ranks that plan from the same index snapshot
 take disjoint shares without talking to each other. Only the columns reconciling needs are read
-(`cache_index.LIGHT`): a million rows take a few seconds and no JSON parsing.
+(`cache.index.LIGHT`): a million rows take a few seconds and no JSON parsing.
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ from typing import Iterable, NamedTuple
 
 from tqdm import tqdm
 
-from dali_float import cache_format as cf
-from dali_float import cache_store
-from dali_float.cache_index import ClipIndex, IndexRow
-from dali_float.cache_migrate import remove_v1
+from dali_float.cache import format as cf
+from dali_float.cache import store as cache_store
+from dali_float.cache.index import ClipIndex, IndexRow
+from dali_float.cache.migrate import remove_v1
 from dali_float.cli import cores_per_local_rank
 from dali_float import media
 from dali_float.errors import MediaError

@@ -29,10 +29,11 @@ from typing import Iterator
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dali_float import cache_format as cf
-from dali_float import cache_view, media
-from dali_float.cache_index import ClipIndex
-from dali_float.cache_store import ShardWriter, dead_bytes, trim_shards, writer_name
+from dali_float.cache import format as cf
+from dali_float import media
+from dali_float.cache import view as cache_view
+from dali_float.cache.index import ClipIndex
+from dali_float.cache.store import ShardWriter, dead_bytes, trim_shards, writer_name
 from dali_float.cli import usable_cores
 from dali_float.errors import CheckpointError, NoSourcesError, UsageError
 from dali_float.preprocess import plan

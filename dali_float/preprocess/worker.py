@@ -27,9 +27,9 @@ from typing import Callable, Iterable, Iterator, Protocol
 import numpy as np
 import torch
 
-from dali_float import cache_format as cf
+from dali_float.cache import format as cf
 from dali_float import media
-from dali_float.cache_store import ShardWriter
+from dali_float.cache.store import ShardWriter
 from dali_float.config import Preset
 from dali_float.errors import ClipSkipped, DaliFloatError, MediaError, UsageError
 from dali_float.hashing import sha256_file

@@ -13,7 +13,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from dali_float import cache_format as cf
+from dali_float.cache import format as cf
 from dali_float.config import Preset
 from dali_float.errors import UsageError
 from dali_float.loaders import LoaderOptions, TrainingCache, WindowLoader, open_loader

@@ -16,9 +16,9 @@ import shutil
 import numpy as np
 from tqdm import tqdm
 
-from dali_float import cache_format as cf
-from dali_float import cache_store, cache_view
-from dali_float.cache_index import ClipIndex
+from dali_float.cache import format as cf
+from dali_float.cache import store as cache_store, view as cache_view
+from dali_float.cache.index import ClipIndex
 from dali_float.config import Preset
 from dali_float.errors import CacheError
 

@@ -25,8 +25,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from dali_float import cache_format as cf
-from dali_float import faults
+from dali_float.cache import format as cf
+from dali_float.cache import faults
 from dali_float.atomic import fsync_dir
 
 log = logging.getLogger(__name__)

@@ -14,11 +14,11 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from dali_float import cache_format as cf
+from dali_float.cache import format as cf
 from dali_float.atomic import TMP_MARKER
-from dali_float.cache_index import ClipIndex
-from dali_float.cache_store import cheap_check
-from dali_float.cache_view import read_view_header
+from dali_float.cache.index import ClipIndex
+from dali_float.cache.store import cheap_check
+from dali_float.cache.view import read_view_header
 from dali_float.config import Preset
 from dali_float.errors import CacheError
 
@@ -99,7 +99,7 @@ def _check_view(layout: cf.CacheLayout, index: ClipIndex, preset: Preset):
                   f"{index.generation}: the next run writes it again"
         return
     try:
-        from dali_float.cache_view import TrainingView
+        from dali_float.cache.view import TrainingView
 
         view = TrainingView(layout, header)
     except (OSError, ValueError, KeyError) as err:

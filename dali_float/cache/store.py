@@ -1,5 +1,5 @@
 """Shards: appending clip records (one writer per shard), committing them in groups, recovering after a
-crash, and compaction. The record layout is cache_format's; the rows go to cache_index.
+crash, and compaction. The record layout is cache.format's; the rows go to cache.index.
 
 Write order of a group of clips (`ShardWriter`): append every record to the writer's shard, fsync the
 shard, commit the rows in the writer's journal. A kill at any moment leaves committed clips whole
@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dali_float import cache_format as cf
-from dali_float import faults
+from dali_float.cache import format as cf
+from dali_float.cache import faults
 from dali_float.atomic import fsync_dir, remove_temporary_files
-from dali_float.cache_index import ClipIndex, Journal
+from dali_float.cache.index import ClipIndex, Journal
 from dali_float.config import Preset
 
 log = logging.getLogger(__name__)

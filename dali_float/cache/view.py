@@ -1,7 +1,7 @@
 """The training view: the index's trainable clips as memory-mapped NumPy arrays (written and read here).
 
 The loaders never touch index.sqlite's rows and hold no per-clip Python object: they map
-`training/<generation>.rows.npy` (one `cache_format.training_row_dtype` record per clip: shard number,
+`training/<generation>.rows.npy` (one `cache.format.training_row_dtype` record per clip: shard number,
 byte offset, frame count, uid, emotion, where its id is) and `training/<generation>.ids` (the clip
 ids, UTF-8, in clip-id order, so one is found by binary search). Memory grows with the clips the
 loaders actually touch, not with the cache: ~60 bytes per clip, paged in on use.
@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from dali_float import cache_format as cf
-from dali_float import faults
+from dali_float.cache import format as cf
+from dali_float.cache import faults
 from dali_float.atomic import write_atomic, write_json_atomic
-from dali_float.cache_index import ClipIndex
+from dali_float.cache.index import ClipIndex
 from dali_float.config import Preset
 from dali_float.errors import CacheError
 
