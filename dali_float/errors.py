@@ -42,3 +42,42 @@ class MediaError(DaliFloatError):
 
 class ClipSkipped(DaliFloatError):
     """One clip is valid but unusable for training (shorter than one window): recorded as `skipped`."""
+
+
+class EnvironmentProblem(DaliFloatError):
+    """The machine, not the input: a full disk, an I/O error, a folder that cannot be listed, a read-only
+    file system, the cache held by another writer. Exit 3: nothing finished is lost; fix the cause and
+    run the same command again."""
+
+    exit_code = 3
+
+
+class CacheBusy(EnvironmentProblem):
+    """Another process holds the cache's writer lock (or its readers hold what a command must delete)."""
+
+
+def describe_disk(path) -> str:
+    """'<mount point> (<free> free of <size>)' for the file system holding `path` (its nearest existing parent)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    mount = p
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        usage = shutil.disk_usage(p)
+    except OSError:
+        return str(mount)
+    return f"{mount} ({usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.1f} MB)"
+
+
+def disk_full(path, needed_bytes: int | None = None, what: str = "writing") -> EnvironmentProblem:
+    """The one line for ENOSPC/EDQUOT (or SQLITE_FULL): which disk, how much space, what to do."""
+    need = f"; about {needed_bytes / 1e6:.1f} MB more are needed" if needed_bytes else ""
+    return EnvironmentProblem(f"the disk is full: {what} {path} failed on {describe_disk(path)}{need}. Free space "
+                              f"there (or point --cache_dir at a larger disk) and run the same command again: every "
+                              f"finished clip is kept")
