@@ -30,6 +30,7 @@ from pathlib import Path
 from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_arguments, add_preset_argument, run_main,
                             setup_logging)
 from dali_float.errors import UsageError
+from dali_float.config import MAX_CLIP_S, MAX_FRAME_PIXELS
 
 COMMANDS = ("run", "status", "show", "verify", "compact", "migrate", "clear")
 
@@ -57,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     run_args.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda[:N]; default auto")
     run_args.add_argument("--frame_batch", type=int, default=None,
                           help="frames per motion-encoder batch (default: 64 on a GPU, 16 on the CPU)")
+    run_args.add_argument("--retry_failed", action="store_true",
+                          help="process again the clips that failed in earlier runs although their source is "
+                               "unchanged (those that failed for a cause outside the clip, e.g. permission denied "
+                               "or out of memory, are retried by every run anyway)")
+    run_args.add_argument("--max_frame_pixels", type=int, default=MAX_FRAME_PIXELS,
+                          help=f"a clip whose frames hold more pixels fails before it is decoded "
+                               f"(default {MAX_FRAME_PIXELS}: 7680x4320)")
+    run_args.add_argument("--max_clip_s", type=float, default=MAX_CLIP_S,
+                          help=f"a longer clip fails before it is decoded: wav2vec2 runs over the whole clip and "
+                               f"its memory grows with the length squared (default {MAX_CLIP_S:g})")
     sub.add_parser("run", parents=[common, run_args], help="compute the features of new and changed clips (default)")
     for name, text in (("status", "what is cached, stale, pending, failed or skipped"),
                        ("show", "one clip's entry: status and reason, source, crop box, faces, timings, record"),
@@ -107,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         return pp.PreprocessOptions(
             data_root=data_root or pp.default_data_root(), cache_dir=cache_dir, preset=preset, sources=sources,
             crop=crop, segments=args.segments, force=args.force_preprocess, device=args.device, gpus=args.gpus,
-            workers=args.workers, frame_batch=args.frame_batch, progress=not args.no_progress)
+            workers=args.workers, frame_batch=args.frame_batch, progress=not args.no_progress,
+            retry_failed=args.retry_failed, lock_timeout_s=args.lock_timeout_s,
+            max_frame_pixels=args.max_frame_pixels, max_clip_s=args.max_clip_s)
 
     if args.command == "run":
         return pp.run_preprocessing(run_options()).exit_code
@@ -120,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(shown, indent=1) if args.json else "\n".join(pp.format_clip(shown)))
         return 0
     if args.command == "verify":
-        report = pp.verify_cache(cache_dir, preset, sources, crop, repair=args.repair, progress=not args.no_progress)
+        report = pp.verify_cache(cache_dir, preset, sources, crop, repair=args.repair, progress=not args.no_progress,
+                                 lock_timeout_s=args.lock_timeout_s)
         if args.json and not args.repair:
             print(json.dumps(report, indent=1))
         else:
@@ -136,10 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             return max(result.exit_code, 0 if report["ok"] else 1)
         return 0 if report["ok"] else 1
     if args.command == "compact":
-        print(json.dumps(pp.compact_cache(cache_dir, preset, sources, crop, progress=not args.no_progress)))
+        print(json.dumps(pp.compact_cache(cache_dir, preset, sources, crop, progress=not args.no_progress,
+                                          lock_timeout_s=args.lock_timeout_s)))
         return 0
     if args.command == "migrate":
-        print(json.dumps(pp.migrate_cache(cache_dir, preset, sources, crop, progress=not args.no_progress)))
+        print(json.dumps(pp.migrate_cache(cache_dir, preset, sources, crop, progress=not args.no_progress,
+                                          lock_timeout_s=args.lock_timeout_s)))
         return 0
     pp.clear_cache(cache_dir, preset, sources, crop, confirm=args.confirm, all_caches=args.all)
     return 0

@@ -2,6 +2,7 @@
 write a temporary sibling, flush, fsync, rename over the target, fsync the folder."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from dali_float.errors import UsageError
+from dali_float.errors import UsageError, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,26 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)  # the rename itself survives a crash
+
+
+def make_folder_durably(folder: Path) -> None:
+    """mkdir -p, fsyncing each new folder's parent so that the new names survive a crash."""
+    folder = Path(folder)
+    if folder.is_dir():
+        return
+    make_folder_durably(folder.parent)
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        return
+    fsync_dir(folder.parent)
 
 
 def fsync_dir(folder: Path) -> None:

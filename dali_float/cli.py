@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from dali_float.config import PRESETS
-from dali_float.errors import DaliFloatError, UsageError
+from dali_float.errors import DaliFloatError, EnvironmentProblem, UsageError, describe_disk
 
 log = logging.getLogger("dali_float")
 
@@ -36,7 +37,19 @@ def run_main(main: Callable[[], int | None]) -> None:
     except BrokenPipeError:  # e.g. `preprocess.py status --json | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    except OSError as err:  # the machine's, not a bug: one line, exit 3 (EnvironmentProblem)
+        if err.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" ({describe_disk(err.filename)})" if err.filename and err.errno in (errno.ENOSPC, errno.EDQUOT) \
+            else ""
+        print(f"error: {err}{where}; fix that and run the same command again", file=sys.stderr)
+        sys.exit(EnvironmentProblem.exit_code)
     sys.exit(code or 0)
+
+
+# OS errors that are the machine's doing (a full disk, a read-only mount, an I/O error, no memory).
+_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENOMEM, errno.EMFILE,
+                                 errno.ENFILE, errno.ESTALE})
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -91,6 +104,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, force_preprocess: boo
                         "'none' (square video, resize only). Default: face; center for the built-in demo corpus")
     if force_preprocess:
         g.add_argument("--force_preprocess", action="store_true", help="recompute every clip's features")
+    g.add_argument("--lock_timeout_s", type=float, default=60.0,
+                   help="how long to wait while another process writes the cache (its writer lock) before "
+                        "stopping with exit 3 (default 60)")
 
 
 def visible_cuda_devices() -> int:

@@ -16,6 +16,12 @@ from typing import Any
 
 from dali_float.errors import UsageError
 
+# Limits that fail a clip before it can exhaust memory (preprocessing's --max_frame_pixels, --max_clip_s):
+# 8K UHD frames (33 MP), and 10 minutes: wav2vec2 attends over the whole clip at 25 Hz, so 15,000 frames x
+# 15,000 x 12 heads x 2 bytes = 5.4 GB per layer in float16 (twice that in float32 on the CPU).
+MAX_FRAME_PIXELS = 7680 * 4320
+MAX_CLIP_S = 600.0
+
 EMOTION_CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
 
 # LIA appearance encoder: channels at each resolution (the official channel table).

@@ -56,6 +56,16 @@ class CacheBusy(EnvironmentProblem):
     """Another process holds the cache's writer lock (or its readers hold what a command must delete)."""
 
 
+class ReadOnlyCache(EnvironmentProblem):
+    """The cache folder cannot be written (a read-only mount, or no write permission)."""
+
+
+def by_name(name: str) -> type[DaliFloatError] | None:
+    """The DaliFloatError subclass of this name (an error sent as text by a worker process), else None."""
+    found = globals().get(name)
+    return found if isinstance(found, type) and issubclass(found, DaliFloatError) else None
+
+
 def describe_disk(path) -> str:
     """'<mount point> (<free> free of <size>)' for the file system holding `path` (its nearest existing parent)."""
     import os

@@ -77,7 +77,7 @@ def layout_of(cache_dir: Path, sources: ModelSources = SOURCES, preset=P) -> cf.
 
 
 def verify_problems(layout: cf.CacheLayout) -> list[dict[str, str]]:
-    with ClipIndex(layout) as index:
+    with ClipIndex.open_readonly(layout) as index:
         return cache_check.verify(layout, index, P)
 
 

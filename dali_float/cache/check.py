@@ -5,6 +5,11 @@ Per cached clip: its shard exists and holds the record, the record's CRC-32 is t
 its parts are finite, it holds at least one window. Per cache: no temporary file, no unmerged
 journal, no shard without a live record, the training view of the index's generation, pointing at
 the same records. Problems come back as [{clip, problem}] ("" for the cache as a whole).
+
+A reader: it writes nothing, holds the index only for short queries, and runs beside a writer. What a
+writer in progress has on disk (journals, tails not cut yet) and what readers' leases keep (cache.lock)
+is not damage; bytes that fail their check are damage only if the clip's row still points at them
+when read again (a writer may have moved the clip meanwhile).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from tqdm import tqdm
 from dali_float.cache import format as cf
 from dali_float.atomic import TMP_MARKER
 from dali_float.cache.index import ClipIndex
+from dali_float.cache.lock import is_write_locked, leased_generations
 from dali_float.cache.store import cheap_check
 from dali_float.cache.view import read_view_header
 from dali_float.config import Preset
@@ -31,21 +37,29 @@ def verify(layout: cf.CacheLayout, index: ClipIndex, preset: Preset, progress: b
     def cache_problem(text: str) -> None:
         problems.append({"clip": "", "problem": text})
 
-    for leftover in layout.root.rglob(f"*{TMP_MARKER}*"):
-        cache_problem(f"temporary file left behind: {leftover} (the next run removes it)")
-    for journal in layout.journals():
-        cache_problem(f"journal {journal.name} is not merged (a run was killed; the next run merges it)")
-    live = index.live_ends()
-    for path in layout.shard_files():
-        size = path.stat().st_size
-        if path.name not in live:
-            cache_problem(f"shard {path.name} holds no live record (the next run removes it)")
-        elif size > live[path.name]:
-            cache_problem(f"shard {path.name} has {size - live[path.name]} bytes past its last live "
-                          f"record (a killed writer's tail; the next run cuts it)")
+    writer = is_write_locked(layout.root)
+    if writer is None:  # a run in progress has journals and tails on disk by design
+        for leftover in layout.root.rglob(f"*{TMP_MARKER}*"):
+            cache_problem(f"temporary file left behind: {leftover} (the next run removes it)")
+        for journal in layout.journals():
+            cache_problem(f"journal {journal.name} is not merged (a run was killed; the next run merges it)")
+        live = index.live_ends()
+        protected, _ = leased_generations(layout.training_dir, None, delete=False)
+        for path in layout.shard_files():
+            size, kept = path.stat().st_size, protected.get(path.name, 0)
+            if path.name not in live and not kept:
+                cache_problem(f"shard {path.name} holds no live record (the next run removes it)")
+            elif size > max(live.get(path.name, 0), kept) and path.name in live:
+                cache_problem(f"shard {path.name} has {size - live[path.name]} bytes past its last live "
+                              f"record (a killed writer's tail; the next run cuts it)")
+    else:
+        log.info("a writer is at work on %s (%s): what it has not finished yet is not checked", layout.root,
+                 writer.get("command", "?"))
     damaged = cheap_check(layout, index)
+    if writer is not None:  # a compaction may have moved a clip between the query and the stat
+        damaged = {c: p for c, p in damaged.items() if _record_cut(layout, index, c)}
     problems.extend({"clip": c, "problem": p} for c, p in sorted(damaged.items()))
-    problems.extend({"clip": c, "problem": p} for c, p in _check_view(layout, index, preset))
+    problems.extend({"clip": c, "problem": p} for c, p in _check_view(layout, index, preset, writer is not None))
 
     window = preset.timing.window_frames
     total = index.counts()[cf.STATUS_CACHED]
@@ -55,12 +69,31 @@ def verify(layout: cf.CacheLayout, index: ClipIndex, preset: Preset, progress: b
                                                                 unit="clip", disable=not progress, leave=False):
             if clip_id in damaged:
                 continue
-            for p in _check_record(layout, fds, shard, offset, nbytes, crc, frames, preset, window):
-                problems.append({"clip": clip_id, "problem": p})
+            found = list(_check_record(layout, fds, shard, offset, nbytes, crc, frames, preset, window))
+            if found and not _still_there(index, clip_id, shard, offset, crc):
+                continue  # a writer moved or dropped the clip while we read: not damage
+            problems.extend({"clip": clip_id, "problem": p} for p in found)
     finally:
         for fd in fds.values():
             os.close(fd)
     return problems
+
+
+def _record_cut(layout: cf.CacheLayout, index: ClipIndex, clip_id: str) -> bool:
+    """The clip's record (as its row says now) lies past its shard's end or its shard is missing."""
+    entry = index.entry(clip_id)
+    if entry is None or entry.status != cf.STATUS_CACHED:
+        return False
+    try:
+        return layout.shard_path(entry.shard).stat().st_size < entry.offset + entry.nbytes
+    except FileNotFoundError:
+        return True
+
+
+def _still_there(index: ClipIndex, clip_id: str, shard: str, offset: int, crc: int) -> bool:
+    entry = index.entry(clip_id)
+    return entry is not None and entry.status == cf.STATUS_CACHED and (entry.shard, entry.offset, entry.checksum) \
+        == (shard, offset, crc)
 
 
 def _check_record(layout: cf.CacheLayout, fds: dict[str, int], shard: str, offset: int, nbytes: int, crc: int,
@@ -72,7 +105,11 @@ def _check_record(layout: cf.CacheLayout, fds: dict[str, int], shard: str, offse
         yield f"its record is {nbytes} bytes, {frames} frames need {expected}"
         return
     if shard not in fds:
-        fds[shard] = os.open(layout.shard_path(shard), os.O_RDONLY)
+        try:
+            fds[shard] = os.open(layout.shard_path(shard), os.O_RDONLY)
+        except FileNotFoundError:
+            yield f"its shard {layout.shard_path(shard)} is missing"
+            return
     data = os.pread(fds[shard], nbytes, offset)
     if cf.checksum(data) != crc:
         yield f"bytes {offset}..{offset + nbytes} of shard {layout.shard_path(shard)} changed since they were " \
@@ -85,7 +122,7 @@ def _check_record(layout: cf.CacheLayout, fds: dict[str, int], shard: str, offse
             yield f"its {part.name} hold non-finite values"
 
 
-def _check_view(layout: cf.CacheLayout, index: ClipIndex, preset: Preset):
+def _check_view(layout: cf.CacheLayout, index: ClipIndex, preset: Preset, writer_active: bool = False):
     try:
         header = read_view_header(layout)
     except CacheError as err:
@@ -95,6 +132,8 @@ def _check_view(layout: cf.CacheLayout, index: ClipIndex, preset: Preset):
         yield "", "no training view (training.json): the next run writes it"
         return
     if header.get("generation") != index.generation:
+        if writer_active:
+            return  # the writer exports the new view when it is done
         yield "", f"the training view is of index generation {header.get('generation')}, the index is at " \
                   f"{index.generation}: the next run writes it again"
         return

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from dali_float.atomic import write_json_atomic
+from dali_float.atomic import make_folder_durably, write_json_atomic
 from dali_float.config import Preset
 from dali_float.errors import CacheError
 
@@ -184,6 +184,7 @@ class ClipEntry:
     content_hash: str  # sha256 of the video file ("" when it could not be read)
     status: str  # cached | failed | skipped
     reason: str = ""  # one line, for failed and skipped
+    transient: bool = False  # failed for a cause outside the clip (permission, memory, I/O): retried by every run
     clip_uid: int = -1  # stable small integer naming the clip
     num_frames: int = 0  # at the preset's fps
     fps: float = 0.0  # always the preset's fps for cached clips
@@ -273,9 +274,10 @@ class CacheLayout:
         return sorted(self.shards_dir.glob("*.bin")) if self.shards_dir.is_dir() else []
 
     def create(self, header: CacheHeader) -> None:
-        """Make the folder and record what its fingerprint was made of (before any clip)."""
+        """Make the folder and record what its fingerprint was made of (before any clip). Every folder
+        made is fsynced into its parent: a power cut cannot lose a folder whose files were synced."""
         for d in (self.root, self.shards_dir, self.journals_dir, self.training_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            make_folder_durably(d)
         if not self.info_path.exists():
             write_json_atomic(self.info_path, header.to_dict())
 

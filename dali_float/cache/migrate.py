@@ -105,6 +105,7 @@ def remove_v1(layout: cf.CacheLayout, header_too: bool = False) -> None:
     its cache.json: for --force_preprocess, which rebuilds the folder)."""
     if layout.legacy_clips_dir.is_dir():
         shutil.rmtree(layout.legacy_clips_dir)
-    layout.legacy_manifest_path.unlink(missing_ok=True)
+    if layout.legacy_manifest_path.exists():  # only then: no write at all where there is nothing to remove
+        layout.legacy_manifest_path.unlink()
     if header_too and layout.stored_version() == cf.LEGACY_FORMAT_VERSION:
         layout.info_path.unlink(missing_ok=True)

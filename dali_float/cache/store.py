@@ -12,16 +12,23 @@ Compaction copies the live records of shards holding dead ones (clips re-done or
 shards, fsyncs them, moves the rows in one index transaction (the commit point), then deletes the
 old shards. Before the commit the new shards hold no live record, after it the old ones hold none:
 either way `recover` deletes what is left over, and no live clip's bytes ever change.
+
+Cutting and deleting (recover, trim_shards, compact) happen under the cache's writer lock (taken here,
+re-entrantly) and never touch what a reader's leased training-view generation references
+(cache.lock): those bytes are left for the next writer that finds no lease. A full disk while
+appending is one line naming the disk (exit 3); what was committed before stays.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import re
 import socket
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -30,7 +37,9 @@ from dali_float.cache import format as cf
 from dali_float.cache import faults
 from dali_float.atomic import fsync_dir, remove_temporary_files
 from dali_float.cache.index import ClipIndex, Journal
+from dali_float.cache.lock import LiveWriter, WriterLock, leased_generations, wait_for_live_writers
 from dali_float.config import Preset
+from dali_float.errors import disk_full
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +86,23 @@ class ShardAppender:
         return self.name, offset
 
     def _write(self, view: memoryview) -> None:
-        while len(view):
-            view = view[os.write(self.fd, view):]
+        try:
+            while len(view):
+                view = view[os.write(self.fd, view):]
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full(self.layout.shard_path(self.name), len(view), "appending to") from None
+            raise
 
     def sync(self) -> None:
         if self.dirty and self.fd is not None:
             faults.point("shard-fsync")
-            os.fsync(self.fd)
+            try:
+                os.fsync(self.fd)
+            except OSError as err:  # ENOSPC can surface at fsync on some file systems (NFS, thin volumes)
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise disk_full(self.layout.shard_path(self.name), what="syncing") from None
+                raise
             self.dirty = False
 
     def close(self) -> None:
@@ -99,6 +118,8 @@ class ShardWriter:
     def __init__(self, layout: cf.CacheLayout, preset: Preset, writer: str, *, shard_bytes: int = cf.SHARD_BYTES,
                  group_clips: int = GROUP_CLIPS, group_seconds: float = GROUP_SECONDS):
         self.preset = preset
+        layout.journals_dir.mkdir(parents=True, exist_ok=True)
+        self.live = LiveWriter(layout.journals_dir, writer)  # recovery waits for it (cache.lock)
         self.appender = ShardAppender(layout, writer, shard_bytes)
         self.journal = Journal(layout, writer)
         self.group_clips, self.group_seconds = group_clips, group_seconds
@@ -140,8 +161,11 @@ class ShardWriter:
         try:
             self.flush()
         finally:  # a failed last commit still lets go of the shard and the journal
-            self.appender.close()
-            self.journal.close()
+            try:
+                self.appender.close()
+            finally:
+                self.journal.close()
+                self.live.close()
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -152,8 +176,8 @@ class ShardWriter:
         else:  # an error: commit what was done, then let it propagate
             try:
                 self.close()
-            except Exception:  # noqa: BLE001 - the original error matters more
-                log.exception("closing the shard writer after an error failed")
+            except Exception as err:  # noqa: BLE001 - the original error matters more
+                log.warning("committing the clips done before the error failed too (%s)", err)
 
 
 def read_record(layout: cf.CacheLayout, shard: str, offset: int, nbytes: int) -> np.ndarray:
@@ -182,11 +206,13 @@ class Recovery:
 
 
 def recover(layout: cf.CacheLayout, index: ClipIndex) -> Recovery:
-    """What a killed run (or compaction) left, put right; run by one process while no writer runs.
+    """What a killed run (or compaction) left, put right; under the writer lock (the index's).
 
-    Removes temporary files, merges leftover journals, deletes shards without a live record and cuts
-    every shard back to the end of its last live record (a partial tail, or dead records at the end).
+    Waits for the shard writers of a killed run to be gone, removes temporary files, merges leftover
+    journals, deletes shards without a live record and cuts every shard back to the end of its last
+    live record (a partial tail, or dead records at the end), sparing what readers lease.
     """
+    wait_for_live_writers(layout.journals_dir)
     rec = Recovery(temporary_files=remove_temporary_files(layout.root), merged_rows=index.merge_journals())
     rec.truncated, rec.removed_shards = trim_shards(layout, index)
     return rec
@@ -194,26 +220,50 @@ def recover(layout: cf.CacheLayout, index: ClipIndex) -> Recovery:
 
 def trim_shards(layout: cf.CacheLayout, index: ClipIndex) -> tuple[list[str], list[str]]:
     """Cut every shard back to the end of its last live record and delete shards without one (a killed
-    writer's tail, or records of clips re-done or dropped at the end of a shard); only while no writer
-    runs. Returns (cut, deleted) shard names."""
+    writer's tail, or records of clips re-done or dropped at the end of a shard). Under the writer lock,
+    after the journals are merged (a journal still on disk stops it: its shards' records are not in the
+    index yet); bytes a leased training-view generation references stay (cache.lock). Returns (cut,
+    deleted) shard names."""
     cut, deleted = [], []
-    ends = index.live_ends()
-    for path in layout.shard_files():
-        end = ends.get(path.name)
-        if end is None:
-            path.unlink()
-            deleted.append(path.name)
-        elif path.stat().st_size > end:
-            os.truncate(path, end)
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            cut.append(path.name)
-    if deleted:
-        fsync_dir(layout.shards_dir)
+    with WriterLock(layout.root):
+        if layout.journals():
+            log.warning("not cutting shards: %d journal(s) are not merged yet", len(layout.journals()))
+            return cut, deleted
+        ends = index.live_ends()
+        protected, leased = leased_generations(layout.training_dir, _current_generation(layout))
+        kept = 0
+        for path in layout.shard_files():
+            end = max(ends.get(path.name, 0), protected.get(path.name, 0))
+            if path.name not in ends and path.name not in protected:
+                path.unlink()
+                deleted.append(path.name)
+            elif path.stat().st_size > end:
+                os.truncate(path, end)
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                cut.append(path.name)
+            if path.name in protected and protected[path.name] > ends.get(path.name, 0):
+                kept += 1
+        if deleted:
+            fsync_dir(layout.shards_dir)
+        if kept:
+            log.info("%d shard(s) keep bytes that a reader still training on generation(s) %s uses; the next "
+                     "run without such a reader reclaims them", kept, ", ".join(map(str, leased)))
     return cut, deleted
+
+
+def _current_generation(layout: cf.CacheLayout) -> int | None:
+    """The generation training.json names (None: no view yet)."""
+    from dali_float.cache.view import read_view_header
+
+    try:
+        header = read_view_header(layout)
+    except Exception:  # noqa: BLE001 - an unreadable view is rewritten; no generation to keep
+        return None
+    return None if header is None else header.get("generation")
 
 
 def shard_size(path: Path) -> int:
@@ -250,41 +300,55 @@ def dead_bytes(layout: cf.CacheLayout, index: ClipIndex) -> dict[str, int]:
 
 
 def compact(layout: cf.CacheLayout, index: ClipIndex, shard_bytes: int = cf.SHARD_BYTES,
-            progress: bool = False) -> dict[str, int]:
+            progress: bool = False, export_view: Callable[[], object] | None = None) -> dict[str, int]:
     """Rewrite every shard holding dead bytes with only its live records (see the module docstring).
-    Run by one process while nothing else writes the cache. Returns {shards, records, reclaimed_bytes}."""
-    recover(layout, index)
-    dead = {name: n for name, n in dead_bytes(layout, index).items() if n > 0}
-    if not dead:
-        return {"shards": 0, "records": 0, "reclaimed_bytes": 0}
-    before = sum((layout.shard_path(n).stat().st_size for n in dead), 0)
-    rows = [r for r in index.records() if r[1] in dead]
-    appender = ShardAppender(layout, writer_name("compact"), shard_bytes)
-    moves = []
-    fds = {name: os.open(layout.shard_path(name), os.O_RDONLY) for name in dead}
-    try:
-        for clip_id, shard, offset, nbytes, crc, _ in tqdm(rows, desc="compacting", unit="clip",
-                                                          disable=not progress, leave=False):
-            data = os.pread(fds[shard], nbytes, offset)
-            if len(data) != nbytes or cf.checksum(data) != crc:
-                raise cf.CacheError(f"compaction stopped before changing anything: the record of {clip_id!r} in "
-                                    f"{layout.shard_path(shard)} is damaged; run `python preprocess.py verify "
-                                    f"--repair` first")
-            if not appender.fits(nbytes):
-                appender.sync()
-                appender.start_shard()
-            moves.append((*appender.append(data), clip_id))
-            faults.point("compact-copy")
-        faults.point("compact-fsync")
-        appender.close()  # fsyncs the last new shard
+    Under the writer lock. `export_view` writes the training view of the moved records: it runs
+    right after the commit point and before any old shard is deleted, so a reader opening the cache
+    meanwhile finds either the old generation (then leased, its shards kept) or the new one. Old shards
+    a reader still leases are deleted by a later writer. Returns {shards, records, reclaimed_bytes, deferred}."""
+    with WriterLock(layout.root):
+        recover(layout, index)
+        dead = {name: n for name, n in dead_bytes(layout, index).items() if n > 0}
+        if not dead:
+            return {"shards": 0, "records": 0, "reclaimed_bytes": 0, "deferred": 0}
+        before = sum((layout.shard_path(n).stat().st_size for n in dead), 0)
+        rows = sorted((r for r in index.records() if r[1] in dead), key=lambda r: (r[1], r[2]))
+        appender = ShardAppender(layout, writer_name("compact"), shard_bytes)
+        moves = []
+        fds = {name: os.open(layout.shard_path(name), os.O_RDONLY) for name in dead}
+        try:
+            for clip_id, shard, offset, nbytes, crc, _ in tqdm(rows, desc="compacting", unit="clip",
+                                                              disable=not progress, leave=False):
+                data = os.pread(fds[shard], nbytes, offset)
+                if len(data) != nbytes or cf.checksum(data) != crc:
+                    raise cf.CacheError(f"compaction stopped before changing anything: the record of {clip_id!r} "
+                                        f"in {layout.shard_path(shard)} is damaged; run `python preprocess.py "
+                                        f"verify --repair` first")
+                if not appender.fits(nbytes):
+                    appender.sync()
+                    appender.start_shard()
+                moves.append((*appender.append(data), clip_id))
+                faults.point("compact-copy")
+            faults.point("compact-fsync")
+            appender.close()  # fsyncs the last new shard
+            fsync_dir(layout.shards_dir)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        index.move_records(moves)  # the commit point
+        if export_view is not None:
+            export_view()
+        protected, _ = leased_generations(layout.training_dir, _current_generation(layout))
+        deferred = 0
+        for name in dead:
+            faults.point("compact-unlink")
+            if name in protected:
+                deferred += 1  # a reader still uses it: the next writer without one deletes it
+                continue
+            layout.shard_path(name).unlink()
         fsync_dir(layout.shards_dir)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    index.move_records(moves)  # the commit point
-    for name in dead:
-        faults.point("compact-unlink")
-        layout.shard_path(name).unlink()
-    fsync_dir(layout.shards_dir)
-    after = sum(layout.shard_path(n).stat().st_size for n in {m[0] for m in moves})
-    return {"shards": len(dead), "records": len(moves), "reclaimed_bytes": before - after}
+        if deferred:
+            log.info("%d old shard(s) are kept while a training process reads them; the next run or compaction "
+                     "without such a reader deletes them", deferred)
+        after = sum(layout.shard_path(n).stat().st_size for n in {m[0] for m in moves})
+        return {"shards": len(dead), "records": len(moves), "reclaimed_bytes": before - after, "deferred": deferred}

@@ -16,7 +16,7 @@ import numpy as np
 from dali_float.cache import format as cf
 from dali_float.cache.index import ClipIndex
 from dali_float.cache.store import read_record, shard_size
-from dali_float.cache.view import TrainingView
+from dali_float.cache.view import TrainingView, writer_active
 from dali_float.config import Preset
 from dali_float.errors import CacheError, UsageError
 
@@ -72,8 +72,12 @@ class TrainingCache:
 
     def entry(self, clip_id: str) -> cf.ClipEntry | None:
         """The index's entry of a clip (source path, crop, ...): one SQLite query, not for the hot path."""
-        with ClipIndex(self.layout) as index:
+        with ClipIndex.open_readonly(self.layout) as index:
             return index.entry(clip_id)
+
+    def close(self) -> None:
+        """Let go of the reader lease (writers may then reclaim what this generation used)."""
+        self.view.close()
 
     def describe_failure(self, i: int, what: str) -> str:
         """One line naming clip `i`, its shard and byte range, and the command that re-does it."""
@@ -110,10 +114,15 @@ class TrainingCache:
             raise CacheError(f"{layout.training_path} belongs to fingerprint {view.header.get('fingerprint')}, "
                              f"expected {fingerprint}. Run `{fix} --force_preprocess`")
         if layout.index_path.exists():
-            with ClipIndex(layout) as index:
-                if index.generation != view.generation:
-                    raise CacheError(f"the training view of {root} is older than its index (a run or a compaction "
-                                     f"was interrupted). Run `{fix}`")
+            with ClipIndex.open_readonly(layout) as index:
+                behind = index.generation != view.generation
+            if behind and not writer_active(layout):
+                view.close()
+                raise CacheError(f"the training view of {root} is older than its index (a run or a compaction "
+                                 f"was interrupted). Run `{fix}`")
+            if behind:  # a writer is at work: its new view comes at its end; this one is whole and leased
+                log.info("another process is updating %s: training on its generation %d as it is", root,
+                         view.generation)
         cache = cls(layout, view, preset, fix)
         cache._check_shards()
         if not len(view):

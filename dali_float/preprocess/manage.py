@@ -1,8 +1,11 @@
 """`preprocess.py status | show | verify | clear | compact`: look at, check, shrink and delete a feature cache.
-Nothing here computes features; `status`, `show` and `verify` change nothing on disk (`verify --repair`
-marks the clips it found damaged, for the run that re-does them), `clear` deletes only with confirm=True."""
+Nothing here computes features; `status`, `show` and `verify` are readers: they change nothing on disk,
+take no lock and work on a read-only cache (`verify --repair` marks the clips it found damaged, for the
+run that re-does them, under the writer lock). `compact` and `clear` are writers (cache.lock); `clear`
+deletes only with confirm=True, only folders that are caches, and never one a process is using."""
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -11,8 +14,9 @@ from typing import Any
 from dali_float.cache import check as cache_check, format as cf, migrate as cache_migrate
 from dali_float.cache import store as cache_store, view as cache_view
 from dali_float.cache.index import ClipIndex
+from dali_float.cache.lock import DEFAULT_TIMEOUT_S, WriterLock, is_write_locked, leased_generations, no_readers
 from dali_float.config import Preset
-from dali_float.errors import UsageError
+from dali_float.errors import CacheBusy, UsageError
 from dali_float.models import ModelSources
 from dali_float.preprocess import plan
 from dali_float.preprocess.options import cache_identity
@@ -83,7 +87,7 @@ def cache_status(data_root: Path, cache_dir: Path, preset: Preset, sources: Mode
         "pending_clips": pending,
         "missing_source_clips": rec.gone,
         "damaged": [{"clip": c, "problem": p} for c, p in sorted(damaged.items())],
-        "other_caches": sorted(p.name for p in _cache_folders(cache_dir) if p != layout.root),
+        "other_caches": sorted(p.name for p in _cache_folders(cache_dir)[0] if p != layout.root),
     }
 
 
@@ -117,7 +121,7 @@ def _existing_layout(cache_dir: Path, preset: Preset, sources: ModelSources, cro
 
 
 def verify_cache(cache_dir: Path, preset: Preset, sources: ModelSources, crop: str, repair: bool = False,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, lock_timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     """cache_check.verify over the cache of (preset, weights, crop): {fingerprint, cache_root, ok, problems,
     clips, repair}. With `repair`, the clips with problems are marked damaged in the index: the next
     run (which `preprocess.py verify --repair` starts) re-does exactly those.
@@ -125,38 +129,41 @@ def verify_cache(cache_dir: Path, preset: Preset, sources: ModelSources, crop: s
     CacheError (exit 2) when there is no such cache or it has no index yet.
     """
     fp, layout = _existing_layout(cache_dir, preset, sources, crop)
-    with ClipIndex(layout) as index:
+    with ClipIndex.open_readonly(layout) as index:
         problems = cache_check.verify(layout, index, preset, progress=progress)
         bad = sorted({p["clip"] for p in problems if p["clip"]})
-        if repair:
-            index.mark_damaged(bad)
         clips = len(index)
+    if repair and bad:
+        with ClipIndex(layout, lock_timeout_s) as index:  # a writer: takes the cache's writer lock
+            index.mark_damaged(bad)
     return {"fingerprint": fp, "cache_root": str(layout.root), "ok": not problems, "problems": problems,
             "clips": clips, "repair": bad if repair else []}
 
 
 def compact_cache(cache_dir: Path, preset: Preset, sources: ModelSources, crop: str,
-                  progress: bool = False) -> dict[str, Any]:
+                  progress: bool = False, lock_timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     """Rewrite the shards holding records of re-done or removed clips (cache_store.compact), then the
     training view. Nothing else may write the cache meanwhile; a kill at any moment loses nothing."""
     fp, layout = _existing_layout(cache_dir, preset, sources, crop)
-    with ClipIndex(layout) as index:
-        done = cache_store.compact(layout, index, progress=progress)
-        cache_view.export(layout, index, preset, fp)
+    with ClipIndex(layout, lock_timeout_s) as index:
+        done = cache_store.compact(layout, index, progress=progress,
+                                   export_view=lambda: cache_view.export(layout, index, preset, fp))
+        cache_view.export(layout, index, preset, fp)  # when nothing moved: a view of the current generation
     log.info("compacted %d shard(s): %d live record(s) copied, %.1f MB reclaimed", done["shards"], done["records"],
              done["reclaimed_bytes"] / 1e6)
     return done
 
 
 def migrate_cache(cache_dir: Path, preset: Preset, sources: ModelSources, crop: str,
-                  progress: bool = False) -> dict[str, Any]:
+                  progress: bool = False, lock_timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     """Convert the version 1 cache of (preset, weights, crop) in place (cache_migrate.migrate)."""
     fp, _, _ = cache_identity(preset, sources, crop)
     layout = cf.CacheLayout(cf.cache_root(cache_dir, preset, fp))
     if not layout.root.exists():
         raise cf.CacheError(f"no feature cache {layout.root} to migrate (check --cache_dir, --preset and the "
                             f"weights flags: they name the folder)")
-    return {"cache_root": str(layout.root), **cache_migrate.migrate(layout, preset, progress=progress)}
+    with WriterLock(layout.root, lock_timeout_s):
+        return {"cache_root": str(layout.root), **cache_migrate.migrate(layout, preset, progress=progress)}
 
 
 def show_clip(clip_id: str, cache_dir: Path, preset: Preset, sources: ModelSources, crop: str) -> dict[str, Any]:
@@ -169,7 +176,7 @@ def show_clip(clip_id: str, cache_dir: Path, preset: Preset, sources: ModelSourc
     CacheError (exit 2) when there is no such cache; UsageError (exit 2) when it holds no such clip.
     """
     _, layout = _existing_layout(cache_dir, preset, sources, crop)
-    with ClipIndex(layout) as index:
+    with ClipIndex.open_readonly(layout) as index:
         entry = index.entry(clip_id)
         if entry is None:
             known = index.light_rows().keys()
@@ -209,24 +216,45 @@ def format_clip(shown: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _cache_folders(cache_dir: Path) -> list[Path]:
-    """Folders of cache_dir that are feature caches (hold cache.json, or a version 1 manifest.json):
-    nothing else is ever deleted."""
+def _cache_folders(cache_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(caches, others) among the folders of cache_dir. A cache is named `<preset>-<fingerprint[:12]>`
+    and holds a cache.json (or a version 1 manifest.json) whose preset name and fingerprint say so;
+    anything else (a folder of the user's that happens to hold such a file) is never deleted."""
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
-        return []
-    return sorted(p for p in cache_dir.iterdir()
-                  if p.is_dir() and ((p / "cache.json").is_file() or (p / "manifest.json").is_file()))
+        return [], []
+    caches, others = [], []
+    for p in sorted(cache_dir.iterdir()):
+        if not p.is_dir():
+            continue
+        (caches if _is_cache_folder(p) else others).append(p)
+    return caches, others
+
+
+def _is_cache_folder(folder: Path) -> bool:
+    for name in ("cache.json", "manifest.json"):
+        try:
+            header = json.loads((folder / name).read_text())
+            fp, preset = str(header["fingerprint"]), str(header["preset_name"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if len(fp) == 64 and folder.name == f"{preset}-{fp[:12]}":
+            return True
+    return False
 
 
 def clear_cache(cache_dir: Path, preset: Preset, sources: ModelSources, crop: str, confirm: bool = False,
                 all_caches: bool = False) -> list[Path]:
     """Delete the cache folder of (preset, weights, crop), or every cache folder in cache_dir (`all_caches`).
 
-    Without `confirm` only logs what it would delete. Returns the folders (deleted or to delete).
+    Without `confirm` only logs what it would delete. Returns the folders (deleted or to delete). A
+    folder that is not a cache is listed and left; a cache that another process writes (its writer
+    lock) or reads (a training process's lease) is refused with CacheBusy, naming who.
     """
     if all_caches:
-        targets = _cache_folders(cache_dir)
+        targets, others = _cache_folders(cache_dir)
+        for folder in others:
+            log.info("left %s: not a feature cache (no cache.json naming it)", folder)
     else:
         fp, _, _ = cache_identity(preset, sources, crop)
         root = cf.cache_root(cache_dir, preset, fp)
@@ -234,14 +262,25 @@ def clear_cache(cache_dir: Path, preset: Preset, sources: ModelSources, crop: st
     if not targets:
         log.info("nothing to delete in %s", cache_dir)
         return []
+    busy = []
+    for root in targets:
+        holder = is_write_locked(root)
+        _, leased = leased_generations(root / "training", None, delete=False)
+        if holder is not None:
+            busy.append(f"{root.name} is being written by pid {holder.get('pid')} (`{holder.get('command', '?')}`)")
+        elif leased:
+            busy.append(f"{root.name} is being read by a training process (generation {leased[0]})")
+    if busy:
+        raise CacheBusy(f"not deleting: {'; '.join(busy)}; stop it and run the same command again")
     for root in targets:
         size = _folder_bytes(root)
         if confirm:
-            shutil.rmtree(root)
+            # Held while deleting: a writer or reader that started since the check is refused, not cut off.
+            with WriterLock(root, timeout_s=0), no_readers(root / "training"):
+                shutil.rmtree(root)
             log.info("deleted %s (%.1f MB)", root, size / 1e6)
         else:
             log.info("would delete %s (%.1f MB)", root, size / 1e6)
     if not confirm:
         log.info("nothing deleted: add --confirm to delete %s", "them" if len(targets) > 1 else "it")
     return targets
-

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dali_float.cache import format as cf
+from dali_float.cache.lock import DEFAULT_TIMEOUT_S as DEFAULT_LOCK_TIMEOUT_S
 from dali_float import paths
-from dali_float.cli import env_rank, usable_cores, visible_cuda_devices
-from dali_float.config import Preset
+from dali_float.cli import env_rank, visible_cuda_devices
+from dali_float.config import MAX_CLIP_S, MAX_FRAME_PIXELS, Preset
 from dali_float.errors import CheckpointError, UsageError
 from dali_float.media.framing import check_crop, framing_identity
 from dali_float.models import ModelSources, model_identities
@@ -46,6 +47,15 @@ class PreprocessOptions:
     progress: tqdm bars on stderr.
     crop: face | center | none (dali_float.media.framing; `default_crop` is what the scripts pick).
     segments: a CSV of clip segments (dali_float.media.segments); None: every video is a clip.
+    retry_failed: process again every failed clip whose source is unchanged (clips that failed for a
+        cause outside them, `transient` in their entry, are retried by every run anyway).
+    drop_gone: drop the rows of clips whose source is gone (from a complete listing only); train.py
+        passes False: a trainer never deletes features (a data root mounted half, a moved folder).
+    read_only_ok: a cache that cannot be written is used as it is (train.py on a read-only mount)
+        instead of being an error; nothing is checked against the sources then.
+    lock_timeout_s: how long to wait for another writer's lock, or a reader holding the index.
+    max_frame_pixels / max_clip_s: a clip whose frames are larger, or which is longer, fails before
+        it is decoded (wav2vec2 runs over the whole clip: its memory grows with the length squared).
     """
 
     data_root: Path
@@ -60,9 +70,20 @@ class PreprocessOptions:
     workers: int = 1
     frame_batch: int | None = None
     progress: bool = True
+    retry_failed: bool = False
+    drop_gone: bool = True
+    read_only_ok: bool = False
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
+    max_frame_pixels: int = MAX_FRAME_PIXELS
+    max_clip_s: float = MAX_CLIP_S
 
     def __post_init__(self) -> None:
         check_crop(self.crop)
+        if self.lock_timeout_s < 0:
+            raise UsageError(f"--lock_timeout_s must be 0 or more, got {self.lock_timeout_s}")
+        if self.max_frame_pixels < 1 or not self.max_clip_s > 0:
+            raise UsageError(f"--max_frame_pixels and --max_clip_s must be positive, got {self.max_frame_pixels} "
+                             f"and {self.max_clip_s}")
         if self.workers < 1:
             raise UsageError(f"--workers must be at least 1, got {self.workers}")
         if self.frame_batch is not None and self.frame_batch < 1:

@@ -39,7 +39,7 @@ from dali_float.hashing import sha256_file
 log = logging.getLogger(__name__)
 
 # Why a clip is (re)processed.
-NEW, CHANGED, DAMAGED, FORCED = "new", "changed", "damaged", "forced"
+NEW, CHANGED, DAMAGED, FORCED, RETRY = "new", "changed", "damaged", "forced", "retried"
 
 # Fixed cost of a clip for balancing (hashing, probing, model calls): spreads clips that fail fast.
 _PER_CLIP_OVERHEAD_S = 0.1
@@ -111,15 +111,16 @@ class Reconciliation:
 
 
 def reconcile(sources: list[Source], rows: dict[str, IndexRow], damaged: Iterable[str] = (),
-              force: bool = False) -> Reconciliation:
+              force: bool = False, retry: Iterable[str] = ()) -> Reconciliation:
     """Classify every source and row (reads files only to hash sources whose mtime alone changed).
 
     damaged: cached clips whose record failed a check (cache_store.cheap_check, or rows marked by
     `verify --repair`): re-done even though their source is unchanged.
+    retry: failed clips to process again although their source is unchanged (ClipIndex.retryable).
     """
     rec = Reconciliation()
     hashes: dict[str, str] = {}
-    damaged = set(damaged)
+    damaged, retry = set(damaged), set(retry)
     found = {s.clip_id for s in sources}
     rec.gone = sorted(cid for cid in rows if cid not in found)
     for src in sources:
@@ -130,6 +131,8 @@ def reconcile(sources: list[Source], rows: dict[str, IndexRow], damaged: Iterabl
             rec.pending[src.clip_id] = FORCED
         elif row.status == cf.STATUS_CACHED and (row.damaged or src.clip_id in damaged):
             rec.pending[src.clip_id] = DAMAGED
+        elif row.status == cf.STATUS_FAILED and src.clip_id in retry:
+            rec.pending[src.clip_id] = RETRY
         elif row.size_bytes != src.size_bytes or _segment(row) != src.segment_s:
             rec.pending[src.clip_id] = CHANGED
         elif row.mtime_ns == src.mtime_ns:
@@ -152,24 +155,27 @@ def _segment(row: IndexRow) -> list[float] | None:
 @dataclass
 class Snapshot:
     """What every rank plans from: the index's rows (LIGHT columns), the clips failing the cheap
-    invariants, and the next free uid."""
+    invariants, the failed clips to try again, and the next free uid."""
 
     rows: dict[str, IndexRow]
     damaged: dict[str, str]
     next_uid: int
+    retry: set[str] = field(default_factory=set)
 
     @classmethod
-    def read(cls, layout: cf.CacheLayout) -> "Snapshot":
-        with ClipIndex(layout) as index:
-            return cls.of(layout, index)
+    def read(cls, layout: cf.CacheLayout, retry_failed: bool = False) -> "Snapshot":
+        """Read-only (the ranks other than 0 plan from what rank 0 recovered, holding no lock)."""
+        with ClipIndex.open_readonly(layout) as index:
+            return cls.of(layout, index, retry_failed)
 
     @classmethod
-    def of(cls, layout: cf.CacheLayout, index: ClipIndex) -> "Snapshot":
-        return cls(index.light_rows(), cache_store.cheap_check(layout, index), index.next_uid())
+    def of(cls, layout: cf.CacheLayout, index: ClipIndex, retry_failed: bool = False) -> "Snapshot":
+        return cls(index.light_rows(), cache_store.cheap_check(layout, index), index.next_uid(),
+                   index.retryable(all_failed=retry_failed))
 
 
 def recover(layout: cf.CacheLayout, header: cf.CacheHeader, sources: list[Source],
-            force: bool = False) -> tuple[Snapshot, Reconciliation]:
+            force: bool = False, retry_failed: bool = False) -> tuple[Snapshot, Reconciliation]:
     """Bring the cache folder to a consistent state before any clip is processed (one process only).
 
     Creates the folder (with --force, a version 1 layout is deleted first), merges the journals and
@@ -189,12 +195,12 @@ def recover(layout: cf.CacheLayout, header: cf.CacheHeader, sources: list[Source
             log.info("recovered an interrupted run: removed %d temporary file(s), cut %d shard tail(s), removed "
                      "%d shard(s) without a live record", done.temporary_files, len(done.truncated),
                      len(done.removed_shards))
-        snapshot = Snapshot.of(layout, index)
+        snapshot = Snapshot.of(layout, index, retry_failed)
         for clip_id, why in sorted(snapshot.damaged.items())[:5]:
             log.warning("%s: %s; re-doing it", clip_id, why)
         if len(snapshot.damaged) > 5:
             log.warning("... %d damaged clip(s) in all", len(snapshot.damaged))
-        rec = reconcile(sources, snapshot.rows, snapshot.damaged, force)
+        rec = reconcile(sources, snapshot.rows, snapshot.damaged, force, snapshot.retry)
         index.touch(rec.touched)
     return snapshot, rec
 

@@ -11,7 +11,14 @@ Order of a run (the same on every torchrun rank):
                                                                              -- barrier (readers may open the cache)
 
 Every worker process writes its own shards and journal (cache_store.ShardWriter); only rank 0's
-parent process writes index.sqlite and the training view.
+parent process writes index.sqlite and the training view, holding the cache's writer lock
+(cache.lock) from before step 1 to after step 3.
+
+Clips always run in worker processes that the parent watches (one with `--workers 1`): a clip that
+kills its process (the out-of-memory killer, a decoder crash) costs that clip only. It is tried once
+more in a fresh worker, and recorded `failed` with the signal if it kills that one too. Workers die
+with their parent (PR_SET_PDEATHSIG and a pipe they watch), and are started from a fork server
+(multiprocessing "forkserver"), never forked from this process, which may run threads (DALI, OpenMP).
 """
 from __future__ import annotations
 
@@ -20,7 +27,9 @@ import dataclasses
 import datetime
 import logging
 import multiprocessing as mp
+import os
 import queue as queue_module
+import signal
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -30,16 +39,17 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dali_float.cache import format as cf
-from dali_float import media
+from dali_float import errors, media
 from dali_float.cache import view as cache_view
-from dali_float.cache.index import ClipIndex
+from dali_float.cache.index import ClipIndex, read_entries
+from dali_float.cache.lock import WriterLock
 from dali_float.cache.store import ShardWriter, dead_bytes, trim_shards, writer_name
 from dali_float.cli import usable_cores
-from dali_float.errors import CheckpointError, NoSourcesError, UsageError
+from dali_float.errors import NoSourcesError, UsageError
 from dali_float.preprocess import plan
 from dali_float.preprocess.options import (PreprocessOptions, PreprocessResult, cache_identity, new_header,
                                            rank_and_world, worker_devices)
-from dali_float.preprocess.worker import STAGES, ClipProcessor, run_tasks, worker_main
+from dali_float.preprocess.worker import STAGES, ClipLimits, worker_context, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +73,10 @@ def run_preprocessing(options: PreprocessOptions) -> PreprocessResult:
         raise UsageError(f"--cache_dir {options.cache_dir} is a file, not a folder")
     fp, model_ids, framing = cache_identity(preset, options.sources, options.crop)
     layout = cf.CacheLayout(cf.cache_root(options.cache_dir, preset, fp))
-    # UsageError when the folder (or the segments file) does not exist or a segment row is malformed
+    if options.read_only_ok and _read_only(layout):
+        return _use_as_it_is(fp, layout, time.perf_counter() - start)
+    # UsageError when the folder (or the segments file) does not exist or a segment row is malformed;
+    # EnvironmentProblem when a folder cannot be listed (before anything is changed or dropped)
     sources = plan.discover_sources(options.data_root, options.segments)
     if not options.force:
         _refuse_another_corpus(layout, Path(options.data_root), {s.clip_id for s in sources})
@@ -78,13 +91,14 @@ def run_preprocessing(options: PreprocessOptions) -> PreprocessResult:
     if not options.force:
         layout.check_version()  # a version 1 cache: the command that converts it, on every rank
 
-    with _process_group(world) as barrier:
-        if rank == 0:
-            snapshot, rec = plan.recover(layout, header, sources, options.force)
+    with _process_group(world) as barrier, contextlib.ExitStack() as held:
+        if rank == 0:  # the one writer of index.sqlite holds the cache's writer lock until the view is out
+            held.enter_context(WriterLock(layout.root, options.lock_timeout_s))
+            snapshot, rec = plan.recover(layout, header, sources, options.force, options.retry_failed)
         barrier()
         if rank != 0:
-            snapshot = plan.Snapshot.read(layout)
-            rec = plan.reconcile(sources, snapshot.rows, snapshot.damaged, options.force)
+            snapshot = plan.Snapshot.read(layout, options.retry_failed)
+            rec = plan.reconcile(sources, snapshot.rows, snapshot.damaged, options.force, snapshot.retry)
         tasks = plan.make_tasks(sources, rec, snapshot)
         if tasks:
             plan.probe_tasks(tasks, progress=options.progress and rank == 0)
@@ -94,14 +108,33 @@ def run_preprocessing(options: PreprocessOptions) -> PreprocessResult:
             _run_share(share, devices, options, layout, stats, rank)
         barrier()
         if rank == 0:
-            _finish(layout, rec, preset, fp)
+            _finish(layout, rec, preset, fp, options.drop_gone)
         barrier()  # the index and the training view are on disk before any rank returns (and opens the cache)
-        with ClipIndex(layout) as index:
-            result = _result(fp, layout, index, rec, stats, time.perf_counter() - start)
+        with ClipIndex.open_readonly(layout) as index:
+            result = _result(fp, layout, index, rec, stats, time.perf_counter() - start, options.drop_gone)
 
     if rank == 0:
         _log_summary(result, rec, len(tasks), options)
     return result
+
+
+def _read_only(layout: cf.CacheLayout) -> bool:
+    """The cache exists, holds a training view, and this process cannot write its folder."""
+    if not layout.training_path.exists():
+        return False
+    try:
+        read_only_mount = bool(os.statvfs(layout.root).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+    return read_only_mount or not os.access(layout.root, os.W_OK)
+
+
+def _use_as_it_is(fp: str, layout: cf.CacheLayout, wall_s: float) -> PreprocessResult:
+    """A cache that cannot be written, for a reader that may use it as it is (train.py)."""
+    log.warning("the feature cache %s cannot be written (a read-only mount or no permission): using it as it is, "
+                "without checking it against the videos", layout.root)
+    with ClipIndex.open_readonly(layout) as index:
+        return _result(fp, layout, index, plan.Reconciliation(), _RunStats(), wall_s, False)
 
 
 def _refuse_another_corpus(layout: cf.CacheLayout, data_root: Path, clip_ids: set[str]) -> None:
@@ -116,7 +149,7 @@ def _refuse_another_corpus(layout: cf.CacheLayout, data_root: Path, clip_ids: se
         return
     if not recorded or Path(recorded) == data_root.resolve() or not layout.index_path.exists():
         return
-    with ClipIndex(layout) as index:
+    with ClipIndex.open_readonly(layout) as index:
         known = index.light_rows().keys()
     if known and not clip_ids & known:
         raise UsageError(f"the cache {layout.root} holds the features of {recorded}, not of --data_root {data_root}: "
@@ -174,141 +207,166 @@ class _Progress:
         self.clips.close()
 
 
-class _LocalReporter:
-    """Reporter of the in-process worker (worker id 0)."""
-
-    def __init__(self, progress: _Progress) -> None:
-        self.progress = progress
-
-    def start(self, clip_id: str) -> None:
-        self.progress.start(0, clip_id)
-
-    def frames(self, n: int) -> None:
-        self.progress.frames(0, n)
-
-    def done(self, entry: cf.ClipEntry) -> None:
-        self.progress.done(0, entry)
-
-
 def _run_share(share: list[plan.ClipTask], devices: list[str], options: PreprocessOptions,
                layout: cf.CacheLayout, stats: _RunStats, rank: int) -> None:
-    """Process this rank's clips: in this process with one worker, else in spawned worker processes."""
+    """Process this rank's clips in worker processes (one per device entry, at most one per clip)."""
     if not share:
         return
     n = min(len(devices), len(share))
     progress = _Progress(share, options.preset.timing.fps, options.progress, stats)
     try:
         with logging_redirect_tqdm():
-            if n == 1:
-                processor = ClipProcessor(options.preset, options.sources, devices[0], options.frame_batch,
-                                          crop=options.crop)
-                with ShardWriter(layout, options.preset, writer_name(f"r{rank}w0")) as writer:
-                    run_tasks(processor, writer, share, _LocalReporter(progress))
-            else:
-                _run_processes(plan.balance(share, n), devices[:n], options, layout, progress, rank)
+            _run_processes(plan.balance(share, n), devices[:n], options, layout, progress, rank)
     finally:
         progress.close()
 
 
+class _Worker:
+    """One worker slot: its share of clips still to do, its current process, writer and lifeline."""
+
+    def __init__(self, slot: int, tasks: list[plan.ClipTask]):
+        self.slot = slot
+        self.remaining = {t.clip_id: t for t in tasks}
+        self.proc: mp.process.BaseProcess | None = None
+        self.writer = ""  # the current process's shard writer / journal name
+        self.lifeline = None  # our end of the pipe whose closing tells the worker we are gone
+        self.current: str | None = None  # the clip its process is on
+        self.finished = 0  # clips its current process finished
+
+
 def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], options: PreprocessOptions,
                    layout: cf.CacheLayout, progress: _Progress, rank: int) -> None:
-    """One spawned process per share (CUDA cannot be forked); progress and entries come back on a Queue.
+    """One worker process per share; progress and entries come back on a Queue.
 
-    A worker that dies (a decoder crash, the OOM killer) costs the clip it was on: that clip gets a
-    failed entry, and a fresh worker takes over the rest of its share.
+    A worker that dies (a decoder crash, the OOM killer) costs at most the clip it was on: the clips
+    its journal holds are done; the one it was on is tried once more in a fresh process, and recorded
+    failed (with the signal) if it kills that one too; a fresh worker takes over the rest of its share.
     """
-    ctx = mp.get_context("spawn")
+    ctx = worker_context()
     messages = ctx.Queue()
     threads = max(1, usable_cores() // len(shares))
     level = logging.getLogger("dali_float").getEffectiveLevel()
-    remaining = {w: {t.clip_id: t for t in share} for w, share in enumerate(shares)}
-    current: dict[int, str | None] = {}  # the clip each worker is on
-    finished: dict[int, int] = {}  # clips each worker's current process has finished
-    procs: dict[int, mp.process.BaseProcess] = {}
+    slots = [_Worker(w, share) for w, share in enumerate(shares)]
+    deaths: dict[str, int] = defaultdict(int)  # clip id -> worker processes it was on when they died
+    running: dict[int, _Worker] = {}
 
-    def launch(w: int) -> None:
-        tasks = list(remaining[w].values())
-        procs[w] = ctx.Process(target=worker_main, name=f"preprocess-worker{w}", daemon=True,
-                               args=(w, options.preset, options.sources, devices[w], options.frame_batch,
-                                     options.crop, threads, str(layout.root), writer_name(f"r{rank}w{w}"), tasks,
-                                     messages, level))
-        current[w], finished[w] = None, 0
-        procs[w].start()
+    def launch(slot: _Worker) -> None:
+        slot.writer = writer_name(f"r{rank}w{slot.slot}")
+        watch, slot.lifeline = ctx.Pipe(duplex=False)
+        limits = ClipLimits(options.max_frame_pixels, options.max_clip_s)
+        slot.proc = ctx.Process(target=worker_main, name=f"preprocess-worker{slot.slot}", daemon=True,
+                                args=(slot.slot, options.preset, options.sources, devices[slot.slot],
+                                      options.frame_batch, options.crop, threads, str(layout.root), slot.writer,
+                                      list(slot.remaining.values()), messages, level, watch, limits))
+        slot.current, slot.finished = None, 0
+        slot.proc.start()
+        watch.close()  # the child has its copy; ours would keep the pipe open after we die
+        running[slot.slot] = slot
 
     def handle(kind: str, w: int, payload) -> None:
+        slot = slots[w]
         if kind == "start":
-            current[w] = payload
+            slot.current = payload
             progress.start(w, payload)
         elif kind == "frames":
             progress.frames(w, payload)
         elif kind == "done":
             entry = cf.ClipEntry.from_dict(payload)
-            remaining[w].pop(entry.clip_id, None)
-            current[w] = None
-            finished[w] += 1
+            slot.remaining.pop(entry.clip_id, None)
+            slot.current = None
+            slot.finished += 1
             progress.done(w, entry)
         elif kind == "exit":
-            procs.pop(w).join()
+            running.pop(w).proc.join()
         elif kind == "fatal":
             error, message = payload
-            raise {"CheckpointError": CheckpointError, "UsageError": UsageError,
-                   "CacheError": UsageError}.get(error, RuntimeError)(message)
+            raise (errors.by_name(error) or RuntimeError)(message)
 
-    for w in range(len(shares)):
-        launch(w)
-    parent: ShardWriter | None = None  # records the clips of workers that died (created when one does)
+    for slot in slots:
+        launch(slot)
+    parent: ShardWriter | None = None  # records the clips that killed their worker twice
     try:
-        while procs:
+        while running:
             try:
                 handle(*messages.get(timeout=_POLL_S))
                 continue
             except queue_module.Empty:
                 pass
-            for w, proc in list(procs.items()):
-                if proc.is_alive():
-                    continue
+            for slot in [s for s in running.values() if not s.proc.is_alive()]:
                 # Messages it sent before dying may still be in the pipe: take them first.
                 with contextlib.suppress(queue_module.Empty):
                     while True:
                         handle(*messages.get(timeout=_POLL_S))
-                if w not in procs:  # its "exit" was among them
+                if slot.slot not in running:  # its "exit" was among them
                     continue
-                if current[w] is None and not finished[w] and remaining[w]:
-                    raise RuntimeError(f"preprocessing worker {w} died ({_how(proc)}) before processing any "
-                                       f"clip; run with --workers 1 -v to see why")
-                if current[w] is not None:
-                    if parent is None:
-                        parent = ShardWriter(layout, options.preset, writer_name(f"r{rank}parent"), group_clips=1)
-                    _worker_died(w, proc, current[w], remaining, parent, progress)
-                if remaining[w]:
-                    launch(w)  # a fresh process for the rest of its share
-                else:
-                    del procs[w]
+                _collect_committed(slot, layout, progress)  # finished, but its "done" was lost with it
+                if slot.current is not None and slot.current not in slot.remaining:
+                    slot.current = None
+                if slot.current is None and not slot.finished and slot.remaining:
+                    raise RuntimeError(f"preprocessing worker {slot.slot} died ({_how(slot.proc)}) before "
+                                       f"processing any clip; run with --workers 1 -v to see why")
+                if slot.current is not None:
+                    deaths[slot.current] += 1
+                    if deaths[slot.current] >= 2:
+                        if parent is None:
+                            parent = ShardWriter(layout, options.preset, writer_name(f"r{rank}parent"),
+                                                 group_clips=1)
+                        _worker_died(slot, parent, progress)
+                    else:
+                        log.warning("worker %d died (%s) on %s; trying that clip once more in a fresh worker",
+                                    slot.slot, _how(slot.proc), slot.current)
+                del running[slot.slot]
+                if slot.remaining:
+                    launch(slot)  # a fresh process for the rest of its share
     finally:
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            proc.join(timeout=10)
+        for slot in running.values():
+            slot.proc.terminate()
+        for slot in running.values():
+            slot.proc.join(timeout=10)
+        for slot in slots:
+            if slot.lifeline is not None:
+                slot.lifeline.close()
         if parent is not None:
             parent.close()
 
 
+def _collect_committed(slot: _Worker, layout: cf.CacheLayout, progress: _Progress) -> None:
+    """Clips of a dead worker that its journal holds: they are done (it died after committing them)."""
+    path = layout.journal_path(slot.writer)
+    if not path.exists():
+        return
+    for entry in read_entries(path, list(slot.remaining)):
+        if slot.remaining.pop(entry.clip_id, None) is not None:
+            slot.finished += 1
+            progress.done(slot.slot, entry)
+
+
 def _how(proc) -> str:
     code = proc.exitcode
-    return f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+    if code is not None and code < 0:
+        try:
+            return f"signal {-code}: {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
 
 
-def _worker_died(w: int, proc, clip_id: str, remaining: dict[int, dict[str, plan.ClipTask]],
-                 writer: ShardWriter, progress: _Progress) -> None:
-    """Record the clip a dead worker was on as failed (written here: the worker cannot any more)."""
-    how = _how(proc)
-    task = remaining[w].pop(clip_id)
-    entry = task.new_entry(cf.STATUS_FAILED,
-                           reason=f"the worker process died ({how}) while processing this clip; re-encode the "
-                                  f"file or remove it")
-    log.warning("worker %d died (%s) on %s; %d clip(s) of its share go to a new worker", w, how, clip_id,
-                len(remaining[w]))
-    progress.done(w, writer.write(entry))
+def _worker_died(slot: _Worker, writer: ShardWriter, progress: _Progress) -> None:
+    """Record the clip that killed its worker twice as failed (written here: the worker cannot).
+
+    Killed by SIGKILL (the out-of-memory killer's signal) it is retried by the next run (`transient`):
+    memory is a matter of the machine; any other death (a crash in a decoder) is the clip's."""
+    how = _how(slot.proc)
+    task = slot.remaining.pop(slot.current)
+    oom = slot.proc.exitcode == -signal.SIGKILL
+    hint = ("killed: out of memory? the next run tries it again; lower --max_clip_s or free memory" if oom
+            else "re-encode the file or remove it")
+    entry = task.new_entry(cf.STATUS_FAILED, transient=oom,
+                           reason=f"the worker process died twice while processing this clip ({how}); {hint}")
+    log.warning("worker %d died again (%s) on %s: recorded as failed; %d clip(s) of its share go to a new worker",
+                slot.slot, how, slot.current, len(slot.remaining))
+    slot.current = None
+    progress.done(slot.slot, writer.write(entry))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,14 +404,20 @@ def _process_group(world: int) -> Iterator:
 # Finishing and reporting
 
 
-def _finish(layout: cf.CacheLayout, rec: plan.Reconciliation, preset, fp: str) -> None:
-    """Merge the writers' journals, drop the rows of vanished sources, export the training view
-    (only when the index changed: a rerun with nothing to do writes nothing)."""
+def _finish(layout: cf.CacheLayout, rec: plan.Reconciliation, preset, fp: str, drop_gone: bool) -> None:
+    """Merge the writers' journals, drop the rows of vanished sources (`drop_gone`), export the training
+    view, then cut what is dead (only when the index changed: a rerun with nothing to do writes nothing).
+    The view goes out before any byte is cut: a reader finds the old generation (leased, kept) or the new."""
     with ClipIndex(layout) as index:
         index.merge_journals()
-        index.delete(rec.gone)
+        if rec.gone and drop_gone:
+            index.delete(rec.gone)
+        elif rec.gone:
+            log.info("%d clip(s) whose source is gone are kept (training never drops features); `python "
+                     "preprocess.py` (same flags) drops them", len(rec.gone))
+        exported = cache_view.export(layout, index, preset, fp)
         trim_shards(layout, index)  # records of dropped clips at a shard's end: cut now, not next run
-        if not cache_view.export(layout, index, preset, fp):
+        if not exported:
             return
         dead = sum(dead_bytes(layout, index).values())
         if dead > 0.25 * sum(p.stat().st_size for p in layout.shard_files()):
@@ -362,7 +426,7 @@ def _finish(layout: cf.CacheLayout, rec: plan.Reconciliation, preset, fp: str) -
 
 
 def _result(fp: str, layout: cf.CacheLayout, index: ClipIndex, rec: plan.Reconciliation, stats: _RunStats,
-            wall_s: float) -> PreprocessResult:
+            wall_s: float, dropped: bool) -> PreprocessResult:
     counts = index.counts()
     fresh = set(rec.pending)
     failures = [(e.clip_id, e.reason) for e in index.entries(cf.STATUS_FAILED)]
@@ -370,7 +434,7 @@ def _result(fp: str, layout: cf.CacheLayout, index: ClipIndex, rec: plan.Reconci
     kept_bad = [c for c, _ in failures + skipped if c not in fresh]
     return PreprocessResult(
         fingerprint=fp, cache_root=layout.root, counts=counts, processed=dict(stats.processed),
-        up_to_date=len(rec.up_to_date), removed=len(rec.gone),
+        up_to_date=len(rec.up_to_date), removed=len(rec.gone) if dropped else 0,
         failures=failures, skipped=skipped,
         not_retried=len(kept_bad), total_frames=stats.frames, stage_seconds=dict(stats.stage_seconds),
         stage_fps={s: stats.frames / sec for s, sec in stats.stage_seconds.items() if sec > 0},
@@ -402,7 +466,7 @@ def _log_summary(result: PreprocessResult, rec: plan.Reconciliation, num_tasks: 
         log.warning("failed %s: %s", clip_id, reason)
     if result.not_retried:
         log.info("%d failed/skipped clip(s) from earlier runs were not retried: their source is unchanged "
-                 "(fix or replace the file, or pass --force_preprocess)", result.not_retried)
+                 "(fix or replace the file, or pass --retry_failed)", result.not_retried)
     if result.total_frames:
         stages = ", ".join(f"{s} {result.stage_fps[s]:.0f}" for s in STAGES if s in result.stage_fps)
         log.info("%d frames in %.1f s (%.1f frames/s overall); frames/s per stage and worker: %s",

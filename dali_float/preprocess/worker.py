@@ -11,16 +11,24 @@ Per clip (a whole video or a segment of one), every model runs once:
     motion:  fixed batches of `frame_batch` frames -> r (T, F), lambda (T, M), s of frame 0 (F,)
 
 A clip that cannot be used becomes a `failed` (MediaError, or a bug: its one line) or `skipped`
-(ClipSkipped) entry and the run goes on; only UsageError (a problem of the whole run) escapes.
+(ClipSkipped) entry and the run goes on; only UsageError and EnvironmentProblem (a problem of the whole
+run: bad weights, a full disk) escape. A failure whose cause lies outside the clip (permission denied,
+out of memory, an I/O error) is recorded `transient`: the next run tries the clip again.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
+import multiprocessing
 import os
+import signal
 import stat
+import threading
 import time
 import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
@@ -31,15 +39,53 @@ from dali_float.cache import format as cf
 from dali_float import media
 from dali_float.cache.store import ShardWriter
 from dali_float.config import Preset
-from dali_float.errors import ClipSkipped, DaliFloatError, MediaError, UsageError
+from dali_float.errors import ClipSkipped, DaliFloatError, EnvironmentProblem, MediaError, UsageError
 from dali_float.hashing import sha256_file
 from dali_float.models import ModelSources, build_encoders, emotion_vector, encode_motion
+from dali_float.config import MAX_CLIP_S, MAX_FRAME_PIXELS
 from dali_float.preprocess.options import frame_batch_for
 from dali_float.preprocess.plan import ClipTask
 
 log = logging.getLogger(__name__)
 
 STAGES = ("framing", "decode", "motion", "audio", "emotion")
+
+
+# OS errors that say something about the machine at that moment, not about the clip.
+_TRANSIENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.ENOMEM, errno.EAGAIN, errno.EBUSY,
+                               errno.ETIMEDOUT, errno.ESTALE, errno.EMFILE, errno.ENFILE, errno.EINTR,
+                               errno.ENOLCK, errno.ENETDOWN, errno.EHOSTDOWN, errno.ENXIO})
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a clip's failure came from outside the clip: out of memory (host or CUDA), or an OS error
+    such as permission denied or I/O, anywhere in the exception's chain of causes."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+            return True
+        if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@dataclass(frozen=True)
+class ClipLimits:
+    """A clip larger than these fails before it is decoded (PreprocessOptions.max_frame_pixels / max_clip_s)."""
+
+    max_frame_pixels: int = MAX_FRAME_PIXELS
+    max_clip_s: float = MAX_CLIP_S
+
+    def check(self, path: Path, width: int, height: int, duration_s: float) -> None:
+        if width * height > self.max_frame_pixels:
+            raise MediaError(f"{path}: frames of {width}x{height} ({width * height / 1e6:.1f} MP) exceed "
+                             f"--max_frame_pixels {self.max_frame_pixels}; downscale the video or raise the limit")
+        if duration_s > self.max_clip_s:
+            raise MediaError(f"{path}: the clip lasts {duration_s:.1f} s, more than --max_clip_s {self.max_clip_s:g} "
+                             f"(wav2vec2's memory grows with the length squared); cut it into --segments or "
+                             f"raise the limit")
 
 
 def one_line(err: BaseException) -> str:
@@ -66,8 +112,9 @@ class ClipProcessor:
     """
 
     def __init__(self, preset: Preset, sources: ModelSources, device: str | torch.device, frame_batch: int | None,
-                 num_threads: int | None = None, crop: str = "face") -> None:
+                 num_threads: int | None = None, crop: str = "face", limits: ClipLimits = ClipLimits()) -> None:
         self.preset = preset
+        self.limits = limits
         self.device = torch.device(device)
         self.frame_batch = int(frame_batch or frame_batch_for(str(self.device)))
         self.encoders = build_encoders(preset, sources, self.device)
@@ -91,14 +138,18 @@ class ClipProcessor:
             entry.status, entry.reason = cf.STATUS_SKIPPED, one_line(err)
             return writer.write(entry)
         except MediaError as err:
-            entry.status, entry.reason = cf.STATUS_FAILED, one_line(err)
+            entry.status, entry.reason, entry.transient = cf.STATUS_FAILED, one_line(err), is_transient(err)
+            if entry.transient:
+                entry.reason += " (the next run tries it again)"
             log.debug("failed %s: %s", task.clip_id, entry.reason)  # the summary lists every failure
             return writer.write(entry)
-        except UsageError:
-            raise  # wrong for every clip (no CUDA, bad weights): stop the run
+        except (UsageError, EnvironmentProblem):
+            raise  # wrong for every clip (no CUDA, bad weights, a full disk): stop the run
         except Exception as err:  # noqa: BLE001 - a bug must cost one clip, not the run
-            log.debug("bug while processing %s", task.clip_id, exc_info=True)
-            entry.status, entry.reason = cf.STATUS_FAILED, f"{type(err).__name__}: {one_line(err)} (a bug; run with -v)"
+            log.debug("failed to process %s", task.clip_id, exc_info=True)
+            entry.transient = is_transient(err)
+            why = "the next run tries it again" if entry.transient else "a bug; run with -v"
+            entry.status, entry.reason = cf.STATUS_FAILED, f"{type(err).__name__}: {one_line(err)} ({why})"
             log.debug("failed %s: %s", task.clip_id, entry.reason)  # the summary lists every failure
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # e.g. out of memory: give the next clip its chance
@@ -115,6 +166,8 @@ class ClipProcessor:
         entry.source_fps = float(info.source_fps)
         entry.source_width, entry.source_height = info.width, info.height
         entry.source_rotation_deg = info.rotation_deg
+        span = task.span_s or (0.0, info.duration_s)
+        self.limits.check(path, info.width, info.height, min(span[1], info.duration_s) - span[0])
         indices = media.clip_frame_indices(info, timing.fps, task.span_s)
         t = len(indices)
         entry.num_frames = t
@@ -222,7 +275,8 @@ class ClipProcessor:
 
 
 def _check_regular_file(path: Path) -> None:
-    """MediaError for a missing path or anything but a regular file (a FIFO would block every reader)."""
+    """MediaError for a missing path, anything but a regular file (a FIFO would block every reader) or a
+    file this process cannot read (then transient: permissions are a matter of the moment)."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -231,6 +285,10 @@ def _check_regular_file(path: Path) -> None:
         raise MediaError(f"{path}: cannot stat the file ({one_line(err)})") from None
     if not stat.S_ISREG(mode):
         raise MediaError(f"{path}: not a regular file (a pipe, socket or device); replace it with the video file")
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as err:
+        raise MediaError(f"{path}: cannot be read ({err.strerror}); fix its permissions") from None
 
 
 def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: list[ClipTask], reporter: Reporter) -> None:
@@ -279,15 +337,54 @@ def fill_fixed_batches(chunks: Iterable[torch.Tensor], batch: torch.Tensor) -> I
         yield filled
 
 
+# Modules a worker needs, imported once by the fork server so that each worker starts in a fraction of a
+# second instead of importing torch, DALI and transformers again.
+_WORKER_PRELOAD = ["dali_float.preprocess.worker"]
+_PR_SET_PDEATHSIG = 1
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The multiprocessing context of worker processes: a fork server, started once per process with
+    this module preloaded. Never a fork of the caller (which may run DALI and OpenMP threads), and
+    cheaper than spawn for every worker after the first."""
+    ctx = multiprocessing.get_context("forkserver")
+    from multiprocessing import forkserver
+
+    if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:  # not started yet: choose what it loads
+        ctx.set_forkserver_preload(_WORKER_PRELOAD)
+    return ctx
+
+
+def die_with_parent(lifeline) -> None:
+    """Make this worker die with the process that started it: the kernel kills it when its parent (the
+    fork server, which exits when its owner does) dies, and a thread watches `lifeline`, a pipe whose
+    other end only the owner holds (it reads end-of-file when the owner is gone, however it died)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the lifeline alone
+        pass
+
+    def watch() -> None:
+        try:
+            lifeline.poll(None)  # returns on end-of-file: the owner closed it or died
+        except (EOFError, OSError):
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)  # no clean-up: an orphan must not write another byte
+
+    if lifeline is not None:
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: str, frame_batch: int | None,
                 crop: str, num_threads: int, root: str, writer: str, tasks: list[ClipTask], queue,
-                log_level: int) -> None:
-    """Entry point of a spawned worker: process `tasks`, then put ("exit", id) on the queue.
+                log_level: int, lifeline=None, limits: ClipLimits = ClipLimits()) -> None:
+    """Entry point of a worker process: process `tasks`, then put ("exit", id) on the queue.
 
-    A DaliFloatError (bad weights, no CUDA) is sent as ("fatal", id, (error class, message)); the
-    parent stops every worker and raises it. Records and rows are written here (shards and journal
-    `writer`); the index is the parent's.
+    A DaliFloatError (bad weights, no CUDA, a full disk) is sent as ("fatal", id, (error class,
+    message)); the parent stops every worker and raises it. Records and rows are written here (shards
+    and journal `writer`); the index is the parent's.
     """
+    die_with_parent(lifeline)
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname).1s worker{worker_id} %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for name in ("transformers", "urllib3"):
@@ -297,7 +394,8 @@ def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: s
     try:
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
-        processor = ClipProcessor(preset, sources, device, frame_batch, num_threads=num_threads, crop=crop)
+        processor = ClipProcessor(preset, sources, device, frame_batch, num_threads=num_threads, crop=crop,
+                                  limits=limits)
         with ShardWriter(cf.CacheLayout(Path(root)), preset, writer) as shard_writer:
             run_tasks(processor, shard_writer, tasks, QueueReporter(queue, worker_id))
     except DaliFloatError as err:

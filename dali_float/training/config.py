@@ -42,6 +42,7 @@ class TrainConfig:
     crop: str | None = None  # face | center | none; None: face, center for the demo corpus (media.framing)
     cache_dir: Path | None = None  # None: $DALI_FLOAT_HOME/features
     force_preprocess: bool = False
+    lock_timeout_s: float = 60.0  # wait this long for another writer of the cache (cache.lock)
     motion_ckpt: Path | None = None  # the frozen encoders' weights (None: seeded random init)
     wav2vec2_path: Path | None = None
     emotion_path: Path | None = None

@@ -72,7 +72,9 @@ def prepare_data(cfg: TrainConfig, preset: Preset, dist: Distributed) -> DataSou
     options = pp.PreprocessOptions(
         data_root=data_root, cache_dir=cfg.resolved_cache_dir, preset=preset, sources=sources,
         crop=cfg.resolved_crop, segments=cfg.segments,
-        force=cfg.force_preprocess, device=str(dist.device), progress=cfg.progress and dist.is_main)
+        force=cfg.force_preprocess, device=str(dist.device), progress=cfg.progress and dist.is_main,
+        # A trainer never drops features (a half-mounted data root), and trains from a read-only cache as it is.
+        drop_gone=False, read_only_ok=True, lock_timeout_s=cfg.lock_timeout_s)
     result = pp.run_preprocessing(options)
     if result.exit_code and dist.is_main:
         log.warning("%d clip(s) could not be preprocessed (listed above); training on the %d cached one(s)",
