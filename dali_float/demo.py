@@ -29,11 +29,9 @@ from av.codec.context import Flags
 from dali_float.atomic import create_folder_once
 from dali_float.errors import UsageError
 from dali_float.media.writer import mux_audio
-from dali_float.paths import home
+from dali_float.paths import DEMO_VERSION, demo_corpus_dir
 
 log = logging.getLogger(__name__)
-
-DEMO_VERSION = 1
 
 # Where the mouth is, as fractions of the centre square of a frame (rows y0:y1, columns x0:x1):
 # the middle of the mouth, which stays dark-lipped-or-open over the whole head sway.
@@ -406,11 +404,6 @@ def generate_demo_corpus(out_dir: Path, seed: int = 0) -> list[Path]:
             "clips": [dict(asdict(s), path=s.relative_path) for s in demo_clip_specs()]}
     (out_dir / "demo.json").write_text(json.dumps(meta, indent=1) + "\n")
     return paths
-
-
-def demo_corpus_dir() -> Path:
-    """Where the demo corpus of this version lives: <home>/demo/v<DEMO_VERSION>."""
-    return home() / "demo" / f"v{DEMO_VERSION}"
 
 
 def ensure_demo_corpus() -> Path:

@@ -6,10 +6,17 @@ import os
 import re
 from pathlib import Path
 
+DEMO_VERSION = 1  # of the demo corpus dali_float.demo writes: each version in a folder of its own
+
 
 def home() -> Path:
     """$DALI_FLOAT_HOME, else ~/.cache/dali_float."""
     return Path(os.environ.get("DALI_FLOAT_HOME", Path.home() / ".cache" / "dali_float")).expanduser()
+
+
+def demo_corpus_dir() -> Path:
+    """Where the demo corpus of this version lives: <home>/demo/v<DEMO_VERSION>."""
+    return home() / "demo" / f"v{DEMO_VERSION}"
 
 
 def default_cache_dir(data_root: Path | None = None) -> Path:
@@ -18,8 +25,6 @@ def default_cache_dir(data_root: Path | None = None) -> Path:
     One folder per data root, so the caches of two corpora never meet (None: the demo corpus).
     """
     if data_root is None:
-        from dali_float.demo import demo_corpus_dir
-
         data_root = demo_corpus_dir()
     resolved = Path(data_root).expanduser().resolve()
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", resolved.name)[-40:] or "root"

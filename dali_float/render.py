@@ -4,7 +4,7 @@
                 clip (its cached identity and motion, its first frame with its cached crop)
                 -> motion encoder: identity s, motion latent r (the FMT's reference), skip features
     speech      any audio file -> 16 kHz mono, normalised, padded -> wav2vec2 at 25 fps (T, A), emotion
-    motion      the sampler (sampler.iter_motion_chunks): chunks of 50 frames, FLOAT's Euler and guidance
+    motion      the sampler (generation.iter_motion_chunks): chunks of 50 frames, FLOAT's Euler and guidance
     frames      the decoder, `frame_batch` frames per call: s + r_t and the reference's features
     video       Mp4Writer: H.264, the speech muxed in as AAC; T = ceil(duration x 25) frames
 
@@ -27,10 +27,10 @@ from tqdm import tqdm
 from dali_float import media
 from dali_float.config import Preset
 from dali_float.errors import ClipSkipped, MediaError, UsageError
+from dali_float.generation import ClipData, GuidanceOptions, iter_motion_chunks
 from dali_float.models import Encoders, MotionDecoder, MotionEncoder, encode_reference, one_hot_emotion
 from dali_float.models import emotion_vector as model_emotion_vector
 from dali_float.models import FloatMotionModel
-from dali_float.sampler import ClipData, GuidanceOptions, iter_motion_chunks
 
 log = logging.getLogger(__name__)
 

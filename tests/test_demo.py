@@ -10,14 +10,13 @@ import torch
 
 from dali_float.config import TimingConfig
 from dali_float.demo import (
-    DEMO_VERSION, MOUTH_BOX_REL, demo_clip_specs, demo_corpus_dir, ensure_demo_corpus,
-    generate_demo_corpus, synth_talking_head,
+    MOUTH_BOX_REL, demo_clip_specs, ensure_demo_corpus, generate_demo_corpus, synth_talking_head,
 )
 from dali_float.media import (
     DALI_CPU, PYAV, FrameDecoder, decode_frames, discover_videos, frame_indices_at_fps, load_audio,
     prepare_clip_audio, probe_video,
 )
-from dali_float.paths import home
+from dali_float.paths import DEMO_VERSION, demo_corpus_dir, home
 
 TIMING = TimingConfig()
 S = 64

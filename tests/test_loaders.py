@@ -608,7 +608,7 @@ RSS_PROBE = textwrap.dedent("""
     it = iter(open_loader(sys.argv[3], preset, LoaderOptions(batch_size=16, num_workers=0), cache=cache))
     for _ in range(300):
         next(it)
-    from dali_float.bench.probes import peak_rss_bytes  # VmHWM: ru_maxrss would carry pytest's own peak
+    from dali_float.bench.measure import peak_rss_bytes  # VmHWM: ru_maxrss would carry pytest's own peak
     print(peak_rss_bytes())
 """)
 
@@ -874,7 +874,7 @@ def test_the_naive_loader_makes_samples_in_worker_processes_on_the_cpu_and_the_s
     """On the CPU the naive loader decodes and encodes in --num_workers forked processes (its whole cost
     is there), and they make exactly the samples one process makes."""
     from dali_float import demo
-    from dali_float.bench.probes import _tree_pids  # the bench's reader of a process tree (/proc)
+    from dali_float.bench.measure import _tree_pids  # the bench's reader of a process tree (/proc)
     from dali_float.models import ModelSources, build_encoders
 
     for i in range(2):

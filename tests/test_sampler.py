@@ -1,6 +1,6 @@
-"""Generation (dali_float.sampler) against FLOAT's inference convention, with stand-in velocity fields, and the
-audio-following measurement on planted data: fast, no training (the trained-model checks are in
-test_training.py).
+"""Generation (dali_float.generation, and the sampler's commands) against FLOAT's inference convention, with
+stand-in velocity fields, and the audio-following measurement on planted data: fast, no training (the
+trained-model checks are in test_training.py).
 
 FLOAT's inference (models/float/FLOAT.py `sample`): per chunk of 50 frames, noise at t = 0 integrated to
 t = 1 by torchdiffeq's Euler method on `linspace(0, 1, nfe)` (nfe = 10: 9 steps), the classifier-free guided
@@ -26,7 +26,8 @@ from dali_float.config import TINY_PRESET, get_preset
 from dali_float.errors import UsageError
 from dali_float.models import FloatMotionModel
 from dali_float.cache import format as cf
-from dali_float.sampler import ClipData, GuidanceOptions, generate_motion, loudness_direction
+from dali_float.generation import ClipData, GuidanceOptions, generate_motion, time_grid
+from dali_float.sampler import loudness_direction
 from cached import entries_of
 
 P = TINY_PRESET
@@ -393,8 +394,7 @@ def test_generation_matches_floats_euler_on_linspace_0_1_nfe(model, frames, nfe)
     g = torch.Generator().manual_seed(1)
     audio = torch.randn(frames, preset.audio_feature_dim, generator=g)
     ref, emotion = torch.randn(preset.motion_dim, generator=g), torch.softmax(torch.randn(7, generator=g), 0)
-    ours = sampler.generate_motion(model, audio, ref, emotion, sampler.GuidanceOptions(nfe=nfe),
-                                   torch.Generator().manual_seed(7))
+    ours = generate_motion(model, audio, ref, emotion, GuidanceOptions(nfe=nfe), torch.Generator().manual_seed(7))
     reference = official_sample(model, audio, ref, emotion, nfe, noise_seed=7)
     assert ours.shape == (frames, preset.motion_dim)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
@@ -410,13 +410,13 @@ def test_nfe_10_evaluates_the_velocity_9_times_per_chunk(model, monkeypatch):
 
     monkeypatch.setattr(type(model), "velocity_with_guidance", counting)
     preset = model.preset
-    sampler.generate_motion(model, torch.zeros(preset.timing.num_frames, preset.audio_feature_dim),
-                            torch.zeros(preset.motion_dim), torch.zeros(7), sampler.GuidanceOptions(nfe=10))
+    generate_motion(model, torch.zeros(preset.timing.num_frames, preset.audio_feature_dim),
+                    torch.zeros(preset.motion_dim), torch.zeros(7), GuidanceOptions(nfe=10))
     assert calls == pytest.approx([i / 9 for i in range(9)])
 
 
 def test_nfe_below_2_is_a_usage_error():
     with pytest.raises(UsageError, match="at least 2"):
-        sampler.time_grid(1)
+        time_grid(1)
     with pytest.raises(UsageError, match="at least 2"):  # the command line refuses it before loading anything
         sampler.main(["generate", "--checkpoint", "nowhere", "--clip", "x", "--out", "y.npy", "--nfe", "1"])

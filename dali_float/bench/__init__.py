@@ -1,6 +1,7 @@
 """Benchmarks: every way this project feeds FLOAT training, measured in one run (`bench/compare.py`).
 
   probes    measurements that each run in a process of their own (loaders, ceiling, training, decode)
+  measure   what the probes measure with (memory, timing) and the pieces they share
   compare   the plan (quick / full, CPU / GPU), running it, the figures, ratios and targets
   machine   the machine the figures come from (CPU, GPU, driver, versions, load)
   report    the markdown tables printed on stdout

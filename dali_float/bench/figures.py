@@ -10,7 +10,7 @@ from typing import Any
 
 from dali_float.cache import format as cf
 from dali_float.cache.index import ClipIndex
-from dali_float.bench import probes
+from dali_float.bench import measure
 from dali_float.bench.plan import LOADERS, Job, Settings, sources_spec
 from dali_float.config import FLOAT_PRESET, Preset, get_preset
 from dali_float.errors import UsageError
@@ -196,7 +196,7 @@ def assemble(settings: Settings, machine: dict[str, Any], jobs: list[Job], prepa
         "settings": {**settings.to_dict(), "data_root": first["data_root"], "cache_dir": str(cache_dir),
                      "cache_root": first["cache_root"], "fingerprint": first["fingerprint"],
                      "sources": sources_spec(sources), "crop": crop, "window_frames": preset.timing.window_frames,
-                     "sample_bytes": probes.sample_bytes(preset),
+                     "sample_bytes": measure.sample_bytes(preset),
                      "train_cache_root": prepared[settings.train_preset]["cache_root"]},
         "loaders": loaders, "loader_configs": configs, "ceiling": ceiling,
         "ratios": ratio_section(loaders, configs, ceiling, training),

@@ -80,7 +80,7 @@ class Settings:
     batch_size: int
     quick: bool
     cores: int
-    loader_timing: dict[str, Any]  # see probes.timed_runs
+    loader_timing: dict[str, Any]  # see measure.timed_runs
     naive_timing: dict[str, Any]
     naive_batch_size: int  # float on a CPU: 1 (a sample takes ~20 s; its cost does not depend on the batch)
     naive_workers: tuple[int, ...]

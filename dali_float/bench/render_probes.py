@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from dali_float.bench.probes import MemoryWatch, _context, _open_cache, _sync, rate_summary, timed_runs
+from dali_float.bench.measure import MemoryWatch, _context, _open_cache, _sync, rate_summary, timed_runs
 
 
 def _first_clip(data_root: Path) -> Path:
