@@ -19,9 +19,10 @@ Every problem with one input file raises `MediaError` with one line (what is wro
 PyAV/FFmpeg/DALI exceptions never escape as anything else.
 
 Submodules (every public name is re-exported here, so `media.X` works for all of them):
-  files   VIDEO_EXTENSIONS, AUDIO_SIDE_EXTENSIONS, ClipSpec, discover_clips, discover_videos (scan_videos: as
-          strings), find_side_audio
-  segments  the --segments CSV (read_segments, segment ids); imported where used
+  files   VIDEO_EXTENSIONS, AUDIO_SIDE_EXTENSIONS, discover_clips, discover_videos (scan_videos: as strings;
+          each folder read once, an unlistable one is an EnvironmentProblem), find_side_audio
+  segments  ClipSpec, the --segments CSV (read_segments, segment ids); below files (files imports it, never
+          the other way)
   probe   VideoInfo, probe_video (demux; one frame decoded for its display turn), the one-line MediaError
           helpers (`_media_errors`, `_check_readable_file`), codec names, 25 fps indices (num_frames_at_fps,
           frame_indices_at_fps, clip_frame_indices)
@@ -39,8 +40,9 @@ from __future__ import annotations
 from dali_float.media.audio import (clip_waveform, fit_to_frames, frames_for_samples, load_audio, native_rate,
                                    normalize_utterance, pad_to_frames, prepare_clip_audio, prepare_speech,
                                    trim_to_frames)
-from dali_float.media.files import (AUDIO_SIDE_EXTENSIONS, VIDEO_EXTENSIONS, ClipSpec, discover_clips, discover_videos,
+from dali_float.media.files import (AUDIO_SIDE_EXTENSIONS, VIDEO_EXTENSIONS, discover_clips, discover_videos,
                                    find_side_audio, scan_videos)
+from dali_float.media.segments import ClipSpec
 from dali_float.media.probe import VideoInfo, clip_frame_indices, frame_indices_at_fps, num_frames_at_fps, probe_video
 from dali_float.media.video import (
     DALI_CPU, DALI_CPU_CODECS, DALI_GPU, FULL_FRAME, NVDEC_CODECS, PYAV, FrameDecoder, Window, _VideoPackets,
@@ -51,8 +53,9 @@ from dali_float.media.writer import Mp4Writer, check_mp4_path, to_uint8_frames
 
 __all__ = [
     # files
-    "VIDEO_EXTENSIONS", "AUDIO_SIDE_EXTENSIONS", "ClipSpec", "discover_clips", "discover_videos", "find_side_audio",
-    "scan_videos",
+    "VIDEO_EXTENSIONS", "AUDIO_SIDE_EXTENSIONS", "discover_clips", "discover_videos", "find_side_audio", "scan_videos",
+    # segments
+    "ClipSpec",
     # probe
     "VideoInfo", "probe_video", "num_frames_at_fps", "frame_indices_at_fps", "clip_frame_indices",
     # video

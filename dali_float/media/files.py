@@ -2,12 +2,13 @@
 the side audio file beside a clip."""
 from __future__ import annotations
 
+import heapq
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from dali_float.errors import UsageError
+from dali_float.errors import EnvironmentProblem, UsageError
+from dali_float.media.segments import ClipSpec, read_segments
 
 log = logging.getLogger(__name__)
 
@@ -31,78 +32,96 @@ def discover_videos(root: Path) -> list[tuple[str, Path]]:
 
 
 def scan_videos(root: Path) -> list[tuple[str, str]]:
-    """`discover_videos` as (clip id, path string) pairs: one directory read per folder and no system
-    call or Path object per file (a million clips are listed in seconds)."""
+    """`discover_videos` as (clip id, path string) pairs: one directory read and one stat per folder, each
+    folder (identified by st_dev and st_ino) read once however many links lead to it, and no system call
+    or Path object per plain file (a million clips are listed in seconds).
+
+    Raises EnvironmentProblem when a folder exists but cannot be listed: skipping it would make its clips
+    look deleted, and a run would drop their cached features.
+    """
     root = Path(root)
     if root.is_file():
         return [(root.name, str(root))] if root.suffix.lower() in VIDEO_EXTENSIONS else []
     if not root.is_dir():
         raise UsageError(f"{root}: no such folder; give the folder that holds the videos")
-    found: list[tuple[str, str, str]] = []  # (clip id, path, real path or "" where it is the plain one)
-    linked = False  # any symlink on the way: only then can two paths be one file
-    # (folder, its id prefix, its real path, the real paths of it and its ancestors, reached through a link)
-    real_root = os.path.realpath(root)
-    stack = [(str(root), "", real_root, frozenset([real_root]), False)]
-    while stack:
-        folder, prefix, real, ancestors, via_link = stack.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except OSError as err:
-            log.debug("%s: cannot list (%s), skipped", folder, err)
+    found: list[tuple[str, str, tuple]] = []  # (clip id, path, the file's identity)
+    linked = False  # a symlinked file seen: only then can two entries be one file
+    visited: set[tuple[int, int]] = set()
+    # Folders in increasing order of their id prefix: a child's prefix is greater than its parent's, so
+    # the first visit of a folder is through its smallest path, and so is the first listing of each file
+    # in it (what sorting every path and keeping the first of each file gave). A later path to a visited
+    # folder (another link, or a loop back to an ancestor) is not followed.
+    heap: list[tuple[str, str]] = [("", str(root))]  # (id prefix, folder path)
+    while heap:
+        prefix, folder = heapq.heappop(heap)
+        listed = _list_folder(folder, visited)
+        if listed is None:
             continue
+        key, entries = listed
         for e in entries:
             name = e.name
             try:
-                is_dir = e.is_dir()  # follows symlinks
+                is_dir = e.is_dir()  # follows symlinks (a stat only for a link)
             except OSError:
                 is_dir = False
             if is_dir:
-                if e.is_symlink():
-                    target = os.path.realpath(e.path)
-                    if target in ancestors:  # a link back up the path: a loop
-                        continue
-                    stack.append((e.path, f"{prefix}{name}/", target, ancestors | {target}, True))
-                else:
-                    child = f"{real}/{name}"
-                    stack.append((e.path, f"{prefix}{name}/", child, ancestors | {child}, via_link))
+                heapq.heappush(heap, (f"{prefix}{name}/", e.path))
                 continue
             if name.startswith("._") or os.path.splitext(name)[1].lower() not in VIDEO_EXTENSIONS:
                 continue
-            through_link = via_link or e.is_symlink()
-            linked |= through_link
-            found.append((prefix + name, e.path, os.path.realpath(e.path) if through_link else f"{real}/{name}"))
+            if e.is_symlink():
+                linked = True
+                found.append((prefix + name, e.path, _linked_file_identity(e.path)))
+            else:
+                found.append((prefix + name, e.path, (key, name)))
     found.sort(key=lambda item: item[0])
-    if not linked:  # every path is its own file
+    if not linked:  # every folder was read once: every plain entry is its own file
         return [(clip_id, path) for clip_id, path, _ in found]
     unique, seen = [], set()
-    for clip_id, path, real in found:
-        if real in seen:
+    for clip_id, path, identity in found:
+        if identity in seen:
             log.debug("%s: same file as an earlier clip, skipped", clip_id)
             continue
-        seen.add(real)
+        seen.add(identity)
         unique.append((clip_id, path))
     return unique
 
 
-@dataclass(frozen=True)
-class ClipSpec:
-    """One clip: a whole video, or the segment [start, end) seconds of one (`span_s`).
+def _list_folder(folder: str, visited: set[tuple[int, int]]) -> tuple[tuple[int, int], list[os.DirEntry]] | None:
+    """(st_dev, st_ino) and entries of `folder`, marking it visited; None when it was visited already or
+    is gone (removed since its parent was listed). EnvironmentProblem when it exists but cannot be read."""
+    try:
+        st = os.stat(folder)
+        key = (st.st_dev, st.st_ino)
+        if key in visited:
+            return None
+        visited.add(key)
+        return key, list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):  # removed (or replaced by a file) meanwhile: simply gone
+        log.debug("%s: gone while the data root was listed, skipped", folder)
+        return None
+    except OSError as err:
+        raise EnvironmentProblem(
+            f"{folder}: cannot list this folder ({err.strerror or err}); nothing was changed. Fix its permissions "
+            f"(or move it out of --data_root) and run the same command again") from None
 
-    clip_id: the video's path relative to the data root ('/'-separated), or the segment's id
-    (`dali_float.media.segments`).
-    """
 
-    clip_id: str
-    path: Path
-    span_s: tuple[float, float] | None = None
+def _linked_file_identity(path: str) -> tuple:
+    """The file a symlink leads to, as (its folder's (st_dev, st_ino), its name): the identity a plain entry
+    of that folder has; its real path string when that folder cannot be stat-ed (a dangling link)."""
+    real = os.path.realpath(path)
+    folder, name = os.path.split(real)
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return ("", real)
+    return ((st.st_dev, st.st_ino), name)
 
 
 def discover_clips(root: Path, segments: Path | None = None) -> list[ClipSpec]:
     """The clips of a data root, sorted by clip id: every video under it (`discover_videos`), or, with
     a segments CSV, the segment of each row (`dali_float.media.segments.read_segments`)."""
     if segments is not None:
-        from dali_float.media.segments import read_segments
-
         if not Path(root).is_dir():
             raise UsageError(f"{root}: no such folder; give the folder the --segments file's videos are relative to")
         return read_segments(Path(segments), Path(root))

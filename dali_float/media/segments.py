@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from dali_float.errors import UsageError
-from dali_float.media.files import ClipSpec
 
 SEGMENT_SEPARATOR = "#"
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """One clip: a whole video, or the segment [start, end) seconds of one (`span_s`).
+
+    clip_id: the video's path relative to the data root ('/'-separated), or the segment's id (below).
+    Defined here, not in `media.files` (which finds whole videos and imports this module), so the two
+    modules depend one way.
+    """
+
+    clip_id: str
+    path: Path
+    span_s: tuple[float, float] | None = None
 
 
 def format_seconds(value: float) -> str:
@@ -55,6 +69,10 @@ def read_segments(path: Path, data_root: Path) -> list[ClipSpec]:
             raise UsageError(f"{where}: start_s and end_s must be seconds, found {start_text!r}, {end_text!r}") from None
         if not (math.isfinite(start) and math.isfinite(end)) or start < 0 or end <= start:
             raise UsageError(f"{where}: the segment {start_text}-{end_text} s must have 0 <= start_s < end_s")
+        for what, text in (("video", video), ("clip_name", cells[3] if len(cells) == 4 else "")):
+            if "\0" in text:  # no file name can hold a NUL byte (os.stat would raise ValueError)
+                raise UsageError(f"{where}: the {what} {text!r} holds a NUL character, which no file name "
+                                 f"can hold; remove it from that row")
         relative = PurePosixPath(video.replace("\\", "/"))
         if not video or relative.is_absolute() or ".." in relative.parts:
             raise UsageError(f"{where}: the video {video!r} must be a path relative to --data_root {root}")

@@ -66,7 +66,7 @@ def _stat(path: str) -> tuple[int, int, bool]:
     try:
         st = os.stat(path)  # follows symlinks: the clip is what the link points to
         return st.st_size, st.st_mtime_ns, stat.S_ISREG(st.st_mode)
-    except OSError:  # a dangling symlink, a file that vanished: the worker records why
+    except (OSError, ValueError):  # a dangling symlink, a vanished file, a NUL byte (ValueError): recorded later
         return -1, -1, False
 
 
