@@ -31,6 +31,7 @@ from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_argume
                             setup_logging)
 from dali_float.errors import UsageError
 from dali_float.config import MAX_CLIP_S, MAX_FRAME_PIXELS
+from dali_float.paths import printable
 
 COMMANDS = ("run", "status", "show", "verify", "compact", "migrate", "clear")
 
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{report['cache_root']}: {report['clips']} entries, "
                   f"{'OK' if report['ok'] else str(len(report['problems'])) + ' problem(s)'}")
             for p in report["problems"]:
-                print(f"  {p['clip'] or '(cache)'}: {p['problem']}")
+                print(f"  {printable(p['clip']) or '(cache)'}: {printable(p['problem'])}")
         if args.repair and not report["ok"]:  # re-do the clips marked damaged (and recover the rest)
             print(f"re-doing {len(report['repair'])} damaged clip(s)")
             result = pp.run_preprocessing(run_options())

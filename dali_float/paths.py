@@ -33,3 +33,9 @@ def default_cache_dir(data_root: Path | None = None) -> Path:
 
 def default_output_dir() -> Path:
     return Path("runs") / "latest"
+
+
+def printable(name: str) -> str:
+    """A file name or clip id as text any terminal takes: bytes that are not UTF-8 (surrogate escapes, as
+    os.fsdecode gives them) shown as \\xNN, everything else as it is."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

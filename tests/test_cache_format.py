@@ -193,7 +193,9 @@ def test_the_layout_readme_describes(tmp_path):
     con.close()
     assert view["format_version"] == 2 and view["fingerprint"] == FP and view["generation"] == generation
     assert re.fullmatch(rf"0*{generation}\.rows\.npy", view["rows"]) and re.fullmatch(rf"0*{generation}\.ids", view["ids"])
-    assert sorted(p.name for p in (layout.root / "training").iterdir()) == sorted([view["ids"], view["rows"]])
+    assert sorted(p.name for p in (layout.root / "training").iterdir()) == sorted([view["ids"], view["rows"],
+                                                                                   f"{generation:010d}.json"])
+    assert json.loads((layout.root / "training" / f"{generation:010d}.json").read_text()) == view  # readers lease it
     trainable = sorted(c for c, t in lengths.items() if t >= WINDOW)
     assert {s["name"]: s["end"] for s in view["shards"]} == {rows[c]["shard"]: rows[c]["offset"] + rows[c]["nbytes"]
                                                              for c in trainable}  # the short clip's shard: not there

@@ -15,12 +15,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dali_float"
 
 # Cycles known and being fixed elsewhere, each exactly the set of modules of its strongly connected component.
 # Nothing else is exempt: any other cycle fails, and so does an entry here once its cycle is gone.
-KNOWN: set[frozenset[str]] = {
-    # fixed on branch discovery; remove when merged
-    frozenset({"dali_float.media.files", "dali_float.media.segments"}),
-}
-
-
 def module_files(package: Path) -> dict[str, Path]:
     """Module name -> file, for every .py under `package` (a package's __init__.py is the package)."""
     modules = {}
@@ -145,15 +139,7 @@ def _describe(found: list[list[str]]) -> str:
 
 def test_dali_float_has_no_import_cycle():
     found = cycles(import_graph())
-    unexpected = [c for c in found if frozenset(c) not in KNOWN]
-    assert not unexpected, f"{len(unexpected)} import cycle(s) in dali_float:\n{_describe(unexpected)}"
-
-
-def test_every_known_cycle_is_still_there():
-    """A KNOWN entry whose cycle is gone would exempt its return: remove the entry."""
-    found = {frozenset(c) for c in cycles(import_graph())}
-    gone = [sorted(known) for known in KNOWN if known not in found]
-    assert not gone, f"no longer a cycle, remove from KNOWN in tests/test_imports.py: {gone}"
+    assert not found, f"{len(found)} import cycle(s) in dali_float:\n{_describe(found)}"
 
 
 def test_the_graph_sees_lazy_submodule_and_relative_imports(tmp_path):

@@ -110,13 +110,15 @@ def assert_same_cache(a: cf.CacheLayout, b: cf.CacheLayout) -> None:
 
 
 @contextlib.contextmanager
-def torch_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
+def cores(n: int):
+    """Run the block on `n` of this process's cores: a worker it starts takes that many threads (each
+    worker gets its share of usable_cores())."""
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, sorted(old)[:n])
     try:
         yield
     finally:
-        torch.set_num_threads(old)
+        os.sched_setaffinity(0, old)
 
 
 def _copy_file(src: str, dst: str) -> None:
@@ -162,8 +164,8 @@ def demo_cache(dali_float_home, tmp_path_factory):
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """Four short clips (H.264 25 fps, VP9 in a nested folder with an odd name, 30 fps, variable frame rate)
-    preprocessed once with one worker using a worker's share of the cores (so `--workers 2` must match it
-    bit for bit): (data root, cache dir, result)."""
+    preprocessed once by one worker with the threads one of two workers gets (so `--workers 2` must match
+    it bit for bit): (data root, cache dir, result)."""
     base = tmp_path_factory.mktemp("small")
     data = base / "data"
     make_clip(data / "a.mp4", 66, seed=1)
@@ -171,7 +173,7 @@ def small(tmp_path_factory):
     make_clip(data / "c30.mp4", 78, fps=30.0, seed=3)  # 2.6 s at 30 fps -> 65 frames at 25 fps
     make_clip(data / "vfr.mp4", 70, fps=25.0, seed=4, timestamps_s=vfr_times(70))
     (data / "notes.txt").write_text("not a video")
-    with torch_threads(max(1, usable_cores() // 2)):
+    with cores(max(1, usable_cores() // 2)):
         result = run_preprocessing(options(data, base / "cache"))
     return data, base / "cache", result
 
@@ -259,7 +261,8 @@ def test_cached_features_equal_the_naive_loader(demo_cache):
 
 
 def test_rerun_of_the_demo_is_a_quick_noop(demo_cache, caplog, monkeypatch):
-    """Nothing is probed, decoded or encoded (no encoder is even built), nothing is rewritten."""
+    """Nothing is probed, decoded or encoded (no worker, so no encoder, is even started), nothing is rewritten
+    (but writer.lock, where each run says who holds the cache)."""
     from dali_float.preprocess import run as run_module
 
     def forbidden(what):
@@ -270,13 +273,15 @@ def test_rerun_of_the_demo_is_a_quick_noop(demo_cache, caplog, monkeypatch):
     root, cache_dir, _ = demo_cache
     before = file_mtimes(cache_dir)
     caplog.set_level(logging.INFO, logger="dali_float")
-    monkeypatch.setattr(run_module, "ClipProcessor", forbidden("built the encoders"))
     monkeypatch.setattr(run_module, "_run_processes", forbidden("started worker processes"))
     monkeypatch.setattr(plan, "probe_tasks", forbidden("probed a clip"))
     result = run_preprocessing(options(root, cache_dir))
     assert result.up_to_date == 12 and result.processed == {} and result.exit_code == 0
     assert "12 up to date" in caplog.text
-    assert file_mtimes(cache_dir) == before  # not a single file rewritten, index.sqlite included
+    after = file_mtimes(cache_dir)
+    assert [k for k in after if k.endswith("writer.lock")]  # the run took the lock
+    assert {k: v for k, v in after.items() if not k.endswith("writer.lock")} == \
+        {k: v for k, v in before.items() if not k.endswith("writer.lock")}  # nothing else rewritten, index included
 
 
 # ---------------------------------------------------------------------------------------------- 25 fps

@@ -18,6 +18,7 @@ from dali_float.cache.lock import DEFAULT_TIMEOUT_S, WriterLock, is_write_locked
 from dali_float.config import Preset
 from dali_float.errors import CacheBusy, UsageError
 from dali_float.models import ModelSources
+from dali_float.paths import printable
 from dali_float.preprocess import plan
 from dali_float.preprocess.options import cache_identity
 
@@ -99,9 +100,9 @@ def format_status(status: dict[str, Any]) -> list[str]:
              f"{status['sources']} source video(s) under {status['data_root']}",
              f"cached {c['cached']} ({status['cached_frames']} frames), failed {c['failed']}, skipped {c['skipped']}, "
              f"stale {c['stale']}, pending {c['pending']}, source gone {c['missing_source']}"]
-    lines += [f"  failed  {f['clip']}: {f['error']}" for f in status["failures"]]
-    lines += [f"  skipped {s['clip']}: {s['reason']}" for s in status["skipped"]]
-    lines += [f"  damaged {d['clip']}: {d['problem']}" for d in status["damaged"]]
+    lines += [f"  failed  {printable(f['clip'])}: {printable(f['error'])}" for f in status["failures"]]
+    lines += [f"  skipped {printable(s['clip'])}: {printable(s['reason'])}" for s in status["skipped"]]
+    lines += [f"  damaged {printable(d['clip'])}: {d['problem']}" for d in status["damaged"]]
     if c["stale"] or c["pending"] or c["missing_source"]:
         lines.append("run `python preprocess.py` (same flags) to bring it up to date")
     return lines
@@ -181,7 +182,8 @@ def show_clip(clip_id: str, cache_dir: Path, preset: Preset, sources: ModelSourc
         if entry is None:
             known = index.light_rows().keys()
             near = sorted(c for c in known if clip_id in c or c in clip_id)[:3] or sorted(known)[:3]
-            raise UsageError(f"no clip {clip_id!r} in {layout.root} ({len(known)} clips; e.g. {', '.join(near)}); "
+            raise UsageError(f"no clip {printable(clip_id)!r} in {layout.root} ({len(known)} clips; e.g. "
+                             f"{', '.join(map(printable, near))}); "
                              f"`python preprocess.py status --json` lists them")
     shown: dict[str, Any] = {"cache_root": str(layout.root), **entry.to_dict(), "files": {}}
     if entry.status == cf.STATUS_CACHED:
@@ -196,9 +198,11 @@ def show_clip(clip_id: str, cache_dir: Path, preset: Preset, sources: ModelSourc
 
 def format_clip(shown: dict[str, Any]) -> list[str]:
     """`show` as a few human-readable lines."""
-    lines = [f"{shown['clip_id']}: {shown['status']}" + (f" ({shown['reason']})" if shown.get("reason") else "")]
+    lines = [f"{printable(shown['clip_id'])}: {shown['status']}" +
+             (f" ({printable(shown['reason'])})" if shown.get("reason") else "")]
     segment = shown.get("segment_s")
-    lines.append(f"  source    {shown['source_path']}" + (f" [{segment[0]:g} s, {segment[1]:g} s)" if segment else ""))
+    lines.append(f"  source    {printable(shown['source_path'])}" +
+                 (f" [{segment[0]:g} s, {segment[1]:g} s)" if segment else ""))
     turned = (f" (upright after a {shown['source_rotation_deg']} deg counter-clockwise turn)"
               if shown.get("source_rotation_deg") else "")
     lines.append(f"  video     {shown.get('source_width', 0)}x{shown.get('source_height', 0)}{turned} at "

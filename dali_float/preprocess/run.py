@@ -46,6 +46,7 @@ from dali_float.cache.lock import WriterLock
 from dali_float.cache.store import ShardWriter, dead_bytes, trim_shards, writer_name
 from dali_float.cli import usable_cores
 from dali_float.errors import NoSourcesError, UsageError
+from dali_float.paths import printable
 from dali_float.preprocess import plan
 from dali_float.preprocess.options import (PreprocessOptions, PreprocessResult, cache_identity, new_header,
                                            rank_and_world, worker_devices)
@@ -461,9 +462,9 @@ def _log_summary(result: PreprocessResult, rec: plan.Reconciliation, num_tasks: 
     log.info("the cache holds %d cached, %d skipped, %d failed clip(s)", c.get(cf.STATUS_CACHED, 0),
              c.get(cf.STATUS_SKIPPED, 0), c.get(cf.STATUS_FAILED, 0))
     for clip_id, reason in result.skipped:
-        log.info("skipped %s: %s", clip_id, reason)
+        log.info("skipped %s: %s", printable(clip_id), printable(reason))
     for clip_id, reason in result.failures:
-        log.warning("failed %s: %s", clip_id, reason)
+        log.warning("failed %s: %s", printable(clip_id), printable(reason))
     if result.not_retried:
         log.info("%d failed/skipped clip(s) from earlier runs were not retried: their source is unchanged "
                  "(fix or replace the file, or pass --retry_failed)", result.not_retried)
