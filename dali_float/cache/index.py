@@ -198,7 +198,7 @@ class ClipIndex:
         self._lock.acquire()
         try:
             created = not self.path.exists()
-            self.con = _connect(self.path, timeout_s)
+            self.con = _connect(self.path, self._lock.timeout_s)  # the outer holder's wait when re-entered
             with classified(self.path, "creating"):
                 self.con.execute(_CLIPS_TABLE)
                 self.con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")

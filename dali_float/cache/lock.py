@@ -84,11 +84,12 @@ def _same_file(fd: int, path: Path) -> bool:
 class WriterLock:
     """The cache folder's writer lock (see the module docstring); a context manager.
 
-    Re-entrant within a process (a command that holds it may call another that takes it). `timeout_s`:
-    how long to wait for another holder (0: do not wait).
+    Re-entrant within a process (a command that holds it may call another that takes it; the inner one
+    then has the outer one's `timeout_s`). `timeout_s`: how long to wait for another holder (0: do not
+    wait); what holds the cache's index waits as long (SQLite's busy timeout).
     """
 
-    _held: dict[str, list] = {}  # real path of the lock file -> [fd, depth], this process's locks
+    _held: dict[str, list] = {}  # real path of the lock file -> [fd, depth, timeout_s], this process's locks
 
     def __init__(self, root: Path, timeout_s: float = DEFAULT_TIMEOUT_S, command: str | None = None):
         self.root = Path(root)
@@ -108,6 +109,7 @@ class WriterLock:
         key = os.path.realpath(self.path)
         if key in self._held:
             self._held[key][1] += 1
+            self.timeout_s = self._held[key][2]
             self._key = key
             return
         deadline, told = time.monotonic() + self.timeout_s, False
@@ -133,7 +135,7 @@ class WriterLock:
                 continue
             break
         self._write_holder(fd)
-        self._held[key] = [fd, 1]
+        self._held[key] = [fd, 1, self.timeout_s]
         self._key = key
         if told:
             log.info("the other writer finished; going on")
