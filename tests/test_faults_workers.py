@@ -1,0 +1,169 @@
+"""Preprocessing's processes under real faults (issue #19): the parent killed while its workers run, a clip
+that kills its worker (SIGKILL from outside, as the out-of-memory killer sends it), a clip too large for
+memory, a file not readable for a while, a disk that fills up while shards are appended to.
+"""
+from __future__ import annotations
+
+import time
+
+from dali_float.cache import format as cf
+from dali_float.models import ModelSources
+from dali_float.preprocess import PreprocessOptions, run_preprocessing
+from faultkit import (DRIVER_PRELUDE, P, alive, common_args, descendants, file_sizes, in_mount_namespace, index_rows,
+                      kill, layout_of, make_clip, make_corpus, open_paths, run_script, start_script, wait_for)
+from unprivileged import run_python
+
+
+def options(data, cache_dir, **kw) -> PreprocessOptions:
+    return PreprocessOptions(data_root=data, cache_dir=cache_dir, preset=P, sources=ModelSources(), crop="center",
+                             progress=False, **kw)
+
+
+def statuses(layout: cf.CacheLayout) -> dict[str, str]:
+    return {c: r[0] for c, r in index_rows(layout).items()}
+
+
+def written_bytes(layout: cf.CacheLayout) -> dict[str, int]:
+    """Sizes of every shard and journal: what writers have written so far."""
+    return {**file_sizes(layout.shards_dir), **file_sizes(layout.journals_dir)}
+
+
+def test_workers_die_with_their_parent(tmp_path):
+    """SIGKILL of preprocess.py while its two workers process clips: every process it started is gone
+    within seconds and no worker writes another byte (they used to go on appending to their shards for
+    ~20 s, re-parented to PID 1). (What the next run makes of a killed run: test_preprocess's SIGKILL test.)"""
+    data = make_corpus(tmp_path / "data", clips=10, num_frames=150)
+    cache_dir = tmp_path / "cache"
+    layout = layout_of(cache_dir)
+    parent = start_script("preprocess.py", *common_args(data, cache_dir), "--workers", "2")
+    try:
+        # Both workers at work: each holds its shard writer's lock file.
+        wait_for(lambda: layout.journals_dir.is_dir() and len(list(layout.journals_dir.glob("*.lock"))) == 2,
+                 "two workers writing")
+        tree = descendants(parent.pid)
+        assert len(tree) >= 2
+        kill(parent.pid)
+        parent.wait(timeout=30)
+        time.sleep(0.5)  # time enough to die; their work, left alone, goes on for seconds
+        after_kill = written_bytes(layout)
+        deadline = time.monotonic() + 5
+        while any(alive(pid) for pid in tree):
+            assert time.monotonic() < deadline, f"still alive 5 s after their parent: {[p for p in tree if alive(p)]}"
+            time.sleep(0.05)
+        time.sleep(2)
+        assert written_bytes(layout) == after_kill  # nobody wrote a byte since
+    finally:
+        kill(parent.pid)
+        for pid in descendants(parent.pid):
+            kill(pid)
+
+
+def test_a_clip_that_kills_its_worker_twice_fails_alone(tmp_path):
+    """With one worker (the default), a clip whose worker is killed (SIGKILL, the out-of-memory killer's
+    signal) while it works on it is tried once more in a fresh worker; killed again, it is recorded failed
+    with the signal, the run goes on with the other clips, and the next run tries it again (memory is the
+    machine's matter). In-process, such a clip used to kill the run, every time."""
+    data = make_corpus(tmp_path / "data", clips=2)
+    victim = make_clip(data / "long.mp4", 400, seed=7)  # 16 s: its file stays open a while
+    cache_dir = tmp_path / "cache"
+    log = tmp_path / "run.log"
+    run = start_script("preprocess.py", *common_args(data, cache_dir), stderr_path=log)
+    killed = []
+    try:
+        for _ in range(2):
+            def worker_on_victim():
+                for pid in descendants(run.pid):
+                    if pid not in killed and alive(pid) and str(victim) in open_paths(pid):
+                        return pid
+                return None
+            pid = wait_for(worker_on_victim, "a worker reading long.mp4", timeout_s=180, poll_s=0.005)
+            kill(pid)
+            killed.append(pid)
+        assert run.wait(timeout=300) == 1  # a clip failed, the others are cached
+    finally:
+        kill(run.pid)
+    layout = layout_of(cache_dir)
+    assert statuses(layout) == {"clip0.mp4": "cached", "clip1.mp4": "cached", "long.mp4": "failed"}
+    text = log.read_text()
+    assert "trying that clip once more in a fresh worker" in text
+    with_reason = run_script("preprocess.py", "show", "long.mp4", *common_args(data, cache_dir))
+    assert "died twice" in with_reason.stdout and "SIGKILL" in with_reason.stdout, with_reason.stdout
+    again = run_preprocessing(options(data, cache_dir))  # not killed this time: tried again, cached
+    assert again.processed == {cf.STATUS_CACHED: 1} and statuses(layout)["long.mp4"] == "cached"
+
+
+def test_clips_beyond_the_limits_fail_before_they_are_decoded(tmp_path):
+    """--max_clip_s and --max_frame_pixels fail a clip with one line naming the flag (a clip too long for
+    wav2vec2's memory, or frames too large), before any decoding; the other clips are cached."""
+    data = tmp_path / "data"
+    make_clip(data / "short.mp4", 66, seed=1)
+    make_clip(data / "long.mp4", 100, seed=2)  # 4 s
+    result = run_preprocessing(options(data, tmp_path / "cache", max_clip_s=3.0))
+    assert result.processed == {cf.STATUS_CACHED: 1, cf.STATUS_FAILED: 1}
+    [(clip, reason)] = result.failures
+    assert clip == "long.mp4" and "lasts 4.0 s, more than --max_clip_s 3" in reason
+    result = run_preprocessing(options(data, tmp_path / "cache2", max_frame_pixels=64 * 64 - 1))
+    assert {c for c, _ in result.failures} == {"short.mp4", "long.mp4"}
+    assert all("exceed --max_frame_pixels 4095" in reason for _, reason in result.failures)
+
+
+def test_a_file_not_readable_for_a_while_is_retried_by_the_next_run(tmp_path):
+    """A clip whose file this process cannot read (permissions: the run drops root's power to read
+    anything) fails for a cause outside the clip: the next run tries it again with no flag (it used to
+    say `not retried: their source is unchanged`), while a broken file is retried only with
+    --retry_failed."""
+    data = make_corpus(tmp_path / "data", clips=1)
+    locked = make_clip(data / "locked.mp4", 66, seed=5)
+    (data / "broken.mp4").write_bytes(locked.read_bytes()[:2000])
+    cache_dir = tmp_path / "cache"
+    locked.chmod(0)
+    try:
+        done = run_python("import runpy, sys; sys.argv = ['preprocess.py'] + sys.argv[1:]; "
+                          "runpy.run_path('preprocess.py', run_name='__main__')", *common_args(data, cache_dir))
+    finally:
+        locked.chmod(0o644)
+    assert done.returncode == 1, done.stderr[-2000:]
+    layout = layout_of(cache_dir)
+    assert statuses(layout) == {"clip0.mp4": "cached", "locked.mp4": "failed", "broken.mp4": "failed"}
+    again = run_preprocessing(options(data, cache_dir))
+    assert again.processed == {cf.STATUS_CACHED: 1} and statuses(layout)["locked.mp4"] == "cached"
+    assert again.not_retried == 1  # broken.mp4: its source is unchanged
+    forced = run_preprocessing(options(data, cache_dir, retry_failed=True))
+    assert forced.processed == {cf.STATUS_FAILED: 1} and [c for c, _ in forced.failures] == ["broken.mp4"]
+
+
+APPEND_DRIVER = DRIVER_PRELUDE + r'''
+data, disk = Path(sys.argv[1]), Path(sys.argv[2])
+cache = disk / "cache"
+layout = layout_of(cache)
+out = {"full": done_of(run_script("preprocess.py", *common_args(data, cache)))}
+out["kept"] = sorted(committed(layout))
+subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # a larger disk
+out["again"] = done_of(run_script("preprocess.py", *common_args(data, cache)))
+out["verify"] = done_of(run_script("preprocess.py", "verify", *common_args(data, cache)))
+out["rows"] = {c: r[0] for c, r in index_rows(layout).items()}
+print(json.dumps(out))
+'''
+
+
+def test_a_disk_that_fills_while_shards_are_appended_to_stops_with_one_line(tmp_path):
+    """The cache's disk (a tmpfs) fills up while a worker appends a clip's record: one line naming the disk
+    and the space needed, exit 3 (it used to be a traceback, exit 1, the code of `a clip failed`); on a
+    larger disk the next run keeps every clip committed before and verifies clean."""
+    data = make_corpus(tmp_path / "data", clips=4, num_frames=400)
+    record = cf.record_bytes(P, 400)  # 133 kB
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size_kb = (int(2.5 * record) + 128 * 1024) // 1024  # the index and a journal (~60 kB), two and a half records
+    out = in_mount_namespace(f"mount -t tmpfs -o size={size_kb}k tmpfs {disk}", APPEND_DRIVER, str(data), str(disk))
+    full = out["full"]
+    assert full["code"] == 3 and not full["traceback"] and len(full["errors"]) == 1, full
+    line = full["errors"][0]
+    assert line.startswith("error: the disk is full: appending to ") and f"failed on {disk} (" in line, line
+    assert "MB more are needed" in line and "every finished clip is kept" in line, line
+    assert len(out["kept"]) < 4, out["kept"]
+    again = out["again"]
+    assert again["code"] == 0, again
+    assert f"{4 - len(out['kept'])} clip(s) processed" in again["stderr"], again["stderr"]
+    assert out["verify"]["code"] == 0, out["verify"]
+    assert out["rows"] == {f"clip{i}.mp4": cf.STATUS_CACHED for i in range(4)}
