@@ -92,6 +92,21 @@ def test_a_clip_that_kills_its_worker_twice_fails_alone(tmp_path):
     assert again.processed == {cf.STATUS_CACHED: 1} and statuses(layout)["long.mp4"] == "cached"
 
 
+def test_a_worker_killed_after_committing_loses_no_clip(tmp_path):
+    """A worker dies right after a group commit, before telling its parent the clip is done (every new
+    worker dies so, at its first commit): the clips its journal holds are done, none is called failed (the
+    parent used to write a failed row for the clip, which the merge then put over the cached one)."""
+    data = make_corpus(tmp_path / "data", clips=4, num_frames=100)
+    done = run_script("preprocess.py", *common_args(data, tmp_path / "cache"),
+                      env={"DALI_FLOAT_CRASH_AT": "journal-committed"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "died (exit code 86)" in done.stderr  # the workers did die
+    assert "once more" not in done.stderr  # no committed clip was taken for the one that killed its worker
+    assert statuses(layout_of(tmp_path / "cache")) == {f"clip{i}.mp4": "cached" for i in range(4)}
+    verify = run_script("preprocess.py", "verify", *common_args(data, tmp_path / "cache"))
+    assert verify.returncode == 0, verify.stdout + verify.stderr[-2000:]
+
+
 def test_clips_beyond_the_limits_fail_before_they_are_decoded(tmp_path):
     """--max_clip_s and --max_frame_pixels fail a clip with one line naming the flag (a clip too long for
     wav2vec2's memory, or frames too large), before any decoding; the other clips are cached."""

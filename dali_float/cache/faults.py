@@ -6,7 +6,8 @@ clean-up, no flush: what SIGKILL leaves) the n-th time (default 1st) it reaches 
 not fsynced bytes lost) a process crash cannot show: the fsync before each commit is for that.
 
 Steps: shard-append (half a record written), shard-fsync (a group's records written, not fsynced),
-journal-commit (rows inserted, not committed), journal-unlink (a journal merged, not deleted),
+journal-commit (rows inserted, not committed), journal-committed (committed, the worker's parent not told
+yet), journal-unlink (a journal merged, not deleted),
 index-commit (an index transaction not committed), export-commit (the training view's arrays written,
 training.json not yet), compact-copy / compact-fsync / compact-unlink (compaction).
 """

@@ -155,6 +155,7 @@ class ShardWriter:
             return
         self.appender.sync()
         self.journal.commit(self.pending)
+        faults.point("journal-committed")  # committed, not yet reported: the parent must not call them failed
         self.pending = []
 
     def close(self) -> None:

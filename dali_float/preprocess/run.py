@@ -316,6 +316,9 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
                     else:
                         log.warning("worker %d died (%s) on %s; trying that clip once more in a fresh worker",
                                     slot.slot, _how(slot.proc), slot.current)
+                elif slot.remaining:
+                    log.warning("worker %d died (%s) between clips; a fresh worker takes the %d left", slot.slot,
+                                _how(slot.proc), len(slot.remaining))
                 del running[slot.slot]
                 if slot.remaining:
                     launch(slot)  # a fresh process for the rest of its share
