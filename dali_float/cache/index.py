@@ -119,11 +119,11 @@ def is_corrupt(err: BaseException) -> bool:
     return sqlite_code(err) in (SQLITE_CORRUPT, SQLITE_NOTADB)
 
 
-def sqlite_problem(err: sqlite3.Error, path: Path, what: str) -> Exception:
+def sqlite_problem(err: sqlite3.Error, path: Path, what: str, needed_bytes: int | None = None) -> Exception:
     """The one-line error for an SQLite failure on `path` while doing `what` (never a guess of damage)."""
     code, name = sqlite_code(err), getattr(err, "sqlite_errorname", "") or type(err).__name__
     if code == SQLITE_FULL:
-        return disk_full(path, what=what)
+        return disk_full(path, needed_bytes, what=what)
     keep = "nothing was lost (every journal and shard is kept); run the same command again"
     if code in (SQLITE_BUSY, SQLITE_LOCKED):
         return CacheBusy(f"{what} {path} failed: another process held the database for longer than the lock "
@@ -373,7 +373,8 @@ class ClipIndex:
                 merged += self._merge_one(path)
             except sqlite3.Error as err:
                 if not is_corrupt(err):
-                    raise sqlite_problem(err, path, "merging the journal") from None
+                    # The index grows by about the journal's rows, and its rollback journal holds as much again.
+                    raise sqlite_problem(err, path, "merging the journal", 2 * _size(path)) from None
                 log.warning("journal %s is damaged (%s): removed; its clips are re-done", path,
                             getattr(err, "sqlite_errorname", err))
             faults.point("journal-unlink")
@@ -431,6 +432,13 @@ def read_entries(path: Path, clip_ids: list[str] | None = None) -> list[cf.ClipE
     wanted = None if clip_ids is None else set(clip_ids)
     entries = [from_row(r) for r in rows]
     return entries if wanted is None else [e for e in entries if e.clip_id in wanted]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def committed_ids(path: Path) -> set[str]:
