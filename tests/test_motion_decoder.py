@@ -235,6 +235,36 @@ def test_a_zero_flow_reads_the_reference_on_floats_grid():
     assert torch.equal(raw, torch.zeros(2, 3, h, w))
 
 
+@pytest.mark.parametrize("n", [8, 16, 32, 64, 128, 256, 512])
+def test_the_warp_grid_is_floats_float64_linspace_rounded_to_float32(n, monkeypatch):
+    """FLOAT's ToFlow.forward (models/float/styledecoder.py) builds its grid per call from numpy's float64
+    `np.linspace(-1, 1, n)`, meshgrid'ed (x along the width, y along the height) and rounded once to
+    float32 (`torch.tensor(xs).float()`); a float64 run adds that float32 grid to a float64 flow. With a
+    zero flow (tanh(0) = 0), what ToFlow hands grid_sample is that grid, bit for bit. A float32
+    `torch.linspace` is one ulp off in places (128 of 512 values at n = 512): the test tells them apart."""
+    axis = np.linspace(-1, 1, n).astype(np.float32)  # IEEE round to nearest, as torch.tensor(xs).float()
+    xs, ys = np.meshgrid(axis, axis)
+    expected = np.stack([xs, ys], axis=-1)[None]
+    seen: list[torch.Tensor] = []
+    grid_sample = F.grid_sample
+
+    def spy(feature: torch.Tensor, grid: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        seen.append(grid)
+        return grid_sample(feature, grid, *args, **kwargs)
+
+    monkeypatch.setattr(F, "grid_sample", spy)
+    for dtype in (torch.float32, torch.float64):
+        flow = ToFlow(4, style_dim=3).to(dtype)
+        zeros = torch.zeros(1, 4, n, n, dtype=dtype)
+        with torch.no_grad():
+            flow.conv.weight.zero_()
+            flow(zeros, torch.zeros(1, 3, dtype=dtype), zeros)
+        grid = seen.pop()
+        assert grid.dtype == dtype and np.array_equal(grid.numpy(), expected.astype(grid.numpy().dtype))
+    if n == 512:
+        assert (grid[0, 0, :, 0].float() != torch.linspace(-1, 1, n)).any()  # 128 values with torch 2.x on CPU
+
+
 # ---------------------------------------------------------------------------------------------- the decoder
 
 def test_encoder_gives_the_features_the_decoder_warps(tiny_pair):

@@ -35,6 +35,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -190,9 +191,19 @@ def _identity_grid(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
     The end points are the edge pixels' centres while grid_sample reads with align_corners=False: FLOAT
     trained with this grid, so it is kept (a zero flow is a slight zoom-in, not the identity).
     """
-    xs = torch.linspace(-1.0, 1.0, w, device=like.device, dtype=like.dtype)
-    ys = torch.linspace(-1.0, 1.0, h, device=like.device, dtype=like.dtype)
+    xs = _grid_axis(w).to(device=like.device, dtype=like.dtype)
+    ys = _grid_axis(h).to(device=like.device, dtype=like.dtype)
     return torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)], dim=-1)[None]
+
+
+def _grid_axis(n: int) -> torch.Tensor:
+    """The n grid coordinates in [-1, 1], float32 on the CPU, rounded as FLOAT rounds them.
+
+    FLOAT's ToFlow.forward builds its grid per call as numpy's float64 `np.linspace(-1, 1, n)` and rounds
+    it once to float32 (`torch.tensor(xs).float()`). A float32 `torch.linspace` is one ulp off in places
+    (128 of the 512 values at n = 512), which the decoder amplifies to visible differences.
+    """
+    return torch.from_numpy(np.linspace(-1.0, 1.0, n)).to(torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
