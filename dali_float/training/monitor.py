@@ -219,7 +219,7 @@ def truncate_metrics(path: Path, step: int) -> None:
         except (ValueError, TypeError, KeyError) as err:  # UnicodeDecodeError is a ValueError
             if not line.strip():
                 continue
-            what = f"{line[:80]!r}{'...' if len(line) > 80 else ''}"
+            what = f"{line[:80].decode(errors='replace')!r}{'...' if len(line) > 80 else ''}"
             if number == len(lines):
                 log.warning("%s: dropped its torn last line %d (a run killed while writing it): %s", path, number,
                             what)
