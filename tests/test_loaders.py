@@ -871,10 +871,11 @@ def test_the_naive_loader_leaves_out_unusable_videos_and_says_which(tmp_path, ca
 
 
 def test_the_naive_loader_makes_samples_in_worker_processes_on_the_cpu_and_the_same_ones(tmp_path):
-    """On the CPU the naive loader decodes and encodes in --num_workers forked processes (its whole cost
+    """On the CPU the naive loader decodes and encodes in --num_workers worker processes (its whole cost
     is there), and they make exactly the samples one process makes."""
     from dali_float import demo
     from dali_float.bench.measure import _tree_pids  # the bench's reader of a process tree (/proc)
+    from dali_float.forkserver import worker_context
     from dali_float.models import ModelSources, build_encoders
 
     for i in range(2):
@@ -882,7 +883,8 @@ def test_the_naive_loader_makes_samples_in_worker_processes_on_the_cpu_and_the_s
         demo.write_clip(tmp_path / f"01-01-0{i + 3}-01-01-01-01.mp4", frames, 25.0, audio=wave)  # RAVDESS names
     encoders = build_encoders(TINY, ModelSources(emotion="filename"), "cpu")
     batches = {}
-    for workers in (2, 0):  # workers first: a fork after this process ran the encoders can hang (OpenMP)
+    worker_context()  # the fork server the workers start from: one process for the session, not a worker
+    for workers in (2, 0):
         before = set(_tree_pids(os.getpid()))
         naive = open_loader("naive", TINY, LoaderOptions(batch_size=2, num_workers=workers, seed=3),
                             data_root=tmp_path, crop="center", encoders=encoders)
@@ -1008,33 +1010,3 @@ def test_up_to_256_mib_of_freed_heap_is_kept_and_blocks_from_32_mib_are_mapped(t
     assert heap["tuned"] is True, heap
     assert heap["kept_255"] >= 255 and heap["kept_256_25"] < 1, heap
     assert heap["mapped_31_9"] is False and heap["mapped_32_1"] is True, heap
-
-
-def test_a_forked_child_does_not_free_the_parents_garbage_dali_pipeline():
-    """forking.no_garbage_across_fork, used where DataLoader workers and the probe pool are forked: an
-    unreachable DALI pipeline (in a cycle, not yet collected) freed by a child's collector waits for ever
-    on executor threads that only the parent has (this hung a naive-loader worker in a suite run)."""
-    script = """
-import gc, os, sys, time
-gc.disable()
-from nvidia.dali import fn, pipeline_def
-from dali_float.forking import no_garbage_across_fork
-@pipeline_def(batch_size=2, num_threads=2, device_id=None)
-def noise():
-    return fn.random.uniform(range=[0, 1], shape=[4])
-pipe = noise(); pipe.build(); pipe.run()
-cycle = [pipe]; cycle.append(cycle); del pipe, cycle
-with no_garbage_across_fork():
-    pid = os.fork()
-    if pid == 0:
-        gc.enable(); gc.collect(); os._exit(0)
-for _ in range(300):
-    if os.waitpid(pid, os.WNOHANG)[0]:
-        print("child exited"); break
-    time.sleep(0.1)
-else:
-    os.kill(pid, 9); print("child hung")
-"""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert done.returncode == 0 and done.stdout.strip() == "child exited", done.stdout + done.stderr

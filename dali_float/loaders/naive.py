@@ -26,7 +26,7 @@ from dali_float.errors import ClipSkipped, MediaError, UsageError
 from dali_float.loaders.base import ClipList, LoaderOptions
 from dali_float.loaders.sampling import WindowRequest
 from dali_float.loaders.torch_loader import RequestLoader
-from dali_float.models import Encoders, emotion_vector, encode_motion
+from dali_float.models import Encoders, build_encoders, emotion_vector, encode_motion
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,32 @@ class NaiveWindowDataset(Dataset):
         self.clips, self.preset, self.encoders, self.device = clips, preset, encoders, device
         self.framer = media.ClipFramer(crop, device)
         self._windows: dict[int, media.Window] = {}  # clip index -> its crop window, decided on first use
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a worker process needs (it is pickled there: dali_float.forkserver): the clips, the crops
+        decided so far, the encoders' sources and weights (tensors in shared memory, not copies: the
+        modules themselves cannot be pickled, wav2vec2's weight norm refuses). The frame decoder (DALI
+        pipelines cannot be pickled: media.get_frame_decoder) and the face detector are built there on
+        first use."""
+        state = self.__dict__.copy()
+        modules = {name: module for name in ("motion", "audio", "emotion")
+                   if (module := getattr(self.encoders, name)) is not None}
+        state["encoders"] = (self.encoders.sources, {name: m.state_dict() for name, m in modules.items()})
+        state["framer"] = media.ClipFramer(self.framer.crop, self.framer.device)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        sources, weights = state.pop("encoders")
+        self.__dict__.update(state)
+        models_log = logging.getLogger("dali_float.models")
+        level = models_log.level
+        models_log.setLevel(logging.ERROR)  # the caller has warned about random weights already
+        try:
+            self.encoders = build_encoders(self.preset, sources, self.device)  # the same modules...
+        finally:
+            models_log.setLevel(level)
+        for name, state_dict in weights.items():  # ...with the caller's weights: its shared tensors, no copy
+            getattr(self.encoders, name).load_state_dict(state_dict, assign=True)
 
     def window(self, clip_index: int) -> media.Window:
         """The clip's crop window, decided as preprocessing decides it (ClipSkipped: not framable)."""
@@ -135,7 +161,8 @@ class NaiveWindowLoader(RequestLoader):
 
     @property
     def num_workers(self) -> int:
-        # The encoders run where the samples are made: forked workers cannot use CUDA.
+        # The encoders run where the samples are made: on a GPU in this process (each worker would need its
+        # own CUDA context and its own copy of the encoders there).
         return 0 if self.options.torch_device.type == "cuda" else self.options.num_workers
 
     @property

@@ -19,6 +19,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+from dali_float.atomic import TMP_MARKER, fsync_dir
 from dali_float.paths import home
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,9 @@ def library_path() -> Path:
 
 
 def build(target: Path) -> None:
-    """Compile window_read.cc into `target` (atomic: a concurrent build never sees half a file)."""
+    """Compile window_read.cc into `target` (atomic: a concurrent build never sees half a file; durable: a
+    crash after the rename never leaves an empty or partial .so under the final name, which
+    `load_window_reader` would trust because it only checks that the file exists)."""
     import nvidia.dali.sysconfig as sysconfig
 
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -85,14 +88,23 @@ def build(target: Path) -> None:
         raise RuntimeError("no C++ compiler (g++) found")
     includes = cuda_include_dirs()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    tmp = target.with_name(f"{target.name}{TMP_MARKER}{os.getpid()}")
     cmd = [compiler, "-std=c++20", "-O2", "-fPIC", "-shared", "-w", str(SOURCE), "-o", str(tmp),
            *sysconfig.get_compile_flags(), *[f"-I{p}" for p in includes], *sysconfig.get_link_flags()]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"g++ failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
-    os.replace(tmp, target)
+    try:
+        fd = os.open(tmp, os.O_RDONLY)  # the compiler wrote it: its bytes reach the disk before the name does
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(target.parent)  # the rename itself survives a crash
 
 
 @lru_cache(maxsize=1)

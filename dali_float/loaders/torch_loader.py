@@ -5,10 +5,12 @@ at its offset: loaders.cached.WindowReader) straight into the batch tensor (no p
 collate copy); worker processes allocate that tensor in shared
 memory so it reaches the main process without another copy; pinned memory and a non-blocking copy
 take it to the GPU. It is the honest peer the DALI loader is measured against.
+
+Workers are started by the fork server (dali_float.forkserver), never forked from this process, which
+may run DALI and OpenMP threads: the dataset is pickled to them, so it pickles small (paths, not arrays).
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 from typing import Any, Iterator, Sequence
 
@@ -18,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from dali_float.config import Preset
 from dali_float.contract import Batch
-from dali_float.forking import no_garbage_across_fork
+from dali_float.forkserver import worker_context
 from dali_float.loaders.base import ClipNames, LoaderOptions, WindowItem, WindowLoader, batch_from_windows
 from dali_float.loaders.cached import TrainingCache, WindowReader
 from dali_float.loaders.sampling import RequestStream, WindowRequest
@@ -28,9 +30,13 @@ class CachedWindowDataset(Dataset):
     """Windows of the cache by WindowRequest; one batch per `__getitems__` call."""
 
     def __init__(self, cache: TrainingCache):
-        self.preset = cache.preset
+        self.cache, self.preset = cache, cache.preset
         self.reader = WindowReader(cache)
         self.emotions = cache.view.rows["emotion"]  # (clips, E) float32, memory-mapped
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # To a worker: the cache (it reopens the view's arrays by path), never the mapped arrays' bytes.
+        return type(self), (self.cache,)
 
     def __len__(self) -> int:
         return len(self.emotions)
@@ -119,10 +125,9 @@ class RequestLoader(WindowLoader):
             self.dataset, batch_sampler=sampler, collate_fn=_as_batch, num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             prefetch_factor=o.prefetch_batches if self.num_workers else None,
+            multiprocessing_context=worker_context() if self.num_workers else None,
         )
-        with no_garbage_across_fork() if self.num_workers else contextlib.nullcontext():
-            data_iter = iter(loader)  # forks the workers
-        for data in data_iter:
+        for data in loader:
             self.batches_consumed += 1
             yield self._to_batch(data)
 

@@ -33,7 +33,7 @@ from dali_float.cache.migrate import remove_v1
 from dali_float.cli import cores_per_local_rank
 from dali_float import media
 from dali_float.errors import MediaError
-from dali_float.forking import no_garbage_across_fork
+from dali_float.forkserver import worker_context
 from dali_float.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -273,20 +273,15 @@ def probe_tasks(tasks: list[ClipTask], progress: bool = False, processes: int | 
 
     processes: default `probe_processes`. Probing is mostly FFmpeg demuxing on one core per video; at
     10^5-10^6 new clips one process would take hours (~20 ms a 720p/1080p clip here), so large plans
-    probe in a pool. Forked, as DataLoader workers are: the children only demux (FFmpeg, NumPy) and
-    run no torch op; "spawn"/"forkserver" would run the caller's main script again in every child
-    (a script without an `if __name__ == "__main__":` guard would start over).
+    probe in a pool, started by the fork server as DataLoader workers are (dali_float.forkserver): this
+    process may already run DALI or OpenMP threads, which a forked child would inherit half of.
     """
     paths = sorted({task.path for task in tasks if task.regular})
     processes = probe_processes(len(paths)) if processes is None else processes
     bar = dict(desc="probing", unit="video", disable=not progress or len(paths) < 20, leave=False)
     if processes > 1 and len(paths) > 1:
-        import multiprocessing
-
         log.info("probing %d videos in %d processes", len(paths), processes)
-        with no_garbage_across_fork():
-            pool = multiprocessing.get_context("fork").Pool(processes)
-        with pool:
+        with worker_context().Pool(processes) as pool:
             probed = dict(zip(paths, tqdm(pool.imap(_probe_or_none, paths, chunksize=_PROBE_CHUNK),
                                           total=len(paths), **bar)))
     else:

@@ -50,7 +50,8 @@ from dali_float.paths import printable
 from dali_float.preprocess import plan
 from dali_float.preprocess.options import (PreprocessOptions, PreprocessResult, cache_identity, new_header,
                                            rank_and_world, worker_devices)
-from dali_float.preprocess.worker import STAGES, ClipLimits, worker_context, worker_main
+from dali_float.forkserver import worker_context
+from dali_float.preprocess.worker import STAGES, ClipLimits, worker_main
 
 log = logging.getLogger(__name__)
 

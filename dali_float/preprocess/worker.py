@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import multiprocessing
 import os
 import signal
 import stat
@@ -337,22 +336,7 @@ def fill_fixed_batches(chunks: Iterable[torch.Tensor], batch: torch.Tensor) -> I
         yield filled
 
 
-# Modules a worker needs, imported once by the fork server so that each worker starts in a fraction of a
-# second instead of importing torch, DALI and transformers again.
-_WORKER_PRELOAD = ["dali_float.preprocess.worker"]
 _PR_SET_PDEATHSIG = 1
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """The multiprocessing context of worker processes: a fork server, started once per process with
-    this module preloaded. Never a fork of the caller (which may run DALI and OpenMP threads), and
-    cheaper than spawn for every worker after the first."""
-    ctx = multiprocessing.get_context("forkserver")
-    from multiprocessing import forkserver
-
-    if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:  # not started yet: choose what it loads
-        ctx.set_forkserver_preload(_WORKER_PRELOAD)
-    return ctx
 
 
 def die_with_parent(lifeline) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from dali_float.atomic import write_atomic
 from dali_float.training.config import TrainConfig
 
 log = logging.getLogger("dali_float.training")
@@ -150,8 +152,7 @@ class Monitor:
                  record["lr"], num(record["grad_norm"], ".3f"), 1e3 * record["step_time_s"],
                  1e3 * record["data_wait_s"], 100 * record["data_wait_fraction"], record["samples_per_s"], w.skipped,
                  mem)
-        with open(self.cfg.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.cfg.metrics_path, json.dumps(record))
         if self.wandb is not None:
             try:
                 self.wandb.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
@@ -183,12 +184,52 @@ class Monitor:
                 log.info("wandb: offline run written to %s (upload it with `wandb sync %s`)", run_dir, run_dir)
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append `line` and its newline to `path` with one write (O_APPEND): a kill leaves the file whole
+    up to a torn tail of this one line, never a line cut in the middle of the file."""
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        while data:  # a regular file takes it all at once; a short write (a signal, a full disk) goes on
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records after `step` (a resumed run recomputes them; keeps the file one record per step)."""
+    """Drop records after `step` (a resumed run recomputes them; keeps the file one record per step),
+    then rewrite the file atomically (a kill during the rewrite leaves the old file).
+
+    A torn last line (the run was killed while appending it) is dropped with a warning. A line that is
+    not a record anywhere else is damage that no kill of ours makes (a disk, an editor): it is named and
+    dropped, and the resume goes on, because the log is derived from training, never read back by it,
+    while the checkpoint, which the resume does need, is intact; stopping would cost the run over a line.
+    """
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = path.read_bytes().split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the newline that ends the last whole line
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record_step = json.loads(line)["step"]
+            if not isinstance(record_step, int):
+                raise TypeError(f"step {record_step!r}")
+        except (ValueError, TypeError, KeyError) as err:  # UnicodeDecodeError is a ValueError
+            if not line.strip():
+                continue
+            what = f"{line[:80].decode(errors='replace')!r}{'...' if len(line) > 80 else ''}"
+            if number == len(lines):
+                log.warning("%s: dropped its torn last line %d (a run killed while writing it): %s", path, number,
+                            what)
+            else:
+                log.warning("%s: line %d is not a metrics record (%s: %s), damage a kill does not cause: dropped, "
+                            "the resume goes on", path, number, type(err).__name__, what)
+            continue
+        if record_step <= step:
+            kept.append(line + b"\n")
+    write_atomic(path, lambda f: f.writelines(kept))
 
 
 def _start_wandb(cfg: TrainConfig, run_config: dict[str, Any], run_id: str | None) -> Any:
