@@ -20,9 +20,11 @@ import pytest
 
 from dali_float.cache import check as cache_check, format as cf, migrate as cache_migrate, store as cache_store, view as cache_view, faults
 from dali_float.cache.index import ClipIndex, Journal
+from dali_float.cache.lock import WRITER_LOCK
 from dali_float.config import get_preset
 from dali_float.errors import CacheError
 from dali_float.loaders import TrainingCache
+from dali_float.preprocess import plan
 from legacy_v1 import write_v1_cache
 from synthetic import SYNTHETIC_MODELS, random_features, synthetic_entry
 
@@ -213,6 +215,81 @@ def test_verify_finds_an_overwritten_region_and_names_only_its_clip(tmp_path):
         assert cache_store.cheap_check(layout, index) == {}  # the cheap check cannot see it: verify can
 
 
+def cache_files(layout: cf.CacheLayout) -> dict[str, bytes]:
+    """Every file of the cache folder by path, but the writer lock (each writer notes itself in it)."""
+    return {str(p.relative_to(layout.root)): p.read_bytes() for p in sorted(layout.root.rglob("*"))
+            if p.is_file() and p.name != WRITER_LOCK}
+
+
+@pytest.mark.parametrize("damage", ["overwritten", "cut"])
+def test_compaction_never_copies_a_damaged_record_and_the_repair_path_restores_it(tmp_path, damage):
+    """A live record that fails its check (bytes overwritten in place: same length, only the CRC-32 shows
+    it; or its shard cut short) in a shard compaction rewrites: compaction stops before changing anything
+    rather than launder it into a healthy-looking new shard (or drop it and leave its row pointing at a
+    deleted shard). `verify` still finds it; once marked (`verify --repair`) and re-done, compaction runs."""
+    layout = layout_in(tmp_path)
+    write_clips(layout, list(range(len(LENGTHS))))
+    redo_two(layout)
+    with ClipIndex(layout) as index:
+        dead = {name for name, n in cache_store.dead_bytes(layout, index).items() if n > 0}
+        copied = sorted((r for r in index.records() if r[1] in dead), key=lambda r: (r[1], r[2]))
+    assert len(copied) >= 2
+    # The last record compaction copies: a new shard already holds the others when it is reached.
+    victim, shard, offset, nbytes = copied[-1][:4]
+    victim_i = next(i for i in range(len(LENGTHS)) if clip_id(i) == victim)
+    good = {c: b for c, b in stored(layout).items() if c != victim}
+    if damage == "overwritten":
+        with open(layout.shard_path(shard), "r+b") as f:
+            f.seek(offset + nbytes // 2)
+            f.write(b"\x5a" * 64)
+    else:
+        os.truncate(layout.shard_path(shard), offset + nbytes // 2)
+    before = cache_files(layout)
+
+    with pytest.raises(CacheError) as err:
+        compact_and_export(layout)
+    message = str(err.value)
+    assert victim in message and "verify --repair" in message and "\n" not in message
+    assert cache_files(layout) == before  # no new shard left behind, nothing deleted, no row moved
+    found = problems(layout)
+    assert [p["clip"] for p in found] == [victim]  # left for the repair
+    assert ("CRC-32" if damage == "overwritten" else "ends at byte") in found[0]["problem"]
+    with ClipIndex.open_readonly(layout) as index:
+        now = {c: index.entry(c) for c in good}
+    assert all(np.array_equal(cache_store.read_record(layout, e.shard, e.offset, e.nbytes), good[c])
+               for c, e in now.items())  # every good record keeps its bytes
+
+    # `verify --repair` marks it (manage.verify_cache): the next run plans to re-do it and nothing else, the
+    # training view leaves it out meanwhile, and compaction still will not copy it.
+    with ClipIndex(layout) as index:
+        index.mark_damaged([c["clip"] for c in found])
+        rows = index.light_rows()
+        sources = [plan.Source(c, r.source_path, r.size_bytes, r.mtime_ns, True) for c, r in rows.items()]
+        assert plan.reconcile(sources, rows).pending == {victim: plan.DAMAGED}
+        cache_view.export(layout, index, P, FP)
+    cache = TrainingCache.open(tmp_path, P, FP)
+    assert cache.view.find(victim) is None and len(cache) == len(LENGTHS) - 1
+    cache.close()  # its lease would keep the old shards
+    marked = cache_files(layout)
+    with pytest.raises(CacheError, match="verify --repair"):
+        compact_and_export(layout)
+    assert cache_files(layout) == marked
+    assert [p["clip"] for p in problems(layout)] == [victim]
+
+    # The run re-does it (what ShardWriter does with the re-computed features): then compaction copies
+    # every live record, and every clip has its original bytes.
+    write_clips(layout, [victim_i])
+    compact_and_export(layout)
+    with ClipIndex(layout) as index:
+        assert sum(cache_store.dead_bytes(layout, index).values()) == 0
+        assert index.entry(victim).shard not in dead
+    after = stored(layout)
+    assert after.keys() == {clip_id(i) for i in range(len(LENGTHS))}
+    assert all(np.array_equal(after[clip_id(i)], expected_record(i)) for i in range(len(LENGTHS)))
+    assert problems(layout) == []
+    assert len(TrainingCache.open(tmp_path, P, FP)) == len(LENGTHS)
+
+
 def test_a_version_1_cache_is_refused_with_the_command_that_converts_it(tmp_path):
     fp, _ = write_v1_cache(tmp_path, P, [70, 90])
     with pytest.raises(CacheError, match=r"format version 1.*preprocess.py migrate") as err:
@@ -264,6 +341,52 @@ def test_migrate_converts_in_place_keeping_every_byte_and_survives_a_crash(tmp_p
     assert {c: e.clip_uid for c, e in entries.items()} == v1_uids  # uids kept; the failed entry too
     assert entries["speaker/clip004.mp4"].status == cf.STATUS_FAILED
     assert problems(layout) == []
+
+
+def _v1_damage(folder: Path, how: str) -> None:
+    """Make clip folder `folder` of a version 1 cache wrong in one way (arrays still loadable)."""
+    frames, coefficients = np.load(folder / "frames.npy"), np.load(folder / "coefficients.npy")
+    info = np.load(folder / "clip_info.npy")
+    if how == "non-finite frames":
+        frames[5, 3] = np.nan
+    elif how == "non-finite emotion":
+        info[-1] = np.inf
+    elif how == "coefficients a frame short":
+        coefficients = coefficients[:-1]
+    elif how == "every array 10 frames short":  # consistent with each other, not with the entry
+        frames, coefficients = frames[:-10], coefficients[:-10]
+    elif how == "frames one column wider":
+        frames = np.concatenate([frames, frames[:, :1]], axis=1)
+    elif how == "frames flat":
+        frames = frames.reshape(-1)
+    elif how == "clip_info of another uid":
+        info[1] += 7
+    np.save(folder / "frames.npy", frames)
+    np.save(folder / "coefficients.npy", coefficients)
+    np.save(folder / "clip_info.npy", info)
+
+
+@pytest.mark.parametrize("how", ["non-finite frames", "non-finite emotion", "coefficients a frame short",
+                                 "every array 10 frames short", "frames one column wider", "frames flat",
+                                 "clip_info of another uid"])
+def test_migrate_leaves_out_a_version_1_clip_whose_arrays_disagree_with_its_entry(tmp_path, how):
+    """Version 1 had no CRC: what its arrays hold becomes a record with a fresh, valid one. Arrays that are
+    not what the entry says (shape, frames, uid; non-finite values) are left out for the next run to
+    re-do, never converted into a healthy-looking record (nor cut to fit, nor stop the migration)."""
+    fp, features = write_v1_cache(tmp_path, P, [70, 90])
+    layout = cf.CacheLayout(cf.cache_root(tmp_path, P, fp))
+    bad, good = "speaker/clip000.mp4", "speaker/clip001.mp4"
+    _v1_damage(next(layout.legacy_clips_dir.glob("clip000-*")), how)
+    assert cache_migrate.migrate(layout, P) == {"converted": 2, "already": 0, "unreadable": 1}  # + the failed one
+    with ClipIndex(layout) as index:
+        assert index.entry(bad) is None  # no row: the next run finds its video new and processes it
+        assert index.entry(good).status == cf.STATUS_CACHED
+    assert problems(layout) == []
+    cache = TrainingCache.open(tmp_path, P, fp)
+    assert [cache.clip_id(i) for i in range(len(cache))] == [good]
+    got = cache.read_features(0)
+    assert np.array_equal(got.motion_coefficients, features[good].motion_coefficients)
+    assert np.array_equal(got.motion_latents, features[good].motion_latents.astype(np.float16))
 
 
 def test_the_training_view_holds_no_per_clip_object_and_finds_ids(tmp_path):

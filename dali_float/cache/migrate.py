@@ -41,13 +41,25 @@ def _v1_header(layout: cf.CacheLayout) -> cf.CacheHeader:
                      f"was made of; rebuild it with `python preprocess.py --force_preprocess`")
 
 
-def _v1_features(folder, preset: Preset) -> cf.ClipFeatures:
+def _v1_features(folder, preset: Preset, entry: cf.ClipEntry) -> cf.ClipFeatures:
+    """The clip's arrays; ValueError when they are not what its entry says. Version 1 had no CRC and the
+    record gets a fresh, valid one: held to the entry as version 1's own verify did (frames.npy's shape,
+    clip_info's frames and uid), so another clip's or a damaged array is never converted or cut to fit.
+    ClipFeatures.check (on writing) does the rest: the other shapes, finite values."""
     frames = np.load(folder / _V1_FRAMES, mmap_mode="r")
+    info = np.load(folder / _V1_INFO)
+    width = preset.motion_dim + preset.audio_feature_dim
+    if frames.shape != (entry.num_frames, width):
+        raise ValueError(f"{_V1_FRAMES} has shape {frames.shape}, the entry says ({entry.num_frames}, {width})")
+    if info.ndim != 1 or len(info) < _V1_INFO_EMOTION or \
+            (info[0], info[1]) != (entry.num_frames, entry.clip_uid):
+        raise ValueError(f"{_V1_INFO} says (frames, uid) {np.ravel(info)[:_V1_INFO_EMOTION].tolist()}, the entry "
+                         f"({entry.num_frames}, {entry.clip_uid})")
     return cf.ClipFeatures(motion_latents=frames[:, cf.motion_columns(preset)],
                            audio_features=frames[:, cf.audio_columns(preset)],
                            motion_coefficients=np.load(folder / _V1_COEFFICIENTS),
                            identity=np.load(folder / _V1_IDENTITY),
-                           emotion=np.load(folder / _V1_INFO)[_V1_INFO_EMOTION:])
+                           emotion=info[_V1_INFO_EMOTION:])
 
 
 def migrate(layout: cf.CacheLayout, preset: Preset, progress: bool = False) -> dict[str, int]:
@@ -83,7 +95,7 @@ def migrate(layout: cf.CacheLayout, preset: Preset, progress: bool = False) -> d
                     writer.write(entry)
                 else:
                     try:
-                        features = _v1_features(path.parent, preset)
+                        features = _v1_features(path.parent, preset, entry)
                         writer.write(entry, features)
                     except (OSError, ValueError) as err:
                         log.warning("%s: its arrays are unreadable (%s): left out; the next run processes it",

@@ -306,7 +306,9 @@ def compact(layout: cf.CacheLayout, index: ClipIndex, shard_bytes: int = cf.SHAR
     Under the writer lock. `export_view` writes the training view of the moved records: it runs
     right after the commit point and before any old shard is deleted, so a reader opening the cache
     meanwhile finds either the old generation (then leased, its shards kept) or the new one. Old shards
-    a reader still leases are deleted by a later writer. Returns {shards, records, reclaimed_bytes, deferred}."""
+    a reader still leases are deleted by a later writer. A record failing its length or CRC-32 stops it before
+    the commit point, its new shards removed (damage is never copied): CacheError naming the clip and
+    `verify --repair`. Returns {shards, records, reclaimed_bytes, deferred}."""
     with WriterLock(layout.root):
         recover(layout, index)
         dead = {name: n for name, n in dead_bytes(layout, index).items() if n > 0}
@@ -316,6 +318,7 @@ def compact(layout: cf.CacheLayout, index: ClipIndex, shard_bytes: int = cf.SHAR
         rows = sorted((r for r in index.records() if r[1] in dead), key=lambda r: (r[1], r[2]))
         appender = ShardAppender(layout, writer_name("compact"), shard_bytes)
         moves = []
+        new_shards: list[str] = []
         fds = {name: os.open(layout.shard_path(name), os.O_RDONLY) for name in dead}
         try:
             for clip_id, shard, offset, nbytes, crc, _ in tqdm(rows, desc="compacting", unit="clip",
@@ -328,11 +331,23 @@ def compact(layout: cf.CacheLayout, index: ClipIndex, shard_bytes: int = cf.SHAR
                 if not appender.fits(nbytes):
                     appender.sync()
                     appender.start_shard()
+                    new_shards.append(appender.name)
                 moves.append((*appender.append(data), clip_id))
                 faults.point("compact-copy")
             faults.point("compact-fsync")
             appender.close()  # fsyncs the last new shard
             fsync_dir(layout.shards_dir)
+        except BaseException:
+            # Stopped before the commit point (a damaged record, a full disk): the new shards hold no live
+            # record, so remove them now and leave the folder as it was (a kill leaves them to `recover`).
+            if appender.fd is not None:
+                os.close(appender.fd)
+                appender.fd = None
+            for name in new_shards:
+                layout.shard_path(name).unlink(missing_ok=True)
+            if new_shards:
+                fsync_dir(layout.shards_dir)
+            raise
         finally:
             for fd in fds.values():
                 os.close(fd)
