@@ -514,7 +514,7 @@ def test_two_workers_make_the_same_cache_as_one(small, tmp_path, monkeypatch):
 
 
 def test_probing_in_processes_finds_what_one_process_finds(tmp_path, monkeypatch, caplog):
-    """A large plan probes in a pool of forked processes: the same VideoInfo per video, once per video
+    """A large plan probes in a pool of worker processes: the same VideoInfo per video, once per video
     (segments share it), None for a file that is not a video and for a task that is not a regular file."""
     clips = [c for c in sorted(demo.ensure_demo_corpus().rglob("*")) if c.suffix in (".mp4", ".webm")]
     paths = []

@@ -146,7 +146,7 @@ class TrainingCache:
 class WindowReader:
     """Windows and reference rows of a TrainingCache's clips with os.preadv into caller buffers.
 
-    Shard file descriptors are opened on first use in each process (forked DataLoader workers open
+    Shard file descriptors are opened on first use in each process (DataLoader worker processes open
     their own) and kept: a few shards, not one file per clip.
     """
 
@@ -160,7 +160,7 @@ class WindowReader:
         self._pid = os.getpid()
 
     def _fd(self, shard: int) -> int:
-        if self._pid != os.getpid():  # a forked worker: its own descriptors
+        if self._pid != os.getpid():  # another process (a worker): its own descriptors
             self._fds, self._pid = {}, os.getpid()
         fd = self._fds.get(shard)
         if fd is None:

@@ -564,7 +564,7 @@ _DECODERS_PID = os.getpid()
 def get_frame_decoder(input_size: int, device: str | torch.device = "cpu") -> FrameDecoder:
     """A process-wide FrameDecoder for (input_size, device), built on first use (pipelines reused).
 
-    A forked child (e.g. a DataLoader worker) builds its own: DALI's threads do not survive a fork.
+    A child process builds its own (workers start from the fork server with none: dali_float.forkserver).
     """
     global _DECODERS_PID
     key = (int(input_size), str(torch.device(device)))
