@@ -147,21 +147,6 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
-def open_paths(pid: int) -> set[str]:
-    """The files process `pid` has open now."""
-    paths = set()
-    try:
-        fds = list(Path(f"/proc/{pid}/fd").iterdir())
-    except (FileNotFoundError, PermissionError):
-        return paths
-    for fd in fds:
-        try:
-            paths.add(os.readlink(fd))
-        except OSError:
-            continue
-    return paths
-
-
 def kill(pid: int, sig: int = signal.SIGKILL) -> None:
     try:
         os.kill(pid, sig)

@@ -4,13 +4,17 @@ memory, a file not readable for a while, a disk that fills up while shards are a
 """
 from __future__ import annotations
 
+import os
+import re
+import signal
 import time
+from pathlib import Path
 
 from dali_float.cache import format as cf
 from dali_float.models import ModelSources
 from dali_float.preprocess import PreprocessOptions, run_preprocessing
 from faultkit import (DRIVER_PRELUDE, P, alive, common_args, descendants, file_sizes, in_mount_namespace, index_rows,
-                      kill, layout_of, make_clip, make_corpus, open_paths, run_script, start_script, wait_for)
+                      kill, layout_of, make_clip, make_corpus, run_script, start_script, wait_for)
 from unprivileged import run_python
 
 
@@ -58,34 +62,36 @@ def test_workers_die_with_their_parent(tmp_path):
             kill(pid)
 
 
+def worker_on(log: Path, clip_id: str, seen: set[int]) -> int | None:
+    """The pid of a worker the run (with -v) says is on `clip_id` now, other than those `seen`."""
+    for pid in map(int, re.findall(rf"worker \d+ \(pid (\d+)\) on {re.escape(clip_id)}$", log.read_text(), re.M)):
+        if pid not in seen:
+            return pid
+    return None
+
+
 def test_a_clip_that_kills_its_worker_twice_fails_alone(tmp_path):
     """With one worker (the default), a clip whose worker is killed (SIGKILL, the out-of-memory killer's
     signal) while it works on it is tried once more in a fresh worker; killed again, it is recorded failed
     with the signal, the run goes on with the other clips, and the next run tries it again (memory is the
     machine's matter). In-process, such a clip used to kill the run, every time."""
     data = make_corpus(tmp_path / "data", clips=2)
-    victim = make_clip(data / "long.mp4", 400, seed=7)  # 16 s: its file stays open a while
+    make_clip(data / "long.mp4", 400, seed=7)  # the longest: first in line, and long at work
     cache_dir = tmp_path / "cache"
     log = tmp_path / "run.log"
-    run = start_script("preprocess.py", *common_args(data, cache_dir), stderr_path=log)
-    killed = []
+    run = start_script("preprocess.py", *common_args(data, cache_dir), "-v", stderr_path=log)
+    killed: set[int] = set()
     try:
         for _ in range(2):
-            def worker_on_victim():
-                for pid in descendants(run.pid):
-                    if pid not in killed and alive(pid) and str(victim) in open_paths(pid):
-                        return pid
-                return None
-            pid = wait_for(worker_on_victim, "a worker reading long.mp4", timeout_s=180, poll_s=0.005)
+            pid = wait_for(lambda: worker_on(log, "long.mp4", killed), "a worker on long.mp4", poll_s=0.005)
             kill(pid)
-            killed.append(pid)
+            killed.add(pid)
         assert run.wait(timeout=300) == 1  # a clip failed, the others are cached
     finally:
         kill(run.pid)
     layout = layout_of(cache_dir)
     assert statuses(layout) == {"clip0.mp4": "cached", "clip1.mp4": "cached", "long.mp4": "failed"}
-    text = log.read_text()
-    assert "trying that clip once more in a fresh worker" in text
+    assert "trying that clip once more in a fresh worker" in log.read_text()
     with_reason = run_script("preprocess.py", "show", "long.mp4", *common_args(data, cache_dir))
     assert "died twice" in with_reason.stdout and "SIGKILL" in with_reason.stdout, with_reason.stdout
     again = run_preprocessing(options(data, cache_dir))  # not killed this time: tried again, cached
@@ -93,17 +99,29 @@ def test_a_clip_that_kills_its_worker_twice_fails_alone(tmp_path):
 
 
 def test_a_worker_killed_after_committing_loses_no_clip(tmp_path):
-    """A worker dies right after a group commit, before telling its parent the clip is done (every new
-    worker dies so, at its first commit): the clips its journal holds are done, none is called failed (the
-    parent used to write a failed row for the clip, which the merge then put over the cached one)."""
-    data = make_corpus(tmp_path / "data", clips=4, num_frames=100)
-    done = run_script("preprocess.py", *common_args(data, tmp_path / "cache"),
-                      env={"DALI_FLOAT_CRASH_AT": "journal-committed"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "died (exit code 86)" in done.stderr  # the workers did die
-    assert "once more" not in done.stderr  # no committed clip was taken for the one that killed its worker
-    assert statuses(layout_of(tmp_path / "cache")) == {f"clip{i}.mp4": "cached" for i in range(4)}
-    verify = run_script("preprocess.py", "verify", *common_args(data, tmp_path / "cache"))
+    """A worker dies right after a group commit, before telling its parent that the clip it was on is done
+    (every worker dies so, at its first commit): the clips its journal holds are done, none is taken for
+    the one that killed its worker, none is called failed (the parent used to write a failed row for
+    the clip, which the merge then put over the cached one). The worker is held (SIGSTOP) on its second
+    clip past the group's 2 s, so that the commit comes with that clip's write, in the middle of the run."""
+    data = make_corpus(tmp_path / "data", clips=4)
+    cache_dir = tmp_path / "cache"
+    log = tmp_path / "run.log"
+    run = start_script("preprocess.py", *common_args(data, cache_dir), "-v", stderr_path=log,
+                       env={"DALI_FLOAT_CRASH_AT": "journal-committed"})
+    try:
+        pid = wait_for(lambda: worker_on(log, "clip1.mp4", set()), "the worker on clip1.mp4", poll_s=0.005)
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(2.5)
+        os.kill(pid, signal.SIGCONT)
+        assert run.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        kill(run.pid)
+    text = log.read_text()
+    assert "worker 0 died (exit code 86) between clips" in text  # it died with clip1 committed
+    assert "once more" not in text  # no committed clip was taken for the one that killed its worker
+    assert statuses(layout_of(cache_dir)) == {f"clip{i}.mp4": "cached" for i in range(4)}
+    verify = run_script("preprocess.py", "verify", *common_args(data, cache_dir))
     assert verify.returncode == 0, verify.stdout + verify.stderr[-2000:]
 
 

@@ -35,6 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -44,7 +45,7 @@ from dali_float.cache import view as cache_view
 from dali_float.cache.index import ClipIndex, read_entries
 from dali_float.cache.lock import WriterLock
 from dali_float.cache.store import ShardWriter, dead_bytes, trim_shards, writer_name
-from dali_float.cli import usable_cores
+from dali_float.cli import cores_per_local_rank
 from dali_float.errors import NoSourcesError, UsageError
 from dali_float.paths import printable
 from dali_float.preprocess import plan
@@ -246,7 +247,9 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
     """
     ctx = worker_context()
     messages = ctx.Queue()
-    threads = max(1, usable_cores() // len(shares))
+    # Each worker gets its share of the threads this process may use (torch's setting: torchrun sets one
+    # per rank), so that a clip's features do not depend on how many workers share the machine.
+    threads = max(1, min(torch.get_num_threads(), cores_per_local_rank()) // len(shares))
     level = logging.getLogger("dali_float").getEffectiveLevel()
     slots = [_Worker(w, share) for w, share in enumerate(shares)]
     deaths: dict[str, int] = defaultdict(int)  # clip id -> worker processes it was on when they died
@@ -269,6 +272,7 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
         slot = slots[w]
         if kind == "start":
             slot.current = payload
+            log.debug("worker %d (pid %d) on %s", w, slot.proc.pid, printable(payload))
             progress.start(w, payload)
         elif kind == "frames":
             progress.frames(w, payload)
