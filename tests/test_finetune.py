@@ -1,4 +1,5 @@
-"""Fine-tuning FLOAT: `train.py --init_from` (FLOAT's float.pth or a run of ours).
+"""Fine-tuning FLOAT and handing it back: `train.py --init_from` (FLOAT's float.pth or a run of ours) and
+`python -m dali_float.export` (a float.pth FLOAT's generate.py loads).
 
 The reference for float.pth is tests/float_layout.py, written from FLOAT's public architecture, not from
 this project's models: `generate_py_layout` is the whole file as generate.py reads it (every parameter of
@@ -16,10 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from dali_float import atomic, export
 from dali_float.config import FLOAT_PRESET, TINY_PRESET
 from dali_float.errors import CheckpointError, UsageError
 from dali_float.loaders import TrainingCache
 from dali_float.models import FloatMotionModel
+from dali_float.models.fmt import from_float_names
 from dali_float.training import DataSource, TrainConfig, train
 from dali_float.training.checkpoint import CheckpointStore, load_checkpoint
 from dali_float.training.initial import read_initial_weights
@@ -185,3 +188,118 @@ def test_init_from_refuses_other_sizes_names_and_resume_in_one_line(float_pth, t
                                  str(tmp_path / "b"), "--no_progress"))
     assert line.startswith("error: --init_from starts a new run from other weights, --resume continues this one")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+@pytest.mark.parametrize("buffers", [False, True])
+def test_export_has_floats_names_and_shapes_at_floats_sizes(buffers):
+    """A float-preset model written into FLOAT's own float.pth layout (meta tensors): exactly the keys and
+    shapes of the file as generate.py reads it, so its load_weight finds every parameter; buffers only where
+    the base has them."""
+    layout = generate_py_layout(FloatDims(), buffers)
+    base = filled(layout, device="meta")
+    with torch.device("meta"):
+        trained = FloatMotionModel(FLOAT_PRESET).state_dict()
+    out = export.float_pth_with(base, trained, FLOAT_PRESET, Path("float.pth"), Path("run.pt"))
+    assert {k: tuple(v.shape) for k, v in out.items()} == layout
+    loaded_by_generate_py = [k for k in generate_py_layout(FloatDims()) if "wav2vec2" not in k]
+    assert all(k in out for k in loaded_by_generate_py)
+    assert all(out[k] is trained[k] for k in trained if k.startswith("fmt.") and k in layout)
+    assert all(out[k] is base[k] for k in layout if not k.startswith(TRAINED_PREFIXES))
+
+
+def test_export_then_init_from_gives_the_same_tensors(float_pth, synthetic, tmp_path):
+    """The run's EMA weights (default) or raw ones (--no_ema) in FLOAT's layout, the rest of the base
+    unchanged, the base defaulting to the run's --motion_ckpt; --init_from reads back identical tensors."""
+    path, state = float_pth
+    run = tmp_path / "run"
+    train(config(run, steps=3, ema_decay=0.9, init_from=path, motion_ckpt=path), synthetic)
+    for use_ema, name in ((None, "ema.pth"), (False, "raw.pth")):
+        done = export.export_run(run, tmp_path / name, use_ema)
+        assert done.base == path and done.weights == ("model" if use_ema is False else "EMA")
+        written = torch.load(tmp_path / name, weights_only=True)
+        assert {k: tuple(v.shape) for k, v in written.items()} == generate_py_layout(TINY_DIMS)
+        expected = run_weights(run, ema=use_ema is not False)
+        assert all(torch.equal(written[k], v) for k, v in expected.items())
+        assert all(torch.equal(written[k], state[k]) for k in state if not k.startswith(TRAINED_PREFIXES))
+        again = read_initial_weights(tmp_path / name, P)
+        assert set(again.state) == set(from_float_names(expected))
+        assert all(torch.equal(again.state[k], v) for k, v in from_float_names(expected).items())
+    ema, raw = (torch.load(tmp_path / n, weights_only=True) for n in ("ema.pth", "raw.pth"))
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema if k.startswith("fmt.blocks"))
+
+
+def test_export_refusals_are_one_line(float_pth, synthetic, tmp_path, monkeypatch):
+    path, state = float_pth
+    plain = tmp_path / "plain"  # no EMA, no --motion_ckpt recorded
+    train(config(plain, steps=1), synthetic)
+    with pytest.raises(UsageError, match="records no --motion_ckpt .* pass --base float.pth"):
+        export.export_run(plain, tmp_path / "x.pth")
+    with pytest.raises(CheckpointError, match="kept no EMA .* drop --ema"):
+        export.export_run(plain, tmp_path / "x.pth", use_ema=True, base=path)
+    with pytest.raises(UsageError, match="is the base"):
+        export.export_run(plain, path, base=path)
+
+    no_decoder = tmp_path / "encoder_only.pth"  # e.g. a --motion_ckpt that is not a whole float.pth
+    torch.save({k: v for k, v in state.items() if not k.startswith("motion_autoencoder.dec.")
+                or k.endswith("direction.weight")}, no_decoder)
+    with pytest.raises(CheckpointError, match=r"--base checkpoint .*encoder_only\.pth does not fit: \d+ missing, 0 "
+                                              r"unexpected.*missing: motion_autoencoder\.dec\.input\.input"):
+        export.export_run(plain, tmp_path / "x.pth", base=no_decoder)
+    big = tmp_path / "float_sized.pth"
+    torch.save(filled(generate_py_layout(FloatDims()), device="meta"), big)
+    with pytest.raises(CheckpointError) as err:
+        export.export_run(plain, tmp_path / "x.pth", base=big)
+    assert "shape-mismatched" in str(err.value) and "fits --preset float" in str(err.value)
+    assert "\n" not in str(err.value) and not (tmp_path / "x.pth").exists()
+
+    # Written atomically: a write that dies half-way leaves the file that was there, and no temporary file.
+    (tmp_path / "x.pth").write_bytes(b"before")
+
+    def dies(obj, f):
+        f.write(b"half")
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(torch, "save", dies)
+    with pytest.raises(OSError):
+        export.export_run(plain, tmp_path / "x.pth", base=path)
+    assert (tmp_path / "x.pth").read_bytes() == b"before"
+    assert not list(tmp_path.glob(f"*{atomic.TMP_MARKER}*"))
+    monkeypatch.undo()
+
+    line = one_error_line(script("-m", "dali_float.export", str(plain), str(tmp_path / "y.pth")))
+    assert "records no --motion_ckpt" in line and not (tmp_path / "y.pth").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the round trip
+
+@pytest.mark.slow
+def test_round_trip_float_pth_train_export_init(tmp_path):
+    """train.py on the demo corpus from a tiny float.pth (2 steps, EMA), export with --base, --init_from the
+    export: the run's EMA weights exactly; the motion auto-encoder and the rest of float.pth unchanged; the
+    key set and shapes those of the reference layout."""
+    base = tiny_float_pth(tmp_path / "float.pth", seed=11)
+    run = tmp_path / "run"
+    trained = script("train.py", "--init_from", str(tmp_path / "float.pth"), "--steps", "2", "--batch_size", "2",
+                     "--ema_decay", "0.5", "--output_dir", str(run), "--no_progress")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert f"init: FMT from FLOAT checkpoint {tmp_path / 'float.pth'}: 33 tensors" in trained.stderr
+    assert "init: audio projection from FLOAT checkpoint" in trained.stderr
+    weights = run_weights(run)
+    for key, value in weights.items():  # started from float.pth (2 warm-up steps move it by < 1e-4), and moved
+        torch.testing.assert_close(value, base[key], rtol=0, atol=1e-4)
+    assert any(not torch.equal(v, base[k]) for k, v in weights.items())
+
+    exported = script("-m", "dali_float.export", str(run), str(tmp_path / "out.pth"), "--base",
+                      str(tmp_path / "float.pth"))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    written = torch.load(tmp_path / "out.pth", weights_only=True)
+    assert {k: tuple(v.shape) for k, v in written.items()} == generate_py_layout(TINY_DIMS)
+    assert all(torch.equal(written[k], v) for k, v in weights.items())
+    assert all(torch.equal(written[k], v) for k, v in base.items() if not k.startswith(TRAINED_PREFIXES))
+
+    again = read_initial_weights(tmp_path / "out.pth", P)
+    assert again.kind == "float.pth"
+    assert set(again.state) == set(from_float_names(weights))
+    assert all(torch.equal(again.state[k], v) for k, v in from_float_names(weights).items())
