@@ -3,6 +3,7 @@
 
     python train.py --loader dali --preset tiny --steps 200         # the demo corpus, CPU or one GPU
     python train.py --resume latest --steps 400                      # continue that run
+    python train.py --preset float --init_from float.pth --motion_ckpt float.pth ...   # fine-tune FLOAT
     torchrun --nproc_per_node 8 train.py --preset float --data_root /data/HDTF --motion_ckpt float.pth \\
         --wav2vec2_path wav2vec2-base-960h --emotion_path wav2vec-emotion --batch_size 8
 
@@ -17,8 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_arguments, add_preset_argument, run_main,
-                            setup_logging)
+from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_arguments, add_preset_argument,
+                            existing_path, run_main, setup_logging)
 from dali_float.loaders import EPOCH_POLICIES, LOADER_KINDS, REF_RULES
 from dali_float.loaders.dali_loader import READ_STRATEGIES
 from dali_float.training.config import DEVICES, LR_SCHEDULES, PRECISIONS, WANDB_MODES, TrainConfig
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"newest checkpoints kept; 0 = all (default {D.keep_checkpoints})")
     g.add_argument("--resume", default=None, metavar="latest|PATH",
                    help="continue a run: 'latest' in --output_dir, or a checkpoint file or run folder")
+    g.add_argument("--init_from", type=existing_path, default=None, metavar="PATH",
+                   help="start a new run from these weights: FLOAT's float.pth (its FMT and audio projection), or a "
+                        "run folder or checkpoint of ours (its EMA weights when it kept them); optimiser, schedule "
+                        "and step start afresh. Not with --resume")
     g.add_argument("--log_every", type=int, default=D.log_every,
                    help=f"steps between log lines and metrics.jsonl records (default {D.log_every})")
     g.add_argument("--log_samples", action="store_true",

@@ -3,17 +3,22 @@
 Key names and shapes follow the official architecture (repository deepbrainai-research/float, read, not
 copied): `options/base_options.py` for the sizes, `models/float/FLOAT.py` for the top-level attributes
 (`motion_autoencoder`, `audio_encoder`, `emotion_encoder`, `fmt`), `models/float/encoder.py` for the LIA
-encoder (`enc.net_app.convs.*`, `enc.fc.*`), `models/float/FMT.py` for the flow-matching transformer
+encoder (`enc.net_app.convs.*`, `enc.fc.*`), `models/float/styledecoder.py` for the decoder (Synthesis,
+StyledConv, ModulatedConv2d, ToRGB, ToFlow), `models/float/FMT.py` for the flow-matching transformer
 (timm's `Mlp` names its layers fc1/fc2; LayerNorms without affine hold no tensors). `generate.py` fills
-the model by `named_parameters()`, so a float.pth need not hold buffers (blur kernels, the attention
-mask) nor the frozen wav2vec2 weights; `buffers=True` adds the buffers a full `state_dict()` would have.
-The tests load such checkpoints into the project's models and check where every tensor lands.
+the model by `named_parameters()` (skipping names with "wav2vec2"), so a float.pth need not hold buffers
+(blur kernels, the attention mask) nor the frozen wav2vec2 weights; `buffers=True` adds the buffers a
+full `state_dict()` would have. The tests load such checkpoints into the project's models and check where
+every tensor lands; `generate_py_layout` is the whole file as generate.py reads it (the export's reference).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from dali_float.config import TINY_PRESET
 
 Shape = tuple[int, ...]
 
@@ -94,19 +99,75 @@ def audio_projection_layout(d: FloatDims) -> dict[str, Shape]:
             p + "1.bias": (d.dim_w,)}
 
 
-# A few keys of the parts of FLOAT the project does not load (image decoder, frozen wav2vec2s): present in
-# a float.pth, to be ignored.
-OTHER_KEYS: dict[str, Shape] = {
-    "motion_autoencoder.dec.to_flows.0.conv.weight": (1, 2, 3, 3),
+def motion_decoder_layout(d: FloatDims, buffers: bool = False) -> dict[str, Shape]:
+    """`motion_autoencoder.dec.*`: FLOAT's Synthesis(size, style_dim = dim_w, motion_dim = dim_m), the motion
+    dictionary `direction.weight` included."""
+    ch = dict(d.channels)
+    p = "motion_autoencoder.dec."
+    keys: dict[str, Shape] = {p + "direction.weight": (d.dim_w, d.dim_m), p + "input.input": (1, ch[4], 4, 4)}
+
+    def styled(name: str, cin: int, cout: int, upsample: bool) -> None:
+        keys.update({f"{p}{name}.conv.weight": (1, cout, cin, 3, 3),
+                     f"{p}{name}.conv.modulation.weight": (cin, d.dim_w), f"{p}{name}.conv.modulation.bias": (cin,),
+                     f"{p}{name}.noise.weight": (1,), f"{p}{name}.activate.bias": (1, cout, 1, 1)})
+        if upsample and buffers:
+            keys[f"{p}{name}.conv.blur.kernel"] = (4, 4)
+
+    def to_rgb(name: str, cin: int, upsample: bool) -> None:
+        keys.update({f"{p}{name}.conv.0.weight": (3, cin, 1, 1), f"{p}{name}.conv.1.bias": (1, 3, 1, 1),
+                     f"{p}{name}.bias": (1, 3, 1, 1)})
+        if upsample and buffers:
+            keys[f"{p}{name}.upsample.kernel"] = (4, 4)
+
+    styled("conv1", ch[4], ch[4], False)
+    to_rgb("to_rgb1", ch[4], False)
+    cin = ch[4]
+    for k, log_r in enumerate(range(3, int(math.log2(d.input_size)) + 1)):
+        cout = ch[2**log_r]
+        styled(f"convs.{2 * k}", cin, cout, True)
+        styled(f"convs.{2 * k + 1}", cout, cout, False)
+        to_rgb(f"to_rgbs.{k}", cout, True)
+        keys.update({f"{p}to_flows.{k}.conv.weight": (1, 3, cout, 1, 1),
+                     f"{p}to_flows.{k}.conv.modulation.weight": (cout, d.dim_w),
+                     f"{p}to_flows.{k}.conv.modulation.bias": (cout,), f"{p}to_flows.{k}.bias": (1, 3, 1, 1)})
+        if buffers:
+            keys[f"{p}to_flows.{k}.upsample.kernel"] = (4, 4)
+        cin = cout
+    return keys
+
+
+# Stand-ins for the frozen wav2vec2 models' keys (generate.py skips every name holding "wav2vec2"): present in
+# a float.pth, to be ignored by the loaders and carried unchanged by the export.
+WAV2VEC2_KEYS: dict[str, Shape] = {
     "audio_encoder.wav2vec2.feature_projection.projection.weight": (4, 4),
     "emotion_encoder.wav2vec2_for_emotion.classifier.out_proj.weight": (7, 4),
 }
+
+# A few keys of the parts of FLOAT the project does not load (image decoder, frozen wav2vec2s): present in
+# a float.pth, to be ignored. (The decoder key is a stand-in of another shape: these loaders never read it.)
+OTHER_KEYS: dict[str, Shape] = {"motion_autoencoder.dec.to_flows.0.conv.weight": (1, 2, 3, 3), **WAV2VEC2_KEYS}
 
 
 def float_checkpoint_layout(d: FloatDims, buffers: bool = False) -> dict[str, Shape]:
     """Every key of a float.pth the project reads, plus OTHER_KEYS."""
     return {**motion_encoder_layout(d, buffers), **fmt_layout(d, buffers), **audio_projection_layout(d),
             **OTHER_KEYS}
+
+
+def generate_py_layout(d: FloatDims, buffers: bool = False) -> dict[str, Shape]:
+    """The whole float.pth as FLOAT's generate.py reads it: every parameter of FLOAT's model (motion
+    auto-encoder's encoder and decoder, FMT, audio projection) by name, plus the wav2vec2 stand-ins;
+    `buffers=True` adds the buffers of a full state_dict()."""
+    return {**motion_encoder_layout(d, buffers), **motion_decoder_layout(d, buffers), **fmt_layout(d, buffers),
+            **audio_projection_layout(d), **WAV2VEC2_KEYS}
+
+
+# The tiny preset's sizes in FLOAT's terms: checkpoints of FLOAT's layout small enough to fill with values.
+TINY_DIMS = FloatDims(input_size=TINY_PRESET.motion.input_size, dim_w=TINY_PRESET.motion_dim,
+                      dim_m=TINY_PRESET.motion.num_coefficients, dim_a=TINY_PRESET.fmt.audio_dim,
+                      dim_h=TINY_PRESET.fmt.hidden_size, fmt_depth=TINY_PRESET.fmt.depth,
+                      mlp_ratio=TINY_PRESET.fmt.mlp_ratio, audio_input=TINY_PRESET.audio_feature_dim,
+                      frequency_embedding=TINY_PRESET.fmt.timestep_frequency_dim, channels=TINY_PRESET.motion.channels)
 
 
 def filled(layout: dict[str, Shape], seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -24,8 +24,8 @@ from dali_float.models import (AudioEncoder, EmotionEncoder, FloatMotionModel, F
                                load_motion_checkpoint, model_identities, uniform_emotion)
 from dali_float.models.motion_encoder import FLOAT_DIRECTION_KEY, FLOAT_ENCODER_PREFIX
 import float_reference
-from float_layout import (FloatDims, audio_projection_layout, filled, float_checkpoint_layout, fmt_layout,
-                          motion_encoder_layout)
+from float_layout import (TINY_DIMS, FloatDims, audio_projection_layout, filled, float_checkpoint_layout,
+                          fmt_layout, motion_encoder_layout)
 
 TINY = TINY_PRESET
 REPO = Path(__file__).resolve().parents[1]
@@ -36,13 +36,6 @@ SAMPLES_PER_FRAME = TINY.timing.audio_samples_per_frame
 
 def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
-# The tiny preset's sizes in FLOAT's terms: checkpoints of FLOAT's layout small enough to fill with values.
-TINY_DIMS = FloatDims(input_size=TINY.motion.input_size, dim_w=TINY.motion_dim, dim_m=TINY.motion.num_coefficients,
-                      dim_a=TINY.fmt.audio_dim, dim_h=TINY.fmt.hidden_size, fmt_depth=TINY.fmt.depth,
-                      mlp_ratio=TINY.fmt.mlp_ratio, audio_input=TINY.audio_feature_dim,
-                      frequency_embedding=TINY.fmt.timestep_frequency_dim, channels=TINY.motion.channels)
 
 
 def _encoder_key(float_key: str) -> str:

@@ -2,8 +2,9 @@
 batched modulated convolution against StyleGAN2's per-frame weights, FLOAT's warp grid, batched output
 equal to frame-by-frame output, and the encoder's skip features.
 
-The expected keys are written here from FLOAT's public code (`models/float/styledecoder.py`: Synthesis,
-StyledConv, ModulatedConv2d, ToRGB, ToFlow; the LIA channel table), not read from the module.
+The expected keys are written from FLOAT's public code (`models/float/styledecoder.py`: Synthesis,
+StyledConv, ModulatedConv2d, ToRGB, ToFlow; the LIA channel table) in tests/float_layout.py, not read from
+the module.
 """
 from __future__ import annotations
 
@@ -20,45 +21,17 @@ from dali_float.config import FLOAT_PRESET, TINY_PRESET
 from dali_float.errors import CheckpointError
 from dali_float.models import MotionDecoder, MotionEncoder, build_decoder, load_decoder_checkpoint
 from dali_float.models.motion_decoder import FLOAT_DECODER_PREFIX, ModulatedConv2d, ToFlow, Upsample, decoder_keys
+from float_layout import TINY_DIMS, FloatDims, motion_decoder_layout
 
 TINY = TINY_PRESET.motion
 BLUR = torch.tensor([1.0, 3.0, 3.0, 1.0])
 BLUR_2D = torch.outer(BLUR, BLUR) / 64  # FLOAT's make_kernel([1, 3, 3, 1])
 
 
-def floats_decoder_keys(size: int, style: int, motion: int, channels: dict[int, int]) -> dict[str, tuple]:
-    """`motion_autoencoder.dec.*` of FLOAT's Synthesis(size, style_dim, motion_dim), from its code."""
-    keys: dict[str, tuple] = {"direction.weight": (style, motion), "input.input": (1, channels[4], 4, 4)}
-
-    def styled(name: str, cin: int, cout: int, upsample: bool) -> None:
-        keys.update({f"{name}.conv.weight": (1, cout, cin, 3, 3), f"{name}.conv.modulation.weight": (cin, style),
-                     f"{name}.conv.modulation.bias": (cin,), f"{name}.noise.weight": (1,),
-                     f"{name}.activate.bias": (1, cout, 1, 1)})
-        if upsample:
-            keys[f"{name}.conv.blur.kernel"] = (4, 4)
-
-    def to_rgb(name: str, cin: int, upsample: bool) -> None:
-        keys.update({f"{name}.conv.0.weight": (3, cin, 1, 1), f"{name}.conv.1.bias": (1, 3, 1, 1),
-                     f"{name}.bias": (1, 3, 1, 1)})
-        if upsample:
-            keys[f"{name}.upsample.kernel"] = (4, 4)
-
-    styled("conv1", channels[4], channels[4], False)
-    to_rgb("to_rgb1", channels[4], False)
-    cin = channels[4]
-    for k, log_r in enumerate(range(3, int(math.log2(size)) + 1)):
-        cout = channels[2**log_r]
-        styled(f"convs.{2 * k}", cin, cout, True)
-        styled(f"convs.{2 * k + 1}", cout, cout, False)
-        to_rgb(f"to_rgbs.{k}", cout, True)
-        keys.update({f"to_flows.{k}.upsample.kernel": (4, 4), f"to_flows.{k}.conv.weight": (1, 3, cout, 1, 1),
-                     f"to_flows.{k}.conv.modulation.weight": (cout, style),
-                     f"to_flows.{k}.conv.modulation.bias": (cout,), f"to_flows.{k}.bias": (1, 3, 1, 1)})
-        cin = cout
-    return keys
-
-
-FLOAT_CHANNELS = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64, 512: 32}
+def floats_decoder_keys(d: FloatDims) -> dict[str, tuple]:
+    """`motion_autoencoder.dec.*` of FLOAT's Synthesis at `d`'s sizes (tests/float_layout.py), buffers
+    included, without the prefix: as the decoder's keys read."""
+    return {k.removeprefix(FLOAT_DECODER_PREFIX): v for k, v in motion_decoder_layout(d, buffers=True).items()}
 
 
 def float_layout(decoder: MotionDecoder, with_buffers: bool = True) -> dict[str, torch.Tensor]:
@@ -96,12 +69,12 @@ def tiny_pair():
 def test_decoder_has_floats_keys_and_shapes():
     dec = MotionDecoder(FLOAT_PRESET.motion)
     found = {k: tuple(v) for k, v in decoder_keys(dec).items()}
-    assert found == floats_decoder_keys(512, 512, 20, FLOAT_CHANNELS)
+    assert found == floats_decoder_keys(FloatDims())
     assert len(found) == 150  # input, direction, conv1 (5), to_rgb1 (3), and 7 levels of 6 + 5 + 4 + 5
     # The blur kernels are buffers in FLOAT (register_buffer); every other key is a parameter.
     assert {n for n, _ in dec.named_buffers()} == {k for k in found if k.endswith(".kernel")}
     tiny = {k: tuple(v) for k, v in decoder_keys(MotionDecoder(TINY)).items()}
-    assert tiny == floats_decoder_keys(64, 64, 20, dict(TINY.channels))
+    assert tiny == floats_decoder_keys(TINY_DIMS)
 
 
 def test_float_layout_checkpoint_loads_strictly(tmp_path, tiny_pair):

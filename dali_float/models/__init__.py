@@ -5,6 +5,7 @@
   audio_encoder   waveform -> wav2vec2 features of all layers at 25 fps (B, T, 12 x 768)
   emotion         waveform -> 7 emotion probabilities (or RAVDESS file name / uniform)
   fmt             flow-matching transformer + trainable audio projection (what training optimises)
+  float_pth       FLOAT's float.pth as a whole: its parts, their names, a check of a whole file (the export)
 
 Here: where the encoders' weights come from (`ModelSources`), their identities for the cache
 fingerprint without building anything (`model_identities`), `build_encoders` for preprocessing and

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 FLOAT_FMT_PREFIX = "fmt."
 FLOAT_AUDIO_PROJECTION_PREFIX = "audio_encoder.audio_projection."
+OWN_AUDIO_PROJECTION_PREFIX = "audio_projection."  # FloatMotionModel's name for the same module
 _MAX_PERIOD = 10_000  # of the sinusoidal timestep and position embeddings
 _LN_EPS = 1e-6
 
@@ -292,25 +294,55 @@ class FloatMotionModel(nn.Module):
         buffer may be absent. Raises CheckpointError (one line) on a missing file or any mismatch.
         """
         path = Path(path)
-        raw = read_state_dict(path, "FLOAT")
-        state: dict[str, torch.Tensor] = {}
-        for key, value in raw.items():
-            if key.startswith(FLOAT_FMT_PREFIX):
-                state[key] = value
-            elif key.startswith(FLOAT_AUDIO_PROJECTION_PREFIX):
-                state["audio_projection." + key[len(FLOAT_AUDIO_PROJECTION_PREFIX):]] = value
-            elif key.startswith("audio_projection."):
-                state[key] = value
-        if not state:
-            raise CheckpointError(f"FLOAT checkpoint {path} has no fmt.* or audio_encoder.audio_projection.* keys; "
-                                  f"pass FLOAT's float.pth or a FloatMotionModel state dict")
-        buffers = frozenset(name for name, _ in self.named_buffers())
-        check_state_dict(path, "FLOAT", {k: v.shape for k, v in self.state_dict().items()}, state,
-                         optional=buffers,
-                         hint=f"float.pth needs --preset float (this model is preset {self.preset.name})")
+        state = checked_float_state(self, read_state_dict(path, "FLOAT"), path)
         self.load_state_dict(state, strict=False)  # strictness checked above; the mask buffer may be absent
         log.info("loaded FMT and audio projection from %s (%d tensors)", path, len(state))
         return self
+
+
+def from_float_names(raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The FloatMotionModel tensors of a float.pth (or of a FloatMotionModel state dict), by this model's
+    names: `fmt.*` as they are, `audio_encoder.audio_projection.*` -> `audio_projection.*`; every other
+    key (motion auto-encoder, wav2vec2, emotion encoder) left out."""
+    state: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if key.startswith(FLOAT_FMT_PREFIX):
+            state[key] = value
+        elif key.startswith(FLOAT_AUDIO_PROJECTION_PREFIX):
+            state[OWN_AUDIO_PROJECTION_PREFIX + key[len(FLOAT_AUDIO_PROJECTION_PREFIX):]] = value
+        elif key.startswith(OWN_AUDIO_PROJECTION_PREFIX):
+            state[key] = value
+    return state
+
+
+def float_name(key: str) -> str:
+    """A FloatMotionModel state-dict key by float.pth's name (the inverse of from_float_names)."""
+    if key.startswith(OWN_AUDIO_PROJECTION_PREFIX):
+        return FLOAT_AUDIO_PROJECTION_PREFIX + key[len(OWN_AUDIO_PROJECTION_PREFIX):]
+    if key.startswith(FLOAT_FMT_PREFIX):
+        return key
+    raise ValueError(f"{key!r} is not a FloatMotionModel key")
+
+
+def to_float_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A FloatMotionModel state dict by float.pth's names."""
+    return {float_name(key): value for key, value in state.items()}
+
+
+def checked_float_state(model: FloatMotionModel, raw: Mapping[str, torch.Tensor], path: Path
+                        ) -> dict[str, torch.Tensor]:
+    """`model`'s tensors out of a float.pth or FloatMotionModel state dict read from `path`, checked strictly
+    against `model` (names and shapes; its buffers may be absent). `model` may live on the meta device:
+    only its shapes are read. CheckpointError (one line: counts, the first offending keys with both
+    shapes, what to pass) on any mismatch."""
+    state = from_float_names(raw)
+    if not state:
+        raise CheckpointError(f"FLOAT checkpoint {path} has no fmt.* or audio_encoder.audio_projection.* keys; "
+                              f"pass FLOAT's float.pth or a FloatMotionModel state dict")
+    buffers = frozenset(name for name, _ in model.named_buffers())
+    check_state_dict(path, "FLOAT", {k: v.shape for k, v in model.state_dict().items()}, state, optional=buffers,
+                     hint=f"float.pth needs --preset float (this model is preset {model.preset.name})")
+    return state
 
 
 def count_parameters(module: nn.Module) -> int:

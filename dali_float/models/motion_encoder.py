@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -288,15 +288,27 @@ def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
     Unwraps {"state_dict": ...} and {"model": ...}. `what` names the checkpoint in error messages.
     Raises CheckpointError (one line) for a missing file or anything that is not a torch state dict.
     """
+    return as_state_dict(read_torch_file(path, what), path, what)
+
+
+def read_torch_file(path: Path, what: str) -> Any:
+    """torch.load of `path` onto the CPU, tensors and plain Python only (weights_only); CheckpointError
+    (one line) for a missing file or one torch cannot read. For callers that must look inside before
+    knowing what the file is (`as_state_dict` then makes it a state dict)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} checkpoint {path} does not exist or is not a file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for a non-torch file
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{what} checkpoint {path} is not a torch checkpoint ({reason[:200]}); "
                               f"pass a file written by torch.save") from None
+
+
+def as_state_dict(obj: Any, path: Path, what: str) -> dict[str, torch.Tensor]:
+    """What read_torch_file gave, as a flat {name: tensor} dict: {"state_dict": ...} and {"model": ...}
+    unwrapped; CheckpointError (one line) when it is not a state dict of tensors."""
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]

@@ -26,6 +26,7 @@ from dali_float.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_FORMAT = "dali_float.training"  # the "format" entry of every checkpoint
 CHECKPOINT_VERSION = 1
 LATEST = "latest"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
@@ -110,19 +111,34 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - a damaged or foreign file: one line for the user
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: "
                               f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
-    if not isinstance(state, dict) or state.get("format") != "dali_float.training" \
-            or state.get("version") != CHECKPOINT_VERSION:
+    return checked_training_checkpoint(state, path)
+
+
+def is_training_checkpoint(obj: Any) -> bool:
+    """Whether a loaded file is a checkpoint of this trainer (of any version), not e.g. FLOAT's float.pth."""
+    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+
+
+def checked_training_checkpoint(obj: Any, path: Path) -> dict[str, Any]:
+    """`obj` (a loaded file) when it is a training checkpoint of CHECKPOINT_VERSION; CheckpointError otherwise."""
+    if not is_training_checkpoint(obj) or obj.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} is not a dali-float training checkpoint of version {CHECKPOINT_VERSION}")
-    return state
+    return obj
 
 
-def check_resumable(state: dict[str, Any], path: Path, preset: Preset, world_size: int) -> None:
-    """CheckpointError when the checkpoint cannot continue this run: another preset or world size."""
+def check_preset(state: dict[str, Any], path: Path, preset: Preset, fix: str) -> None:
+    """CheckpointError when the checkpoint belongs to another preset (or another version of it); `fix`
+    says what else to pass."""
     saved = state["preset"]
     if saved["name"] != preset.name or saved["digest"] != preset.digest():
         raise CheckpointError(f"{path} belongs to preset {saved['name']!r} (digest {saved['digest'][:12]}); this "
                               f"run uses preset {preset.name!r} (digest {preset.digest()[:12]}): pass "
-                              f"--preset {saved['name']} or another --resume")
+                              f"--preset {saved['name']} or {fix}")
+
+
+def check_resumable(state: dict[str, Any], path: Path, preset: Preset, world_size: int) -> None:
+    """CheckpointError when the checkpoint cannot continue this run: another preset or world size."""
+    check_preset(state, path, preset, "another --resume")
     if len(state["ranks"]) != world_size:
         raise CheckpointError(f"{path} was written by {len(state['ranks'])} rank(s); this run has {world_size}: "
                               f"resume with the same number of processes")

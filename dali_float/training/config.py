@@ -72,6 +72,7 @@ class TrainConfig:
     save_every: int = 1000  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 3  # newest checkpoints kept (0: all)
     resume: str | None = None  # "latest" or a checkpoint path
+    init_from: Path | None = None  # a new run's weights: float.pth, a run folder or checkpoint (training.initial)
     log_every: int = 10  # steps between log lines / metrics.jsonl records
     progress: bool = True  # tqdm bar (rank 0)
     log_samples: bool = False  # write each rank's (clip_id, window_start) per step to samples_rank<R>.tsv
@@ -109,6 +110,9 @@ class TrainConfig:
                              f"{self.loss_ot_weight} and {self.loss_vel_weight}")
         if self.grad_clip <= 0 or self.weight_decay < 0:
             raise UsageError(f"grad_clip must be > 0 and weight_decay >= 0, got {self.grad_clip}, {self.weight_decay}")
+        if self.init_from is not None and self.resume is not None:
+            raise UsageError("--init_from starts a new run from other weights, --resume continues this one: pass one "
+                             "of the two")
         ModelSources(self.motion_ckpt, self.wav2vec2_path, self.emotion_path, self.emotion or "model")
 
     @classmethod

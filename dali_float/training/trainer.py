@@ -30,11 +30,13 @@ from dali_float.cli import cores_per_local_rank
 from dali_float.config import Preset, get_preset
 from dali_float.errors import DaliFloatError, UsageError
 from dali_float.models import FloatMotionModel
-from dali_float.training.checkpoint import (CHECKPOINT_VERSION, CheckpointStore, capture_rng, check_fingerprint,
-                                            check_resumable, load_checkpoint, resolve_resume, restore_rng)
+from dali_float.training.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointStore, capture_rng,
+                                            check_fingerprint, check_resumable, load_checkpoint, resolve_resume,
+                                            restore_rng)
 from dali_float.training.config import TrainConfig
 from dali_float.training.data import DataSource, open_training_loader, prepare_data
 from dali_float.training.distributed import Distributed, StopSignal
+from dali_float.training.initial import log_initial_weights, read_initial_weights
 from dali_float.training.monitor import Monitor, SampleLog, StepStats, truncate_metrics
 from dali_float.training.objective import ConditionDropout, flow_matching_loss
 from dali_float.training.optim import EMA, LRSchedule, build_optimizer, trainable_parameters
@@ -87,6 +89,7 @@ def _train(cfg: TrainConfig, dist: Distributed, source: DataSource | None) -> Tr
     torch.manual_seed(cfg.seed + dist.rank)
     store = CheckpointStore(cfg.checkpoint_dir, cfg.keep_checkpoints)
     resumed = _read_resume(cfg, store, preset, dist.world_size)  # before any slow work: bad paths fail fast
+    initial = read_initial_weights(cfg.init_from, preset) if cfg.init_from is not None else None  # (the same)
 
     # -------------------------------------------------------------------------------- the data
     source = source or prepare_data(cfg, preset, dist)
@@ -94,6 +97,9 @@ def _train(cfg: TrainConfig, dist: Distributed, source: DataSource | None) -> Tr
     try:
         # ---------------------------------------------------------------- model and optimiser state
         model = FloatMotionModel(preset, seed=cfg.seed).to(device)  # float32 weights in every precision
+        if initial is not None:
+            initial.apply(model)  # before the EMA and the optimiser are made from its weights
+        init_record = initial.record() if initial is not None else None
         params = trainable_parameters(model)
         optimizer = build_optimizer(model, cfg.resolved_lr, cfg.weight_decay)
         schedule = LRSchedule(cfg.resolved_lr, cfg.warmup_steps, cfg.lr_schedule, cfg.steps)
@@ -108,6 +114,7 @@ def _train(cfg: TrainConfig, dist: Distributed, source: DataSource | None) -> Tr
             path, ckpt = resumed
             check_fingerprint(ckpt, path, source.fingerprint)
             step, wandb_id = ckpt["step"], ckpt.get("wandb_id")
+            init_record = ckpt["config"].get("init")  # how the run started stays in its record
             if step >= cfg.steps:
                 raise UsageError(f"{path} is at step {step} and --steps is {cfg.steps}: nothing to train; "
                                  f"raise --steps")
@@ -126,11 +133,14 @@ def _train(cfg: TrainConfig, dist: Distributed, source: DataSource | None) -> Tr
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
             if dist.enabled else model
 
-        run_config = _run_config(cfg, preset, source, dist, precision.name)
+        run_config = _run_config(cfg, preset, source, dist, precision.name, init_record)
         if dist.is_main:
             log.info("training %s (%d trainable parameters) with the %s loader on %s x %d, precision %s; data: %s",
                      preset.name, sum(p.numel() for p in params), cfg.loader, device, dist.world_size,
                      precision.description, source.describe())
+            if resumed is None:
+                log_initial_weights(initial, cfg.seed, cfg.warmup_steps, ema is not None, cfg.motion_ckpt)
+        initial = None  # its tensors are in the model now (0.65 GB per rank at float sizes)
 
         # ------------------------------------------------------------------------------ the loop
         samples = SampleLog(Path(cfg.output_dir) / f"samples_rank{dist.rank}.tsv" if cfg.log_samples else None)
@@ -144,7 +154,7 @@ def _train(cfg: TrainConfig, dist: Distributed, source: DataSource | None) -> Tr
             if not dist.is_main:
                 return None
             return store.save({
-                "format": "dali_float.training", "version": CHECKPOINT_VERSION, "step": at_step,
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": at_step,
                 "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "scheduler": schedule.state_dict(), "ranks": ranks, "config": run_config,
@@ -289,10 +299,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _run_config(cfg: TrainConfig, preset: Preset, source: DataSource, dist: Distributed,
-                precision: str) -> dict[str, Any]:
-    """The resolved configuration: saved in every checkpoint and sent to wandb."""
-    return {**cfg.to_dict(), "fingerprint": source.fingerprint, "preset_digest": preset.digest(),
+def _run_config(cfg: TrainConfig, preset: Preset, source: DataSource, dist: Distributed, precision: str,
+                init_record: dict[str, Any] | None) -> dict[str, Any]:
+    """The resolved configuration: saved in every checkpoint and sent to wandb. `init`: where the run's
+    weights started (training.initial; None: the seeded random init)."""
+    return {**cfg.to_dict(), "init": init_record, "fingerprint": source.fingerprint, "preset_digest": preset.digest(),
             "cache_root": str(source.cache.root) if source.cache is not None else None,
             "resolved_mixed_precision": precision, "resolved_device": str(dist.device),
             "world_size": dist.world_size, "versions": _versions()}
