@@ -178,8 +178,9 @@ class ResidentBuffer:
     other ranks. The buffer must stay alive and unchanged while a pipeline reads it (by address).
     """
 
-    def __init__(self, tensor: torch.Tensor, offset_of_row: np.ndarray):
+    def __init__(self, tensor: torch.Tensor, offset_of_row: np.ndarray, load_s: float = 0.0):
         self.tensor, self.offset_of_row = tensor, offset_of_row
+        self.load_s = load_s  # seconds the load took (the bench reports it)
 
     @property
     def address(self) -> int:
@@ -222,7 +223,7 @@ class ResidentBuffer:
         log.info("resident partition: %d clips, %s of frames rows loaded into %s in %.1f s (%.2f GB/s)", len(order),
                  gb(total), device if device.type == "cuda" else "host memory", seconds,
                  total / GB / max(seconds, 1e-9))
-        return cls(tensor, offset_of_row)
+        return cls(tensor, offset_of_row, seconds)
 
 
 class _Reads:
