@@ -23,7 +23,7 @@ from dali_float.errors import CheckpointError, UsageError
 from dali_float.loaders import LoaderOptions, TrainingCache, open_loader
 from dali_float.loaders.dali_loader import resolve_strategy
 from dali_float.loaders.resident import Partition, ResidentBuffer, ResidentFit
-from dali_float.loaders.sampling import REF_RULES, assign_partitions, epoch_clip_indices
+from dali_float.loaders.sampling import REF_RULES, assign_partitions, epoch_clip_indices, window_from_draws
 from cached import expected_rows
 from synthetic import write_synthetic_cache
 
@@ -86,12 +86,16 @@ def test_resident_and_pread_give_identical_batches_for_a_fixed_list(tmp_path, pr
 @pytest.mark.parametrize("ref_rule", REF_RULES)
 def test_resident_applies_the_same_draws_and_reference_rule_as_pread(cache, ref_rule):
     """Fixed draws through each strategy's own rule (resident: the index operator; pread: the read
-    operator): the same windows and references, every field bit for bit, including draws at the edges."""
+    operator): the same windows and references, every field bit for bit, including draws at the edges,
+    and the ones the Python reference (sampling.window_from_draws) gives."""
     draws = [(0, 0), (2**31 - 1, 2**31 - 1), (123_456_789, 987_654), (59, 60), (1, 333)]
     items = [(cache.clip_id(i % len(cache)), a, b) for i, (a, b) in enumerate(draws * 2)]
     a = dali(cache, read_strategy="pread", ref_rule=ref_rule).load_draws(items)
     b = dali(cache, read_strategy="resident", ref_rule=ref_rule).load_draws(items)
     assert_same(a, b)
+    for k, (clip_id, start_draw, ref_draw) in enumerate(items):
+        t = int(cache.num_frames[cache.index_of(clip_id)])
+        assert (int(b.window_start[k]), int(b.ref_frame[k])) == window_from_draws(t, 60, ref_rule, start_draw, ref_draw)
 
 
 @pytest.mark.parametrize("ref_rule", REF_RULES)
