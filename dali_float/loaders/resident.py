@@ -209,8 +209,9 @@ class ResidentBuffer:
         tensor = torch.empty(total, dtype=torch.uint8, device=device)
         fds: dict[int, int] = {}
         try:
+            # leave=False: the training bar is already on screen when the first batch loads the partition
             with tqdm(total=total, unit="B", unit_scale=True, desc="resident", disable=not progress,
-                      dynamic_ncols=True) as bar:
+                      dynamic_ncols=True, leave=False) as bar:
                 reads = _Reads(cache, order, fds, bar)
                 if staging_bytes is None:
                     reads.into(tensor.numpy())
