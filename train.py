@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epoch_policy", choices=EPOCH_POLICIES, default=D.epoch_policy,
                    help=f"windows: clips weighted by length; clips: each clip once per epoch (default {D.epoch_policy})")
     g.add_argument("--read_strategy", choices=READ_STRATEGIES, default=D.read_strategy,
-                   help="how the DALI loader reads windows (default auto)")
+                   help="how the DALI loader reads windows: pread (from the shards), resident (each rank holds its "
+                        "own part of the clips in GPU memory, host memory on the CPU, for the whole run), python; "
+                        "auto (default): resident on a GPU when it fits, else pread")
+    g.add_argument("--resident_reserve_gb", type=float, default=None, metavar="GB",
+                   help="resident: memory to leave free besides this rank's clips (default 16 on a GPU, 4 on the CPU)")
     g.add_argument("--num_workers", type=int, default=D.num_workers,
                    help=f"torch/naive loader worker processes (default {D.num_workers})")
     g.add_argument("--num_threads", type=int, default=D.num_threads,

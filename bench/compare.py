@@ -4,6 +4,8 @@
     python bench/compare.py --quick                              # < 3 min on 2 CPU cores (tiny, demo corpus)
     python bench/compare.py --json out/bench.json --plot out/bench.png     # the full run (logs its expected time)
     python bench/compare.py --preset float --device cuda --json out/bench_float.json
+    python bench/compare.py --preset float --strategies_only --json out/strategies_float.json  # pread, resident,
+                                                                     # python against the copy ceilings only
     python bench/compare.py --from_json out/bench.json --plot out/bench.png   # print / draw a saved run again
     python bench/compare.py --from_json out/run1.json out/run2.json out/run3.json   # medians over runs
     python bench/compare.py --scale 1000000 --json out/scale.json   # the cache at 1,000 and N clips (says how
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_preset", choices=("tiny", "float"), default=None,
                    help="preset of the training runs (default: tiny on the CPU, --preset on a GPU)")
     g.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
+    g.add_argument("--strategies_only", action="store_true",
+                   help="only the copy ceilings and the DALI loader's read strategies (pread, resident, python): "
+                        "no naive, torch, training, preprocessing or rendering")
     g.add_argument("--scale", type=int, default=None, metavar="N",
                    help="measure the cache and the loaders at 1,000 and N synthetic clips instead (tiny preset, "
                         "100 frames each; in --cache_dir, default $DALI_FLOAT_HOME/scale; logs the disk and time "
@@ -97,7 +102,8 @@ def main() -> int:
         options = BenchOptions(preset=args.preset, data_root=args.data_root, cache_dir=args.cache_dir,
                                sources=ModelSources.from_args(args), device=args.device, batch_size=args.batch_size,
                                quick=args.quick, train_preset=args.train_preset, progress=args.progress,
-                               seed=args.seed, crop=args.crop, segments=args.segments)
+                               seed=args.seed, crop=args.crop, segments=args.segments,
+                               strategies_only=args.strategies_only)
         results = run_benchmark(options)
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,18 @@ log "preprocess: demo corpus and 2 minutes of 512x512 H.264, float preset, on th
   python3 preprocess.py status --json --preset float --data_root .gpu/corpus512; } > "$OUT/preprocess.txt" 2>&1
 grep -E "frames/s|cached|failed|decoder" "$OUT/preprocess.txt" | tail -12 | tee -a "$OUT/summary.txt"
 
+log "resident vs pread vs the host-to-device copy ceiling: float preset, cuda (the demo corpus's float cache)"
+# Loaders and ceilings only (a few minutes): dali pread (host read + copy to the GPU), dali resident (the
+# partition in GPU memory, the windows cut there), python; the ceilings: os.preadv from the page cache, that
+# plus pinned host -> GPU, and a gather in GPU memory; the partition's load time and bytes. The full bench
+# below measures them again among everything else.
+python3 bench/compare.py --device cuda --preset float --strategies_only --json "$OUT/resident.json" --no_progress \
+  > /root/resident.md 2>&1
+grep -E "^\| (dali|ceiling) |dali resident|resident / pread|Errors|error" /root/resident.md | tee -a "$OUT/summary.txt"
+python3 train.py --loader dali --preset float --steps 60 --log_every 20 --no_progress --output_dir /root/run_auto \
+  > /root/train_auto.txt 2>&1
+grep -E "read strategy|resident partition|done:|error" /root/train_auto.txt | tail -5 | tee -a "$OUT/summary.txt"
+
 log "preprocess: real faces at 720p/1080p, float preset on the GPU, --crop face against --crop center"
 { python3 preprocess.py --preset float --device cuda --no_progress --data_root .gpu/faces --crop center --cache_dir /root/fc
   python3 preprocess.py --preset float --device cuda --no_progress --data_root .gpu/faces --crop face --cache_dir /root/fc

@@ -1,5 +1,5 @@
 """Reading a cache back in tests: entries from the index, a clip's arrays from its shard record (through
-the format's own record layout, as the loaders read them)."""
+the format's own record layout, as the loaders read them), a window's rows read with NumPy."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,3 +25,17 @@ def frames_of(layout: cf.CacheLayout, entry: cf.ClipEntry, preset: Preset = TINY
     """(T, F + A) float16 rows of a cached clip, as the loaders read them."""
     f = features_of(layout, entry, preset)
     return np.concatenate([f.motion_latents, f.audio_features], axis=1)
+
+
+def expected_rows(cache, clip_id: str, start: int, ref: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the format says a window of a TrainingCache is, read independently: the clip's frames rows from
+    its shard with NumPy. (rows [start, start + 60) (60, F + A) float16, the reference row's motion (F,),
+    the emotion (E,) float32)."""
+    i = cache.index_of(clip_id)
+    row = cache.view.rows[i]
+    t = int(row["num_frames"])
+    width = cache.preset.motion_dim + cache.preset.audio_feature_dim
+    frames = np.fromfile(cache.view.shards[row["shard"]], dtype=np.float16, count=t * width,
+                         offset=int(row["offset"])).reshape(t, width)
+    f = cache.preset.motion_dim
+    return frames[start:start + cache.preset.timing.window_frames], frames[ref, :f], np.array(row["emotion"])

@@ -72,8 +72,18 @@ def test_quick_run_reports_every_figure(quick_run):
     assert {c["loader"] for c in configs} == set(LOADERS)
     assert {c["config"].get("num_workers") for c in configs if c["loader"] == "torch"} >= {0}
     assert len([c for c in configs if c["loader"] == "torch"]) >= 2  # num_workers 0 and N
-    assert {c["config"].get("read_strategy") for c in configs if c["loader"] == "dali"} >= {"pread", "python"}
+    assert {c["config"].get("read_strategy") for c in configs if c["loader"] == "dali"} >= {"pread", "resident", "python"}
     assert _finite(results["ceiling"].get("mb_per_s")), results["ceiling"]
+    # The resident strategy beside pread: its speed, the partition's bytes, load time and peak RSS, and its
+    # own ceiling (the same rows gathered from memory).
+    resident = next(c for c in configs if c["config"].get("read_strategy") == "resident")
+    assert _finite(resident.get("samples_per_s")) and _finite(resident.get("peak_rss_bytes")), resident
+    assert resident["resident"]["bytes"] > 0 and _finite(resident["resident"]["load_s"])
+    assert resident["resident"]["where"] == "host memory"
+    assert _finite(results["ceiling"]["from_memory"].get("mb_per_s")), results["ceiling"]
+    for ratio in ("dali_resident_vs_pread", "dali_resident_fraction_of_memory_ceiling"):
+        assert _finite(results["ratios"][ratio]), ratio
+    assert "dali resident (best: resident, " in stdout and "| ceiling | gather from memory, 1 thread |" in stdout
 
     for name in LOADERS:
         entry = results["training"][name]
@@ -375,6 +385,51 @@ def test_sections_from_the_probes_jobs():
     without_naive = loader_section([j for j in jobs if j.name != "naive"])[0]
     assert without_naive["naive"]["error"] == "every configuration failed"
     assert without_naive["dali"]["x_naive"] is None and without_naive["dali"]["fraction_of_ceiling"] == 0.5
+
+
+def test_the_resident_strategy_is_reported_beside_pread(saved_runs, tmp_path):
+    """A run with a resident configuration and the memory ceiling (a saved run, extended as a probe would):
+    the ratio to the best pread configuration and to its own ceiling, its load and memory in the table, its
+    bar and the ceilings' in the plot; a run without them (the committed ones) prints no such line."""
+    from dali_float.bench.figures import best_of_configs, ratio_section
+    from dali_float.bench.plot import plot_results
+
+    run = json.loads(json.dumps(saved_runs[0]))
+    pread = max((c for c in run["loader_configs"] if c["config"].get("read_strategy") == "pread"),
+                key=lambda c: c["samples_per_s"])
+    run["loader_configs"].append({**pread, "label": "resident, 2 threads", "samples_per_s": 2 * pread["samples_per_s"],
+                                  "mb_per_s": 2 * pread["mb_per_s"], "peak_rss_bytes": 300 * 2**20, "first_batch_s": 0.25,
+                                  "config": {**pread["config"], "read_strategy": "resident"},
+                                  "resident": {"bytes": 41_000_000, "clips": 12, "load_s": 0.02,
+                                               "where": "host memory"}})
+    run["ceiling"]["from_memory"] = {"samples_per_s": 4 * pread["samples_per_s"], "mb_per_s": 4 * pread["mb_per_s"],
+                                     "spread": [1.0, 2.0]}
+    run["loaders"] = best_of_configs(run["loader_configs"], run["ceiling"])
+    run["ratios"] = ratio_section(run["loaders"], run["loader_configs"], run["ceiling"], run["training"])
+    assert run["ratios"]["dali_resident_vs_pread"] == pytest.approx(2.0)
+    assert run["ratios"]["dali_resident_fraction_of_memory_ceiling"] == pytest.approx(0.5)
+    assert run["loaders"]["dali"]["label"] == "resident, 2 threads"
+    table = format_table(run)
+    assert ("dali resident (best: resident, 2 threads): the partition, 41 MB of 12 clips, held in host memory, "
+            "loaded in 0.0200 s (2.05 GB/s; first batch 0.250 s); peak RSS 300 MiB against") in table
+    assert "resident / pread 2.00x; resident moves 50% of its memory ceiling's MB/s." in table
+    assert "| ceiling | gather from memory, 1 thread |" in table
+    png = plot_results(run, tmp_path / "resident.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "dali resident" not in format_table(saved_runs[0])
+
+
+def test_strategies_only_plans_the_ceiling_and_the_dali_read_strategies():
+    """--strategies_only: the ceiling probe and every DALI strategy and thread count of the plan, no naive or
+    torch configuration (and run_benchmark stops after them)."""
+    from dali_float.bench.plan import BenchOptions, loader_jobs, make_settings
+
+    for quick in (True, False):
+        full = loader_jobs(make_settings(BenchOptions(quick=quick), "cpu"), {})
+        only = loader_jobs(make_settings(BenchOptions(quick=quick, strategies_only=True), "cpu"), {})
+        assert [j.name for j in only] == ["ceiling"] + ["dali"] * (len(only) - 1)
+        assert [j.label for j in only] == [j.label for j in full if j.name in ("ceiling", "dali")]
+        assert {j.spec["read_strategy"] for j in only[1:]} == {"pread", "resident", "python"}
 
 
 def test_targets_on_a_gpu_are_issue_6s_gpu_thresholds(saved_runs):

@@ -34,6 +34,7 @@ from dali_float.cache.index import ClipIndex
 from dali_float.loaders import LoaderOptions, RequestStream, TrainingCache, open_loader
 from dali_float.loaders.sampling import (DRAW_RANGE, REF_RULES, epoch_clip_indices, num_valid_starts,
                                          window_from_draws)
+from cached import expected_rows
 from synthetic import write_synthetic_cache
 from tolerances import within_one_float16_ulp
 
@@ -52,6 +53,7 @@ def tiny_cache(tmp_path_factory):
 
 def loader(kind, cache, **options):
     options.setdefault("num_workers", 0)
+    options.setdefault("resident_reserve_gb", 0.0)  # a test's partition is a few MB: whatever memory is free
     return open_loader(kind, cache.preset, LoaderOptions(**options), cache=cache)
 
 
@@ -63,18 +65,6 @@ def copied(batch: Batch) -> Batch:
 def take(it, n):
     """The next n batches, copied (Batch.to() on the CPU would be the same tensors, not a copy)."""
     return [copied(next(it)) for _ in range(n)]
-
-
-def expected_rows(cache, clip_id, start, ref):
-    """What the format says a window is, read independently: the clip's record from its shard with NumPy."""
-    i = cache.index_of(clip_id)
-    row = cache.view.rows[i]
-    t = int(row["num_frames"])
-    width = cache.preset.motion_dim + cache.preset.audio_feature_dim
-    frames = np.fromfile(cache.view.shards[row["shard"]], dtype=np.float16, count=t * width,
-                         offset=int(row["offset"])).reshape(t, width)
-    f = cache.preset.motion_dim
-    return frames[start:start + cache.preset.timing.window_frames], frames[ref, :f], np.array(row["emotion"])
 
 
 @pytest.mark.parametrize("preset_name", ["tiny", "float"])
@@ -466,7 +456,8 @@ def test_an_emptied_shard_and_a_deleted_one_are_told_apart_at_open(tmp_path):
     assert "failed (the shard is missing): run `python preprocess.py" in str(err.value), str(err.value)
 
 
-# The readers of fixed windows: the torch loader's (WindowReader), and the DALI loader's two strategies.
+# The readers of fixed windows: the torch loader's (WindowReader), and the DALI loader's strategies that read
+# the shards at each window (the resident one reads each clip whole, once: tests/test_resident.py).
 READERS = [("torch", "auto"), ("dali", "pread"), ("dali", "python")]
 
 
@@ -500,7 +491,7 @@ def test_read_strategies_are_checked(tiny_cache):
 
     assert resolve_strategy("python", on_gpu=False) == "python" and resolve_strategy("pread", on_gpu=False) == "pread"
     for gone in ("mmap", "roi", "gds"):  # roi and gds read format 1's per-clip files: no longer strategies
-        with pytest.raises(UsageError, match=f"^--read_strategy '{gone}' is not one of auto, pread, python$"):
+        with pytest.raises(UsageError, match=f"^--read_strategy '{gone}' is not one of auto, pread, resident, python$"):
             resolve_strategy(gone, on_gpu=False)
     with pytest.raises(UsageError, match="--read_strategy 'roi' is not one of"):
         loader("dali", tiny_cache, read_strategy="roi")  # what --read_strategy roi meets
@@ -549,7 +540,7 @@ def test_dali_errors_are_shown_by_their_first_line():
     assert _first_line(KeyError()) == "KeyError"
 
 
-@pytest.mark.parametrize("kind, strategy", READERS)
+@pytest.mark.parametrize("kind, strategy", [*READERS, ("dali", "resident")])
 def test_clips_in_several_shards_are_read_from_their_own_shard(tmp_path, kind, strategy):
     """Every record in a shard of its own (a cache of many writers, or larger than one shard): fixed windows
     and a training stream read each clip's rows from its shard at its offset, as NumPy reads them."""
@@ -567,7 +558,7 @@ def test_clips_in_several_shards_are_read_from_their_own_shard(tmp_path, kind, s
     ld.close()
 
 
-@pytest.mark.parametrize("kind, strategy", READERS)
+@pytest.mark.parametrize("kind, strategy", [*READERS, ("dali", "resident")])
 def test_windows_outside_a_clip_are_refused(tmp_path, kind, strategy):
     """A fixed window past a clip's end or before its start, a reference frame past its end or before its
     start: one line naming the clip and its frame count, never rows from outside the clip (in a shard,

@@ -280,11 +280,12 @@ def test_checkpoint_store_is_atomic_keeps_k_and_points_at_the_latest(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000030.pt", "step_00000060.pt"]
 
 
-@pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_resume_continues_exactly(loader, synthetic, tmp_path):
+@pytest.mark.parametrize("loader, read_strategy", [("dali", "auto"), ("dali", "resident"), ("torch", "auto")])
+def test_resume_continues_exactly(loader, read_strategy, synthetic, tmp_path):
     """40 steps in one run == 20 steps, then --resume latest to 40: the same losses step by step and
-    the same final weights, EMA and optimiser state."""
-    common = dict(loader=loader, save_every=20, ema_decay=0.9, keep_checkpoints=1, ref="random_in_window")
+    the same final weights, EMA and optimiser state (the resident strategy: its partition recorded too)."""
+    common = dict(loader=loader, save_every=20, ema_decay=0.9, keep_checkpoints=1, ref="random_in_window",
+                  read_strategy=read_strategy, resident_reserve_gb=0.0)
     full = train(config(tmp_path / "full", steps=40, **common), synthetic)
     first = train(config(tmp_path / "split", steps=20, **common), synthetic)
     second = train(config(tmp_path / "split", steps=40, resume="latest", **common), synthetic)
@@ -303,6 +304,10 @@ def test_resume_continues_exactly(loader, synthetic, tmp_path):
     assert ca["config"]["loader"] == loader and ca["fingerprint"] == synthetic.fingerprint
     assert ca["preset"] == {"name": "tiny", "digest": P.digest()}
     assert set(ca["ranks"][0]["rng"]) >= {"torch", "numpy", "python", "generator"}
+    if read_strategy == "resident":  # one rank: its partition is every clip, recorded by uid
+        state = cb["ranks"][0]["loader"]
+        assert state["read_strategy"] == "resident" and state["partition"]["num_shards"] == 1
+        assert sorted(state["partition"]["uids"].tolist()) == sorted(synthetic.cache.view.rows["uid"].tolist())
 
 
 def test_bad_resume_and_bad_sizes_are_one_clear_error(synthetic, tmp_path):

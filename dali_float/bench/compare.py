@@ -5,7 +5,7 @@
 
 Order of a run: settings (quick or full, CPU or GPU) and the expected time, logged up front; the
 cache (preprocessed with progress bars when it is not up to date); the page cache warmed; then one
-subprocess per measurement (`probes.run_probe`): the copy ceiling, every loader configuration, a
+subprocess per measurement (`probes.run_probe`): the copy ceilings, every loader configuration, a
 short training run per loader (with the best configuration of each), the decode paths and audio,
 rendering (the motion decoder alone and end to end from speech, both presets; what --sample_every
 costs in training); finally the cache's size against decoded frames, the ratios and the targets. Every figure goes into
@@ -107,16 +107,16 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
                    "batch_size": settings.batch_size, "seed": settings.seed, "crop": options.resolved_crop,
                    "segments": str(options.segments) if options.segments else None}
     # Placeholders for the estimate; the real fingerprints come from the prepare step.
-    estimate = sum(j.expected_s for j in loader_jobs(settings, common_base)
-                   + train_jobs(settings, common_base, {}) + preprocess_jobs(settings, common_base)
-                   + render_jobs(settings, common_base, common_base))
+    estimate = sum(j.expected_s for j in loader_jobs(settings, common_base) + (
+        [] if settings.strategies_only else train_jobs(settings, common_base, {})
+        + preprocess_jobs(settings, common_base) + render_jobs(settings, common_base, common_base)))
     log.info("%s run, preset %s, %s, batch %d: expected about %.1f min of measurements (estimate for 2 quiet CPU "
              "cores), plus preprocessing where the cache is not up to date (demo corpus on 2 CPU cores: ~1 min "
              "tiny, ~10 min float)", "quick" if settings.quick else "full", preset.name, device,
              settings.batch_size, estimate / 60)
 
     prepared = {name: _prepare(options, name, device, cache_dir) for name in dict.fromkeys(
-        (settings.preset, settings.train_preset))}
+        (settings.preset,) if settings.strategies_only else (settings.preset, settings.train_preset))}
     main = prepared[settings.preset]
     data_root = main["data_root"]
     common = {**common_base, "preset": settings.preset, "fingerprint": main["fingerprint"], "data_root": data_root}
@@ -125,6 +125,8 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
 
     jobs = loader_jobs(settings, common)
     _run_jobs(jobs, options.progress, "loaders")
+    if settings.strategies_only:
+        return _results(settings, machine, jobs, prepared, cache_dir, options, started)
     best = {kind: best_job(jobs, kind) for kind in LOADERS}
     train_prep = prepared[settings.train_preset]
     train_common = {**common, "preset": settings.train_preset, "fingerprint": train_prep["fingerprint"]}
@@ -133,8 +135,11 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     later = (train_jobs(settings, train_common, best) + preprocess_jobs(settings, common, _framing_root(options, settings))
              + render_jobs(settings, common, train_common))
     _run_jobs(later, options.progress, "training, preprocessing, rendering")
-    jobs += later
+    return _results(settings, machine, jobs + later, prepared, cache_dir, options, started)
 
+
+def _results(settings, machine: dict[str, Any], jobs: list[Job], prepared: dict[str, dict[str, Any]], cache_dir: Path,
+             options: BenchOptions, started: float) -> dict[str, Any]:
     results = assemble(settings, machine, jobs, prepared, cache_dir, options.sources, options.resolved_crop)
     results["machine"]["load_average_end"] = load_average()
     results["elapsed_s"] = time.perf_counter() - started

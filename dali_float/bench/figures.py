@@ -22,7 +22,7 @@ FLOAT_SIZE = FLOAT_PRESET.motion.input_size  # 512: the size the "40x smaller" t
 def _loader_entry(job: Job) -> dict[str, Any]:
     keep = ("samples_per_s", "samples_per_s_runs", "spread", "mb_per_s", "bytes_per_sample", "peak_rss_bytes",
             "children_peak_rss_bytes", "baseline_rss_bytes", "pss_bytes", "read_strategy", "error", "probe_seconds",
-            "load_average_after")
+            "load_average_after", "first_batch_s", "resident")
     config = {k: job.spec[k] for k in ("num_workers", "num_threads", "read_strategy", "batch_size") if k in job.spec}
     if job.result.get("read_strategy"):
         config["read_strategy"] = job.result["read_strategy"]
@@ -180,7 +180,21 @@ def ratio_section(loaders: dict[str, Any], configs: list[dict[str, Any]], ceilin
     if isinstance(ceiling.get("to_device"), dict):
         ratios["dali_fraction_of_ceiling_to_device"] = _ratio(loaders["dali"].get("mb_per_s"),
                                                               ceiling["to_device"].get("mb_per_s"))
+    by_strategy = {s: best_dali(configs, s) for s in ("pread", "resident")}
+    ratios["dali_resident_vs_pread"] = _ratio(by_strategy["resident"].get("samples_per_s"),
+                                              by_strategy["pread"].get("samples_per_s"))
+    memory = ceiling.get("on_device") or ceiling.get("from_memory")  # resident's own limit
+    if isinstance(memory, dict):
+        ratios["dali_resident_fraction_of_memory_ceiling"] = _ratio(by_strategy["resident"].get("mb_per_s"),
+                                                                   memory.get("mb_per_s"))
     return ratios
+
+
+def best_dali(configs: list[dict[str, Any]], strategy: str) -> dict[str, Any]:
+    """The DALI configuration reading with `strategy` with the most samples/s ({} when none ran)."""
+    ok = [c for c in configs if c["loader"] == "dali" and c.get("samples_per_s") is not None
+          and c["config"].get("read_strategy") == strategy]
+    return max(ok, key=lambda c: c["samples_per_s"]) if ok else {}
 
 
 def assemble(settings: Settings, machine: dict[str, Any], jobs: list[Job], prepared: dict[str, dict[str, Any]],
@@ -197,7 +211,7 @@ def assemble(settings: Settings, machine: dict[str, Any], jobs: list[Job], prepa
                      "cache_root": first["cache_root"], "fingerprint": first["fingerprint"],
                      "sources": sources_spec(sources), "crop": crop, "window_frames": preset.timing.window_frames,
                      "sample_bytes": measure.sample_bytes(preset),
-                     "train_cache_root": prepared[settings.train_preset]["cache_root"]},
+                     "train_cache_root": prepared.get(settings.train_preset, first)["cache_root"]},
         "loaders": loaders, "loader_configs": configs, "ceiling": ceiling,
         "ratios": ratio_section(loaders, configs, ceiling, training),
         "training": training, "preprocess": preprocess_section(jobs, first), "render": render_section(jobs),

@@ -38,6 +38,8 @@ class BenchOptions:
     train_preset: preset of the training runs (None: tiny on the CPU, `preset` on a GPU).
     crop: framing of the preprocessed features (None: face; center for the demo corpus; media.framing).
     segments: a CSV of clip segments (media.segments); None: every video is a clip.
+    strategies_only: only the copy ceilings and the DALI loader's read strategies (pread, resident,
+    python): a few minutes, e.g. a GPU's check of the resident strategy (bench/gpu_proof.sh).
     """
 
     preset: str = "tiny"
@@ -52,6 +54,7 @@ class BenchOptions:
     train_preset: str | None = None
     progress: bool = True
     seed: int = 0
+    strategies_only: bool = False
 
     def __post_init__(self) -> None:
         get_preset(self.preset)
@@ -101,6 +104,7 @@ class Settings:
     render: dict[str, dict[str, Any]]  # per preset: the render probe's timing and sizes (render_plan)
     sample_cost: dict[str, Any] | None  # the --sample_every cost run (full runs), None in quick ones
     seed: int = 0
+    strategies_only: bool = False  # the ceilings and the DALI read strategies, nothing else
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,7 +140,7 @@ def make_settings(options: BenchOptions, device: str) -> Settings:
         naive_batch_size=1 if float_on_cpu else options.batch_size,
         naive_workers=(0,) if quick or on_gpu or float_on_cpu else (0, cores),
         torch_workers=(0, cores) if quick else (0, *many),
-        dali_strategies=("pread", "python"),
+        dali_strategies=("pread", "resident", "python"),
         dali_threads=(cores,) if quick else tuple(sorted({1, cores})),
         # Full: 150 steps (a few seconds with tiny on a CPU), so a burst of other work on a shared machine
         # weighs little; the first 30 (warm-up: allocator, kernels, prefetch filling) are excluded.
@@ -150,7 +154,7 @@ def make_settings(options: BenchOptions, device: str) -> Settings:
         render=render_plan(quick, on_gpu),
         # 160 steps, a sample every 50: three samples, the first with its set-up; the first 30 steps excluded.
         sample_cost=None if quick else {"steps": 160, "sample_every": 50, "exclude_steps": 30},
-        seed=options.seed,
+        seed=options.seed, strategies_only=options.strategies_only,
     )
 
 
@@ -212,15 +216,17 @@ def _naive_seconds(s: Settings, timing: dict[str, Any], workers: int) -> float:
 def loader_jobs(s: Settings, common: dict[str, Any]) -> list[Job]:
     """The ceiling, then every loader configuration of the plan."""
     cached_s = _PROCESS_START_S + _cached_seconds(s.loader_timing)
-    jobs = [Job("ceiling", "ceiling", "os.preadv copy, 1 thread",
-                {**common, "probe": "ceiling", "timing": s.loader_timing}, cached_s)]
-    for w in s.naive_workers:
+    # The ceiling probe times two copies: from the page cache (os.preadv) and from memory (a gather).
+    jobs = [Job("ceiling", "ceiling", "os.preadv copy and a gather from memory, 1 thread",
+                {**common, "probe": "ceiling", "timing": s.loader_timing}, _PROCESS_START_S + 2 * _cached_seconds(
+                    s.loader_timing))]
+    for w in () if s.strategies_only else s.naive_workers:
         timing = naive_timing(s.naive_timing, w)
         label = f"num_workers {w}" + (f", batch {s.naive_batch_size}" if s.naive_batch_size != s.batch_size else "")
         spec = {**common, "probe": "loader", "kind": "naive", "num_workers": w, "batch_size": s.naive_batch_size,
                 "timing": timing}
         jobs.append(Job("loader", "naive", label, spec, _PROCESS_START_S + _naive_seconds(s, timing, w)))
-    for w in s.torch_workers:
+    for w in () if s.strategies_only else s.torch_workers:
         spec = {**common, "probe": "loader", "kind": "torch", "num_workers": w, "timing": s.loader_timing}
         jobs.append(Job("loader", "torch", f"num_workers {w}", spec, cached_s))
     for strategy in s.dali_strategies:

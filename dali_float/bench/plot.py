@@ -1,6 +1,7 @@
 """The comparison as one PNG (`bench/compare.py --plot PATH.png`), drawn from the results dict alone.
 
-Four panels: loader samples/s of every configuration against the copy ceiling (log scale: naive and
+Four panels: loader samples/s of every configuration against the copy ceilings (from the page cache,
+from memory for the resident strategy, darker; to and in the GPU where there is one; log scale: naive and
 the cached loaders lie orders of magnitude apart), training steps/s with the data-wait share of each
 step, preprocessing frames/s per decode path, and bytes per hour of the cache against decoded frames
 (log scale).
@@ -13,7 +14,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-COLOURS = {"naive": "#9e9e9e", "torch": "#ef6c00", "dali": "#76b900", "ceiling": "#1565c0", "frames": "#8e24aa"}
+COLOURS = {"naive": "#9e9e9e", "torch": "#ef6c00", "dali": "#76b900", "resident": "#33691e", "ceiling": "#1565c0",
+           "frames": "#8e24aa"}
 
 
 def _bar_labels(ax, bars, texts: list[str]) -> None:
@@ -55,11 +57,16 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
             label = label.replace(long, brief)
         return label
 
-    entries = [(f"{c['loader']}\n{tick(c['label'])}", c["samples_per_s"], COLOURS[c["loader"]], c.get("spread"))
+    def colour(c: dict[str, Any]) -> str:
+        return COLOURS["resident" if c["config"].get("read_strategy") == "resident" else c["loader"]]
+
+    entries = [(f"{c['loader']}\n{tick(c['label'])}", c["samples_per_s"], colour(c), c.get("spread"))
                for c in results["loader_configs"] if c.get("samples_per_s")]
     ceiling = results["ceiling"]
-    if ceiling.get("samples_per_s"):
-        entries.append(("ceiling\npreadv copy", ceiling["samples_per_s"], COLOURS["ceiling"], ceiling.get("spread")))
+    for part, label in ((ceiling, "preadv copy"), (ceiling.get("to_device"), "copy\n-> GPU"),
+                        (ceiling.get("from_memory"), "gather\nfrom memory"), (ceiling.get("on_device"), "gather\nin GPU")):
+        if isinstance(part, dict) and part.get("samples_per_s"):
+            entries.append((f"ceiling\n{label}", part["samples_per_s"], COLOURS["ceiling"], part.get("spread")))
     if entries:
         x = range(len(entries))
         values = [e[1] for e in entries]

@@ -6,8 +6,10 @@ JSON object on its last stdout line; `run_probe(spec)` runs that in a subprocess
 (with "error" when the probe failed). Probes:
 
   prepare     run_preprocessing for (preset, weights) with progress bars: the cache the others read
-  loader      samples/s and MB/s of one loader configuration (warm-up excluded, several timed runs)
-  ceiling     a plain os.preadv copy of the same bytes (and pinned host -> GPU on a GPU): the limit
+  loader      samples/s and MB/s of one loader configuration (warm-up excluded, several timed runs); the
+              resident strategy also its partition's bytes and load time
+  ceiling     a plain os.preadv copy of the same bytes (and pinned host -> GPU on a GPU): the limit of
+              pread; a gather of the same rows from memory (on a GPU: in device memory): resident's
   train       steps/s and data-wait fraction of a short training run through `training.train`
   preprocess  frames/s of the decode paths (decode alone, decode + motion encoder), audio s/s
   preprocess_run  a whole forced preprocessing run into a temporary cache (end to end, one worker)
@@ -38,6 +40,7 @@ from dali_float.bench.render_probes import PROBES as RENDER_PROBES
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
+RESIDENT_CEILING_BYTES = 2 * 10**9  # what the memory ceiling holds at most (the clips its positions touch)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,6 +128,7 @@ def loader_probe(spec: dict[str, Any]) -> dict[str, Any]:
         return next(batches).size
 
     io_before = disk_read_bytes()
+    resident = getattr(loader, "_resident", None)  # dali resident: loaded before the first batch
     try:
         rates = timed_runs(step, options.device, spec["timing"])
         pss = MemoryWatch.pss_bytes()  # while the workers are still alive
@@ -136,6 +140,11 @@ def loader_probe(spec: dict[str, Any]) -> dict[str, Any]:
                   disk_read_bytes=disk_read_bytes() - io_before)
     if spec["kind"] != "naive":
         result.update(first, clips=len(cache))
+    if resident is not None:  # part of first_batch_s and of the peak RSS
+        result["resident"] = {"bytes": resident.nbytes, "clips": int((resident.offset_of_row >= 0).sum()),
+                              "load_s": resident.load_s,
+                              "where": "host memory" if resident.tensor.device.type == "cpu" else
+                              f"GPU memory ({resident.tensor.device})"}
     return result
 
 
@@ -193,6 +202,70 @@ def ceiling_probe(spec: dict[str, Any]) -> dict[str, Any]:
         for fd in fds:
             os.close(fd)
     result["peak_rss_bytes"] = peak_rss_bytes()
+    result["from_memory" if not on_gpu else "on_device"] = _memory_ceiling(cache, requests, b, device, spec["timing"])
+    return result
+
+
+def _memory_ceiling(cache, requests: list, b: int, device: str, timing: dict[str, Any]) -> dict[str, Any]:
+    """The resident strategy's limit: the same windows and reference rows copied from the clips' frames
+    rows held in memory. Host memory: a copy per window and per reference row (one thread, as the preadv
+    copy); device memory: one torch gather per batch for the windows and one for the references (a copy
+    per window would time kernel launches), the row indices made before timing, a reference row copied
+    whole (~2% more bytes than the loaders move). The clips the requests touch are held (at most
+    RESIDENT_CEILING_BYTES: later requests are left out)."""
+    import numpy as np
+    import torch
+
+    from dali_float.cache import format as cf
+    from dali_float.loaders.resident import ResidentBuffer
+
+    preset = cache.preset
+    window, row_bytes, ref_bytes = preset.timing.window_frames, cf.row_bytes(preset), preset.motion_dim * 2
+    held, kept, total = set(), [], 0
+    for r in requests:
+        if r.clip_index not in held:
+            size = int(cache.num_frames[r.clip_index]) * row_bytes
+            if total + size > RESIDENT_CEILING_BYTES and kept:
+                break
+            held.add(r.clip_index)
+            total += size
+        kept.append(r)
+    buffer = ResidentBuffer.load(cache, np.array(sorted(held), dtype=np.int64), torch.device(device))
+    rows = buffer.tensor.view(-1, row_bytes)  # (rows, row_bytes) uint8
+    base = buffer.offset_of_row[[r.clip_index for r in kept]] // row_bytes
+    starts = base + np.array([r.window_start for r in kept])
+    refs_at = base + np.array([r.ref_frame for r in kept], dtype=np.int64)
+    position = 0
+    if device == "cpu":
+        rows_np = rows.numpy()
+        windows_np = np.empty((b, window, row_bytes), dtype=np.uint8)
+        refs_np = np.empty((b, ref_bytes), dtype=np.uint8)
+        plan = list(zip(starts.tolist(), refs_at.tolist()))
+
+        def step() -> int:
+            nonlocal position
+            for i in range(b):
+                start, ref = plan[position % len(plan)]
+                position += 1
+                windows_np[i] = rows_np[start:start + window]
+                refs_np[i] = rows_np[ref, :ref_bytes]
+            return b
+    else:
+        window_rows = torch.from_numpy(starts[:, None] + np.arange(window)).to(device)
+        ref_rows = torch.from_numpy(refs_at).to(device)
+        windows = torch.empty((b * window, row_bytes), dtype=torch.uint8, device=device)
+        refs = torch.empty((b, row_bytes), dtype=torch.uint8, device=device)
+
+        def step() -> int:
+            nonlocal position
+            index = torch.from_numpy(np.arange(position, position + b) % len(kept)).to(device)
+            position += b
+            torch.index_select(rows, 0, window_rows[index].reshape(-1), out=windows)
+            torch.index_select(rows, 0, ref_rows[index], out=refs)
+            return b
+
+    result = rate_summary(timed_runs(step, device, timing), window * row_bytes + ref_bytes)
+    result.update(held_bytes=buffer.nbytes, held_clips=len(held), positions=len(kept))
     return result
 
 

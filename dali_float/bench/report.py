@@ -110,6 +110,23 @@ def _render_lines(render: dict[str, Any], device: str) -> list[str]:
     return lines
 
 
+def _resident_lines(configs: list[dict[str, Any]], ratios: dict[str, Any]) -> list[str]:
+    """The resident strategy against pread: speed, what holding the partition costs (load, memory)."""
+    from dali_float.bench.figures import best_dali
+
+    resident, pread = best_dali(configs, "resident"), best_dali(configs, "pread")
+    held = resident.get("resident")
+    if not held:
+        return []
+    rate = held["bytes"] / held["load_s"] / 1e9 if held["load_s"] else None
+    return ["", f"dali resident (best: {resident['label']}): the partition, {_bytes(held['bytes'])} of {held['clips']} "
+            f"clips, held in {held['where']}, loaded in {_num(held['load_s'])} s ({_num(rate)} GB/s; first batch "
+            f"{_num(resident.get('first_batch_s'))} s); peak RSS {_mib(resident.get('peak_rss_bytes'))} MiB against "
+            f"{_mib(pread.get('peak_rss_bytes'))} MiB with pread; resident / pread "
+            f"{_ratio(ratios.get('dali_resident_vs_pread'))}; resident moves "
+            f"{_pct(ratios.get('dali_resident_fraction_of_memory_ceiling'))} of its memory ceiling's MB/s."]
+
+
 def format_table(results: dict[str, Any]) -> str:
     """Every figure of `results` as markdown: loaders, training, preprocessing, cache, targets."""
     m, s = results["machine"], results["settings"]
@@ -148,17 +165,20 @@ def format_table(results: dict[str, Any]) -> str:
     else:
         rows.append(["ceiling", "os.preadv copy, 1 thread", _num(ceiling.get("samples_per_s")), _spread(ceiling),
                      _num(ceiling.get("mb_per_s")), _mib(ceiling.get("peak_rss_bytes")), "", "100%"])
-        if isinstance(ceiling.get("to_device"), dict):
-            d = ceiling["to_device"]
-            rows.append(["ceiling", "copy + pinned -> GPU", _num(d.get("samples_per_s")), _spread(d),
-                         _num(d.get("mb_per_s")), "", "", ""])
+        for key, label in (("to_device", "copy + pinned -> GPU"), ("from_memory", "gather from memory, 1 thread"),
+                           ("on_device", "gather in GPU memory")):
+            d = ceiling.get(key)
+            if isinstance(d, dict):
+                rows.append(["ceiling", label, _num(d.get("samples_per_s")), _spread(d), _num(d.get("mb_per_s")),
+                             "", "", ""])
     lines += _rows(["loader", "configuration", "samples/s", "spread", "MB/s", "peak RSS MiB", "x naive",
                     "of ceiling"], rows)
     r = results["ratios"]
     lines += ["", f"dali / naive {_ratio(r.get('dali_vs_naive'))}; torch / naive {_ratio(r.get('torch_vs_naive'))}; "
               f"dali / torch (best) {_ratio(r.get('dali_vs_torch'))}; dali / torch (num_workers 0) "
               f"{_ratio(r.get('dali_vs_torch_workers0'))}; dali moves {_pct(r.get('dali_fraction_of_ceiling'))} "
-              f"of the ceiling's MB/s, torch {_pct(r.get('torch_fraction_of_ceiling'))}.", ""]
+              f"of the ceiling's MB/s, torch {_pct(r.get('torch_fraction_of_ceiling'))}.",
+              *_resident_lines(results["loader_configs"], r), ""]
 
     t = results["training"]
     lines += [f"## Training (preset {s['train_preset']}, precision {s['precision']}, batch {s['batch_size']}; "

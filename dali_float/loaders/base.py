@@ -38,7 +38,10 @@ class LoaderOptions:
     num_workers: int = 2  # torch: DataLoader worker processes
     num_threads: int = 2  # dali: pipeline CPU threads
     prefetch_batches: int = 2  # batches prepared ahead
-    read_strategy: str = "auto"  # dali: auto | pread | python
+    read_strategy: str = "auto"  # dali: auto | pread | resident | python
+    resident_reserve_gb: float | None = None  # dali, resident: memory left besides the partition, GB (None: 16 on
+    #                                           a GPU, 4 on the CPU: loaders.resident.DEFAULT_RESERVE_GB)
+    progress: bool = False  # progress bars (the resident partition's load)
 
     def __post_init__(self) -> None:
         check_choice("ref", self.ref_rule, REF_RULES)
@@ -47,6 +50,8 @@ class LoaderOptions:
             raise UsageError(f"--batch_size must be at least 1, got {self.batch_size}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise UsageError(f"device {self.device!r}: use cpu or cuda[:N]")
+        if self.resident_reserve_gb is not None and not self.resident_reserve_gb >= 0:
+            raise UsageError(f"--resident_reserve_gb must be at least 0, got {self.resident_reserve_gb}")
 
     @property
     def torch_device(self) -> torch.device:

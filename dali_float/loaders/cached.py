@@ -3,7 +3,8 @@
 Both cached loaders (`torch`, `dali`) read through `TrainingCache`: the training view's memory-mapped
 arrays (cache.view: per clip its shard, byte offset, frame count, emotion and id) and the shards.
 Nothing here holds a Python object per clip. `WindowReader` is the one reading of a window the
-torch loader, the DALI loader's Python fallback and the bench's copy ceiling share.
+torch loader, the DALI loader's Python fallback and the bench's copy ceiling share; `pread_fully` the one
+positioned read (the resident strategy loads its partition with it).
 """
 from __future__ import annotations
 
@@ -189,10 +190,18 @@ class WindowReader:
         base = int(row["offset"])
         fd = self._fd(int(row["shard"]))
         for out, offset in ((window_out, base + start * self.row_bytes), (ref_out, base + ref * self.row_bytes)):
-            view = memoryview(out).cast("B")
-            got = 0
-            while got < len(view):
-                n = os.preadv(fd, [view[got:]], offset + got)
-                if n <= 0:
-                    raise CacheError(self.cache.describe_failure(clip_index, "the shard ends early"))
-                got += n
+            if not pread_fully(fd, out, offset):
+                raise CacheError(self.cache.describe_failure(clip_index, "the shard ends early"))
+
+
+def pread_fully(fd: int, out, offset: int) -> bool:
+    """Fill the buffer `out` (anything with the buffer protocol) from byte `offset` of `fd` with os.preadv;
+    False when the file ends first (the bytes read so far are in `out`)."""
+    view = memoryview(out).cast("B")
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            return False
+        got += n
+    return True

@@ -7,10 +7,16 @@ over each clip's record address (shard, offset, frames, row) and emotion; `fn.ra
 the window starts; the reference frame follows the `--ref` rule; the window's rows are read and, on a
 GPU, every output moves to the device. Read strategies for the rows:
 
-  pread   (default) `fn.dali_float_window_read` (window_read.cc): one pread per window from the clip's
-          shard, then `.gpu()`.
-  python  the external source reads the windows itself (loaders.cached.WindowReader, the torch
-          loader's reads), with draws from NumPy: for where the operator cannot be built (no g++).
+  pread     `fn.dali_float_window_read` (window_read.cc): one pread per window from the clip's shard,
+            then `.gpu()`.
+  resident  this rank's partition of the clips is loaded once into device memory (host memory on the
+            CPU; loaders.resident), and `fn.dali_float_window_gather` cuts each window out of it on the
+            device (the same draws and rules: `fn.dali_float_window_index`). A rank trains on its own
+            clips only, for the whole run (loaders.sampling: partitions).
+  python    the external source reads the windows itself (loaders.cached.WindowReader, the torch
+            loader's reads), with draws from NumPy: for where the operator cannot be built (no g++).
+  auto      (default) resident on a GPU when this rank's partition fits its free memory (on every rank),
+            else pread; pread on the CPU (`resolve_strategy`); python where the operator cannot be built.
 
 The pipeline's arguments are the shard paths (a few), never a list per clip: it builds in well
 under a second at a million clips. The split of a window into the contract's fields is
@@ -37,11 +43,12 @@ from dali_float.errors import CacheError, CheckpointError, UsageError
 from dali_float.loaders.base import LoaderOptions, WindowItem, WindowLoader, batch_from_windows
 from dali_float.loaders.cached import TrainingCache, WindowReader
 from dali_float.loaders.plugin import load_window_reader
+from dali_float.loaders.resident import Partition, ResidentBuffer, ResidentFit, gb
 from dali_float.loaders.sampling import DRAW_RANGE, RequestStream, window_from_draws
 
 log = logging.getLogger(__name__)
 
-READ_STRATEGIES = ("auto", "pread", "python")
+READ_STRATEGIES = ("auto", "pread", "resident", "python")
 OUTPUTS = ("windows", "ref_motion", "emotion", "indices")  # indices: (window_start, ref_frame, row)
 PREFETCH_THREAD = "dali-float-prefetch"
 
@@ -76,6 +83,21 @@ class EpochSource:
 
     def __call__(self, info) -> tuple[np.ndarray, np.ndarray]:
         return self.addresses(self.clip_rows(info.iteration))
+
+
+class ResidentSource(EpochSource):
+    """The `resident` strategy's external source: the same clips, each addressed in this rank's resident
+    buffer: (0, byte offset of its rows in the buffer, num_frames, row)."""
+
+    def __init__(self, cache: TrainingCache, stream: RequestStream, batch_size: int, offset_of_row: np.ndarray):
+        super().__init__(cache, stream, batch_size)
+        self.offset_of_row = offset_of_row
+
+    def addresses(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        picked = self.rows[rows]
+        records = np.stack([np.zeros(len(rows), dtype=np.int64), self.offset_of_row[rows],
+                            picked["num_frames"].astype(np.int64), rows], axis=1)
+        return records, picked["emotion"].astype(np.float16)
 
 
 class PythonReadSource(EpochSource):
@@ -126,12 +148,14 @@ class FixedSource:
 
 @pipeline_def(enable_checkpointing=True)
 def window_pipeline(source: Callable, shard_files: list[str], *, window_frames: int, row_bytes: int, ref_bytes: int,
-                    ref_rule: str, strategy: str, on_gpu: bool, draw_seed: int, given: str | None):
+                    ref_rule: str, strategy: str, on_gpu: bool, draw_seed: int, given: str | None,
+                    buffer: tuple[int, int] | None = None):
     """Outputs per sample: windows (60, row bytes) u8, ref_motion (F bytes) u8, emotion (E,) f16,
     indices (3,) int64: window_start, ref_frame, row of the training view.
 
     given: None in training (the draws come from fn.random.uniform); "draws" (the caller's
-    draws go through the same rules) or "windows" (the caller gives window start and reference frame)."""
+    draws go through the same rules) or "windows" (the caller gives window start and reference frame).
+    buffer: (address, bytes) of the resident buffer (strategy resident), on the pipeline's device."""
     if strategy == "python":
         outputs = fn.external_source(source=source, batch=True, batch_info=True, num_outputs=4,
                                      dtype=[types.UINT8, types.UINT8, types.INT64, types.FLOAT16])
@@ -144,9 +168,16 @@ def window_pipeline(source: Callable, shard_files: list[str], *, window_frames: 
             records, emotion = fn.external_source(source=source, batch=True, batch_info=True, num_outputs=2,
                                                   dtype=[types.INT64, types.FLOAT16])
             draws = fn.random.uniform(range=[0, DRAW_RANGE - 1], shape=[2], dtype=types.INT64, seed=draw_seed)
-        windows, ref_motion, indices = fn.dali_float_window_read(
-            records, draws, files=shard_files, rows=window_frames, row_bytes=row_bytes, ref_bytes=ref_bytes,
-            ref_rule="given" if given == "windows" else ref_rule)
+        rule = "given" if given == "windows" else ref_rule
+        if strategy == "resident":  # the rule on the CPU, then the copy where the buffer is (mixed: on the GPU)
+            indices = fn.dali_float_window_index(records, draws, rows=window_frames, ref_rule=rule)
+            windows, ref_motion = fn.dali_float_window_gather(
+                records, indices, device="mixed" if on_gpu else "cpu", buffer_address=buffer[0],
+                buffer_bytes=buffer[1], rows=window_frames, row_bytes=row_bytes, ref_bytes=ref_bytes)
+        else:
+            windows, ref_motion, indices = fn.dali_float_window_read(
+                records, draws, files=shard_files, rows=window_frames, row_bytes=row_bytes, ref_bytes=ref_bytes,
+                ref_rule=rule)
     outputs = (windows, ref_motion, emotion, indices)
     return tuple(o.gpu() for o in outputs) if on_gpu else outputs
 
@@ -163,35 +194,114 @@ def _to_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
     return out
 
 
-def resolve_strategy(strategy: str, on_gpu: bool) -> str:
+def resolve_strategy(strategy: str, on_gpu: bool, fit: Callable[[], ResidentFit] | None = None,
+                     agree: Callable[[bool], bool] | None = None) -> str:
+    """The read strategy a loader uses for `strategy` (--read_strategy), or a one-line UsageError.
+
+    fit: this rank's partition against its free memory (computed only where needed: resident, and auto
+    on a GPU; tests inject one). agree: under torchrun, whether every rank's partition fits (the ranks'
+    answers combined; every rank calls it once for auto on a GPU), so the ranks never mix partitioned and
+    contiguous epochs. auto: resident on a GPU when it fits, else pread (one log line with the sizes);
+    pread on the CPU (the page cache already holds the shards there: resident would hold its partition
+    in the same memory a second time, to save one kernel copy per window); python where the operator
+    cannot be built.
+    """
     if strategy not in READ_STRATEGIES:
         raise UsageError(f"--read_strategy {strategy!r} is not one of {', '.join(READ_STRATEGIES)}")
-    if strategy in ("auto", "pread"):
-        if load_window_reader():
-            return "pread"
-        if strategy == "pread":
-            raise UsageError("--read_strategy pread: the DALI window-read operator could not be built "
-                             "(see the warning above); use --read_strategy python")
-        return "python"
-    return strategy
+    if strategy == "python":
+        return strategy
+    built = load_window_reader()
+    if strategy in ("pread", "resident") and not built:
+        raise UsageError(f"--read_strategy {strategy}: the DALI window-read operator could not be built "
+                         f"(see the warning above); use --read_strategy python")
+    if strategy == "pread":
+        return strategy
+    if strategy == "resident":
+        if fit is None:
+            raise ValueError("the resident strategy needs its partition's fit")
+        found = fit()  # fewer clips than ranks: a UsageError that says so
+        if not found.fits:
+            raise UsageError(f"--read_strategy resident: {found.describe()}: use --read_strategy pread (or auto), "
+                             f"lower --resident_reserve_gb, or run more ranks (each holds a smaller part)")
+        log.info("read strategy resident: %s", found.describe())
+        return strategy
+    fallback = "pread" if built else "python"
+    if not on_gpu:
+        found = _fit_or_none(fit)
+        log.info("read strategy auto: %s on the CPU (the page cache already holds the shards in host memory; "
+                 "--read_strategy resident would hold this rank's partition there a second time%s)", fallback,
+                 f": {gb(found.partition_bytes)}; {gb(found.free_bytes)} available" if found else "")
+        return fallback
+    found = _fit_or_none(fit)
+    fits = built and found is not None and found.fits
+    if agree is not None:
+        fits = agree(fits)  # collective: every rank reaches this line once
+        if found is not None and found.fits and not fits:
+            log.info("read strategy auto: %s: another rank's partition does not fit its GPU", fallback)
+            return fallback
+    if fits:
+        log.info("read strategy auto: resident: %s", found.describe())
+        return "resident"
+    log.info("read strategy auto: %s: %s", fallback, found.describe() if found is not None else "no partition")
+    return fallback
+
+
+def _fit_or_none(fit: Callable[[], ResidentFit] | None) -> ResidentFit | None:
+    """fit(), or None where there is none to measure (fewer clips than ranks: said once)."""
+    if fit is None:
+        return None
+    try:
+        return fit()
+    except UsageError as err:
+        log.info("no resident partition: %s", err)
+        return None
 
 
 class DaliWindowLoader(WindowLoader):
-    """Cached windows through a DALI pipeline; CPU tensors without a GPU, CUDA tensors with one."""
+    """Cached windows through a DALI pipeline; CPU tensors without a GPU, CUDA tensors with one.
+
+    agree: under torchrun, combines the ranks' answers to "does my resident partition fit?" (see
+    resolve_strategy); None in one process.
+    """
 
     kind = "dali"
 
-    def __init__(self, cache: TrainingCache, options: LoaderOptions):
+    def __init__(self, cache: TrainingCache, options: LoaderOptions, agree: Callable[[bool], bool] | None = None):
         super().__init__(cache.preset, options, cache)
         self.cache = cache
         self.device = options.torch_device
-        self.strategy = resolve_strategy(options.read_strategy, self.device.type == "cuda")
-        self.stream = RequestStream(cache.num_frames, cache.preset.timing.window_frames, policy=options.epoch_policy,
-                                    ref_rule=options.ref_rule, seed=options.seed, shard_id=options.shard_id,
-                                    num_shards=options.num_shards)
+        self._assigned: Partition | None = None
+        self.strategy = resolve_strategy(options.read_strategy, self.device.type == "cuda",
+                                         fit=lambda: self._fit(self._assignment()), agree=agree)
+        # resident: this rank's clips for the run (a checkpoint's recorded ones replace them in load_state_dict)
+        self.partition = self._assignment() if self.strategy == "resident" else None
+        self.stream = self._make_stream()
+        self._resident: ResidentBuffer | None = None  # loaded at the first batch (after any load_state_dict)
         self._pipe = None
         self._prefetcher: Prefetcher | None = None
         self._checkpoint: str | None = None
+
+    def _assignment(self) -> Partition:
+        if self._assigned is None:
+            self._assigned = Partition.assign(self.cache, self.options.shard_id, self.options.num_shards)
+        return self._assigned
+
+    def _fit(self, partition: Partition) -> ResidentFit:
+        return ResidentFit.measure(partition.nbytes(self.cache), len(partition.rows), self.device,
+                                   self.options.resident_reserve_gb)
+
+    def _make_stream(self) -> RequestStream:
+        o = self.options
+        return RequestStream(self.cache.num_frames, self.preset.timing.window_frames, policy=o.epoch_policy,
+                             ref_rule=o.ref_rule, seed=o.seed, shard_id=o.shard_id, num_shards=o.num_shards,
+                             owner=self.partition.owner if self.partition is not None else None)
+
+    def _buffer(self) -> ResidentBuffer:
+        """The resident buffer, loaded on first use (the partition is final by then)."""
+        if self._resident is None:
+            self._resident = ResidentBuffer.load(self.cache, self.partition.rows, self.device,
+                                                 progress=self.options.progress)
+        return self._resident
 
     @property
     def samples_per_epoch(self) -> int:
@@ -205,11 +315,12 @@ class DaliWindowLoader(WindowLoader):
     def _build(self, source: Callable, *, given: str | None, batch_size: int, checkpoint: str | None = None) -> Any:
         o, preset = self.options, self.preset
         on_gpu = self.device.type == "cuda"
+        buffer = (self._buffer().address, self._buffer().nbytes) if self.strategy == "resident" else None
         pipe = window_pipeline(
             source, self.cache.shard_paths(), window_frames=preset.timing.window_frames,
             row_bytes=cf.row_bytes(preset), ref_bytes=preset.motion_dim * cf.FEATURE_DTYPE.itemsize,
             ref_rule=o.ref_rule, strategy=self.strategy, on_gpu=on_gpu, draw_seed=self._draw_seed,
-            given=given, batch_size=batch_size, num_threads=o.num_threads,
+            given=given, buffer=buffer, batch_size=batch_size, num_threads=o.num_threads,
             device_id=(self.device.index or 0) if on_gpu else None, seed=o.seed,
             # A fixed list is one batch: nothing to prefetch.
             prefetch_queue_depth=1 if given else o.prefetch_batches, checkpoint=checkpoint,
@@ -226,12 +337,18 @@ class DaliWindowLoader(WindowLoader):
                              f"run `python preprocess.py verify`") from None
         return pipe
 
+    def _source(self, batch_size: int) -> EpochSource:
+        """The pipeline's external source for training batches (the epoch's clips, addressed for the strategy)."""
+        if self.strategy == "resident":
+            return ResidentSource(self.cache, self.stream, batch_size, self._buffer().offset_of_row)
+        if self.strategy == "python":
+            return PythonReadSource(self.cache, self.stream, batch_size, self.options.ref_rule, self._draw_seed)
+        return EpochSource(self.cache, self.stream, batch_size)
+
     def _pipeline(self) -> Any:
         if self._pipe is None:
             b = self.options.batch_size
-            source = EpochSource(self.cache, self.stream, b) if self.strategy == "pread" else \
-                PythonReadSource(self.cache, self.stream, b, self.options.ref_rule, self._draw_seed)
-            self._pipe = self._build(source, given=None, batch_size=b, checkpoint=self._checkpoint)
+            self._pipe = self._build(self._source(b), given=None, batch_size=b, checkpoint=self._checkpoint)
         return self._pipe
 
     def _run(self, pipe: Any) -> Batch:
@@ -279,17 +396,31 @@ class DaliWindowLoader(WindowLoader):
         state = super().state_dict()
         state["dali_checkpoint"] = self._checkpoint  # after the last batch handed out (None: from the start)
         state["read_strategy"] = self.strategy
+        state["partition"] = self.partition.state(self.cache) if self.partition is not None else None
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self._pipe is not None:
+        if self._pipe is not None or self._resident is not None:
             raise RuntimeError("load_state_dict must come before the first batch")
         super().load_state_dict(state)
         saved = state.get("read_strategy", self.strategy)
-        if state.get("dali_checkpoint") is not None and saved != self.strategy:
-            # The two strategies are different pipelines: one's operator states mean nothing to the other.
+        adopt = saved != self.strategy and self.options.read_strategy == "auto" and saved in READ_STRATEGIES
+        if state.get("dali_checkpoint") is not None and saved != self.strategy and not adopt:
+            # The strategies are different pipelines: one's operator states mean nothing to another.
             raise CheckpointError(f"cannot resume the DALI loader: its state was saved reading with --read_strategy "
                                   f"{saved}, this run reads with {self.strategy}: resume with --read_strategy {saved}")
+        partition = None
+        if saved == "resident":  # the run's partition, as recorded: a resident run keeps its clips
+            if not isinstance(state.get("partition"), dict):
+                raise CheckpointError("cannot resume the DALI loader: its state was saved reading with --read_strategy "
+                                      "resident but records no partition (a damaged checkpoint?)")
+            partition = Partition.restore(self.cache, state["partition"], self.options.shard_id,
+                                          self.options.num_shards)
+        if adopt:  # auto follows the checkpoint: its pipeline state and its epochs continue only there
+            log.info("resuming with --read_strategy %s as the checkpoint's loader read (auto)", saved)
+            self.strategy = resolve_strategy(saved, self.device.type == "cuda", fit=lambda: self._fit(partition))
+        self.partition = (partition or self.partition or self._assignment()) if self.strategy == "resident" else None
+        self.stream = self._make_stream()
         self._checkpoint = state.get("dali_checkpoint")
 
     def load_windows(self, items: Sequence[WindowItem]) -> Batch:
@@ -307,14 +438,19 @@ class DaliWindowLoader(WindowLoader):
             source: Callable = PythonReadSource(self.cache, self.stream, len(items), self.options.ref_rule, 0,
                                                 given=(given, rows, pairs))
         else:
-            source = FixedSource((*EpochSource(self.cache, self.stream, len(items)).addresses(rows), pairs))
+            if self.strategy == "resident" and (self._buffer().offset_of_row[rows] < 0).any():
+                other = items[int(np.flatnonzero(self._buffer().offset_of_row[rows] < 0)[0])][0]
+                raise UsageError(f"clip {other!r} is not in this rank's resident partition (rank "
+                                 f"{self.options.shard_id} of {self.options.num_shards})")
+            source = FixedSource((*self._source(len(items)).addresses(rows), pairs))
         return self._run(self._build(source, given=given, batch_size=len(items)))
 
     def close(self) -> None:
         if self._prefetcher is not None:  # stop the background thread before the pipeline goes
             self._prefetcher.__exit__(None, None, None)
             self._prefetcher = None
-        self._pipe = None
+        self._pipe = None  # the pipeline before the buffer it reads by address
+        self._resident = None
 
 
 class Prefetcher:

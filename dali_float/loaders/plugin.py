@@ -1,4 +1,5 @@
-"""Build (once, with g++) and load the DALI operator in window_read.cc (`fn.dali_float_window_read`).
+"""Build (once, with g++) and load the DALI operators in window_read.cc (`fn.dali_float_window_read`, and
+`fn.dali_float_window_index` / `fn.dali_float_window_gather` of the resident strategy).
 
 The library is compiled against the installed DALI's headers into
 $DALI_FLOAT_HOME/plugins/window_read-<dali version>-<source hash>.so, so a new DALI or a changed
@@ -89,8 +90,11 @@ def build(target: Path) -> None:
     includes = cuda_include_dirs()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}{TMP_MARKER}{os.getpid()}")
+    # libdali_kernels: the gather's device-to-device batch copy (ScatterGatherGPU), so this library needs no
+    # CUDA runtime of its own (DALI's is linked into DALI's libraries; on a machine without CUDA it is never called).
     cmd = [compiler, "-std=c++20", "-O2", "-fPIC", "-shared", "-w", str(SOURCE), "-o", str(tmp),
-           *sysconfig.get_compile_flags(), *[f"-I{p}" for p in includes], *sysconfig.get_link_flags()]
+           *sysconfig.get_compile_flags(), *[f"-I{p}" for p in includes], *sysconfig.get_link_flags(),
+           "-ldali_kernels"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)

@@ -49,7 +49,8 @@ class TrainConfig:
     emotion: str | None = None  # model | filename | none (None: model)
     ref: str = "first"  # reference frame rule (loaders.sampling)
     epoch_policy: str = "windows"
-    read_strategy: str = "auto"  # DALI loader: auto | pread | python (checked by the loader)
+    read_strategy: str = "auto"  # DALI loader: auto | pread | resident | python (checked by the loader)
+    resident_reserve_gb: float | None = None  # resident: memory left besides the partition (None: 16 GPU, 4 CPU)
     num_workers: int = 2  # torch / naive loader worker processes
     num_threads: int = 2  # DALI pipeline CPU threads
     # optimisation
@@ -99,6 +100,8 @@ class TrainConfig:
         for name, (value, low) in at_least.items():
             if value < low:
                 raise UsageError(f"--{name} must be at least {low}, got {value}")
+        if self.resident_reserve_gb is not None and not self.resident_reserve_gb >= 0:
+            raise UsageError(f"--resident_reserve_gb must be at least 0, got {self.resident_reserve_gb}")
         if self.sample_every is not None and self.sample_every < 0:
             raise UsageError(f"--sample_every must be at least 0 (0 = no sample videos), got {self.sample_every}")
         if self.lr is not None and not self.lr > 0:

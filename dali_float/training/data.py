@@ -89,9 +89,16 @@ def open_training_loader(cfg: TrainConfig, preset: Preset, source: DataSource, d
     options = LoaderOptions(
         batch_size=cfg.batch_size, seed=cfg.seed, ref_rule=cfg.ref, epoch_policy=cfg.epoch_policy,
         device=str(dist.device), shard_id=dist.rank, num_shards=dist.world_size, num_workers=cfg.num_workers,
-        num_threads=cfg.num_threads, read_strategy=cfg.read_strategy)
+        num_threads=cfg.num_threads, read_strategy=cfg.read_strategy, resident_reserve_gb=cfg.resident_reserve_gb,
+        progress=cfg.progress and dist.is_main)
+
+    def on_every_rank(holds: bool) -> bool:
+        """Whether `holds` is true on every rank (a collective: the ranks pick one read strategy)."""
+        return dist.sum([0.0 if holds else 1.0])[0] == 0
+
     loader = open_loader(cfg.loader, preset, options, cache=source.cache, data_root=source.data_root,
-                         encoders=source.encoders, crop=source.crop, segments=source.segments)
+                         encoders=source.encoders, crop=source.crop, segments=source.segments,
+                         agree=on_every_rank if dist.enabled else None)
     if cfg.batch_size > loader.samples_per_epoch:
         loader.close()
         raise UsageError(f"--batch_size {cfg.batch_size} is larger than the data: one epoch holds "
