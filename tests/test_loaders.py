@@ -279,6 +279,7 @@ def test_a_restored_loader_continues_with_the_same_batches(tiny_cache, kind):
     buffer = io.BytesIO()  # the state goes into training checkpoints: it must survive torch.save
     torch.save(first.state_dict(), buffer)
     state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    assert state["batches_consumed"] == 5  # what the state says of the loader's place, whatever prefetched
     reference = take(it, 20)
     resumed = loader(kind, tiny_cache, batch_size=4, seed=11, ref_rule="random_in_clip")
     resumed.load_state_dict(state)
@@ -789,7 +790,10 @@ FALLBACK_PROBE = textwrap.dedent("""
 def test_without_a_compiler_the_dali_loader_reads_in_python_after_one_warning(tiny_cache, tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(FALLBACK_PROBE.format(repo=str(REPO)))
-    env = dict(os.environ, CXX="false", DALI_FLOAT_HOME=str(tmp_path / "home"))  # `false`: a compiler that fails
+    compiler = tmp_path / "broken-c++"  # writes part of its output, then fails (as a compiler killed or out of disk)
+    compiler.write_text('#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = -o ] && echo partial > "$2"; shift; done\nexit 1\n')
+    compiler.chmod(0o755)
+    env = dict(os.environ, CXX=str(compiler), DALI_FLOAT_HOME=str(tmp_path / "home"))
     done = subprocess.run([sys.executable, str(script), str(tiny_cache.layout.root.parent), tiny_cache.fingerprint],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]

@@ -187,6 +187,17 @@ def test_draws_differ_between_ranks_and_follow_the_seed(cache):
     assert {c for c, _, _ in windows(0)}.isdisjoint({c for c, _, _ in windows(1)})
 
 
+def test_every_clip_of_a_ranks_partition_loads_by_name(cache):
+    """A fixed list may name any clip of the rank's own partition, the one loaded first (at offset 0 of the
+    resident buffer) included, and gives pread's tensors."""
+    for rank in (0, 1):
+        own = [cache.clip_id(int(i)) for i in np.flatnonzero(assign_partitions(cache.num_frames, 2) == rank)]
+        items = [(clip_id, 0, 0) for clip_id in own]
+        resident = dali(cache, read_strategy="resident", shard_id=rank, num_shards=2)
+        assert_same(dali(cache, read_strategy="pread").load_windows(items), resident.load_windows(items))
+        resident.close()
+
+
 def test_a_clip_of_another_rank_is_refused_in_a_fixed_list(cache):
     ld = dali(cache, read_strategy="resident", shard_id=1, num_shards=2)
     other = cache.clip_id(int(np.flatnonzero(assign_partitions(cache.num_frames, 2) == 0)[0]))
