@@ -320,6 +320,15 @@ def test_the_naive_loader_needs_its_videos_and_encoders_and_the_cached_ones_a_ca
             open_loader(kind, TINY, LoaderOptions(), data_root=Path("/data"))
 
 
+@pytest.mark.parametrize("field,value,flag", [("ref_rule", "last", "--ref"), ("epoch_policy", "frames", "--epoch_policy"),
+                                             ("batch_size", 0, "--batch_size"), ("resident_reserve_gb", -1.0,
+                                                                                 "--resident_reserve_gb")])
+def test_loader_options_refuse_what_no_loader_knows_in_one_line(field, value, flag):
+    """The library's way in checks what train.py's parser checks (a bad value never reaches a loader)."""
+    with pytest.raises(UsageError, match=f"^{flag}"):
+        LoaderOptions(**{field: value})
+
+
 def test_resuming_with_other_settings_is_refused(tiny_cache):
     state = loader("dali", tiny_cache, batch_size=4).state_dict()
     with pytest.raises(UsageError, match="batch_size"):
