@@ -77,7 +77,7 @@ GROUPS: dict[str, Group] = {
                       "dali_float/loaders/plugin.py", "dali_float/loaders/resident.py", "dali_float/loaders/__init__.py"),
                      ("tests/test_loaders.py", "tests/test_parity.py", "tests/test_resident.py",
                       "tests/test_faults_training.py"), 0.85),
-    "window_read.cc": Group(("dali_float/loaders/window_read.cc",), ("tests/test_loaders.py",), 0.85),
+    "window_read.cc": Group(("dali_float/loaders/window_read.cc",), ("tests/test_loaders.py", "tests/test_resident.py"), 0.85),
     "cache_format": Group(("dali_float/cache/format.py", "dali_float/cache/store.py", "dali_float/cache/index.py",
                            "dali_float/cache/view.py"),
                           ("tests/test_cache_format.py", "tests/test_cache_store.py", "tests/test_loaders.py",
