@@ -27,8 +27,8 @@ import json
 import sys
 from pathlib import Path
 
-from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_arguments, add_preset_argument, run_main,
-                            setup_logging)
+from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_arguments, add_preset_argument, alias,
+                            run_main, setup_logging)
 from dali_float.errors import UsageError
 from dali_float.config import MAX_CLIP_S, MAX_FRAME_PIXELS
 from dali_float.paths import printable
@@ -49,13 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(common)
     add_model_arguments(common)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging (tracebacks of failed clips)")
-
-    parser = ArgumentParser(prog="preprocess.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
     common.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+    # --workers, not --num_workers (train.py's): each is a whole pipeline (decoder, encoders, a shard writer),
+    # not a DataLoader's worker; --num_workers is accepted too.
     run_args = ArgumentParser(add_help=False)
-    run_args.add_argument("--gpus", type=_gpu_list, default=(), help="CUDA devices, one worker process each (e.g. 0,1)")
-    run_args.add_argument("--workers", type=int, default=1, help="CPU worker processes (default 1)")
+    run_args.add_argument("--gpus", type=_gpu_list, default=(), help="CUDA devices, one worker process each (e.g. 0,1; default: none, --workers on --device)")
+    alias(run_args.add_argument("--workers", type=int, default=1, help="CPU worker processes (default 1)"),
+          "--num_workers")
     run_args.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda[:N]; default auto")
     run_args.add_argument("--frame_batch", type=int, default=None,
                           help="frames per motion-encoder batch (default: 64 on a GPU, 16 on the CPU)")
@@ -69,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     run_args.add_argument("--max_clip_s", type=float, default=MAX_CLIP_S,
                           help=f"a longer clip fails before it is decoded: wav2vec2 runs over the whole clip and "
                                f"its memory grows with the length squared (default {MAX_CLIP_S:g})")
-    sub.add_parser("run", parents=[common, run_args], help="compute the features of new and changed clips (default)")
+
+    parser = ArgumentParser(prog="preprocess.py", description=__doc__)
+    sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser, metavar="COMMAND")
+    run = sub.add_parser("run", parents=[common, run_args], help="compute the features of new and changed clips "
+                                                                 "(the default command)")
     for name, text in (("status", "what is cached, stale, pending, failed or skipped"),
                        ("show", "one clip's entry: status and reason, source, crop box, faces, timings, record"),
                        ("verify", "check every cached clip's bytes (CRC-32), shapes and values")):
@@ -85,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     clear = sub.add_parser("clear", parents=[common], help="delete this fingerprint's cache folder")
     clear.add_argument("--confirm", action="store_true", help="really delete (otherwise only say what)")
     clear.add_argument("--all", action="store_true", help="every cache folder in --cache_dir, all fingerprints")
+    # `preprocess.py --help` shows the flags of `run` too: they are what a bare `preprocess.py` takes.
+    parser.epilog = "run (the default command: `preprocess.py [run] [flags]`):\n\n" + run.format_help()
     return parser
 
 

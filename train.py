@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_arguments, add_preset_argument,
+from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_arguments, add_preset_argument, alias,
                             existing_path, run_main, setup_logging)
 from dali_float.loaders import EPOCH_POLICIES, LOADER_KINDS, REF_RULES
 from dali_float.loaders.dali_loader import READ_STRATEGIES
@@ -29,7 +29,7 @@ D = TrainConfig()  # the defaults, defined once
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="train.py", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+)
     add_preset_argument(parser)
     add_data_arguments(parser)
     add_model_arguments(parser)
@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"windows: clips weighted by length; clips: each clip once per epoch (default {D.epoch_policy})")
     g.add_argument("--read_strategy", choices=READ_STRATEGIES, default=D.read_strategy,
                    help="how the DALI loader reads windows (default auto)")
-    g.add_argument("--num_workers", type=int, default=D.num_workers,
-                   help=f"torch/naive loader worker processes (default {D.num_workers})")
+    # --num_workers, torch's DataLoader's own name (it is passed to it); preprocess.py's --workers is accepted too.
+    alias(g.add_argument("--num_workers", type=int, default=D.num_workers,
+                         help=f"torch/naive loader worker processes (default {D.num_workers})"), "--workers")
     g.add_argument("--num_threads", type=int, default=D.num_threads,
                    help=f"DALI pipeline threads (default {D.num_threads})")
 
@@ -76,11 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep_checkpoints", type=int, default=D.keep_checkpoints,
                    help=f"newest checkpoints kept; 0 = all (default {D.keep_checkpoints})")
     g.add_argument("--resume", default=None, metavar="latest|PATH",
-                   help="continue a run: 'latest' in --output_dir, or a checkpoint file or run folder")
+                   help="continue a run with its recorded settings: 'latest' in --output_dir, or a checkpoint file "
+                        "or run folder (default: a new run)")
     g.add_argument("--init_from", type=existing_path, default=None, metavar="PATH",
                    help="start a new run from these weights: FLOAT's float.pth (its FMT and audio projection), or a "
                         "run folder or checkpoint of ours (its EMA weights when it kept them); optimiser, schedule "
-                        "and step start afresh. Not with --resume")
+                        "and step start afresh. Not with --resume (default: the seeded random init)")
     g.add_argument("--log_every", type=int, default=D.log_every,
                    help=f"steps between log lines and metrics.jsonl records (default {D.log_every})")
     g.add_argument("--log_samples", action="store_true",

@@ -255,7 +255,7 @@ def test_render_parses_the_flags_readme_gives_it(tmp_path):
     assert (args.seed, args.frame_batch, args.crop, args.emo) == (0, None, None, None) and args.progress
     assert (args.nfe, args.a_scale, args.e_scale) == (10, 2.0, 1.0)
     args = sampler._parser().parse_args(required + ["--seed", "3", "--frame_batch", "4", "--crop", "center",
-                                                    "--emo", "happy", "--no_progress"])
+                                                    "--emotion_class", "happy", "--no_progress"])
     assert (args.seed, args.frame_batch, args.crop, args.emo, args.progress) == (3, 4, "center", "happy", False)
 
 

@@ -600,7 +600,7 @@ def test_sample_videos_during_training(demo_source, tmp_path):
     train(config(out, steps=6, sample_every=3, save_every=0, wandb_mode="offline", wandb_project="dali-float-test"),
           demo_source)
     videos = sorted((out / "samples").iterdir())
-    assert [v.name for v in videos] == ["step_0000003.mp4", "step_0000006.mp4"]
+    assert [v.name for v in videos] == ["step_00000003.mp4", "step_00000006.mp4"]
     expected = min(100, int(demo_source.cache.num_frames[0]))
     for video in videos:
         frames, audio_s = decoded_mp4(video)

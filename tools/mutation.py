@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import hashlib
 import json
 import math
@@ -927,8 +928,11 @@ def _stop(signum, frame):  # noqa: ARG001 - SIGTERM: unwind, so the mutated file
 
 def main() -> int:
     signal.signal(signal.SIGTERM, _stop)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Plain argparse: importing dali_float here would put unmutated modules into the forked test runs.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)
     cov = sub.add_parser("coverage")
     cov.add_argument("--tests", nargs="*", help="only these test files, added to the existing map")
     run = sub.add_parser("run")

@@ -143,7 +143,15 @@ def default_cache_dir(data_root: Path | None = None) -> Path:
 
 
 def check_sources(sources: ModelSources) -> None:
-    """CheckpointError (exit 2) for a weight path that does not exist (before anything is hashed)."""
+    """CheckpointError (exit 2) for a weight path that does not exist or is of the wrong kind (a folder for
+    --motion_ckpt, a file for the save_pretrained folders), before anything is hashed."""
+    if sources.motion_ckpt is not None and Path(sources.motion_ckpt).is_dir():
+        raise CheckpointError(f"--motion_ckpt {sources.motion_ckpt} is a folder: give the checkpoint file in it, "
+                              f"FLOAT's float.pth (e.g. checkpoints/float.pth)")
+    for flag, path in (("--wav2vec2_path", sources.wav2vec2_path), ("--emotion_path", sources.emotion_path)):
+        if path is not None and Path(path).is_file():
+            raise CheckpointError(f"{flag} {path} is a file: give the model's folder as save_pretrained writes it "
+                                  f"(config.json and the weights beside it)")
     for flag, path in (("--motion_ckpt", sources.motion_ckpt), ("--wav2vec2_path", sources.wav2vec2_path),
                        ("--emotion_path", sources.emotion_path)):
         if path is not None and not Path(path).exists():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 from dataclasses import dataclass, field
 from types import FrameType
@@ -24,14 +25,22 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    """auto: cuda if there is one, else cpu. Under torchrun each rank takes the GPU of its LOCAL_RANK."""
+    """--device auto | cpu | cuda | cuda:N. auto: cuda if there is one, else cpu. cuda: under torchrun each
+    rank takes the GPU of its LOCAL_RANK. UsageError (one line) for CUDA on a machine without it."""
     gpus = visible_cuda_devices()
     if requested == "auto":
         requested = "cuda" if gpus else "cpu"
     if requested == "cpu":
         return torch.device("cpu")
+    if not re.fullmatch(r"cuda(:\d+)?", requested):
+        raise UsageError(f"--device {requested!r}: use auto, cpu, cuda or cuda:N")
     if not gpus:
-        raise UsageError("--device cuda: CUDA is not available on this machine; use --device cpu (or auto)")
+        raise UsageError(f"--device {requested}: CUDA is not available on this machine; use --device cpu (or auto)")
+    if ":" in requested:
+        index = int(requested.split(":")[1])
+        if index >= gpus:
+            raise UsageError(f"--device {requested}: this machine has {gpus} CUDA device(s) (0..{gpus - 1})")
+        return torch.device("cuda", index)
     if local_rank >= gpus:
         raise UsageError(f"LOCAL_RANK {local_rank} but this machine has {gpus} CUDA device(s): "
                          f"start at most {gpus} processes per node")
