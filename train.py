@@ -2,15 +2,17 @@
 """Train FLOAT's flow-matching transformer from the feature cache (preprocessing first when it is stale).
 
     python train.py --loader dali --preset tiny --steps 200         # the demo corpus, CPU or one GPU
-    python train.py --resume latest --steps 400                      # continue that run
+    python train.py --resume latest                                  # continue that run, as it was set up
+    python train.py --resume latest --steps 400                      # ... and make it longer
     python train.py --preset float --init_from float.pth --motion_ckpt float.pth ...   # fine-tune FLOAT
     torchrun --nproc_per_node 8 train.py --preset float --data_root /data/HDTF --motion_ckpt float.pth \\
         --wav2vec2_path wav2vec2-base-960h --emotion_path wav2vec-emotion --batch_size 8
 
 Writes <output_dir>/metrics.jsonl (one JSON record per --log_every steps),
-<output_dir>/checkpoints/step_*.pt with a `latest` pointer and, with --sample_every N,
-<output_dir>/samples/step_*.mp4. Exit codes: 0 done, 130 interrupted
-(after saving), 2 usage error, 1 other errors.
+<output_dir>/checkpoints/step_*.pt with a `latest` pointer, <output_dir>/config.json (every setting; what
+--resume restores) and, with --sample_every N, <output_dir>/samples/step_*.mp4. Exit codes: 0 done,
+130 / 143 interrupted by SIGINT / SIGTERM (after saving), 2 usage error, 3 the run folder is in use (or
+another problem of the machine), 1 other errors.
 This script only parses arguments; the work is in dali_float.training.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import argparse
 from pathlib import Path
 
 from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_arguments, add_preset_argument, alias,
-                            existing_path, run_main, setup_logging)
+                            existing_path, given_flags, run_main, setup_logging)
 from dali_float.loaders import EPOCH_POLICIES, LOADER_KINDS, REF_RULES
 from dali_float.loaders.dali_loader import READ_STRATEGIES
 from dali_float.training.config import DEVICES, LR_SCHEDULES, PRECISIONS, WANDB_MODES, TrainConfig
@@ -98,12 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> int:
-    args = build_parser().parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     from dali_float.training import train
+    from dali_float.training.run_folder import config_from_args
 
-    return train(TrainConfig.from_args(args)).exit_code
+    # With --resume, the flags not given are the run's recorded settings (its config.json).
+    return train(config_from_args(vars(args), given_flags(args))).exit_code
 
 
 if __name__ == "__main__":

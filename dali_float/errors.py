@@ -56,6 +56,10 @@ class CacheBusy(EnvironmentProblem):
     """Another process holds the cache's writer lock (or its readers hold what a command must delete)."""
 
 
+class RunFolderBusy(EnvironmentProblem):
+    """Another process trains into the run folder (--output_dir) now."""
+
+
 class ReadOnlyCache(EnvironmentProblem):
     """The cache folder cannot be written (a read-only mount, or no write permission)."""
 

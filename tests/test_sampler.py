@@ -242,7 +242,7 @@ def test_sampler_defaults_are_floats_and_the_readmes():
     assert "[--nfe 10] [--a_scale 2] [--e_scale 1]" in readme and "[--seeds 2]" in readme
     args = sampler._parser().parse_args(["measure", "--checkpoint", "run"])
     assert (args.nfe, args.a_scale, args.e_scale, args.seeds) == (10, 2.0, 1.0, 2)
-    assert args.baseline is None and args.json is None and not args.no_ema and args.device == "cpu"
+    assert args.baseline is None and args.json is None and not args.no_ema and args.device == "auto"
 
 
 def test_render_parses_the_flags_readme_gives_it(tmp_path):
@@ -252,11 +252,11 @@ def test_render_parses_the_flags_readme_gives_it(tmp_path):
     speech.write_bytes(b"")
     required = ["render", "--checkpoint", "run", "--ref", "face.jpg", "--audio", str(speech), "--out", "o.mp4"]
     args = sampler._parser().parse_args(required)
-    assert (args.seed, args.frame_batch, args.crop, args.emo) == (0, None, None, None) and args.progress
+    assert (args.seed, args.frame_batch, args.crop, args.emotion_class) == (0, None, None, None) and args.progress
     assert (args.nfe, args.a_scale, args.e_scale) == (10, 2.0, 1.0)
     args = sampler._parser().parse_args(required + ["--seed", "3", "--frame_batch", "4", "--crop", "center",
                                                     "--emotion_class", "happy", "--no_progress"])
-    assert (args.seed, args.frame_batch, args.crop, args.emo, args.progress) == (3, 4, "center", "happy", False)
+    assert (args.seed, args.frame_batch, args.crop, args.emotion_class, args.progress) == (3, 4, "center", "happy", False)
 
 
 # --- trained checkpoints and the command ---------------------------------------------------------------------

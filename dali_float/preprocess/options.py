@@ -20,6 +20,7 @@ from dali_float.config import MAX_CLIP_S, MAX_FRAME_PIXELS, Preset
 from dali_float.errors import CheckpointError, UsageError
 from dali_float.media.framing import check_crop, framing_identity
 from dali_float.models import ModelSources, model_identities
+from dali_float.models.motion_encoder import not_a_torch_checkpoint, torch_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -145,17 +146,22 @@ def default_cache_dir(data_root: Path | None = None) -> Path:
 def check_sources(sources: ModelSources) -> None:
     """CheckpointError (exit 2) for a weight path that does not exist or is of the wrong kind (a folder for
     --motion_ckpt, a file for the save_pretrained folders), before anything is hashed."""
-    if sources.motion_ckpt is not None and Path(sources.motion_ckpt).is_dir():
-        raise CheckpointError(f"--motion_ckpt {sources.motion_ckpt} is a folder: give the checkpoint file in it, "
-                              f"FLOAT's float.pth (e.g. checkpoints/float.pth)")
-    for flag, path in (("--wav2vec2_path", sources.wav2vec2_path), ("--emotion_path", sources.emotion_path)):
-        if path is not None and Path(path).is_file():
-            raise CheckpointError(f"{flag} {path} is a file: give the model's folder as save_pretrained writes it "
-                                  f"(config.json and the weights beside it)")
     for flag, path in (("--motion_ckpt", sources.motion_ckpt), ("--wav2vec2_path", sources.wav2vec2_path),
                        ("--emotion_path", sources.emotion_path)):
         if path is not None and not Path(path).exists():
             raise CheckpointError(f"{flag} {path} does not exist; give the local file or folder")
+    if sources.motion_ckpt is not None:
+        if Path(sources.motion_ckpt).is_dir():
+            raise CheckpointError(f"--motion_ckpt {sources.motion_ckpt} is a folder: give the checkpoint file in it, "
+                                  f"FLOAT's float.pth (e.g. checkpoints/float.pth)")
+        problem = torch_file_problem(Path(sources.motion_ckpt))
+        if problem:
+            raise CheckpointError(not_a_torch_checkpoint("--motion_ckpt", sources.motion_ckpt, problem))
+    for flag, path in (("--wav2vec2_path", sources.wav2vec2_path), ("--emotion_path", sources.emotion_path)):
+        if path is not None and not (Path(path) / "config.json").is_file():
+            what = "a file" if Path(path).is_file() else "a folder without config.json"
+            raise CheckpointError(f"{flag} {path} is {what}: give the model's folder as save_pretrained writes it "
+                                  f"(config.json and the weights beside it)")
 
 
 def cache_fingerprint(preset: Preset, sources: ModelSources, crop: str) -> str:

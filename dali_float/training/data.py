@@ -55,13 +55,23 @@ def preprocess_command(cfg: TrainConfig) -> str:
     return shlex.join(words)
 
 
+def check_data_arguments(cfg: TrainConfig) -> None:
+    """UsageError (one line) for a data root, segments file or weights flag that cannot be used: checked before
+    the run folder or a cache folder is made. A data root may be one video file (a corpus of one clip), as
+    for preprocess.py."""
+    from dali_float.preprocess.options import check_sources
+
+    if cfg.data_root is not None and not Path(cfg.data_root).exists():
+        raise UsageError(f"--data_root {cfg.data_root} does not exist")
+    check_sources(cfg.sources)
+
+
 def prepare_data(cfg: TrainConfig, preset: Preset, dist: Distributed) -> DataSource:
     """The data source for `cfg.loader`; preprocesses first (all ranks together) for the cached loaders."""
     from dali_float import preprocess as pp
 
     sources = cfg.sources
-    if cfg.data_root is not None and not Path(cfg.data_root).is_dir():
-        raise UsageError(f"--data_root {cfg.data_root} is not a folder")
+    check_data_arguments(cfg)
     data_root = Path(cfg.data_root) if cfg.data_root is not None else pp.default_data_root()
     if cfg.loader == "naive":
         if cfg.force_preprocess:
