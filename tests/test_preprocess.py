@@ -820,3 +820,22 @@ def test_a_cache_of_another_corpus_is_never_overwritten(tmp_path):
     from dali_float.paths import default_cache_dir
 
     assert default_cache_dir(first) != default_cache_dir(second)
+
+
+def test_a_cache_folder_given_as_cache_dir_is_that_cache(small, tmp_path):
+    """`--cache_dir .../tiny-<fingerprint>` (the folder `status` prints) is that cache, never the parent of a nested
+    one; a cache folder of other flags is one error line."""
+    data, cache_dir = copy_cache(small[0], small[1], tmp_path)
+    root = layout_of(cache_dir).root
+    status = cache_status(data, root, P, SOURCES, "center")
+    assert (status["cache_root"], status["clips"]["cached"], status["clips"]["pending"]) == (str(root), 4, 0)
+    again = run_preprocessing(options(data, root))
+    assert again.cache_root == root and again.up_to_date == 4 and again.processed == {}
+    assert not [p for p in root.iterdir() if cf.is_cache_folder(p)]  # no cache inside the cache
+    assert TrainingCache.open(root, P, again.fingerprint).root == root
+    with pytest.raises(cf.CacheError, match=rf"--cache_dir {root} is the feature cache {root.name}, but the --preset, "
+                                            rf"--crop and weights flags given make tiny-\w{{12}}: give the flags that "
+                                            rf"cache was made with, or its parent folder {cache_dir} as --cache_dir"):
+        cache_status(data, root, P, ModelSources(emotion="none"), "center")
+    out = script("status", "--data_root", str(data), "--cache_dir", str(root))
+    assert out.returncode == 0 and f"cache {root} (exists" in out.stdout and "cached 4 " in out.stdout, out.stderr

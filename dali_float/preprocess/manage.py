@@ -5,7 +5,6 @@ run that re-does them, under the writer lock). `compact` and `clear` are writers
 deletes only with confirm=True, only folders that are caches, and never one a process is using."""
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -221,30 +220,19 @@ def format_clip(shown: dict[str, Any]) -> list[str]:
 
 
 def _cache_folders(cache_dir: Path) -> tuple[list[Path], list[Path]]:
-    """(caches, others) among the folders of cache_dir. A cache is named `<preset>-<fingerprint[:12]>`
-    and holds a cache.json (or a version 1 manifest.json) whose preset name and fingerprint say so;
-    anything else (a folder of the user's that happens to hold such a file) is never deleted."""
+    """(caches, others) among the folders of cache_dir (a cache folder given as cache_dir: its parent's). A
+    cache is a folder cf.is_cache_folder recognises; anything else is never deleted."""
     cache_dir = Path(cache_dir)
+    if cf.is_cache_folder(cache_dir):
+        cache_dir = cache_dir.parent
     if not cache_dir.is_dir():
         return [], []
     caches, others = [], []
     for p in sorted(cache_dir.iterdir()):
         if not p.is_dir():
             continue
-        (caches if _is_cache_folder(p) else others).append(p)
+        (caches if cf.is_cache_folder(p) else others).append(p)
     return caches, others
-
-
-def _is_cache_folder(folder: Path) -> bool:
-    for name in ("cache.json", "manifest.json"):
-        try:
-            header = json.loads((folder / name).read_text())
-            fp, preset = str(header["fingerprint"]), str(header["preset_name"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if len(fp) == 64 and folder.name == f"{preset}-{fp[:12]}":
-            return True
-    return False
 
 
 def clear_cache(cache_dir: Path, preset: Preset, sources: ModelSources, crop: str, confirm: bool = False,
