@@ -327,8 +327,6 @@ def test_bad_resume_and_bad_sizes_are_one_clear_error(synthetic, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(UsageError, match="--steps must be at least 1"):
         config(out, steps=0)
-    with pytest.raises(UsageError, match="larger than the data: one epoch holds 17 sample"):
-        train(config(out, batch_size=18), synthetic)
     with pytest.raises(CheckpointError, match="no checkpoint in"):
         train(config(out, resume="latest"), synthetic)
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
@@ -349,6 +347,29 @@ def test_bad_resume_and_bad_sizes_are_one_clear_error(synthetic, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         train(config(tmp_path / "junk_run", resume=str(tmp_path / "junk.pt")), synthetic)
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_a_batch_larger_than_the_data_samples_with_replacement(loader, tmp_path_factory, tmp_path, caplog):
+    """Two short clips (one window each per epoch) and the default batch of 8: each batch spans epochs, so each
+    clip appears several times in it, each time with a window of its own; one warning line says so."""
+    cache_dir = tmp_path_factory.mktemp(f"two_clips_{loader}")
+    source = DataSource.from_cache(TrainingCache.open(cache_dir, P, write_synthetic_cache(cache_dir, P, (100, 110))))
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="dali_float"):
+        result = train(config(out, loader=loader, batch_size=8, steps=3, log_samples=True), source)
+    assert result.step == 3
+    warned = [r.getMessage() for r in caplog.records if "larger than the data" in r.getMessage()]
+    assert warned == ["--batch_size 8 is larger than the data: an epoch holds 2 sample(s) per rank (1 rank(s), "
+                      "--epoch_policy windows), so each batch spans 4 epochs and its clips repeat (sampling with "
+                      "replacement, each time with its own window); add clips to see more of your data per step"]
+    rows = [line.split("\t") for line in (out / "samples_rank0.tsv").read_text().splitlines()
+            if not line.startswith("#")]
+    for step in ("1", "2", "3"):
+        batch = [(clip, int(start)) for s, clip, start in rows if s == step]
+        assert len(batch) == 8 and sorted({c for c, _ in batch}) == source.cache.clip_ids([0, 1])
+        assert all(sum(c == clip for c, _ in batch) == 4 for clip in {c for c, _ in batch})  # 4 epochs of 2
+        assert len(set(batch)) > 2  # the same clip, other windows
 
 
 def test_script_errors_are_one_line_without_traceback(tmp_path):

@@ -95,16 +95,19 @@ def prepare_data(cfg: TrainConfig, preset: Preset, dist: Distributed) -> DataSou
 
 
 def open_training_loader(cfg: TrainConfig, preset: Preset, source: DataSource, dist: Distributed) -> WindowLoader:
-    """This rank's loader (its shard of every epoch); UsageError when one batch needs more than an epoch."""
+    """This rank's loader (its shard of every epoch). A batch larger than an epoch (a few short clips) takes
+    several epochs in a row, so its clips repeat (each appearance with its own window): sampling with
+    replacement, said in one warning line; every loader streams epochs end to end (loaders.sampling)."""
     options = LoaderOptions(
         batch_size=cfg.batch_size, seed=cfg.seed, ref_rule=cfg.ref, epoch_policy=cfg.epoch_policy,
         device=str(dist.device), shard_id=dist.rank, num_shards=dist.world_size, num_workers=cfg.num_workers,
         num_threads=cfg.num_threads, read_strategy=cfg.read_strategy)
     loader = open_loader(cfg.loader, preset, options, cache=source.cache, data_root=source.data_root,
                          encoders=source.encoders, crop=source.crop, segments=source.segments)
-    if cfg.batch_size > loader.samples_per_epoch:
-        loader.close()
-        raise UsageError(f"--batch_size {cfg.batch_size} is larger than the data: one epoch holds "
-                         f"{loader.samples_per_epoch} sample(s) per rank ({dist.world_size} rank(s), --epoch_policy "
-                         f"{cfg.epoch_policy}); lower --batch_size or add clips")
+    if cfg.batch_size > loader.samples_per_epoch and dist.is_main:
+        log.warning("--batch_size %d is larger than the data: an epoch holds %d sample(s) per rank (%d rank(s), "
+                    "--epoch_policy %s), so each batch spans %d epochs and its clips repeat (sampling with "
+                    "replacement, each time with its own window); add clips to see more of your data per step",
+                    cfg.batch_size, loader.samples_per_epoch, dist.world_size, cfg.epoch_policy,
+                    -(-cfg.batch_size // loader.samples_per_epoch))
     return loader
