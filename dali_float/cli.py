@@ -6,13 +6,14 @@ import difflib
 import errno
 import logging
 import os
+import shlex
 import sys
 import tomllib
 from pathlib import Path
 from typing import Callable
 
 from dali_float.config import PRESETS
-from dali_float.errors import DaliFloatError, EnvironmentProblem, UsageError, describe_disk
+from dali_float.errors import DaliFloatError, EnvironmentProblem, Interrupted, UsageError, describe_disk
 
 log = logging.getLogger("dali_float")
 
@@ -30,6 +31,9 @@ def run_main(main: Callable[[], int | None]) -> None:
     """Run a script's main(); a DaliFloatError becomes one `error:` line and its exit code."""
     try:
         code = main()
+    except Interrupted as err:  # not an error: what was saved, and the command that continues
+        print(err, file=sys.stderr)
+        sys.exit(err.exit_code)
     except DaliFloatError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
@@ -47,6 +51,11 @@ def run_main(main: Callable[[], int | None]) -> None:
         print(f"error: {err}{where}; fix that and run the same command again", file=sys.stderr)
         sys.exit(EnvironmentProblem.exit_code)
     sys.exit(code or 0)
+
+
+def this_command() -> str:
+    """The command line this process runs, as the user would type it again (`python preprocess.py ...`)."""
+    return shlex.join(["python", *sys.argv])
 
 
 # OS errors that are the machine's doing (a full disk, a read-only mount, an I/O error, no memory).

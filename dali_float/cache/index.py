@@ -434,6 +434,23 @@ def read_entries(path: Path, clip_ids: list[str] | None = None) -> list[cf.ClipE
     return entries if wanted is None else [e for e in entries if e.clip_id in wanted]
 
 
+def light_rows_of(path: Path) -> dict[str, IndexRow]:
+    """The LIGHT columns of every row committed in a journal (or index) file so far, by clip id; read-only
+    ({} when it has no table yet or cannot be read): what `status` counts of a run that was killed or stopped
+    before its journals were merged."""
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+        try:
+            rows = con.execute(f"SELECT {', '.join(LIGHT)} FROM clips").fetchall()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError:
+        return {}
+    named = (IndexRow._make(r) for r in rows)
+    return {from_db(r.clip_id): r._replace(clip_id=from_db(r.clip_id), source_path=from_db(r.source_path))
+            for r in named}
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size

@@ -12,7 +12,7 @@ from typing import Any
 
 from dali_float.cache import check as cache_check, format as cf, migrate as cache_migrate
 from dali_float.cache import store as cache_store, view as cache_view
-from dali_float.cache.index import ClipIndex
+from dali_float.cache.index import ClipIndex, light_rows_of, read_entries
 from dali_float.cache.lock import DEFAULT_TIMEOUT_S, WriterLock, is_write_locked, leased_generations, no_readers
 from dali_float.config import Preset
 from dali_float.errors import CacheBusy, UsageError
@@ -40,7 +40,8 @@ def cache_status(data_root: Path, cache_dir: Path, preset: Preset, sources: Mode
     a cached clip whose record fails the cheap invariants: `damaged` says which), pending (source found,
     no row), missing_source (row whose source is gone; the next run drops it). failures: [{clip,
     error}], skipped: [{clip, reason}]. Reads the index and the shards' sizes (a journal a killed run
-    left is counted as pending until the next run merges it); hashes only sources whose mtime alone moved.
+    left is counted with the index: its clips are done, the next run merges it; `from_journals` says how
+    many rows came from there); hashes only sources whose mtime alone moved.
     """
     fp, _, _ = cache_identity(preset, sources, crop)
     layout = cf.CacheLayout(cf.cache_root(cache_dir, preset, fp))
@@ -53,6 +54,18 @@ def cache_status(data_root: Path, cache_dir: Path, preset: Preset, sources: Mode
         with index:
             rows, damaged = index.light_rows(), cache_store.cheap_check(layout, index)
             failures, skipped = list(index.entries(cf.STATUS_FAILED)), list(index.entries(cf.STATUS_SKIPPED))
+    # Journals a killed or stopped run left (merged by the next run, in this order, each row replacing the
+    # index's): their clips are done.
+    unmerged, bad = {}, {e.clip_id: e for e in failures + skipped}
+    for path in layout.journals() if layout.root.exists() else []:
+        unmerged.update(light_rows_of(path))
+        for entry in read_entries(path):
+            bad.pop(entry.clip_id, None)
+            if entry.status != cf.STATUS_CACHED:
+                bad[entry.clip_id] = entry
+    rows.update(unmerged)
+    failures = sorted((e for e in bad.values() if e.status == cf.STATUS_FAILED), key=lambda e: e.clip_id)
+    skipped = sorted((e for e in bad.values() if e.status == cf.STATUS_SKIPPED), key=lambda e: e.clip_id)
     rec = plan.reconcile(found, rows, damaged)
     fresh = set(rec.up_to_date)
     stale = sorted(cid for cid, why in rec.pending.items() if why != plan.NEW)
@@ -81,6 +94,7 @@ def cache_status(data_root: Path, cache_dir: Path, preset: Preset, sources: Mode
             "missing_source": len(rec.gone),
         },
         "cached_frames": sum(r.num_frames for r in cached),
+        "from_journals": len(unmerged),
         "failures": [{"clip": e.clip_id, "error": e.reason} for e in by_status[cf.STATUS_FAILED]],
         "skipped": [{"clip": e.clip_id, "reason": e.reason} for e in by_status[cf.STATUS_SKIPPED]],
         "stale_clips": stale,
@@ -99,6 +113,9 @@ def format_status(status: dict[str, Any]) -> list[str]:
              f"{status['sources']} source video(s) under {status['data_root']}",
              f"cached {c['cached']} ({status['cached_frames']} frames), failed {c['failed']}, skipped {c['skipped']}, "
              f"stale {c['stale']}, pending {c['pending']}, source gone {c['missing_source']}"]
+    if status.get("from_journals"):
+        lines.append(f"  ({status['from_journals']} of them committed by a run that was stopped or killed: the next "
+                     f"run merges them into the index)")
     lines += [f"  failed  {printable(f['clip'])}: {printable(f['error'])}" for f in status["failures"]]
     lines += [f"  skipped {printable(s['clip'])}: {printable(s['reason'])}" for s in status["skipped"]]
     lines += [f"  damaged {printable(d['clip'])}: {d['problem']}" for d in status["damaged"]]

@@ -45,8 +45,9 @@ from dali_float.cache import view as cache_view
 from dali_float.cache.index import ClipIndex, read_entries
 from dali_float.cache.lock import WriterLock
 from dali_float.cache.store import ShardWriter, dead_bytes, trim_shards, writer_name
-from dali_float.cli import cores_per_local_rank
-from dali_float.errors import NoSourcesError, UsageError
+from dali_float.cli import cores_per_local_rank, this_command
+from dali_float.errors import Interrupted, NoSourcesError, UsageError
+from dali_float.interrupts import Interrupts, Stopped
 from dali_float.paths import printable
 from dali_float.preprocess import plan
 from dali_float.preprocess.options import (PreprocessOptions, PreprocessResult, cache_identity, new_header,
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 # A rank may wait for the others for as long as preprocessing a large data set takes.
 _BARRIER_TIMEOUT = datetime.timedelta(days=7)
 _POLL_S = 0.5  # how often the parent checks that its workers are alive while none reports
+_STOP_WAIT_S = 20.0  # how long stopped workers get to commit and exit (Slurm's KillWait is 30 s by default)
 
 
 def run_preprocessing(options: PreprocessOptions) -> PreprocessResult:
@@ -67,7 +69,28 @@ def run_preprocessing(options: PreprocessOptions) -> PreprocessResult:
     A quick no-op ("N up to date") when nothing changed: nothing is built, nothing rewritten.
     Raises UsageError / CheckpointError (exit 2) for a bad path, GPU list or weights; a clip that
     cannot be used only becomes a failed or skipped entry (result.exit_code 1 if any failed).
+
+    SIGINT or SIGTERM stops the run: before any clip is processed at once; during the work, the workers
+    stop (the clips in flight are lost, every finished one is committed), the journals are merged and the
+    training view exported as at the end of a run. Then Interrupted (exit 130 / 143), one line saying what
+    is saved and the command to continue.
     """
+    with Interrupts() as stop:
+        try:
+            result, done, pending = _run(options, stop)
+        except Stopped:
+            raise Interrupted(f"interrupted by {stop.signal_name} before any clip was processed: nothing was "
+                              f"changed; continue with: {this_command()}", stop.exit_code) from None
+    if stop.requested:
+        cached = result.counts.get(cf.STATUS_CACHED, 0)
+        raise Interrupted(f"interrupted by {stop.signal_name}: the {done} clip(s) this run finished are saved (the "
+                          f"cache holds {cached} cached clip(s)); {pending} clip(s) are left; continue with: "
+                          f"{this_command()}", stop.exit_code)
+    return result
+
+
+def _run(options: PreprocessOptions, stop: Interrupts) -> tuple[PreprocessResult, int, int]:
+    """run_preprocessing's work: (result, clips this rank finished, clips of its share left when stopped)."""
     start = time.perf_counter()
     preset = options.preset
     devices = worker_devices(options)  # before anything slow: --gpus this machine lacks is exit 2 at once
@@ -77,10 +100,11 @@ def run_preprocessing(options: PreprocessOptions) -> PreprocessResult:
     fp, model_ids, framing = cache_identity(preset, options.sources, options.crop)
     layout = cf.CacheLayout(cf.cache_root(options.cache_dir, preset, fp))
     if options.read_only_ok and _read_only(layout):
-        return _use_as_it_is(fp, layout, time.perf_counter() - start)
+        return _use_as_it_is(fp, layout, time.perf_counter() - start), 0, 0
     # UsageError when the folder (or the segments file) does not exist or a segment row is malformed;
     # EnvironmentProblem when a folder cannot be listed (before anything is changed or dropped)
-    sources = plan.discover_sources(options.data_root, options.segments)
+    with stop.abortable():  # listing a million files takes a while; nothing is written yet
+        sources = plan.discover_sources(options.data_root, options.segments)
     if not options.force:
         _refuse_another_corpus(layout, Path(options.data_root), {s.clip_id for s in sources})
     if not sources:  # nothing to do is a mistake (a wrong folder), not a success: say so, touch nothing
@@ -102,13 +126,17 @@ def run_preprocessing(options: PreprocessOptions) -> PreprocessResult:
         if rank != 0:
             snapshot = plan.Snapshot.read(layout, options.retry_failed)
             rec = plan.reconcile(sources, snapshot.rows, snapshot.damaged, options.force, snapshot.retry)
-        tasks = plan.make_tasks(sources, rec, snapshot)
+        tasks, share = plan.make_tasks(sources, rec, snapshot), []
         if tasks:
-            plan.probe_tasks(tasks, progress=options.progress and rank == 0)
-            share = plan.balance(tasks, world)[rank]
+            try:
+                with stop.abortable():  # probing writes nothing: a signal ends it at once
+                    plan.probe_tasks(tasks, progress=options.progress and rank == 0)
+                share = plan.balance(tasks, world)[rank]
+            except Stopped:
+                pass  # nothing processed; the view is still exported below (recovery may have merged journals)
             if world > 1:
                 log.info("rank %d of %d: %d of %d pending clip(s)", rank, world, len(share), len(tasks))
-            _run_share(share, devices, options, layout, stats, rank)
+            _run_share(share, devices, options, layout, stats, rank, stop)
         barrier()
         if rank == 0:
             _finish(layout, rec, preset, fp, options.drop_gone)
@@ -118,7 +146,8 @@ def run_preprocessing(options: PreprocessOptions) -> PreprocessResult:
 
     if rank == 0:
         _log_summary(result, rec, len(tasks), options)
-    return result
+    done = sum(stats.processed.values())
+    return result, done, max(0, len(share) - done)
 
 
 def _read_only(layout: cf.CacheLayout) -> bool:
@@ -211,15 +240,15 @@ class _Progress:
 
 
 def _run_share(share: list[plan.ClipTask], devices: list[str], options: PreprocessOptions,
-               layout: cf.CacheLayout, stats: _RunStats, rank: int) -> None:
+               layout: cf.CacheLayout, stats: _RunStats, rank: int, stop: Interrupts) -> None:
     """Process this rank's clips in worker processes (one per device entry, at most one per clip)."""
-    if not share:
+    if not share or stop.requested:
         return
     n = min(len(devices), len(share))
     progress = _Progress(share, options.preset.timing.fps, options.progress, stats)
     try:
         with logging_redirect_tqdm():
-            _run_processes(plan.balance(share, n), devices[:n], options, layout, progress, rank)
+            _run_processes(plan.balance(share, n), devices[:n], options, layout, progress, rank, stop)
     finally:
         progress.close()
 
@@ -238,12 +267,15 @@ class _Worker:
 
 
 def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], options: PreprocessOptions,
-                   layout: cf.CacheLayout, progress: _Progress, rank: int) -> None:
+                   layout: cf.CacheLayout, progress: _Progress, rank: int, stop: Interrupts) -> None:
     """One worker process per share; progress and entries come back on a Queue.
 
     A worker that dies (a decoder crash, the OOM killer) costs at most the clip it was on: the clips
     its journal holds are done; the one it was on is tried once more in a fresh process, and recorded
     failed (with the signal) if it kills that one too; a fresh worker takes over the rest of its share.
+    A stop (`stop.requested`: SIGINT, SIGTERM) sends every worker SIGTERM: each abandons its clip in flight,
+    commits the clips it finished and exits; none is started again. One that has not gone after
+    _STOP_WAIT_S is killed (what it had not committed is lost, as with any kill).
     """
     ctx = worker_context()
     messages = ctx.Queue()
@@ -291,8 +323,24 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
     for slot in slots:
         launch(slot)
     parent: ShardWriter | None = None  # records the clips that killed their worker twice
+    stopping_since: float | None = None
     try:
         while running:
+            if stop.requested and stopping_since is None:
+                stopping_since = time.monotonic()
+                log.warning("%s: stopping the workers; every clip they finished is kept, the %d in flight are left "
+                            "for the next run", stop.signal_name, sum(s.current is not None for s in running.values()))
+                for slot in running.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(slot.proc.pid, signal.SIGTERM)
+            if stopping_since is not None and time.monotonic() - stopping_since > _STOP_WAIT_S:
+                log.warning("%d worker(s) did not stop within %.0f s: killed", len(running), _STOP_WAIT_S)
+                for slot in running.values():
+                    slot.proc.kill()
+                    slot.proc.join(timeout=10)
+                    _collect_committed(slot, layout, progress)
+                running.clear()
+                break
             try:
                 handle(*messages.get(timeout=_POLL_S))
                 continue
@@ -306,6 +354,9 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
                 if slot.slot not in running:  # its "exit" was among them
                     continue
                 _collect_committed(slot, layout, progress)  # finished, but its "done" was lost with it
+                if stopping_since is not None:  # stopped (or died) while stopping: its clips wait for the next run
+                    del running[slot.slot]
+                    continue
                 if slot.current is not None and slot.current not in slot.remaining:
                     slot.current = None
                 if slot.current is None and not slot.finished and slot.remaining:

@@ -12,7 +12,6 @@ import os
 import re
 import signal
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any, Sequence
 
 import torch
@@ -20,6 +19,7 @@ import torch.distributed as dist
 
 from dali_float.cli import env_rank, visible_cuda_devices
 from dali_float.errors import UsageError
+from dali_float.interrupts import Interrupts
 
 log = logging.getLogger(__name__)
 
@@ -102,34 +102,16 @@ class Distributed:
             dist.destroy_process_group()
 
 
-class StopSignal:
+class StopSignal(Interrupts):
     """Turns SIGINT / SIGTERM into a request to stop after the current step (save, then exit).
 
     A second SIGINT stops at once (KeyboardInterrupt). SIGTERM never does: torchrun forwards a
     SIGTERM right after the terminal's SIGINT, and that must not cut the save short.
     """
 
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name = ""
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested and signum == signal.SIGINT and self.signal_name == "SIGINT":
-            raise KeyboardInterrupt
-        if not self.requested:
-            self.requested, self.signal_name = True, signal.Signals(signum).name
+    def on_signal(self, signum: int) -> None:
+        if self.received == 1:
             log.warning("%s: stopping after this step and saving a checkpoint (press Ctrl-C again to stop at once)",
                         self.signal_name)
-
-    def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals cannot be caught here
-                pass
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        elif signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
