@@ -74,9 +74,19 @@ def load_trained(checkpoint: str | Path, device: torch.device | str = "cpu", use
 
 
 def open_cache(trained: TrainedModel, cache_dir: Path | None = None) -> TrainingCache:
-    """The feature cache the model was trained on (its fingerprint), in `cache_dir` or the run's."""
-    folder = Path(cache_dir) if cache_dir is not None else Path(trained.config["resolved_cache_dir"])
-    return TrainingCache.open(folder, trained.model.preset, trained.fingerprint)
+    """The feature cache the model was trained on (its fingerprint), in `cache_dir` or the run's; a missing one
+    names the preprocess.py command that makes it again (the run's data, framing and weights)."""
+    from dali_float.models import ModelSources
+    from dali_float.preprocess.options import preprocess_command
+
+    config = trained.config
+    folder = Path(cache_dir) if cache_dir is not None else Path(config["resolved_cache_dir"])
+    path = lambda key: Path(config[key]) if config.get(key) else None  # noqa: E731
+    sources = ModelSources(path("motion_ckpt"), path("wav2vec2_path"), path("emotion_path"),
+                           config.get("emotion") or "model")
+    command = preprocess_command(path("data_root"), folder, trained.model.preset.name, config.get("resolved_crop"),
+                                 path("segments"), sources)
+    return TrainingCache.open(folder, trained.model.preset, trained.fingerprint, preprocess_command=command)
 
 
 def read_clip(cache: TrainingCache, clip_id: str) -> ClipData:

@@ -32,8 +32,8 @@ from dali_float.config import FLOAT_PRESET, TINY_PRESET
 from dali_float.errors import CheckpointError, UsageError
 from dali_float.loaders import TrainingCache
 from dali_float.models import ModelSources, MotionEncoder, build_encoders
-from dali_float.preprocess import (PreprocessOptions, cache_fingerprint, cache_status, clear_cache, run_preprocessing,
-                                   verify_cache)
+from dali_float.preprocess import (PreprocessOptions, cache_fingerprint, cache_status, clear_cache, format_status,
+                                   run_preprocessing, verify_cache)
 from dali_float.preprocess import plan
 from dali_float.cli import usable_cores
 from cached import entries_of, features_of, frames_of
@@ -839,3 +839,18 @@ def test_a_cache_folder_given_as_cache_dir_is_that_cache(small, tmp_path):
         cache_status(data, root, P, ModelSources(emotion="none"), "center")
     out = script("status", "--data_root", str(data), "--cache_dir", str(root))
     assert out.returncode == 0 and f"cache {root} (exists" in out.stdout and "cached 4 " in out.stdout, out.stderr
+
+
+def test_hints_name_the_users_flags(tmp_path):
+    """A hint that prints a command prints the user's: pasted, it makes these features (not the demo corpus's)."""
+    data = tmp_path / "my data"
+    make_clip(data / "a.mp4", 66, seed=1)
+    cache_dir = tmp_path / "cache"
+    status = cache_status(data, cache_dir, P, ModelSources(emotion="none"), "center")
+    assert status["clips"]["pending"] == 1
+    assert format_status(status)[-1] == (f"run `python preprocess.py --preset tiny --data_root '{data}' --cache_dir "
+                                         f"{cache_dir} --crop center --emotion none` to bring it up to date")
+    with pytest.raises(cf.CacheError) as err:  # no command given: a template, not one that runs on the demo
+        TrainingCache.open(cache_dir, P, status["fingerprint"])
+    assert str(err.value).endswith(f"Run `python preprocess.py --preset tiny --cache_dir {cache_dir} --data_root DIR "
+                                   f"--crop MODE [weights flags]`")

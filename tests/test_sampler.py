@@ -420,3 +420,15 @@ def test_nfe_below_2_is_a_usage_error():
         time_grid(1)
     with pytest.raises(UsageError, match="at least 2"):  # the command line refuses it before loading anything
         sampler.main(["generate", "--checkpoint", "nowhere", "--clip", "x", "--out", "y.npy", "--nfe", "1"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA says so")
+def test_render_on_cuda_without_a_gpu_is_one_line(tmp_path):
+    """--device cuda where there is none: one error line before anything loads (it was a traceback)."""
+    speech = tmp_path / "speech.wav"
+    speech.write_bytes(b"")
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(UsageError, match=rf"^--device {device}: CUDA is not available on this machine; use "
+                                             rf"--device cpu \(or auto\)$"):
+            sampler.main(["render", "--checkpoint", "nowhere", "--ref", "x.jpg", "--audio", str(speech), "--out",
+                          str(tmp_path / "o.mp4"), "--device", device])

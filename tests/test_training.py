@@ -372,6 +372,18 @@ def test_a_batch_larger_than_the_data_samples_with_replacement(loader, tmp_path_
         assert len(set(batch)) > 2  # the same clip, other windows
 
 
+def test_one_video_file_as_data_root_trains_as_it_preprocesses(tmp_path, caplog):
+    """A data root may be one video (preprocess.py took one, train.py refused it): a corpus of one 4-s clip,
+    preprocessed, then trained with the default batch of 8 (sampled with replacement)."""
+    frames, wave, _ = demo.synth_talking_head(100, 64, seed=3)
+    video = demo.write_clip(tmp_path / "speaker.mp4", frames, 25.0, audio=wave)
+    with caplog.at_level(logging.WARNING, logger="dali_float"):
+        result = train(config(tmp_path / "run", data_root=video, cache_dir=tmp_path / "cache", crop="center",
+                              batch_size=8, steps=2, loader="torch", num_workers=0))
+    assert result.step == 2 and "sampling with replacement" in caplog.text
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_root"] == str(video)
+
+
 def test_script_errors_are_one_line_without_traceback(tmp_path):
     for args, message in ((["--steps", "0"], "error: --steps must be at least 1"),
                           (["--resume", str(tmp_path / "missing.pt")], "error: --resume"),

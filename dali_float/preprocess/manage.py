@@ -19,7 +19,7 @@ from dali_float.errors import CacheBusy, UsageError
 from dali_float.models import ModelSources
 from dali_float.paths import printable
 from dali_float.preprocess import plan
-from dali_float.preprocess.options import cache_identity
+from dali_float.preprocess.options import cache_identity, preprocess_command
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ def cache_status(data_root: Path, cache_dir: Path, preset: Preset, sources: Mode
         "missing_source_clips": rec.gone,
         "damaged": [{"clip": c, "problem": p} for c, p in sorted(damaged.items())],
         "other_caches": sorted(p.name for p in _cache_folders(cache_dir)[0] if p != layout.root),
+        "command": preprocess_command(data_root, cache_dir, preset.name, crop, segments, sources),
     }
 
 
@@ -120,7 +121,7 @@ def format_status(status: dict[str, Any]) -> list[str]:
     lines += [f"  skipped {printable(s['clip'])}: {printable(s['reason'])}" for s in status["skipped"]]
     lines += [f"  damaged {printable(d['clip'])}: {d['problem']}" for d in status["damaged"]]
     if c["stale"] or c["pending"] or c["missing_source"]:
-        lines.append("run `python preprocess.py` (same flags) to bring it up to date")
+        lines.append(f"run `{status['command']}` to bring it up to date")
     return lines
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,6 +130,20 @@ class PreprocessResult:
     @property
     def exit_code(self) -> int:
         return 1 if self.failures else 0
+
+
+def preprocess_command(data_root: Path | None, cache_dir: Path | None, preset: str, crop: str | None,
+                       segments: Path | None, sources: ModelSources, subcommand: str = "") -> str:
+    """`python preprocess.py [subcommand]` with every flag that names this cache (data, framing, weights), as a
+    hint to paste: the same features, never the demo corpus's by a flag left out."""
+    words = ["python", "preprocess.py", *([subcommand] if subcommand else []), "--preset", preset]
+    for flag, value in (("data_root", data_root), ("segments", segments), ("cache_dir", cache_dir), ("crop", crop),
+                        ("motion_ckpt", sources.motion_ckpt), ("wav2vec2_path", sources.wav2vec2_path),
+                        ("emotion_path", sources.emotion_path),
+                        ("emotion", None if sources.emotion == "model" else sources.emotion)):
+        if value is not None:
+            words += [f"--{flag}", str(value)]
+    return shlex.join(words)
 
 
 def default_data_root() -> Path:

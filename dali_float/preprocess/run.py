@@ -51,7 +51,7 @@ from dali_float.interrupts import Interrupts, Stopped
 from dali_float.paths import printable
 from dali_float.preprocess import plan
 from dali_float.preprocess.options import (PreprocessOptions, PreprocessResult, cache_identity, new_header,
-                                           rank_and_world, worker_devices)
+                                           preprocess_command, rank_and_world, worker_devices)
 from dali_float.forkserver import worker_context
 from dali_float.preprocess.worker import STAGES, ClipLimits, worker_main
 
@@ -139,7 +139,7 @@ def _run(options: PreprocessOptions, stop: Interrupts) -> tuple[PreprocessResult
             _run_share(share, devices, options, layout, stats, rank, stop)
         barrier()
         if rank == 0:
-            _finish(layout, rec, preset, fp, options.drop_gone)
+            _finish(layout, rec, preset, fp, options)
         barrier()  # the index and the training view are on disk before any rank returns (and opens the cache)
         with ClipIndex.open_readonly(layout) as index:
             result = _result(fp, layout, index, rec, stats, time.perf_counter() - start, options.drop_gone)
@@ -464,25 +464,28 @@ def _process_group(world: int) -> Iterator:
 # Finishing and reporting
 
 
-def _finish(layout: cf.CacheLayout, rec: plan.Reconciliation, preset, fp: str, drop_gone: bool) -> None:
-    """Merge the writers' journals, drop the rows of vanished sources (`drop_gone`), export the training
+def _finish(layout: cf.CacheLayout, rec: plan.Reconciliation, preset, fp: str, options: PreprocessOptions) -> None:
+    """Merge the writers' journals, drop the rows of vanished sources (`options.drop_gone`), export the training
     view, then cut what is dead (only when the index changed: a rerun with nothing to do writes nothing).
     The view goes out before any byte is cut: a reader finds the old generation (leased, kept) or the new."""
+    drop_gone = options.drop_gone
+    command = lambda sub="": preprocess_command(options.data_root, options.cache_dir, preset.name,  # noqa: E731
+                                                options.crop, options.segments, options.sources, sub)
     with ClipIndex(layout) as index:
         index.merge_journals()
         if rec.gone and drop_gone:
             index.delete(rec.gone)
         elif rec.gone:
-            log.info("%d clip(s) whose source is gone are kept (training never drops features); `python "
-                     "preprocess.py` (same flags) drops them", len(rec.gone))
+            log.info("%d clip(s) whose source is gone are kept (training never drops features); `%s` drops them",
+                     len(rec.gone), command())
         exported = cache_view.export(layout, index, preset, fp)
         trim_shards(layout, index)  # records of dropped clips at a shard's end: cut now, not next run
         if not exported:
             return
         dead = sum(dead_bytes(layout, index).values())
         if dead > 0.25 * sum(p.stat().st_size for p in layout.shard_files()):
-            log.info("%.1f MB of the shards hold records of re-done or removed clips: `python preprocess.py "
-                     "compact` (same flags) reclaims them", dead / 1e6)
+            log.info("%.1f MB of the shards hold records of re-done or removed clips: `%s` reclaims them",
+                     dead / 1e6, command("compact"))
 
 
 def _result(fp: str, layout: cf.CacheLayout, index: ClipIndex, rec: plan.Reconciliation, stats: _RunStats,

@@ -9,7 +9,6 @@ the cache before it is complete. `open_training_loader` then gives this rank its
 from __future__ import annotations
 
 import logging
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,13 +45,9 @@ class DataSource:
 
 def preprocess_command(cfg: TrainConfig) -> str:
     """The preprocess.py command for this run's data and weights (named in cache errors)."""
-    words = ["python", "preprocess.py", "--preset", cfg.preset, "--cache_dir", str(cfg.resolved_cache_dir),
-             "--crop", cfg.resolved_crop]
-    for flag in ("data_root", "segments", "motion_ckpt", "wav2vec2_path", "emotion_path", "emotion"):
-        value = getattr(cfg, flag)
-        if value is not None:
-            words += [f"--{flag}", str(value)]
-    return shlex.join(words)
+    from dali_float.preprocess.options import preprocess_command as command
+
+    return command(cfg.data_root, cfg.resolved_cache_dir, cfg.preset, cfg.resolved_crop, cfg.segments, cfg.sources)
 
 
 def check_data_arguments(cfg: TrainConfig) -> None:
