@@ -30,8 +30,7 @@ D = TrainConfig()  # the defaults, defined once
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="train.py", description=__doc__,
-)
+    parser = ArgumentParser(prog="train.py", description=__doc__)
     add_preset_argument(parser)
     add_data_arguments(parser)
     add_model_arguments(parser)

@@ -29,8 +29,7 @@ from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_argume
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="bench/compare.py", description=__doc__,
-)
+    parser = ArgumentParser(prog="bench/compare.py", description=__doc__)
     add_preset_argument(parser)
     add_data_arguments(parser, force_preprocess=False)  # the bench preprocesses only what is stale
     add_model_arguments(parser)

@@ -165,8 +165,7 @@ def measure_audio_following(models: dict[str, TrainedModel], clips: list[ClipDat
 # --- command line --------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m dali_float.sampler", description=__doc__,
-)
+    parser = ArgumentParser(prog="python -m dali_float.sampler", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
