@@ -27,8 +27,8 @@ import dataclasses
 import datetime
 import logging
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
-import queue as queue_module
 import signal
 import time
 from collections import defaultdict
@@ -262,13 +262,15 @@ class _Worker:
         self.proc: mp.process.BaseProcess | None = None
         self.writer = ""  # the current process's shard writer / journal name
         self.lifeline = None  # our end of the pipe whose closing tells the worker we are gone
+        self.inbox = None  # our end of the pipe its process reports on (one per process: see worker.PipeReporter)
+        self.closed = False  # its process closed that pipe (it is exiting or dead)
         self.current: str | None = None  # the clip its process is on
         self.finished = 0  # clips its current process finished
 
 
 def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], options: PreprocessOptions,
                    layout: cf.CacheLayout, progress: _Progress, rank: int, stop: Interrupts) -> None:
-    """One worker process per share; progress and entries come back on a Queue.
+    """One worker process per share; progress and entries come back on a pipe of each process.
 
     A worker that dies (a decoder crash, the OOM killer) costs at most the clip it was on: the clips
     its journal holds are done; the one it was on is tried once more in a fresh process, and recorded
@@ -278,7 +280,6 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
     _STOP_WAIT_S is killed (what it had not committed is lost, as with any kill).
     """
     ctx = worker_context()
-    messages = ctx.Queue()
     # Each worker gets its share of the threads this process may use (torch's setting: torchrun sets one
     # per rank), so that a clip's features do not depend on how many workers share the machine.
     threads = max(1, min(torch.get_num_threads(), cores_per_local_rank()) // len(shares))
@@ -290,14 +291,18 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
     def launch(slot: _Worker) -> None:
         slot.writer = writer_name(f"r{rank}w{slot.slot}")
         watch, slot.lifeline = ctx.Pipe(duplex=False)
+        if slot.inbox is not None:
+            slot.inbox.close()  # the dead process's
+        slot.inbox, outbox = ctx.Pipe(duplex=False)
         limits = ClipLimits(options.max_frame_pixels, options.max_clip_s)
         slot.proc = ctx.Process(target=worker_main, name=f"preprocess-worker{slot.slot}", daemon=True,
                                 args=(slot.slot, options.preset, options.sources, devices[slot.slot],
                                       options.frame_batch, options.crop, threads, str(layout.root), slot.writer,
-                                      list(slot.remaining.values()), messages, level, watch, limits))
-        slot.current, slot.finished = None, 0
+                                      list(slot.remaining.values()), outbox, level, watch, limits))
+        slot.current, slot.finished, slot.closed = None, 0, False
         slot.proc.start()
         watch.close()  # the child has its copy; ours would keep the pipe open after we die
+        outbox.close()  # the same: its end of file must mean that the worker is gone
         running[slot.slot] = slot
 
     def handle(kind: str, w: int, payload) -> None:
@@ -320,6 +325,16 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
             error, message = payload
             raise (errors.by_name(error) or RuntimeError)(message)
 
+    def receive(slot: _Worker) -> None:
+        """One message of the slot's process, or note that it closed its pipe (the rest of a message cut by
+        its death is dropped with it)."""
+        try:
+            message = slot.inbox.recv()
+        except (EOFError, OSError):
+            slot.closed = True
+            return
+        handle(*message)
+
     for slot in slots:
         launch(slot)
     parent: ShardWriter | None = None  # records the clips that killed their worker twice
@@ -341,16 +356,17 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
                     _collect_committed(slot, layout, progress)
                 running.clear()
                 break
-            try:
-                handle(*messages.get(timeout=_POLL_S))
-                continue
-            except queue_module.Empty:
-                pass
+            open_inboxes = {s.inbox: s for s in running.values() if not s.closed}
+            if open_inboxes:
+                for conn in mp_connection.wait(list(open_inboxes), timeout=_POLL_S):
+                    if open_inboxes[conn].slot in running:
+                        receive(open_inboxes[conn])
+            else:
+                time.sleep(_POLL_S)
             for slot in [s for s in running.values() if not s.proc.is_alive()]:
                 # Messages it sent before dying may still be in the pipe: take them first.
-                with contextlib.suppress(queue_module.Empty):
-                    while True:
-                        handle(*messages.get(timeout=_POLL_S))
+                while slot.slot in running and not slot.closed and slot.inbox.poll():
+                    receive(slot)
                 if slot.slot not in running:  # its "exit" was among them
                     continue
                 _collect_committed(slot, layout, progress)  # finished, but its "done" was lost with it
@@ -386,6 +402,8 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
         for slot in slots:
             if slot.lifeline is not None:
                 slot.lifeline.close()
+            if slot.inbox is not None:
+                slot.inbox.close()
         if parent is not None:
             parent.close()
 

@@ -303,8 +303,8 @@ def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: list[ClipTas
     stop = stop or Interrupts()
 
     def on_frames(n: int) -> None:
-        reporter.frames(n)
-        with stop.deferred():
+        with stop.deferred():  # neither a message to the parent nor a commit is cut in the middle
+            reporter.frames(n)
             writer.commit_if_due()
 
     for task in tasks:
@@ -324,20 +324,27 @@ def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: list[ClipTas
 # --------------------------------------------------------------------------------------------------
 # Worker processes (spawned: each builds its own encoders and decoder)
 
-class QueueReporter:
-    """A worker process's reporter: messages (kind, worker id, payload) on a multiprocessing Queue."""
+class PipeReporter:
+    """A worker process's reporter: messages (kind, worker id, payload) on a pipe of its own to the parent.
 
-    def __init__(self, queue, worker_id: int) -> None:
-        self.queue, self.worker_id = queue, worker_id
+    A pipe per worker, not a Queue they share: a Queue's writers share one lock, and a worker killed while
+    it held it (the out-of-memory killer strikes at any moment) left every later worker unable to report,
+    and the run waiting for ever. Only this process's main thread writes here."""
+
+    def __init__(self, conn, worker_id: int) -> None:
+        self.conn, self.worker_id = conn, worker_id
+
+    def send(self, kind: str, payload) -> None:
+        self.conn.send((kind, self.worker_id, payload))
 
     def start(self, clip_id: str) -> None:
-        self.queue.put(("start", self.worker_id, clip_id))
+        self.send("start", clip_id)
 
     def frames(self, n: int) -> None:
-        self.queue.put(("frames", self.worker_id, n))
+        self.send("frames", n)
 
     def done(self, entry: cf.ClipEntry) -> None:
-        self.queue.put(("done", self.worker_id, entry.to_dict()))
+        self.send("done", entry.to_dict())
 
 
 def fill_fixed_batches(chunks: Iterable[torch.Tensor], batch: torch.Tensor) -> Iterator[int]:
@@ -384,9 +391,9 @@ def die_with_parent(lifeline) -> None:
 
 
 def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: str, frame_batch: int | None,
-                crop: str, num_threads: int, root: str, writer: str, tasks: list[ClipTask], queue,
+                crop: str, num_threads: int, root: str, writer: str, tasks: list[ClipTask], outbox,
                 log_level: int, lifeline=None, limits: ClipLimits = ClipLimits()) -> None:
-    """Entry point of a worker process: process `tasks`, then put ("exit", id) on the queue.
+    """Entry point of a worker process: process `tasks`, then send ("exit", id) through `outbox` (its pipe).
 
     A DaliFloatError (bad weights, no CUDA, a full disk) is sent as ("fatal", id, (error class,
     message)); the parent stops every worker and raises it. Records and rows are written here (shards
@@ -395,6 +402,7 @@ def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: s
     """
     stop = Interrupts().__enter__()  # first: a signal from here on is a request, never a traceback
     die_with_parent(lifeline)
+    reporter = PipeReporter(outbox, worker_id)
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname).1s worker{worker_id} %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for name in ("transformers", "urllib3"):
@@ -408,13 +416,13 @@ def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: s
             processor = ClipProcessor(preset, sources, device, frame_batch, num_threads=num_threads, crop=crop,
                                       limits=limits)
         with ShardWriter(cf.CacheLayout(Path(root)), preset, writer) as shard_writer:
-            run_tasks(processor, shard_writer, tasks, QueueReporter(queue, worker_id), stop)
+            run_tasks(processor, shard_writer, tasks, reporter, stop)
     except Stopped:
         pass
     except DaliFloatError as err:
-        queue.put(("fatal", worker_id, (type(err).__name__, str(err))))
+        reporter.send("fatal", (type(err).__name__, str(err)))
         return
     except BaseException as err:  # a bug outside any clip: the parent shows it and stops
-        queue.put(("fatal", worker_id, ("bug", f"{type(err).__name__}: {one_line(err)}\n{traceback.format_exc()}")))
+        reporter.send("fatal", ("bug", f"{type(err).__name__}: {one_line(err)}\n{traceback.format_exc()}"))
         return
-    queue.put(("exit", worker_id, None))
+    reporter.send("exit", None)
