@@ -281,6 +281,15 @@ class ClipIndex:
         return int(self.con.execute("SELECT COALESCE(SUM(num_frames), 0) FROM clips WHERE status=?",
                                     (cf.STATUS_CACHED,)).fetchone()[0])
 
+    def stage_time(self) -> tuple[int, int, float]:
+        """(clips, frames, seconds) of the cached clips that recorded their per-stage times: what preprocessing
+        them took (one worker's seconds), for an estimate of what more would take."""
+        clips, frames, seconds = self.con.execute(
+            "SELECT COUNT(*), COALESCE(SUM(num_frames), 0), COALESCE(SUM((SELECT SUM(value) FROM json_each("
+            "json_extract(extra, '$.stage_seconds')))), 0) FROM clips WHERE status=? AND "
+            "json_extract(extra, '$.stage_seconds') IS NOT NULL", (cf.STATUS_CACHED,)).fetchone()
+        return int(clips), int(frames), float(seconds)
+
     def next_uid(self) -> int:
         return 1 + int(self.con.execute("SELECT COALESCE(MAX(clip_uid), -1) FROM clips").fetchone()[0])
 
