@@ -774,7 +774,7 @@ FAULTS: list[Fault] = [
     Fault("tests/test_faults_cache.py::test_a_name_that_is_not_utf8_is_a_clip_like_any_other", "dali_float/cache/index.py",
           "        name.encode(\"utf-8\")\n        return name",
           "        return name", "names stored as Python holds them: a name that is not UTF-8 breaks the commit (issue 19)"),
-    Fault("tests/test_faults_cache.py::test_clear_all_deletes_only_caches_and_none_in_use", "dali_float/preprocess/manage.py",
+    Fault("tests/test_faults_cache.py::test_clear_all_deletes_only_caches_and_none_in_use", "dali_float/cache/format.py",
           "        if len(fp) == 64 and folder.name == f\"{preset}-{fp[:12]}\":",
           "        if True:", "clear takes any folder holding a cache.json for a cache (issue 19)"),
     Fault("tests/test_faults_cache.py::test_clear_all_deletes_only_caches_and_none_in_use", "dali_float/preprocess/manage.py",
