@@ -185,8 +185,8 @@ def format_status(status: dict[str, Any]) -> list[str]:
              f"cached {c['cached']} ({status['cached_frames']} frames), failed {c['failed']}, skipped {c['skipped']}, "
              f"stale {c['stale']}, pending {c['pending']}, source gone {c['missing_source']}"]
     if status.get("from_journals"):
-        lines.append(f"  ({status['from_journals']} of them committed by a run that was stopped or killed: the next "
-                     f"run merges them into the index)")
+        lines.append(f"  ({status['from_journals']} of them are in journals not merged yet, of a run in progress or "
+                     f"one that was stopped or killed: they are done, and the next run merges them into the index)")
     lines += [f"  failed  {printable(f['clip'])}: {printable(f['error'])}" for f in status["failures"]]
     lines += [f"  skipped {printable(s['clip'])}: {printable(s['reason'])}" for s in status["skipped"]]
     lines += [f"  damaged {printable(d['clip'])}: {d['problem']}" for d in status["damaged"]]
