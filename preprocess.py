@@ -5,8 +5,10 @@
     python preprocess.py --data_root /data/HDTF --preset float --gpus 0,1 \\
         --motion_ckpt float.pth --wav2vec2_path wav2vec2-base-960h --emotion_path wav2vec-emotion
     python preprocess.py --data_root /data/HDTF --segments hdtf_clips.csv   # clips = rows video,start_s,end_s[,name]
+    python preprocess.py plan [--json]                     # a dry run: clips to do, frames, disk (and time)
     python preprocess.py status [--json]                   # what is cached, stale, pending, failed
-    python preprocess.py show CLIP_ID [--json]             # one clip: status, source, crop box, files, timings
+    python preprocess.py show CLIP_ID [--json] [--preview crop.png]   # one clip: status, source, crop box, files,
+                                                                      #   timings; its first frame, crop drawn
     python preprocess.py verify [--json] [--repair]        # check every cached byte (exit 1 on problems);
                                                            #   --repair: re-do the clips it finds damaged
     python preprocess.py compact                           # rewrite shards to reclaim re-done clips' space
@@ -27,13 +29,13 @@ import json
 import sys
 from pathlib import Path
 
-from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_arguments, add_preset_argument, run_main,
-                            setup_logging)
+from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_arguments, add_preset_argument, alias,
+                            run_main, setup_logging)
 from dali_float.errors import UsageError
 from dali_float.config import MAX_CLIP_S, MAX_FRAME_PIXELS
 from dali_float.paths import printable
 
-COMMANDS = ("run", "status", "show", "verify", "compact", "migrate", "clear")
+COMMANDS = ("run", "plan", "status", "show", "verify", "compact", "migrate", "clear")
 
 
 def _gpu_list(value: str) -> tuple[int, ...]:
@@ -49,13 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(common)
     add_model_arguments(common)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging (tracebacks of failed clips)")
-
-    parser = ArgumentParser(prog="preprocess.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
     common.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+    # --workers, not --num_workers (train.py's): each is a whole pipeline (decoder, encoders, a shard writer),
+    # not a DataLoader's worker; --num_workers is accepted too.
     run_args = ArgumentParser(add_help=False)
-    run_args.add_argument("--gpus", type=_gpu_list, default=(), help="CUDA devices, one worker process each (e.g. 0,1)")
-    run_args.add_argument("--workers", type=int, default=1, help="CPU worker processes (default 1)")
+    run_args.add_argument("--gpus", type=_gpu_list, default=(), help="CUDA devices, one worker process each (e.g. 0,1; default: none, --workers on --device)")
+    alias(run_args.add_argument("--workers", type=int, default=1, help="CPU worker processes (default 1)"),
+          "--num_workers")
     run_args.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda[:N]; default auto")
     run_args.add_argument("--frame_batch", type=int, default=None,
                           help="frames per motion-encoder batch (default: 64 on a GPU, 16 on the CPU)")
@@ -69,13 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     run_args.add_argument("--max_clip_s", type=float, default=MAX_CLIP_S,
                           help=f"a longer clip fails before it is decoded: wav2vec2 runs over the whole clip and "
                                f"its memory grows with the length squared (default {MAX_CLIP_S:g})")
-    sub.add_parser("run", parents=[common, run_args], help="compute the features of new and changed clips (default)")
-    for name, text in (("status", "what is cached, stale, pending, failed or skipped"),
+
+    parser = ArgumentParser(prog="preprocess.py", description=__doc__)
+    sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser, metavar="COMMAND")
+    run = sub.add_parser("run", parents=[common, run_args], help="compute the features of new and changed clips "
+                                                                 "(the default command)")
+    for name, text in (("plan", "a dry run: the clips a run would do, their frames, the disk they take and (when "
+                                "this cache measured some) the time"),
+                       ("status", "what is cached, stale, pending, failed or skipped"),
                        ("show", "one clip's entry: status and reason, source, crop box, faces, timings, record"),
                        ("verify", "check every cached clip's bytes (CRC-32), shapes and values")):
-        p = sub.add_parser(name, parents=[common, run_args] if name == "verify" else [common], help=text)
+        p = sub.add_parser(name, parents=[common, run_args] if name in ("verify", "plan") else [common], help=text)
         if name == "show":
             p.add_argument("clip_id", help="the clip's id (its video's path under --data_root, or its segment id)")
+            p.add_argument("--preview", type=Path, default=None, metavar="PNG",
+                           help="also write the clip's first frame with FLOAT's crop square and the face box drawn, "
+                                "as a PNG (default: none)")
         if name == "verify":
             p.add_argument("--repair", action="store_true", help="re-do (preprocess again) the clips found damaged")
         p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -85,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     clear = sub.add_parser("clear", parents=[common], help="delete this fingerprint's cache folder")
     clear.add_argument("--confirm", action="store_true", help="really delete (otherwise only say what)")
     clear.add_argument("--all", action="store_true", help="every cache folder in --cache_dir, all fingerprints")
+    # `preprocess.py --help` shows the flags of `run` too: they are what a bare `preprocess.py` takes.
+    parser.epilog = "run (the default command: `preprocess.py [run] [flags]`):\n\n" + run.format_help()
     return parser
 
 
@@ -125,12 +139,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "run":
         return pp.run_preprocessing(run_options()).exit_code
+    if args.command == "plan":
+        planned = pp.plan_run(data_root or pp.default_data_root(), cache_dir, preset, sources, crop, args.segments,
+                              workers=len(resolve_worker_devices(args.device, args.gpus, args.workers)),
+                              progress=not args.no_progress)
+        print(json.dumps(planned, indent=1) if args.json else "\n".join(pp.format_plan(planned)))
+        return 0
     if args.command == "status":
         status = pp.cache_status(data_root or pp.default_data_root(), cache_dir, preset, sources, crop, args.segments)
         print(json.dumps(status, indent=1) if args.json else "\n".join(pp.format_status(status)))
         return 0
     if args.command == "show":
-        shown = pp.show_clip(args.clip_id, cache_dir, preset, sources, crop)
+        shown = pp.show_clip(args.clip_id, cache_dir, preset, sources, crop, preview=args.preview)
         print(json.dumps(shown, indent=1) if args.json else "\n".join(pp.format_clip(shown)))
         return 0
     if args.command == "verify":

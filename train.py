@@ -2,15 +2,17 @@
 """Train FLOAT's flow-matching transformer from the feature cache (preprocessing first when it is stale).
 
     python train.py --loader dali --preset tiny --steps 200         # the demo corpus, CPU or one GPU
-    python train.py --resume latest --steps 400                      # continue that run
+    python train.py --resume latest                                  # continue that run, as it was set up
+    python train.py --resume latest --steps 400                      # ... and make it longer
     python train.py --preset float --init_from float.pth --motion_ckpt float.pth ...   # fine-tune FLOAT
     torchrun --nproc_per_node 8 train.py --preset float --data_root /data/HDTF --motion_ckpt float.pth \\
         --wav2vec2_path wav2vec2-base-960h --emotion_path wav2vec-emotion --batch_size 8
 
 Writes <output_dir>/metrics.jsonl (one JSON record per --log_every steps),
-<output_dir>/checkpoints/step_*.pt with a `latest` pointer and, with --sample_every N,
-<output_dir>/samples/step_*.mp4. Exit codes: 0 done, 130 interrupted
-(after saving), 2 usage error, 1 other errors.
+<output_dir>/checkpoints/step_*.pt with a `latest` pointer, <output_dir>/config.json (every setting; what
+--resume restores) and, with --sample_every N, <output_dir>/samples/step_*.mp4. Exit codes: 0 done,
+130 / 143 interrupted by SIGINT / SIGTERM (after saving), 2 usage error, 3 the run folder is in use (or
+another problem of the machine), 1 other errors.
 This script only parses arguments; the work is in dali_float.training.
 """
 from __future__ import annotations
@@ -18,8 +20,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_arguments, add_preset_argument,
-                            existing_path, run_main, setup_logging)
+from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_arguments, add_preset_argument, alias,
+                            existing_path, given_flags, run_main, setup_logging)
 from dali_float.loaders import EPOCH_POLICIES, LOADER_KINDS, REF_RULES
 from dali_float.loaders.dali_loader import READ_STRATEGIES
 from dali_float.training.config import DEVICES, LR_SCHEDULES, PRECISIONS, WANDB_MODES, TrainConfig
@@ -28,8 +30,7 @@ D = TrainConfig()  # the defaults, defined once
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="train.py", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="train.py", description=__doc__)
     add_preset_argument(parser)
     add_data_arguments(parser)
     add_model_arguments(parser)
@@ -44,11 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--read_strategy", choices=READ_STRATEGIES, default=D.read_strategy,
                    help="how the DALI loader reads windows: pread (from the shards), resident (each rank holds its "
                         "own part of the clips in GPU memory, host memory on the CPU, for the whole run), python; "
-                        "auto (default): resident on a GPU when it fits, else pread")
+                        "auto: resident on a GPU when it fits, else pread")
     g.add_argument("--resident_reserve_gb", type=float, default=None, metavar="GB",
-                   help="resident: memory to leave free besides this rank's clips (default 16 on a GPU, 4 on the CPU)")
-    g.add_argument("--num_workers", type=int, default=D.num_workers,
-                   help=f"torch/naive loader worker processes (default {D.num_workers})")
+                   help="resident: memory to leave free besides this rank's clips (default: 16 on a GPU, 4 on the CPU)")
+    # --num_workers, torch's DataLoader's own name (it is passed to it); preprocess.py's --workers is accepted too.
+    alias(g.add_argument("--num_workers", type=int, default=D.num_workers,
+                         help=f"torch/naive loader worker processes (default {D.num_workers})"), "--workers")
     g.add_argument("--num_threads", type=int, default=D.num_threads,
                    help=f"DALI pipeline threads (default {D.num_threads})")
 
@@ -80,11 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep_checkpoints", type=int, default=D.keep_checkpoints,
                    help=f"newest checkpoints kept; 0 = all (default {D.keep_checkpoints})")
     g.add_argument("--resume", default=None, metavar="latest|PATH",
-                   help="continue a run: 'latest' in --output_dir, or a checkpoint file or run folder")
+                   help="continue a run with its recorded settings: 'latest' in --output_dir, or a checkpoint file "
+                        "or run folder (default: a new run)")
     g.add_argument("--init_from", type=existing_path, default=None, metavar="PATH",
                    help="start a new run from these weights: FLOAT's float.pth (its FMT and audio projection), or a "
                         "run folder or checkpoint of ours (its EMA weights when it kept them); optimiser, schedule "
-                        "and step start afresh. Not with --resume")
+                        "and step start afresh. Not with --resume (default: the seeded random init)")
     g.add_argument("--log_every", type=int, default=D.log_every,
                    help=f"steps between log lines and metrics.jsonl records (default {D.log_every})")
     g.add_argument("--log_samples", action="store_true",
@@ -100,12 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> int:
-    args = build_parser().parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     from dali_float.training import train
+    from dali_float.training.run_folder import config_from_args
 
-    return train(TrainConfig.from_args(args)).exit_code
+    # With --resume, the flags not given are the run's recorded settings (its config.json).
+    return train(config_from_args(vars(args), given_flags(args))).exit_code
 
 
 if __name__ == "__main__":

@@ -28,8 +28,7 @@ log = logging.getLogger("calibrate_face_box")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="bench/calibrate_face_box.py", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="bench/calibrate_face_box.py", description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=existing_path, help="the calibration data folder (runs the detectors)")
     source.add_argument("--from_pairs", type=existing_path, metavar="PATH.pkl",

@@ -31,8 +31,7 @@ from dali_float.cli import (ArgumentParser, add_data_arguments, add_model_argume
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="bench/compare.py", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="bench/compare.py", description=__doc__)
     add_preset_argument(parser)
     add_data_arguments(parser, force_preprocess=False)  # the bench preprocesses only what is stale
     add_model_arguments(parser)
@@ -54,11 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "it needs first)")
     g.add_argument("--keep", action="store_true", help="--scale: keep the N-clip cache and data root afterwards")
     g = parser.add_argument_group("output")
-    g.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every figure as JSON")
-    g.add_argument("--plot", type=Path, default=None, metavar="PATH.png", help="draw the comparison")
+    g.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every figure as JSON (default: none)")
+    g.add_argument("--plot", type=Path, default=None, metavar="PATH.png", help="draw the comparison (default: none)")
     g.add_argument("--from_json", type=Path, nargs="+", default=None, metavar="PATH",
                    help="measure nothing: print (and --plot) the results saved in PATH; with several files, "
-                        "the medians over those runs")
+                        "the medians over those runs (default: measure)")
     g.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bars")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser

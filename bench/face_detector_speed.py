@@ -30,10 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="bench/face_detector_speed.py", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="bench/face_detector_speed.py", description=__doc__)
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every figure as JSON")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu or cuda[:N]")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="batch sizes (default 1 8 32)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts (default 1 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure, best kept (default 5)")
@@ -78,6 +77,10 @@ def main() -> int:
     import numpy as np
     import torch
     from ai_edge_litert.interpreter import Interpreter
+
+    from dali_float.training.distributed import resolve_device
+
+    args.device = str(resolve_device(args.device))  # auto: cuda if present; CUDA without a GPU: one line
 
     from dali_float.face import FaceDetector, model_file
 

@@ -11,7 +11,6 @@ Each preprocessing run is a subprocess of preprocess.py (as a user runs it) into
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -25,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dali_float.cli import ArgumentParser, run_main  # noqa: E402
 from dali_float.face import float_crop_box  # noqa: E402
 from dali_float.face.blazeface import box_iou  # noqa: E402
 from dali_float.faces_corpus import generate_faces_corpus  # noqa: E402
@@ -47,7 +47,7 @@ def timed_run(data: Path, preset: str, crop: str, cache: Path) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="bench/framing_check.py", description=__doc__)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--presets", nargs="+", default=["tiny"], help="presets to time (default tiny)")
     parser.add_argument("--float_clips", type=int, default=1, help="clips for the float preset (~1 s per frame on a CPU)")
@@ -103,4 +103,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

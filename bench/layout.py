@@ -10,7 +10,6 @@ for both layouts; the two layouts alternate round by round (the machine's state 
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -25,6 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dali_float.cli import ArgumentParser, run_main  # noqa: E402
 from dali_float.config import FLOAT_PRESET  # noqa: E402
 
 WINDOW = FLOAT_PRESET.timing.window_frames
@@ -61,7 +61,7 @@ def read_windows(clips, positions, parts: tuple[str, ...], buffers: dict[str, me
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="bench/layout.py", description=__doc__)
     parser.add_argument("--clips", type=int, default=12)
     parser.add_argument("--frames", type=int, default=1000)
     parser.add_argument("--windows", type=int, default=4000, help="windows read per round and layout")
@@ -100,4 +100,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -430,16 +430,23 @@ def generate_large_corpus(out_dir: Path, total_seconds: float = 120.0, size: int
     return paths
 
 
-def main() -> int:
-    """python -m dali_float.demo OUT_DIR [--seconds 120] [--size 512] [--codec h264]"""
-    from dali_float.cli import ArgumentParser, setup_logging
+def _parser():
+    from dali_float.cli import ArgumentParser
 
-    parser = ArgumentParser(prog="python -m dali_float.demo", description="write a larger synthetic corpus for throughput checks")
-    parser.add_argument("out_dir", type=Path)
+    parser = ArgumentParser(prog="python -m dali_float.demo", description="write a larger synthetic corpus for "
+                                                                          "throughput checks")
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the folder to write the clips to")
     parser.add_argument("--seconds", type=float, default=120.0, help="total video seconds")
     parser.add_argument("--size", type=int, default=512, help="frame side in pixels")
     parser.add_argument("--codec", default="h264", help="h264 | vp9 | mjpeg | ...")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m dali_float.demo OUT_DIR [--seconds 120] [--size 512] [--codec h264]"""
+    from dali_float.cli import setup_logging
+
+    args = _parser().parse_args(argv)
     setup_logging()
     written = generate_large_corpus(args.out_dir, args.seconds, args.size, video_codec=args.codec)
     log.info("%d clips in %s", len(written), args.out_dir)

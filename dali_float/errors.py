@@ -29,6 +29,15 @@ class CacheError(UsageError):
     """
 
 
+class Interrupted(DaliFloatError):
+    """SIGINT or SIGTERM stopped the command after it saved what it had finished; the message says what and the
+    command to continue. Exit 128 + the signal's number, as a shell reports it (130 SIGINT, 143 SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class NoSourcesError(DaliFloatError):
     """The data root (or segment list) holds no video to preprocess: exit 1, nothing is touched."""
 
@@ -54,6 +63,10 @@ class EnvironmentProblem(DaliFloatError):
 
 class CacheBusy(EnvironmentProblem):
     """Another process holds the cache's writer lock (or its readers hold what a command must delete)."""
+
+
+class RunFolderBusy(EnvironmentProblem):
+    """Another process trains into the run folder (--output_dir) now."""
 
 
 class ReadOnlyCache(EnvironmentProblem):

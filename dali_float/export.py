@@ -121,8 +121,7 @@ def _base_path(base: Path | None, config: dict[str, Any], checkpoint: Path) -> P
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m dali_float.export", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m dali_float.export", description=__doc__)
     parser.add_argument("run", type=existing_path, metavar="RUN_DIR", help="a run folder (its newest checkpoint) "
                         "or a checkpoint file")
     parser.add_argument("out", type=Path, metavar="OUT.pth", help="the float.pth to write")

@@ -136,16 +136,22 @@ def ensure_faces_corpus() -> Path:
                               "the raw-video corpus of real faces")
 
 
-def main() -> int:
-    """python -m dali_float.faces_corpus OUT_DIR [--seconds 4] [--clips 4]"""
-    from dali_float.cli import ArgumentParser, setup_logging
+def _parser():
+    from dali_float.cli import ArgumentParser
 
     parser = ArgumentParser(prog="python -m dali_float.faces_corpus",
                             description="write a raw-video corpus of real faces (720p/1080p, off-centre, H.264)")
-    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the folder to write the clips to")
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds per clip")
     parser.add_argument("--clips", type=int, default=4, help="number of clips")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m dali_float.faces_corpus OUT_DIR [--seconds 4] [--clips 4]"""
+    from dali_float.cli import setup_logging
+
+    args = _parser().parse_args(argv)
     setup_logging()
     written = generate_faces_corpus(args.out_dir, args.seconds, args.clips)
     log.info("%d clips in %s", len(written), args.out_dir)

@@ -84,13 +84,17 @@ def plot_runs(paths: Sequence[Path], out: Path, labels: Sequence[str] | None = N
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m dali_float.plots", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="python -m dali_float.plots", description=__doc__)
     parser.add_argument("files", nargs="+", type=Path, help="metrics.jsonl file(s), then the output .png")
-    parser.add_argument("--labels", nargs="+", default=None, help="one label per metrics file")
-    parser.add_argument("--title", default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument("--labels", nargs="+", default=None,
+                        help="one label per metrics file (default: the run folders' names)")
+    parser.add_argument("--title", default=None, help="the figure's title (default: none)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     setup_logging()
     if len(args.files) < 2:
         raise UsageError("give at least one metrics.jsonl and the output image")

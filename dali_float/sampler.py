@@ -37,13 +37,14 @@ import numpy as np
 import torch
 
 from dali_float import media
-from dali_float.cli import ArgumentParser, add_model_arguments, existing_path, run_main, setup_logging
+from dali_float.cli import ArgumentParser, add_model_arguments, alias, existing_path, run_main, setup_logging
 from dali_float.config import EMOTION_CLASSES, Preset, get_preset
 from dali_float.errors import CheckpointError, UsageError
 from dali_float.generation import ClipData, GuidanceOptions, generate_motion, time_grid
 from dali_float.loaders import TrainingCache
 from dali_float.models import FloatMotionModel
 from dali_float.training.checkpoint import find_checkpoint, load_checkpoint
+from dali_float.training.distributed import resolve_device
 from dali_float.training.optim import with_ema_weights
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,19 @@ def load_trained(checkpoint: str | Path, device: torch.device | str = "cpu", use
 
 
 def open_cache(trained: TrainedModel, cache_dir: Path | None = None) -> TrainingCache:
-    """The feature cache the model was trained on (its fingerprint), in `cache_dir` or the run's."""
-    folder = Path(cache_dir) if cache_dir is not None else Path(trained.config["resolved_cache_dir"])
-    return TrainingCache.open(folder, trained.model.preset, trained.fingerprint)
+    """The feature cache the model was trained on (its fingerprint), in `cache_dir` or the run's; a missing one
+    names the preprocess.py command that makes it again (the run's data, framing and weights)."""
+    from dali_float.models import ModelSources
+    from dali_float.preprocess.options import preprocess_command
+
+    config = trained.config
+    folder = Path(cache_dir) if cache_dir is not None else Path(config["resolved_cache_dir"])
+    path = lambda key: Path(config[key]) if config.get(key) else None  # noqa: E731
+    sources = ModelSources(path("motion_ckpt"), path("wav2vec2_path"), path("emotion_path"),
+                           config.get("emotion") or "model")
+    command = preprocess_command(path("data_root"), folder, trained.model.preset.name, config.get("resolved_crop"),
+                                 path("segments"), sources)
+    return TrainingCache.open(folder, trained.model.preset, trained.fingerprint, preprocess_command=command)
 
 
 def read_clip(cache: TrainingCache, clip_id: str) -> ClipData:
@@ -154,8 +165,7 @@ def measure_audio_following(models: dict[str, TrainedModel], clips: list[ClipDat
 # --- command line --------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m dali_float.sampler", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m dali_float.sampler", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
@@ -166,15 +176,16 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--a_scale", type=float, default=GuidanceOptions.a_scale, help="audio guidance (default 2)")
     common.add_argument("--e_scale", type=float, default=GuidanceOptions.e_scale, help="emotion guidance (default 1)")
     common.add_argument("--no_ema", action="store_true", help="use the raw weights even when the run kept an EMA")
-    common.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    common.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu or cuda[:N]")
     gen = sub.add_parser("generate", parents=[common], help="motion latents for a clip's cached audio")
     gen.add_argument("--clip", required=True, help="clip id (path relative to the data root)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", type=Path, required=True, help="output .npy, (T, F) float32")
     mea = sub.add_parser("measure", parents=[common], help="how well generated motion follows the loudness")
-    mea.add_argument("--baseline", default=None, help="a second run to compare, e.g. one trained with --no_audio")
+    mea.add_argument("--baseline", default=None,
+                     help="a second run to compare, e.g. one trained with --no_audio (default: none)")
     mea.add_argument("--seeds", type=int, default=2, help="noise seeds per clip (default 2)")
-    mea.add_argument("--json", type=Path, default=None, help="also write the result here")
+    mea.add_argument("--json", type=Path, default=None, help="also write the result here (default: stdout only)")
     ren = sub.add_parser("render", parents=[common], help="an MP4 of a portrait speaking an audio file",
                          description="An MP4 of a portrait speaking an audio file. The encoders and FLOAT's motion "
                                      "decoder use the weights the run was trained with (its --motion_ckpt, i.e. "
@@ -186,14 +197,17 @@ def _parser() -> argparse.ArgumentParser:
     ren.add_argument("--out", type=Path, required=True, help="output .mp4 (H.264 + the speech as AAC)")
     ren.add_argument("--crop", default=None, choices=media.CROP_MODES,
                      help="framing of a photo or video --ref, as preprocessing frames clips (default: the run's)")
-    ren.add_argument("--emo", default=None, choices=EMOTION_CLASSES,
-                     help="a fixed emotion (default: the run's emotion source applied to the speech)")
+    # --emotion is the emotion's source everywhere (model | filename | none); a fixed class is --emotion_class
+    # (--emo, FLOAT's generate.py's name, is accepted too).
+    alias(ren.add_argument("--emotion_class", default=None, choices=EMOTION_CLASSES, metavar="CLASS",
+                           help=f"a fixed emotion, one of {', '.join(EMOTION_CLASSES)} (default: the run's emotion "
+                                f"source applied to the speech)"), "--emo")
     ren.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     ren.add_argument("--frame_batch", type=int, default=None,
                      help="frames per decoder call (default: a 50-frame chunk on a GPU; on the CPU what fits "
                           "1.5 GB: 50 for tiny, 8 for float)")
     ren.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
-    add_model_arguments(ren)  # default: the weights the run was trained with
+    add_model_arguments(ren, default="the weights the run was trained with")
     return parser
 
 
@@ -229,7 +243,7 @@ def render_command(args: argparse.Namespace, trained: TrainedModel, guidance: Gu
             raise UsageError(f"--ref {args.ref} is not a file, nor a clip of the run's cache ({err})") from None
         reference = render.reference_from_clip(clip, encoders.motion, preset, device)
     log.info("reference: %s", reference.description)
-    speech = render.speech_from_file(args.audio, encoders, preset, args.emo)
+    speech = render.speech_from_file(args.audio, encoders, preset, args.emotion_class)
     log.info("speech: %s", speech.description)
     renderer.render(reference, speech, args.out, guidance, args.seed, progress=args.progress)
     return 0
@@ -240,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     time_grid(args.nfe)  # a usage error for --nfe < 2, before the model is loaded
     guidance = GuidanceOptions(args.nfe, args.a_scale, args.e_scale)
-    trained = load_trained(args.checkpoint, args.device, use_ema=not args.no_ema)
+    device = resolve_device(args.device)  # one line, not a traceback, for CUDA on a machine without it
+    trained = load_trained(args.checkpoint, device, use_ema=not args.no_ema)
     if args.command == "render":
         return render_command(args, trained, guidance)
     cache = open_cache(trained, args.cache_dir)
@@ -252,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     models = {"model": trained}
     if args.baseline:
-        baseline = load_trained(args.baseline, args.device, use_ema=not args.no_ema)
+        baseline = load_trained(args.baseline, device, use_ema=not args.no_ema)
         if baseline.fingerprint != trained.fingerprint:
             raise UsageError("--baseline was trained on other features (another fingerprint): compare like with like")
         models["baseline"] = baseline

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from dali_float.cache import check as cache_check, format as cf, migrate as cache_migrate, store as cache_store, view as cache_view, faults
-from dali_float.cache.index import ClipIndex, Journal
+from dali_float.cache.index import ClipIndex, Journal, committed_ids
 from dali_float.cache.lock import WRITER_LOCK
 from dali_float.config import get_preset
 from dali_float.errors import CacheError
@@ -152,6 +152,32 @@ def compact_and_export(layout: cf.CacheLayout) -> dict[str, int]:
         result = cache_store.compact(layout, index, shard_bytes=SMALL_SHARD)
         cache_view.export(layout, index, P, FP)
     return result
+
+
+def test_a_group_is_committed_once_its_seconds_are_up_even_with_no_clip_after_it(tmp_path, monkeypatch):
+    """The group's seconds count from its start (the last commit): a clip finishing after them is committed at
+    once, and one finished before them is committed by commit_if_due (called between the next clip's frame
+    batches) once they are up, not only when that next clip finishes."""
+    clock = [1000.0]
+    monkeypatch.setattr(cache_store.time, "monotonic", lambda: clock[0])
+    layout = layout_in(tmp_path)
+    writer = cache_store.ShardWriter(layout, P, cache_store.writer_name("test"), group_clips=64, group_seconds=2.0)
+    journal = writer.journal.path
+    try:
+        clock[0] += 0.5
+        writer.write(synthetic_entry(clip_id(0), 0, P), clip_features(0))  # 0.5 s into the group: it waits
+        assert committed_ids(journal) == set()
+        clock[0] += 1.0
+        writer.commit_if_due()  # the next clip's frames, 1.5 s in: not yet
+        assert committed_ids(journal) == set()
+        clock[0] += 0.6
+        writer.commit_if_due()  # 2.1 s: committed while the next clip is still in the works
+        assert committed_ids(journal) == {clip_id(0)}
+        clock[0] += 5.0
+        writer.write(synthetic_entry(clip_id(1), 1, P), clip_features(1))  # a clip longer than the group: at once
+        assert committed_ids(journal) == {clip_id(0), clip_id(1)}
+    finally:
+        writer.close()
 
 
 @pytest.mark.parametrize("step", COMPACT_STEPS)

@@ -4,16 +4,24 @@ memory, a file not readable for a while, a disk that fills up while shards are a
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from dali_float.cache import format as cf
+from dali_float.loaders import TrainingCache
 from dali_float.models import ModelSources
 from dali_float.preprocess import PreprocessOptions, run_preprocessing
-from faultkit import (DRIVER_PRELUDE, P, alive, common_args, descendants, file_sizes, in_mount_namespace, index_rows,
+from faultkit import (DRIVER_PRELUDE, FP, REPO, P, alive, committed, common_args, descendants, file_sizes,
+                      in_mount_namespace, index_rows,
                       kill, layout_of, make_clip, make_corpus, run_script, start_script, wait_for)
 from unprivileged import run_python
 
@@ -200,3 +208,69 @@ def test_a_disk_that_fills_while_shards_are_appended_to_stops_with_one_line(tmp_
     assert f"{4 - len(out['kept'])} clip(s) processed" in again["stderr"], again["stderr"]
     assert out["verify"]["code"] == 0, out["verify"]
     assert out["rows"] == {f"clip{i}.mp4": cf.STATUS_CACHED for i in range(4)}
+
+
+@pytest.mark.parametrize("sig, to_the_group", [(signal.SIGTERM, True), (signal.SIGINT, False)])
+def test_a_signal_stops_preprocessing_and_loses_no_finished_clip(tmp_path, sig, to_the_group):
+    """SIGTERM to every process of the run (what Slurm sends a job) or SIGINT to preprocess.py, once clips are
+    committed: the workers stop, every clip committed by then and every one finished since is in the merged
+    index and the training view, no journal is left, and the run exits 143 / 130 with one line saying what is
+    saved and the command to continue (the user's own), which then does the rest."""
+    data = make_corpus(tmp_path / "data", clips=12, num_frames=150)
+    cache_dir = tmp_path / "cache"
+    layout = layout_of(cache_dir)
+    args = [*common_args(data, cache_dir), "--workers", "2"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "preprocess.py"), *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: len(committed(layout)) >= 2 or proc.poll() is not None, "two committed clips")
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        reported = committed(layout)
+        os.killpg(proc.pid, sig) if to_the_group else os.kill(proc.pid, sig)
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        for pid in descendants(proc.pid) | {proc.pid}:
+            kill(pid)
+    assert proc.returncode == 128 + sig and "Traceback" not in stderr, stderr[-3000:]
+    name = signal.Signals(sig).name
+    line = stderr.strip().splitlines()[-1]
+    found = re.fullmatch(rf"interrupted by {name}: the (\d+) clip\(s\) this run finished are saved \(the cache "
+                         rf"holds (\d+) cached clip\(s\)\); (\d+) clip\(s\) are left; continue with: (.+)", line)
+    assert found, stderr[-3000:]
+    finished, cached, left = (int(found[i]) for i in (1, 2, 3))
+    assert found[4] == shlex.join(["python", str(REPO / "preprocess.py"), *args])  # the user's own command
+
+    rows = index_rows(layout)
+    assert not layout.journals()  # merged
+    assert reported <= set(rows) and finished == cached == len(rows) and finished + left == 12 and left > 0
+    assert all(status == cf.STATUS_CACHED for status, *_ in rows.values())
+    assert len(TrainingCache.open(cache_dir, P, FP)) == cached  # the training view is exported
+    status = json.loads(run_script("preprocess.py", "status", "--json", *common_args(data, cache_dir)).stdout)
+    assert (status["clips"]["cached"], status["clips"]["pending"]) == (cached, left)
+
+    again = subprocess.run([sys.executable, *shlex.split(found[4])[1:]], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{left} clip(s) processed" in again.stderr and len(index_rows(layout)) == 12
+
+
+def test_status_counts_the_clips_a_killed_run_committed(tmp_path):
+    """A run killed (SIGKILL) leaves its journals unmerged: `status` counts their clips as cached (they are done;
+    the next run merges them), not as pending."""
+    data = make_corpus(tmp_path / "data", clips=6, num_frames=150)
+    cache_dir = tmp_path / "cache"
+    layout = layout_of(cache_dir)
+    proc = start_script("preprocess.py", *common_args(data, cache_dir))
+    try:
+        wait_for(lambda: layout.journals() and committed(layout) or proc.poll() is not None, "a committed clip")
+        kill(proc.pid)
+        proc.wait(timeout=30)
+    finally:
+        kill(proc.pid)
+    done = committed(layout)
+    assert done and layout.journals()  # a fresh cache: every committed clip is in a journal, none in the index
+    status = json.loads(run_script("preprocess.py", "status", "--json", *common_args(data, cache_dir)).stdout)
+    assert (status["clips"]["cached"], status["clips"]["pending"]) == (len(done), 6 - len(done))
+    assert status["from_journals"] == len(done)
+    text = run_script("preprocess.py", "status", *common_args(data, cache_dir)).stdout
+    assert f"cached {len(done)} " in text and "the next run merges them" in text

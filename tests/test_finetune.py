@@ -131,7 +131,8 @@ def test_init_from_float_pth_takes_every_trained_part_and_says_so(float_pth, syn
     assert any(line.startswith("init: from scratch: optimiser state") for line in lines)
     assert "without --motion_ckpt" in caplog.text  # the features do not come from float.pth's encoder
 
-    resumed = train(config(tmp_path / "run", steps=3, resume="latest"), synthetic)  # its start stays recorded
+    # Resumed with its settings (a resume may not change them): how it started stays recorded.
+    resumed = train(config(tmp_path / "run", steps=3, resume="latest", lr=1e-9, warmup_steps=0), synthetic)
     assert load_checkpoint(resumed.checkpoint)["config"]["init"] == ckpt["config"]["init"]
 
 

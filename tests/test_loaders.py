@@ -870,8 +870,9 @@ def test_the_naive_loader_leaves_out_unusable_videos_and_says_which(tmp_path, ca
     (tmp_path / "none").mkdir()
     with pytest.raises(UsageError, match="no usable video"):
         discover_clips(tmp_path / "none", TINY)
-    with pytest.raises(UsageError, match="is not a folder"):
+    with pytest.raises(UsageError, match="does not exist"):
         discover_clips(tmp_path / "missing", TINY)
+    assert [c.clip_id for c in discover_clips(tmp_path / "good.mp4", TINY)] == ["good.mp4"]  # one video
 
 
 def test_the_naive_loader_makes_samples_in_worker_processes_on_the_cpu_and_the_same_ones(tmp_path):

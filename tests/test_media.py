@@ -952,3 +952,27 @@ def test_a_segment_takes_its_frames_and_its_audio_from_its_span(tmp_path):
         clip_frame_indices(info, 25, (7.0, 8.0))
     with pytest.raises(MediaError, match="ends after the video"):
         clip_frame_indices(info, 25, (5.0, 9.0))
+
+
+def test_a_segments_row_naming_a_missing_video_is_one_usage_error_naming_its_line(tmp_path):
+    """Found with the rows (one stat per video), before anything is planned: the file and line, not a failed clip."""
+    import re
+    import subprocess
+    import sys
+
+    from dali_float import media
+    from dali_float.errors import UsageError
+
+    (tmp_path / "a.mp4").write_bytes(b"")  # there (what it holds is the run's business)
+    csv = tmp_path / "clips.csv"
+    csv.write_text("video,start_s,end_s\na.mp4,0,2\nsub/missing.mp4,0,2\na.mp4,2,4\n")
+    line = (f"{csv}:3: the video {tmp_path / 'sub' / 'missing.mp4'} does not exist; fix that row (videos are relative "
+            f"to --data_root {tmp_path}) or --data_root")
+    with pytest.raises(UsageError, match=f"^{re.escape(line)}$"):
+        media.discover_clips(tmp_path, csv)
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "preprocess.py"), "--data_root", str(tmp_path), "--segments",
+                           str(csv), "--cache_dir", str(tmp_path / "cache"), "--crop", "center", "--no_progress"],
+                          cwd=repo, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == f"error: {line}", done.stderr
+    assert not (tmp_path / "cache").exists()

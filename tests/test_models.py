@@ -150,7 +150,8 @@ def test_motion_checkpoint_errors(tmp_path):
 
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a torch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not a torch checkpoint: a text file \(it begins 'not a checkpoint'\); "
+                                              r"give a file written by torch.save, e.g. FLOAT's checkpoints/float.pth"):
         load_motion_checkpoint(enc, text)
 
     state = filled(float_checkpoint_layout(TINY_DIMS))

@@ -32,8 +32,8 @@ from dali_float.config import FLOAT_PRESET, TINY_PRESET
 from dali_float.errors import CheckpointError, UsageError
 from dali_float.loaders import TrainingCache
 from dali_float.models import ModelSources, MotionEncoder, build_encoders
-from dali_float.preprocess import (PreprocessOptions, cache_fingerprint, cache_status, clear_cache, run_preprocessing,
-                                   verify_cache)
+from dali_float.preprocess import (PreprocessOptions, cache_fingerprint, cache_status, clear_cache, format_plan,
+                                   format_status, plan_run, run_preprocessing, show_clip, verify_cache)
 from dali_float.preprocess import plan
 from dali_float.cli import usable_cores
 from cached import entries_of, features_of, frames_of
@@ -820,3 +820,77 @@ def test_a_cache_of_another_corpus_is_never_overwritten(tmp_path):
     from dali_float.paths import default_cache_dir
 
     assert default_cache_dir(first) != default_cache_dir(second)
+
+
+def test_a_cache_folder_given_as_cache_dir_is_that_cache(small, tmp_path):
+    """`--cache_dir .../tiny-<fingerprint>` (the folder `status` prints) is that cache, never the parent of a nested
+    one; a cache folder of other flags is one error line."""
+    data, cache_dir = copy_cache(small[0], small[1], tmp_path)
+    root = layout_of(cache_dir).root
+    status = cache_status(data, root, P, SOURCES, "center")
+    assert (status["cache_root"], status["clips"]["cached"], status["clips"]["pending"]) == (str(root), 4, 0)
+    again = run_preprocessing(options(data, root))
+    assert again.cache_root == root and again.up_to_date == 4 and again.processed == {}
+    assert not [p for p in root.iterdir() if cf.is_cache_folder(p)]  # no cache inside the cache
+    assert TrainingCache.open(root, P, again.fingerprint).root == root
+    with pytest.raises(cf.CacheError, match=rf"--cache_dir {root} is the feature cache {root.name}, but the --preset, "
+                                            rf"--crop and weights flags given make tiny-\w{{12}}: give the flags that "
+                                            rf"cache was made with, or its parent folder {cache_dir} as --cache_dir"):
+        cache_status(data, root, P, ModelSources(emotion="none"), "center")
+    out = script("status", "--data_root", str(data), "--cache_dir", str(root))
+    assert out.returncode == 0 and f"cache {root} (exists" in out.stdout and "cached 4 " in out.stdout, out.stderr
+
+
+def test_hints_name_the_users_flags(tmp_path):
+    """A hint that prints a command prints the user's: pasted, it makes these features (not the demo corpus's)."""
+    data = tmp_path / "my data"
+    make_clip(data / "a.mp4", 66, seed=1)
+    cache_dir = tmp_path / "cache"
+    status = cache_status(data, cache_dir, P, ModelSources(emotion="none"), "center")
+    assert status["clips"]["pending"] == 1
+    assert format_status(status)[-1] == (f"run `python preprocess.py --preset tiny --data_root '{data}' --cache_dir "
+                                         f"{cache_dir} --crop center --emotion none` to bring it up to date")
+    with pytest.raises(cf.CacheError) as err:  # no command given: a template, not one that runs on the demo
+        TrainingCache.open(cache_dir, P, status["fingerprint"])
+    assert str(err.value).endswith(f"Run `python preprocess.py --preset tiny --cache_dir {cache_dir} --data_root DIR "
+                                   f"--crop MODE [weights flags]`")
+
+
+def test_plan_is_a_dry_run_that_says_frames_disk_and_a_measured_time(tmp_path):
+    """`preprocess.py plan`: the clips a run would do, their frames at 25 fps, the disk the format's records of
+    them take (what the run then writes), and a time only from what this cache measured; nothing is written."""
+    data, cache_dir = tmp_path / "data", tmp_path / "cache"
+    make_clip(data / "a.mp4", 66, seed=1)
+    fresh = plan_run(data, cache_dir, P, SOURCES, "center")
+    assert (fresh["to_do"], fresh["frames"], fresh["seconds"]) == (1, 66, None) and not cache_dir.exists()
+    assert format_plan(fresh)[-2].startswith("time: no estimate")
+    run_preprocessing(options(data, cache_dir))
+    make_clip(data / "b.mp4", 100, seed=2)
+    make_clip(data / "short.mp4", 40, seed=3)
+    before = file_mtimes(cache_dir)
+    planned = plan_run(data, cache_dir, P, SOURCES, "center", workers=2)
+    assert file_mtimes(cache_dir) == before  # a dry run
+    assert (planned["up_to_date"], planned["to_do"], planned["new"], planned["frames"]) == (1, 2, 2, 100)
+    assert planned["shorter_than_a_window"] == ["short.mp4"] and planned["unreadable"] == []
+    assert planned["measured"]["clips"] == 1 and planned["measured"]["frames"] == 66
+    assert planned["seconds"] == pytest.approx(100 / planned["measured"]["frames_per_s_per_worker"] / 2)
+    text = "\n".join(format_plan(planned))
+    assert "2 to do (2 new, 0 changed or damaged)" in text and "with 2 worker(s), from what this cache's 1" in text
+    run_preprocessing(options(data, cache_dir))
+    assert entries_of(layout_of(cache_dir))["b.mp4"].nbytes == planned["disk_bytes"]  # what the run wrote
+    out = script("plan", "--json", "--data_root", str(data), "--cache_dir", str(cache_dir))
+    assert out.returncode == 0 and json.loads(out.stdout)["to_do"] == 0, out.stderr
+
+
+def test_show_preview_draws_the_crop_on_the_first_frame(small, tmp_path):
+    """`show CLIP --preview crop.png`: the clip's first frame, whole and upright, FLOAT's square drawn over it."""
+    from PIL import Image
+
+    data, cache_dir, _ = small
+    shown = show_clip("a.mp4", cache_dir, P, SOURCES, "center", preview=tmp_path / "crop.png")
+    image = np.asarray(Image.open(shown["preview"]).convert("RGB")).astype(int)
+    assert image.shape == (64, 64, 3) and shown["crop_box"] == [0.0, 0.0, 64.0, 64.0]
+    edge, inside = image[32, 0], image[32, 32]  # the square's left side, the frame's middle
+    assert edge[1] > 200 and edge[0] < 80 and edge[2] < 80 and not (inside[1] > 200 > 80 > inside[0])
+    with pytest.raises(UsageError, match="give a .png file"):
+        show_clip("a.mp4", cache_dir, P, SOURCES, "center", preview=tmp_path / "crop.jpg")

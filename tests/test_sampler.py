@@ -242,7 +242,7 @@ def test_sampler_defaults_are_floats_and_the_readmes():
     assert "[--nfe 10] [--a_scale 2] [--e_scale 1]" in readme and "[--seeds 2]" in readme
     args = sampler._parser().parse_args(["measure", "--checkpoint", "run"])
     assert (args.nfe, args.a_scale, args.e_scale, args.seeds) == (10, 2.0, 1.0, 2)
-    assert args.baseline is None and args.json is None and not args.no_ema and args.device == "cpu"
+    assert args.baseline is None and args.json is None and not args.no_ema and args.device == "auto"
 
 
 def test_render_parses_the_flags_readme_gives_it(tmp_path):
@@ -252,11 +252,11 @@ def test_render_parses_the_flags_readme_gives_it(tmp_path):
     speech.write_bytes(b"")
     required = ["render", "--checkpoint", "run", "--ref", "face.jpg", "--audio", str(speech), "--out", "o.mp4"]
     args = sampler._parser().parse_args(required)
-    assert (args.seed, args.frame_batch, args.crop, args.emo) == (0, None, None, None) and args.progress
+    assert (args.seed, args.frame_batch, args.crop, args.emotion_class) == (0, None, None, None) and args.progress
     assert (args.nfe, args.a_scale, args.e_scale) == (10, 2.0, 1.0)
     args = sampler._parser().parse_args(required + ["--seed", "3", "--frame_batch", "4", "--crop", "center",
-                                                    "--emo", "happy", "--no_progress"])
-    assert (args.seed, args.frame_batch, args.crop, args.emo, args.progress) == (3, 4, "center", "happy", False)
+                                                    "--emotion_class", "happy", "--no_progress"])
+    assert (args.seed, args.frame_batch, args.crop, args.emotion_class, args.progress) == (3, 4, "center", "happy", False)
 
 
 # --- trained checkpoints and the command ---------------------------------------------------------------------
@@ -420,3 +420,15 @@ def test_nfe_below_2_is_a_usage_error():
         time_grid(1)
     with pytest.raises(UsageError, match="at least 2"):  # the command line refuses it before loading anything
         sampler.main(["generate", "--checkpoint", "nowhere", "--clip", "x", "--out", "y.npy", "--nfe", "1"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA says so")
+def test_render_on_cuda_without_a_gpu_is_one_line(tmp_path):
+    """--device cuda where there is none: one error line before anything loads (it was a traceback)."""
+    speech = tmp_path / "speech.wav"
+    speech.write_bytes(b"")
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(UsageError, match=rf"^--device {device}: CUDA is not available on this machine; use "
+                                             rf"--device cpu \(or auto\)$"):
+            sampler.main(["render", "--checkpoint", "nowhere", "--ref", "x.jpg", "--audio", str(speech), "--out",
+                          str(tmp_path / "o.mp4"), "--device", device])

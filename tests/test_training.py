@@ -7,10 +7,12 @@ the script under Ctrl-C and two torchrun-style ranks.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,6 +38,8 @@ from dali_float.training import trainer as trainer_module
 from dali_float.training.checkpoint import CheckpointStore, load_checkpoint
 from dali_float.training.optim import EMA, LRSchedule, with_ema_weights
 from dali_float.training.precision import resolve_precision
+from dali_float.training.run_folder import config_from_args
+from dali_float.cli import given_flags
 from synthetic import write_synthetic_cache
 
 P = TINY_PRESET
@@ -66,6 +70,20 @@ def env() -> dict[str, str]:
 def script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env())
+
+
+def train_py():
+    """train.py as a module (its parser and main)."""
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cli_config(*argv: str) -> TrainConfig:
+    """The TrainConfig train.py makes of `argv` (with --resume: the run's recorded settings where not given)."""
+    args = train_py().build_parser().parse_args(list(argv))
+    return config_from_args(vars(args), given_flags(args))
 
 
 def free_port() -> int:
@@ -314,8 +332,6 @@ def test_bad_resume_and_bad_sizes_are_one_clear_error(synthetic, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(UsageError, match="--steps must be at least 1"):
         config(out, steps=0)
-    with pytest.raises(UsageError, match="larger than the data: one epoch holds 17 sample"):
-        train(config(out, batch_size=18), synthetic)
     with pytest.raises(CheckpointError, match="no checkpoint in"):
         train(config(out, resume="latest"), synthetic)
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
@@ -338,6 +354,41 @@ def test_bad_resume_and_bad_sizes_are_one_clear_error(synthetic, tmp_path):
         train(config(tmp_path / "junk_run", resume=str(tmp_path / "junk.pt")), synthetic)
 
 
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_a_batch_larger_than_the_data_samples_with_replacement(loader, tmp_path_factory, tmp_path, caplog):
+    """Two short clips (one window each per epoch) and the default batch of 8: each batch spans epochs, so each
+    clip appears several times in it, each time with a window of its own; one warning line says so."""
+    cache_dir = tmp_path_factory.mktemp(f"two_clips_{loader}")
+    source = DataSource.from_cache(TrainingCache.open(cache_dir, P, write_synthetic_cache(cache_dir, P, (100, 110))))
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="dali_float"):
+        result = train(config(out, loader=loader, batch_size=8, steps=3, log_samples=True), source)
+    assert result.step == 3
+    warned = [r.getMessage() for r in caplog.records if "larger than the data" in r.getMessage()]
+    assert warned == ["--batch_size 8 is larger than the data: an epoch holds 2 sample(s) per rank (1 rank(s), "
+                      "--epoch_policy windows), so each batch spans 4 epochs and its clips repeat (sampling with "
+                      "replacement, each time with its own window); add clips to see more of your data per step"]
+    rows = [line.split("\t") for line in (out / "samples_rank0.tsv").read_text().splitlines()
+            if not line.startswith("#")]
+    for step in ("1", "2", "3"):
+        batch = [(clip, int(start)) for s, clip, start in rows if s == step]
+        assert len(batch) == 8 and sorted({c for c, _ in batch}) == source.cache.clip_ids([0, 1])
+        assert all(sum(c == clip for c, _ in batch) == 4 for clip in {c for c, _ in batch})  # 4 epochs of 2
+        assert len(set(batch)) > 2  # the same clip, other windows
+
+
+def test_one_video_file_as_data_root_trains_as_it_preprocesses(tmp_path, caplog):
+    """A data root may be one video (preprocess.py took one, train.py refused it): a corpus of one 4-s clip,
+    preprocessed, then trained with the default batch of 8 (sampled with replacement)."""
+    frames, wave, _ = demo.synth_talking_head(100, 64, seed=3)
+    video = demo.write_clip(tmp_path / "speaker.mp4", frames, 25.0, audio=wave)
+    with caplog.at_level(logging.WARNING, logger="dali_float"):
+        result = train(config(tmp_path / "run", data_root=video, cache_dir=tmp_path / "cache", crop="center",
+                              batch_size=8, steps=2, loader="torch", num_workers=0))
+    assert result.step == 2 and "sampling with replacement" in caplog.text
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_root"] == str(video)
+
+
 def test_script_errors_are_one_line_without_traceback(tmp_path):
     for args, message in ((["--steps", "0"], "error: --steps must be at least 1"),
                           (["--resume", str(tmp_path / "missing.pt")], "error: --resume"),
@@ -346,6 +397,73 @@ def test_script_errors_are_one_line_without_traceback(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr
+
+
+def test_resume_latest_alone_continues_exactly(synthetic, tmp_path, monkeypatch):
+    """`train.py --resume latest` with no other flag restores every setting of the run (config.json) and
+    continues as if never stopped: a run set up with non-default flags, rolled back to its step-20
+    checkpoint (what a kill just after that save leaves), resumed with nothing else given, ends with the
+    same losses step by step and the same weights as the uninterrupted run."""
+    monkeypatch.chdir(tmp_path)  # the default --output_dir, runs/latest, is here
+    flags = ["--steps", "40", "--save_every", "20", "--keep_checkpoints", "0", "--batch_size", "3", "--seed", "5",
+             "--lr", "0.002", "--warmup_steps", "4", "--ema_decay", "0.9", "--ref", "random_in_window",
+             "--log_every", "1", "--no_progress", "--device", "cpu", "--num_threads", "1"]
+    full = train(cli_config(*flags), synthetic)
+    out = tmp_path / "runs" / "latest"
+    recorded = json.loads((out / "config.json").read_text())
+    assert (recorded["batch_size"], recorded["seed"], recorded["lr"], recorded["ref"], recorded["steps"]) == \
+        (3, 5, 0.002, "random_in_window", 40)
+    uninterrupted = metrics(out)
+    (out / "checkpoints" / "step_00000040.pt").unlink()
+    (out / "checkpoints" / "latest").write_text("step_00000020.pt\n")
+
+    cfg = cli_config("--resume", "latest")
+    assert (cfg.batch_size, cfg.seed, cfg.lr, cfg.steps, cfg.ema_decay, cfg.progress) == (3, 5, 0.002, 40, 0.9, False)
+    resumed = train(cfg, synthetic)
+    assert resumed.step == 40 and resumed.weights_digest == full.weights_digest
+    timing = ("step_time_s", "data_wait_s", "data_wait_fraction", "samples_per_s", "peak_gpu_mem_mib")
+    values = lambda records: [{k: v for k, v in r.items() if k not in timing} for r in records]  # noqa: E731
+    assert [r["step"] for r in metrics(out)] == list(range(1, 41))
+    assert values(metrics(out)) == values(uninterrupted)
+
+
+def test_flags_given_with_resume_must_agree_with_the_run(synthetic, tmp_path):
+    """A flag given with --resume that differs from the record is one line naming it, both values and where the
+    record is; the settings that may change (steps, how often it saves and logs, wandb, ...) are taken."""
+    out = tmp_path / "run"
+    train(cli_config("--output_dir", str(out), "--steps", "2", "--batch_size", "2", "--no_progress",
+                     "--device", "cpu", "--warmup_steps", "0"), synthetic)
+    with pytest.raises(UsageError, match=rf"--batch_size 8 differs from the run's 2 \({out}/config.json\): drop "
+                                         rf"--batch_size to continue the run as it was set up, or start a new run"):
+        cli_config("--resume", "latest", "--output_dir", str(out), "--batch_size", "8")
+    with pytest.raises(UsageError, match="--lr 0.01 differs from the run's 0.001"):
+        cli_config("--resume", "latest", "--output_dir", str(out), "--lr", "0.01")
+    cfg = cli_config("--resume", "latest", "--output_dir", str(out), "--lr", "0.001", "--batch_size", "2",
+                     "--steps", "4", "--save_every", "1", "--log_every", "2", "--lock_timeout_s", "5")
+    assert (cfg.batch_size, cfg.steps, cfg.save_every, cfg.log_every, cfg.lock_timeout_s) == (2, 4, 1, 2, 5.0)
+    assert train(cfg, synthetic).step == 4
+    assert json.loads((out / "config.json").read_text())["steps"] == 4  # the record follows what may change
+    # A TrainConfig made in Python is checked against the checkpoint's record too (before any work).
+    with pytest.raises(UsageError, match="--seed 1 differs from the run's 0"):
+        train(config(out, steps=6, batch_size=2, warmup_steps=0, seed=1, resume="latest", log_every=10), synthetic)
+    proc = script("--resume", "latest", "--output_dir", str(out), "--batch_size", "8")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --batch_size 8 differs from the run's 2 ({out}/config.json): drop --batch_size to continue the run "
+        f"as it was set up, or start a new run in another --output_dir"], proc.stderr
+
+
+def test_a_refused_run_makes_no_folder(tmp_path):
+    """Argument problems are found before the run folder or a cache folder is made."""
+    junk = tmp_path / "float.pth"
+    junk.write_text("hello")
+    for args, message in ((["--motion_ckpt", str(junk)], "is not a torch checkpoint: a text file"),
+                          (["--motion_ckpt", str(tmp_path)], "is a folder"),
+                          (["--data_root", str(tmp_path / "nowhere")], "does not exist"),
+                          (["--resume", "latest"], "no checkpoint in")):
+        out = tmp_path / "run"
+        proc = script(*args, "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), "--no_progress")
+        assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr
+        assert "Traceback" not in proc.stderr and not out.exists() and not (tmp_path / "cache").exists()
 
 
 # ---------------------------------------------------------------------------------------------- numerics
@@ -499,6 +617,8 @@ def test_two_cpu_ranks_read_disjoint_shards_and_end_equal(demo_source, tmp_path)
 
 
 def test_ctrl_c_saves_then_resume_continues(demo_source, tmp_path):
+    """A second train.py into a live run folder is refused at once, naming who holds it; Ctrl-C saves and exits
+    130; `--resume latest` (only --steps given) continues with the run's own settings (its batch of 2)."""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--steps", "100000", "--log_every", "1",
                              "--batch_size", "2", "--output_dir", str(out), "--no_progress"],
@@ -508,15 +628,27 @@ def test_ctrl_c_saves_then_resume_continues(demo_source, tmp_path):
             (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
+    before = sorted(p.name for p in out.iterdir())
+    start = time.monotonic()
+    second = script("--steps", "5", "--output_dir", str(out), "--no_progress")
+    assert second.returncode == 3, second.stderr
+    assert re.fullmatch(rf"error: {out} is in use by pid {proc.pid} on {socket.gethostname()} \(`train.py --steps "
+                        rf"100000 .*`\) since \S+; wait for that run to end \(or stop it\), or give another "
+                        rf"--output_dir", second.stderr.strip().splitlines()[-1]), second.stderr
+    assert time.monotonic() - start < 30  # refused at once: no preprocessing, no model
+    assert sorted(p.name for p in out.iterdir()) == before
+
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "interrupted by SIGINT at step" in stderr
     saved = load_checkpoint(CheckpointStore(out / "checkpoints").latest())
     assert saved["step"] == metrics(out)[-1]["step"] >= 3  # nothing trained is lost
-    resumed = train(config(out, steps=saved["step"] + 2, batch_size=2, resume="latest", num_workers=2))
-    assert resumed.step == saved["step"] + 2
+    resumed = script("--resume", "latest", "--output_dir", str(out), "--steps", str(saved["step"] + 2),
+                     "--log_every", "1", "--no_progress", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
     assert [r["step"] for r in metrics(out)] == list(range(1, saved["step"] + 3))
+    assert load_checkpoint(CheckpointStore(out / "checkpoints").latest())["config"]["batch_size"] == 2
 
 
 @pytest.mark.slow
@@ -605,7 +737,7 @@ def test_sample_videos_during_training(demo_source, tmp_path):
     train(config(out, steps=6, sample_every=3, save_every=0, wandb_mode="offline", wandb_project="dali-float-test"),
           demo_source)
     videos = sorted((out / "samples").iterdir())
-    assert [v.name for v in videos] == ["step_0000003.mp4", "step_0000006.mp4"]
+    assert [v.name for v in videos] == ["step_00000003.mp4", "step_00000006.mp4"]
     expected = min(100, int(demo_source.cache.num_frames[0]))
     for video in videos:
         frames, audio_s = decoded_mp4(video)

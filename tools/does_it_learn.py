@@ -13,7 +13,6 @@ per model and for the real motion) and the machine. Runs go to --out_dir (kept, 
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -24,6 +23,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a clone without installing
+
+from dali_float.cli import ArgumentParser, alias, run_main  # noqa: E402
 WINDOW = 200  # steps averaged at each end of a run
 
 
@@ -48,19 +50,20 @@ def summary(run_dir: Path) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="tools/does_it_learn.py", description=__doc__)
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "does_it_learn.json")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "loss_curve.png")
-    parser.add_argument("--out_dir", type=Path, default=REPO / "runs" / "does_it_learn")
+    alias(parser.add_argument("--output_dir", type=Path, default=REPO / "runs" / "does_it_learn",
+                              help="the two runs' folders go here"), "--out_dir")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seeds", type=int, default=3, help="noise seeds per clip in the measurement")
     parser.add_argument("--seed", type=int, default=0, help="training seed of both runs")
     args = parser.parse_args()
-    if args.out_dir.exists() and any(args.out_dir.iterdir()):
-        parser.error(f"--out_dir {args.out_dir} is not empty (train.py refuses to overwrite a run)")
+    if args.output_dir.exists() and any(args.output_dir.iterdir()):
+        parser.error(f"--output_dir {args.output_dir} is not empty (train.py refuses to overwrite a run)")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     py = sys.executable
-    runs = {"audio": args.out_dir / "audio", "no_audio": args.out_dir / "no_audio"}
+    runs = {"audio": args.output_dir / "audio", "no_audio": args.output_dir / "no_audio"}
     commands, seconds = {}, {}
     for name, out in runs.items():
         cmd = [py, "train.py", "--loader", "dali", "--preset", "tiny", "--steps", str(args.steps), "--seed",
@@ -69,7 +72,7 @@ def main() -> int:
             cmd.append("--no_audio")
         commands[name] = cmd[1:]
         seconds[name] = run(cmd, env)
-    measured = args.out_dir / "measure.json"
+    measured = args.output_dir / "measure.json"
     measure = [py, "-m", "dali_float.sampler", "measure", "--checkpoint", str(runs["audio"]), "--baseline",
                str(runs["no_audio"]), "--seeds", str(args.seeds), "--json", str(measured)]
     seconds["measure"] = run(measure, env)
@@ -104,4 +107,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

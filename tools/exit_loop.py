@@ -9,7 +9,6 @@ exits without closing the loader. Exit codes and the stderr of every failed run 
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -20,6 +19,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a clone without installing
+
+from dali_float.cli import ArgumentParser, run_main  # noqa: E402
 
 PROBE = """
 import sys
@@ -36,7 +38,7 @@ for _ in range(300):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="tools/exit_loop.py", description=__doc__)
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--clips", type=int, default=120)
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose dali_float is run")
@@ -71,4 +73,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import hashlib
 import json
 import math
@@ -783,7 +784,7 @@ FAULTS: list[Fault] = [
     Fault("tests/test_faults_cache.py::test_a_name_that_is_not_utf8_is_a_clip_like_any_other", "dali_float/cache/index.py",
           "        name.encode(\"utf-8\")\n        return name",
           "        return name", "names stored as Python holds them: a name that is not UTF-8 breaks the commit (issue 19)"),
-    Fault("tests/test_faults_cache.py::test_clear_all_deletes_only_caches_and_none_in_use", "dali_float/preprocess/manage.py",
+    Fault("tests/test_faults_cache.py::test_clear_all_deletes_only_caches_and_none_in_use", "dali_float/cache/format.py",
           "        if len(fp) == 64 and folder.name == f\"{preset}-{fp[:12]}\":",
           "        if True:", "clear takes any folder holding a cache.json for a cache (issue 19)"),
     Fault("tests/test_faults_cache.py::test_clear_all_deletes_only_caches_and_none_in_use", "dali_float/preprocess/manage.py",
@@ -937,8 +938,11 @@ def _stop(signum, frame):  # noqa: ARG001 - SIGTERM: unwind, so the mutated file
 
 def main() -> int:
     signal.signal(signal.SIGTERM, _stop)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Plain argparse: importing dali_float here would put unmutated modules into the forked test runs.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)
     cov = sub.add_parser("coverage")
     cov.add_argument("--tests", nargs="*", help="only these test files, added to the existing map")
     run = sub.add_parser("run")

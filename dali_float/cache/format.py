@@ -167,7 +167,36 @@ def fingerprint(preset: Preset, model_ids: dict[str, str], framing: str) -> str:
 
 
 def cache_root(cache_dir: Path, preset: Preset, fp: str) -> Path:
-    return Path(cache_dir) / f"{preset.name}-{fp[:12]}"
+    """The folder of the cache of (preset, fingerprint) in `cache_dir`, `<preset>-<fingerprint[:12]>`.
+
+    `cache_dir` may be such a folder itself (the one `preprocess.py status` prints): then it is that cache,
+    never the parent of a nested one; a cache folder of another name (other weights, crop or preset) is a
+    CacheError (one line) rather than a cache inside a cache."""
+    cache_dir = Path(cache_dir)
+    name = f"{preset.name}-{fp[:12]}"
+    if is_cache_folder(cache_dir):
+        if cache_dir.name == name:
+            return cache_dir
+        raise CacheError(f"--cache_dir {cache_dir} is the feature cache {cache_dir.name}, but the --preset, --crop "
+                         f"and weights flags given make {name}: give the flags that cache was made with, or its "
+                         f"parent folder {cache_dir.parent} as --cache_dir")
+    return cache_dir / name
+
+
+def is_cache_folder(folder: Path) -> bool:
+    """Whether `folder` is a feature cache: named `<preset>-<fingerprint[:12]>` and holding a cache.json (or a
+    format 1 manifest.json) whose preset name and fingerprint say so (a folder of the user's that happens to
+    hold such a file is not one)."""
+    folder = Path(folder)
+    for name in ("cache.json", "manifest.json"):
+        try:
+            header = json.loads((folder / name).read_text())
+            fp, preset = str(header["fingerprint"]), str(header["preset_name"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if len(fp) == 64 and folder.name == f"{preset}-{fp[:12]}":
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

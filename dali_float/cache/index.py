@@ -281,6 +281,15 @@ class ClipIndex:
         return int(self.con.execute("SELECT COALESCE(SUM(num_frames), 0) FROM clips WHERE status=?",
                                     (cf.STATUS_CACHED,)).fetchone()[0])
 
+    def stage_time(self) -> tuple[int, int, float]:
+        """(clips, frames, seconds) of the cached clips that recorded their per-stage times: what preprocessing
+        them took (one worker's seconds), for an estimate of what more would take."""
+        clips, frames, seconds = self.con.execute(
+            "SELECT COUNT(*), COALESCE(SUM(num_frames), 0), COALESCE(SUM((SELECT SUM(value) FROM json_each("
+            "json_extract(extra, '$.stage_seconds')))), 0) FROM clips WHERE status=? AND "
+            "json_extract(extra, '$.stage_seconds') IS NOT NULL", (cf.STATUS_CACHED,)).fetchone()
+        return int(clips), int(frames), float(seconds)
+
     def next_uid(self) -> int:
         return 1 + int(self.con.execute("SELECT COALESCE(MAX(clip_uid), -1) FROM clips").fetchone()[0])
 
@@ -432,6 +441,23 @@ def read_entries(path: Path, clip_ids: list[str] | None = None) -> list[cf.ClipE
     wanted = None if clip_ids is None else set(clip_ids)
     entries = [from_row(r) for r in rows]
     return entries if wanted is None else [e for e in entries if e.clip_id in wanted]
+
+
+def light_rows_of(path: Path) -> dict[str, IndexRow]:
+    """The LIGHT columns of every row committed in a journal (or index) file so far, by clip id; read-only
+    ({} when it has no table yet or cannot be read): what `status` counts of a run that was killed or stopped
+    before its journals were merged."""
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+        try:
+            rows = con.execute(f"SELECT {', '.join(LIGHT)} FROM clips").fetchall()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError:
+        return {}
+    named = (IndexRow._make(r) for r in rows)
+    return {from_db(r.clip_id): r._replace(clip_id=from_db(r.clip_id), source_path=from_db(r.source_path))
+            for r in named}
 
 
 def _size(path: Path) -> int:

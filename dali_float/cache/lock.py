@@ -91,9 +91,10 @@ class WriterLock:
 
     _held: dict[str, list] = {}  # real path of the lock file -> [fd, depth, timeout_s], this process's locks
 
-    def __init__(self, root: Path, timeout_s: float = DEFAULT_TIMEOUT_S, command: str | None = None):
+    def __init__(self, root: Path, timeout_s: float = DEFAULT_TIMEOUT_S, command: str | None = None,
+                 filename: str = WRITER_LOCK):
         self.root = Path(root)
-        self.path = self.root / WRITER_LOCK
+        self.path = self.root / filename  # another name: another lock of the folder (a run folder's run.lock)
         self.timeout_s = float(timeout_s)
         self.command = command or _this_command()
         self._key: str | None = None

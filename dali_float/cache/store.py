@@ -6,7 +6,9 @@ shard, commit the rows in the writer's journal. A kill at any moment leaves comm
 (their bytes were durable before their rows) and, at worst, an uncommitted tail on the shard, which
 `recover` cuts off. A group is at most `group_clips` clips or `group_seconds` seconds of work: that
 is what a kill can cost, and what saves one fsync per clip (with many short clips the fsyncs were
-the fixed cost per clip).
+the fixed cost per clip). The seconds count from the group's start (the last commit), so a clip that
+finishes once they are up is committed at once, and `commit_if_due` (called between a clip's frame
+batches) commits a finished clip on time while the next one is long in the works.
 
 Compaction copies the live records of shards holding dead ones (clips re-done or dropped) into new
 shards, fsyncs them, moves the rows in one index transaction (the commit point), then deletes the
@@ -44,7 +46,7 @@ from dali_float.errors import disk_full
 log = logging.getLogger(__name__)
 
 GROUP_CLIPS = 64  # clips per commit at most
-GROUP_SECONDS = 2.0  # seconds a processed clip waits for its commit at most
+GROUP_SECONDS = 2.0  # seconds of work a group holds at most (a finished clip's wait for its commit)
 
 
 def writer_name(tag: str) -> str:
@@ -124,7 +126,7 @@ class ShardWriter:
         self.journal = Journal(layout, writer)
         self.group_clips, self.group_seconds = group_clips, group_seconds
         self.pending: list[cf.ClipEntry] = []
-        self._first_pending = 0.0
+        self._group_started = time.monotonic()  # the last commit: a group's work counts from there
 
     def write(self, entry: cf.ClipEntry, features: cf.ClipFeatures | None = None) -> cf.ClipEntry:
         """Append a cached clip's record (or record a failed / skipped entry); commits when the group is due.
@@ -142,12 +144,18 @@ class ShardWriter:
         else:
             assert entry.status in (cf.STATUS_FAILED, cf.STATUS_SKIPPED), entry.status
             entry.shard, entry.offset, entry.nbytes, entry.checksum, entry.emotion = "", -1, 0, 0, []
-        if not self.pending:
-            self._first_pending = time.monotonic()
         self.pending.append(entry)
-        if len(self.pending) >= self.group_clips or time.monotonic() - self._first_pending >= self.group_seconds:
+        if len(self.pending) >= self.group_clips:
             self.flush()
+        else:
+            self.commit_if_due()
         return entry
+
+    def commit_if_due(self) -> None:
+        """Commit the pending clips once the group has lasted `group_seconds` (between records only: never
+        while a record is half appended)."""
+        if self.pending and time.monotonic() - self._group_started >= self.group_seconds:
+            self.flush()
 
     def flush(self) -> None:
         """Make the pending clips durable: fsync the shard, then commit their rows (the commit point)."""
@@ -157,6 +165,7 @@ class ShardWriter:
         self.journal.commit(self.pending)
         faults.point("journal-committed")  # committed, not yet reported: the parent must not call them failed
         self.pending = []
+        self._group_started = time.monotonic()
 
     def close(self) -> None:
         try:

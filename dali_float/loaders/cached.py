@@ -98,7 +98,10 @@ class TrainingCache:
         (names the clip and the file), or no clip long enough.
         """
         cache_dir = Path(cache_dir)
-        fix = preprocess_command or f"python preprocess.py --preset {preset.name} --cache_dir {cache_dir}"
+        # Without the caller's command, a template, never a command that pastes as it is: without the data
+        # root, crop and weights flags it would preprocess the demo corpus into this folder.
+        fix = preprocess_command or (f"python preprocess.py --preset {preset.name} --cache_dir {cache_dir} "
+                                     f"--data_root DIR --crop MODE [weights flags]")
         root = cf.cache_root(cache_dir, preset, fingerprint)
         if not root.exists():
             others = sorted(p.name for p in cache_dir.glob(f"{preset.name}-*")

@@ -43,8 +43,8 @@ class NaiveClip:
 def discover_clips(data_root: Path, preset: Preset, segments: Path | None = None) -> list[NaiveClip]:
     """Every clip of data_root (its videos, or the rows of `segments`) usable for training (probed; the
     unusable ones logged and left out)."""
-    if not Path(data_root).is_dir():
-        raise UsageError(f"--data_root {data_root} is not a folder")
+    if not Path(data_root).exists():  # a folder, or one video (media.scan_videos: a corpus of one clip)
+        raise UsageError(f"--data_root {data_root} does not exist")
     fps, window = preset.timing.fps, preset.timing.window_frames
     clips, left_out = [], []
     infos: dict[Path, media.VideoInfo] = {}

@@ -124,7 +124,13 @@ def discover_clips(root: Path, segments: Path | None = None) -> list[ClipSpec]:
     if segments is not None:
         if not Path(root).is_dir():
             raise UsageError(f"{root}: no such folder; give the folder the --segments file's videos are relative to")
-        return read_segments(Path(segments), Path(root))
+        clips = read_segments(Path(segments), Path(root))
+        found: dict[Path, bool] = {}  # one stat per video, however many rows cut it
+        for spec in sorted(clips, key=lambda c: int(c.where.rsplit(":", 1)[1])):  # the first bad row in the file
+            if not found.setdefault(spec.path, os.path.exists(spec.path)):
+                raise UsageError(f"{spec.where}: the video {spec.path} does not exist; fix that row (videos are "
+                                 f"relative to --data_root {root}) or --data_root")
+        return clips
     return [ClipSpec(clip_id, path) for clip_id, path in discover_videos(root)]
 
 

@@ -30,6 +30,7 @@ class ClipSpec:
     clip_id: str
     path: Path
     span_s: tuple[float, float] | None = None
+    where: str = ""  # a segment's row: "<file>:<line>" (what an error about it names)
 
 
 def format_seconds(value: float) -> str:
@@ -80,6 +81,6 @@ def read_segments(path: Path, data_root: Path) -> list[ClipSpec]:
         if name in clips:
             raise UsageError(f"{where}: the clip {name!r} is already defined on line {lines[name]}; "
                              f"give every row its own clip_name or span")
-        clips[name] = ClipSpec(name, root / relative, (start, end))
+        clips[name] = ClipSpec(name, root / relative, (start, end), where)
         lines[name] = number
     return [clips[k] for k in sorted(clips)]

@@ -4,19 +4,19 @@
   plan     sources vs entries on disk (up to date / pending / gone), stable uids, balanced work split
   worker   one clip -> features -> entry (ClipProcessor), and the spawned worker process
   run      run_preprocessing: recover, plan, run workers (or torchrun ranks), merge, training view, summary
-  manage   status / show / verify [--repair] / compact / migrate / clear
+  manage   status / plan (a dry run) / show / verify [--repair] / compact / migrate / clear
 
     from dali_float.preprocess import PreprocessOptions, run_preprocessing
     result = run_preprocessing(PreprocessOptions(data_root, cache_dir, preset, sources))
 """
 from __future__ import annotations
 
-from dali_float.preprocess.manage import (cache_status, clear_cache, compact_cache, format_clip, format_status,
-                                          migrate_cache, show_clip, verify_cache)
+from dali_float.preprocess.manage import (cache_status, clear_cache, compact_cache, format_clip, format_plan,
+                                          format_status, migrate_cache, plan_run, show_clip, verify_cache)
 from dali_float.preprocess.options import (PreprocessOptions, PreprocessResult, cache_fingerprint, default_cache_dir,
                                            default_data_root)
 from dali_float.preprocess.run import run_preprocessing
 
 __all__ = ["PreprocessOptions", "PreprocessResult", "cache_fingerprint", "cache_status", "clear_cache", "compact_cache",
-           "default_cache_dir", "default_data_root", "format_clip", "format_status", "migrate_cache", "run_preprocessing",
-           "show_clip", "verify_cache"]
+           "default_cache_dir", "default_data_root", "format_clip", "format_plan", "format_status", "migrate_cache",
+           "plan_run", "run_preprocessing", "show_clip", "verify_cache"]

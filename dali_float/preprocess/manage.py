@@ -5,22 +5,22 @@ run that re-does them, under the writer lock). `compact` and `clear` are writers
 deletes only with confirm=True, only folders that are caches, and never one a process is using."""
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
+from dali_float import media
 from dali_float.cache import check as cache_check, format as cf, migrate as cache_migrate
 from dali_float.cache import store as cache_store, view as cache_view
-from dali_float.cache.index import ClipIndex
+from dali_float.cache.index import ClipIndex, light_rows_of, read_entries
 from dali_float.cache.lock import DEFAULT_TIMEOUT_S, WriterLock, is_write_locked, leased_generations, no_readers
 from dali_float.config import Preset
 from dali_float.errors import CacheBusy, UsageError
 from dali_float.models import ModelSources
 from dali_float.paths import printable
 from dali_float.preprocess import plan
-from dali_float.preprocess.options import cache_identity
+from dali_float.preprocess.options import cache_identity, preprocess_command
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,15 @@ def cache_status(data_root: Path, cache_dir: Path, preset: Preset, sources: Mode
     a cached clip whose record fails the cheap invariants: `damaged` says which), pending (source found,
     no row), missing_source (row whose source is gone; the next run drops it). failures: [{clip,
     error}], skipped: [{clip, reason}]. Reads the index and the shards' sizes (a journal a killed run
-    left is counted as pending until the next run merges it); hashes only sources whose mtime alone moved.
+    left is counted with the index: its clips are done, the next run merges it; `from_journals` says how
+    many rows came from there); hashes only sources whose mtime alone moved.
     """
+    return _survey(data_root, cache_dir, preset, sources, crop, segments)[0]
+
+
+def _survey(data_root: Path, cache_dir: Path, preset: Preset, sources: ModelSources, crop: str,
+            segments: Path | None) -> tuple[dict[str, Any], list[plan.Source]]:
+    """(cache_status's dict, the sources found): what status and plan both read."""
     fp, _, _ = cache_identity(preset, sources, crop)
     layout = cf.CacheLayout(cf.cache_root(cache_dir, preset, fp))
     layout.check_version()
@@ -54,6 +61,18 @@ def cache_status(data_root: Path, cache_dir: Path, preset: Preset, sources: Mode
         with index:
             rows, damaged = index.light_rows(), cache_store.cheap_check(layout, index)
             failures, skipped = list(index.entries(cf.STATUS_FAILED)), list(index.entries(cf.STATUS_SKIPPED))
+    # Journals a killed or stopped run left (merged by the next run, in this order, each row replacing the
+    # index's): their clips are done.
+    unmerged, bad = {}, {e.clip_id: e for e in failures + skipped}
+    for path in layout.journals() if layout.root.exists() else []:
+        unmerged.update(light_rows_of(path))
+        for entry in read_entries(path):
+            bad.pop(entry.clip_id, None)
+            if entry.status != cf.STATUS_CACHED:
+                bad[entry.clip_id] = entry
+    rows.update(unmerged)
+    failures = sorted((e for e in bad.values() if e.status == cf.STATUS_FAILED), key=lambda e: e.clip_id)
+    skipped = sorted((e for e in bad.values() if e.status == cf.STATUS_SKIPPED), key=lambda e: e.clip_id)
     rec = plan.reconcile(found, rows, damaged)
     fresh = set(rec.up_to_date)
     stale = sorted(cid for cid, why in rec.pending.items() if why != plan.NEW)
@@ -82,6 +101,7 @@ def cache_status(data_root: Path, cache_dir: Path, preset: Preset, sources: Mode
             "missing_source": len(rec.gone),
         },
         "cached_frames": sum(r.num_frames for r in cached),
+        "from_journals": len(unmerged),
         "failures": [{"clip": e.clip_id, "error": e.reason} for e in by_status[cf.STATUS_FAILED]],
         "skipped": [{"clip": e.clip_id, "reason": e.reason} for e in by_status[cf.STATUS_SKIPPED]],
         "stale_clips": stale,
@@ -89,7 +109,71 @@ def cache_status(data_root: Path, cache_dir: Path, preset: Preset, sources: Mode
         "missing_source_clips": rec.gone,
         "damaged": [{"clip": c, "problem": p} for c, p in sorted(damaged.items())],
         "other_caches": sorted(p.name for p in _cache_folders(cache_dir)[0] if p != layout.root),
-    }
+        "command": preprocess_command(data_root, cache_dir, preset.name, crop, segments, sources),
+    }, found
+
+
+def plan_run(data_root: Path, cache_dir: Path, preset: Preset, sources: ModelSources, crop: str,
+             segments: Path | None = None, workers: int = 1, progress: bool = False) -> dict[str, Any]:
+    """`preprocess.py plan`: what a run with these flags would do, doing none of it (nothing is written).
+
+    The clips to do are the new, changed and damaged ones (as `status` counts them); their videos are probed
+    for the frames at the preset's fps, and the disk they take is the format's record size of those frames
+    (cache.format.record_layout). The time is estimated only from something measured: the per-stage seconds
+    the cache's own clips recorded when they were made (one worker's), divided among `workers`; without any,
+    there is no estimate. Clips that probing cannot read are counted apart (a run fails them)."""
+    status, found = _survey(data_root, cache_dir, preset, sources, crop, segments)
+    todo = set(status["pending_clips"]) | set(status["stale_clips"])
+    tasks = [plan.ClipTask(s.clip_id, s.path, -1, s.size_bytes, s.mtime_ns, s.regular, s.span_s)
+             for s in found if s.clip_id in todo]
+    plan.probe_tasks(tasks, progress=progress)
+    fps, window = preset.timing.fps, preset.timing.window_frames
+    frames = {t.clip_id: media.num_frames_at_fps(t.duration_s, fps) for t in tasks if t.info is not None}
+    usable = {c: n for c, n in frames.items() if n >= window}
+    layout = cf.CacheLayout(Path(status["cache_root"]))
+    measured = {"clips": 0, "frames": 0, "seconds": 0.0}
+    if layout.index_path.exists():
+        with ClipIndex.open_readonly(layout) as index:
+            measured["clips"], measured["frames"], measured["seconds"] = index.stage_time()
+    rate = measured["frames"] / measured["seconds"] if measured["seconds"] > 0 else None
+    total = sum(usable.values())
+    return {**{k: status[k] for k in ("fingerprint", "preset", "crop", "cache_root", "data_root", "sources")},
+            "up_to_date": status["clips"]["cached"] + status["clips"]["failed"] + status["clips"]["skipped"],
+            "to_do": len(tasks), "new": len(status["pending_clips"]), "changed_or_damaged": len(status["stale_clips"]),
+            "unreadable": sorted(t.clip_id for t in tasks if t.info is None),
+            "shorter_than_a_window": sorted(c for c, n in frames.items() if n < window),
+            "frames": total, "video_seconds": total / fps,
+            "disk_bytes": sum(cf.record_layout(preset, n)[1] for n in usable.values()),
+            "bytes_per_frame": cf.record_layout(preset, 1000)[1] / 1000,
+            "measured": {**measured, "frames_per_s_per_worker": rate},
+            "workers": workers, "seconds": total / rate / workers if rate else None,
+            "command": status["command"]}
+
+
+def format_plan(planned: dict[str, Any]) -> list[str]:
+    """`plan` as a few human-readable lines."""
+    p, m = planned, planned["measured"]
+    lines = [f"cache {p['cache_root']} (preset {p['preset']}, crop {p['crop']}, fingerprint {p['fingerprint'][:12]})",
+             f"{p['sources']} clip(s) under {p['data_root']}: {p['up_to_date']} up to date, {p['to_do']} to do "
+             f"({p['new']} new, {p['changed_or_damaged']} changed or damaged)"]
+    if p["to_do"]:
+        lines.append(f"to do: {p['frames']} frames ({p['video_seconds']:.1f} s of video at the preset's fps), "
+                     f"{p['disk_bytes'] / 1e6:.1f} MB more on disk ({p['bytes_per_frame']:.0f} bytes per frame in "
+                     f"the cache's record format)")
+        for what, key in (("cannot be read (the run fails them)", "unreadable"),
+                          ("are shorter than a training window (the run skips them)", "shorter_than_a_window")):
+            if p[key]:
+                lines.append(f"  {len(p[key])} clip(s) {what}: {', '.join(map(printable, p[key][:3]))}"
+                             f"{' ...' if len(p[key]) > 3 else ''}")
+        if p["seconds"] is not None:
+            lines.append(f"time: about {p['seconds']:.0f} s with {p['workers']} worker(s), from what this cache's "
+                         f"{m['clips']} clip(s) took when they were made ({m['frames_per_s_per_worker']:.0f} frames/s "
+                         f"per worker; their machine and load, not necessarily this one's now)")
+        else:
+            lines.append("time: no estimate: this cache holds no clip whose preprocessing was measured yet (a run "
+                         "logs its frames/s)")
+        lines.append(f"run it: {p['command']}")
+    return lines
 
 
 def format_status(status: dict[str, Any]) -> list[str]:
@@ -100,11 +184,14 @@ def format_status(status: dict[str, Any]) -> list[str]:
              f"{status['sources']} source video(s) under {status['data_root']}",
              f"cached {c['cached']} ({status['cached_frames']} frames), failed {c['failed']}, skipped {c['skipped']}, "
              f"stale {c['stale']}, pending {c['pending']}, source gone {c['missing_source']}"]
+    if status.get("from_journals"):
+        lines.append(f"  ({status['from_journals']} of them are in journals not merged yet, of a run in progress or "
+                     f"one that was stopped or killed: they are done, and the next run merges them into the index)")
     lines += [f"  failed  {printable(f['clip'])}: {printable(f['error'])}" for f in status["failures"]]
     lines += [f"  skipped {printable(s['clip'])}: {printable(s['reason'])}" for s in status["skipped"]]
     lines += [f"  damaged {printable(d['clip'])}: {d['problem']}" for d in status["damaged"]]
     if c["stale"] or c["pending"] or c["missing_source"]:
-        lines.append("run `python preprocess.py` (same flags) to bring it up to date")
+        lines.append(f"run `{status['command']}` to bring it up to date")
     return lines
 
 
@@ -167,7 +254,8 @@ def migrate_cache(cache_dir: Path, preset: Preset, sources: ModelSources, crop: 
         return {"cache_root": str(layout.root), **cache_migrate.migrate(layout, preset, progress=progress)}
 
 
-def show_clip(clip_id: str, cache_dir: Path, preset: Preset, sources: ModelSources, crop: str) -> dict[str, Any]:
+def show_clip(clip_id: str, cache_dir: Path, preset: Preset, sources: ModelSources, crop: str,
+              preview: Path | None = None) -> dict[str, Any]:
     """One clip's entry in the cache of (preset, weights, crop), JSON-ready, with where its record is.
 
     Keys: every entry field (status, reason, source, decoder, source size and fps, frames, segment,
@@ -175,6 +263,7 @@ def show_clip(clip_id: str, cache_dir: Path, preset: Preset, sources: ModelSourc
     per-stage seconds, shard, offset, ...), plus cache_root and files {part: {path, offset, dtype,
     shape, bytes}} (the parts of its record in its shard).
     CacheError (exit 2) when there is no such cache; UsageError (exit 2) when it holds no such clip.
+    `preview`: also write the clip's first frame with its crop drawn there, a PNG (preprocess.preview).
     """
     _, layout = _existing_layout(cache_dir, preset, sources, crop)
     with ClipIndex.open_readonly(layout) as index:
@@ -186,6 +275,10 @@ def show_clip(clip_id: str, cache_dir: Path, preset: Preset, sources: ModelSourc
                              f"{', '.join(map(printable, near))}); "
                              f"`python preprocess.py status --json` lists them")
     shown: dict[str, Any] = {"cache_root": str(layout.root), **entry.to_dict(), "files": {}}
+    if preview is not None:
+        from dali_float.preprocess.preview import write_preview
+
+        shown["preview"] = str(write_preview(entry, preview))
     if entry.status == cf.STATUS_CACHED:
         parts, _ = cf.record_layout(preset, entry.num_frames)
         for part in cf.PARTS:
@@ -221,30 +314,19 @@ def format_clip(shown: dict[str, Any]) -> list[str]:
 
 
 def _cache_folders(cache_dir: Path) -> tuple[list[Path], list[Path]]:
-    """(caches, others) among the folders of cache_dir. A cache is named `<preset>-<fingerprint[:12]>`
-    and holds a cache.json (or a version 1 manifest.json) whose preset name and fingerprint say so;
-    anything else (a folder of the user's that happens to hold such a file) is never deleted."""
+    """(caches, others) among the folders of cache_dir (a cache folder given as cache_dir: its parent's). A
+    cache is a folder cf.is_cache_folder recognises; anything else is never deleted."""
     cache_dir = Path(cache_dir)
+    if cf.is_cache_folder(cache_dir):
+        cache_dir = cache_dir.parent
     if not cache_dir.is_dir():
         return [], []
     caches, others = [], []
     for p in sorted(cache_dir.iterdir()):
         if not p.is_dir():
             continue
-        (caches if _is_cache_folder(p) else others).append(p)
+        (caches if cf.is_cache_folder(p) else others).append(p)
     return caches, others
-
-
-def _is_cache_folder(folder: Path) -> bool:
-    for name in ("cache.json", "manifest.json"):
-        try:
-            header = json.loads((folder / name).read_text())
-            fp, preset = str(header["fingerprint"]), str(header["preset_name"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if len(fp) == 64 and folder.name == f"{preset}-{fp[:12]}":
-            return True
-    return False
 
 
 def clear_cache(cache_dir: Path, preset: Preset, sources: ModelSources, crop: str, confirm: bool = False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from dali_float.config import MAX_CLIP_S, MAX_FRAME_PIXELS, Preset
 from dali_float.errors import CheckpointError, UsageError
 from dali_float.media.framing import check_crop, framing_identity
 from dali_float.models import ModelSources, model_identities
+from dali_float.models.motion_encoder import not_a_torch_checkpoint, torch_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,20 @@ class PreprocessResult:
         return 1 if self.failures else 0
 
 
+def preprocess_command(data_root: Path | None, cache_dir: Path | None, preset: str, crop: str | None,
+                       segments: Path | None, sources: ModelSources, subcommand: str = "") -> str:
+    """`python preprocess.py [subcommand]` with every flag that names this cache (data, framing, weights), as a
+    hint to paste: the same features, never the demo corpus's by a flag left out."""
+    words = ["python", "preprocess.py", *([subcommand] if subcommand else []), "--preset", preset]
+    for flag, value in (("data_root", data_root), ("segments", segments), ("cache_dir", cache_dir), ("crop", crop),
+                        ("motion_ckpt", sources.motion_ckpt), ("wav2vec2_path", sources.wav2vec2_path),
+                        ("emotion_path", sources.emotion_path),
+                        ("emotion", None if sources.emotion == "model" else sources.emotion)):
+        if value is not None:
+            words += [f"--{flag}", str(value)]
+    return shlex.join(words)
+
+
 def default_data_root() -> Path:
     """The built-in demo corpus (generated on first use)."""
     from dali_float.demo import ensure_demo_corpus
@@ -143,11 +159,24 @@ def default_cache_dir(data_root: Path | None = None) -> Path:
 
 
 def check_sources(sources: ModelSources) -> None:
-    """CheckpointError (exit 2) for a weight path that does not exist (before anything is hashed)."""
+    """CheckpointError (exit 2) for a weight path that does not exist or is of the wrong kind (a folder for
+    --motion_ckpt, a file for the save_pretrained folders), before anything is hashed."""
     for flag, path in (("--motion_ckpt", sources.motion_ckpt), ("--wav2vec2_path", sources.wav2vec2_path),
                        ("--emotion_path", sources.emotion_path)):
         if path is not None and not Path(path).exists():
             raise CheckpointError(f"{flag} {path} does not exist; give the local file or folder")
+    if sources.motion_ckpt is not None:
+        if Path(sources.motion_ckpt).is_dir():
+            raise CheckpointError(f"--motion_ckpt {sources.motion_ckpt} is a folder: give the checkpoint file in it, "
+                                  f"FLOAT's float.pth (e.g. checkpoints/float.pth)")
+        problem = torch_file_problem(Path(sources.motion_ckpt))
+        if problem:
+            raise CheckpointError(not_a_torch_checkpoint("--motion_ckpt", sources.motion_ckpt, problem))
+    for flag, path in (("--wav2vec2_path", sources.wav2vec2_path), ("--emotion_path", sources.emotion_path)):
+        if path is not None and not (Path(path) / "config.json").is_file():
+            what = "a file" if Path(path).is_file() else "a folder without config.json"
+            raise CheckpointError(f"{flag} {path} is {what}: give the model's folder as save_pretrained writes it "
+                                  f"(config.json and the weights beside it)")
 
 
 def cache_fingerprint(preset: Preset, sources: ModelSources, crop: str) -> str:

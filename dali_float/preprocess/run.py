@@ -27,8 +27,8 @@ import dataclasses
 import datetime
 import logging
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
-import queue as queue_module
 import signal
 import time
 from collections import defaultdict
@@ -45,12 +45,13 @@ from dali_float.cache import view as cache_view
 from dali_float.cache.index import ClipIndex, read_entries
 from dali_float.cache.lock import WriterLock
 from dali_float.cache.store import ShardWriter, dead_bytes, trim_shards, writer_name
-from dali_float.cli import cores_per_local_rank
-from dali_float.errors import NoSourcesError, UsageError
+from dali_float.cli import cores_per_local_rank, this_command
+from dali_float.errors import Interrupted, NoSourcesError, UsageError
+from dali_float.interrupts import Interrupts, Stopped
 from dali_float.paths import printable
 from dali_float.preprocess import plan
 from dali_float.preprocess.options import (PreprocessOptions, PreprocessResult, cache_identity, new_header,
-                                           rank_and_world, worker_devices)
+                                           preprocess_command, rank_and_world, worker_devices)
 from dali_float.forkserver import worker_context
 from dali_float.preprocess.worker import STAGES, ClipLimits, worker_main
 
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 # A rank may wait for the others for as long as preprocessing a large data set takes.
 _BARRIER_TIMEOUT = datetime.timedelta(days=7)
 _POLL_S = 0.5  # how often the parent checks that its workers are alive while none reports
+_STOP_WAIT_S = 20.0  # how long stopped workers get to commit and exit (Slurm's KillWait is 30 s by default)
 
 
 def run_preprocessing(options: PreprocessOptions) -> PreprocessResult:
@@ -67,7 +69,28 @@ def run_preprocessing(options: PreprocessOptions) -> PreprocessResult:
     A quick no-op ("N up to date") when nothing changed: nothing is built, nothing rewritten.
     Raises UsageError / CheckpointError (exit 2) for a bad path, GPU list or weights; a clip that
     cannot be used only becomes a failed or skipped entry (result.exit_code 1 if any failed).
+
+    SIGINT or SIGTERM stops the run: before any clip is processed at once; during the work, the workers
+    stop (the clips in flight are lost, every finished one is committed), the journals are merged and the
+    training view exported as at the end of a run. Then Interrupted (exit 130 / 143), one line saying what
+    is saved and the command to continue.
     """
+    with Interrupts() as stop:
+        try:
+            result, done, pending = _run(options, stop)
+        except Stopped:
+            raise Interrupted(f"interrupted by {stop.signal_name} before any clip was processed: nothing was "
+                              f"changed; continue with: {this_command()}", stop.exit_code) from None
+    if stop.requested:
+        cached = result.counts.get(cf.STATUS_CACHED, 0)
+        raise Interrupted(f"interrupted by {stop.signal_name}: the {done} clip(s) this run finished are saved (the "
+                          f"cache holds {cached} cached clip(s)); {pending} clip(s) are left; continue with: "
+                          f"{this_command()}", stop.exit_code)
+    return result
+
+
+def _run(options: PreprocessOptions, stop: Interrupts) -> tuple[PreprocessResult, int, int]:
+    """run_preprocessing's work: (result, clips this rank finished, clips of its share left when stopped)."""
     start = time.perf_counter()
     preset = options.preset
     devices = worker_devices(options)  # before anything slow: --gpus this machine lacks is exit 2 at once
@@ -77,10 +100,11 @@ def run_preprocessing(options: PreprocessOptions) -> PreprocessResult:
     fp, model_ids, framing = cache_identity(preset, options.sources, options.crop)
     layout = cf.CacheLayout(cf.cache_root(options.cache_dir, preset, fp))
     if options.read_only_ok and _read_only(layout):
-        return _use_as_it_is(fp, layout, time.perf_counter() - start)
+        return _use_as_it_is(fp, layout, time.perf_counter() - start), 0, 0
     # UsageError when the folder (or the segments file) does not exist or a segment row is malformed;
     # EnvironmentProblem when a folder cannot be listed (before anything is changed or dropped)
-    sources = plan.discover_sources(options.data_root, options.segments)
+    with stop.abortable():  # listing a million files takes a while; nothing is written yet
+        sources = plan.discover_sources(options.data_root, options.segments)
     if not options.force:
         _refuse_another_corpus(layout, Path(options.data_root), {s.clip_id for s in sources})
     if not sources:  # nothing to do is a mistake (a wrong folder), not a success: say so, touch nothing
@@ -102,23 +126,28 @@ def run_preprocessing(options: PreprocessOptions) -> PreprocessResult:
         if rank != 0:
             snapshot = plan.Snapshot.read(layout, options.retry_failed)
             rec = plan.reconcile(sources, snapshot.rows, snapshot.damaged, options.force, snapshot.retry)
-        tasks = plan.make_tasks(sources, rec, snapshot)
+        tasks, share = plan.make_tasks(sources, rec, snapshot), []
         if tasks:
-            plan.probe_tasks(tasks, progress=options.progress and rank == 0)
-            share = plan.balance(tasks, world)[rank]
+            try:
+                with stop.abortable():  # probing writes nothing: a signal ends it at once
+                    plan.probe_tasks(tasks, progress=options.progress and rank == 0)
+                share = plan.balance(tasks, world)[rank]
+            except Stopped:
+                pass  # nothing processed; the view is still exported below (recovery may have merged journals)
             if world > 1:
                 log.info("rank %d of %d: %d of %d pending clip(s)", rank, world, len(share), len(tasks))
-            _run_share(share, devices, options, layout, stats, rank)
+            _run_share(share, devices, options, layout, stats, rank, stop)
         barrier()
         if rank == 0:
-            _finish(layout, rec, preset, fp, options.drop_gone)
+            _finish(layout, rec, preset, fp, options)
         barrier()  # the index and the training view are on disk before any rank returns (and opens the cache)
         with ClipIndex.open_readonly(layout) as index:
             result = _result(fp, layout, index, rec, stats, time.perf_counter() - start, options.drop_gone)
 
     if rank == 0:
         _log_summary(result, rec, len(tasks), options)
-    return result
+    done = sum(stats.processed.values())
+    return result, done, max(0, len(share) - done)
 
 
 def _read_only(layout: cf.CacheLayout) -> bool:
@@ -211,15 +240,15 @@ class _Progress:
 
 
 def _run_share(share: list[plan.ClipTask], devices: list[str], options: PreprocessOptions,
-               layout: cf.CacheLayout, stats: _RunStats, rank: int) -> None:
+               layout: cf.CacheLayout, stats: _RunStats, rank: int, stop: Interrupts) -> None:
     """Process this rank's clips in worker processes (one per device entry, at most one per clip)."""
-    if not share:
+    if not share or stop.requested:
         return
     n = min(len(devices), len(share))
     progress = _Progress(share, options.preset.timing.fps, options.progress, stats)
     try:
         with logging_redirect_tqdm():
-            _run_processes(plan.balance(share, n), devices[:n], options, layout, progress, rank)
+            _run_processes(plan.balance(share, n), devices[:n], options, layout, progress, rank, stop)
     finally:
         progress.close()
 
@@ -233,20 +262,24 @@ class _Worker:
         self.proc: mp.process.BaseProcess | None = None
         self.writer = ""  # the current process's shard writer / journal name
         self.lifeline = None  # our end of the pipe whose closing tells the worker we are gone
+        self.inbox = None  # our end of the pipe its process reports on (one per process: see worker.PipeReporter)
+        self.closed = False  # its process closed that pipe (it is exiting or dead)
         self.current: str | None = None  # the clip its process is on
         self.finished = 0  # clips its current process finished
 
 
 def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], options: PreprocessOptions,
-                   layout: cf.CacheLayout, progress: _Progress, rank: int) -> None:
-    """One worker process per share; progress and entries come back on a Queue.
+                   layout: cf.CacheLayout, progress: _Progress, rank: int, stop: Interrupts) -> None:
+    """One worker process per share; progress and entries come back on a pipe of each process.
 
     A worker that dies (a decoder crash, the OOM killer) costs at most the clip it was on: the clips
     its journal holds are done; the one it was on is tried once more in a fresh process, and recorded
     failed (with the signal) if it kills that one too; a fresh worker takes over the rest of its share.
+    A stop (`stop.requested`: SIGINT, SIGTERM) sends every worker SIGTERM: each abandons its clip in flight,
+    commits the clips it finished and exits; none is started again. One that has not gone after
+    _STOP_WAIT_S is killed (what it had not committed is lost, as with any kill).
     """
     ctx = worker_context()
-    messages = ctx.Queue()
     # Each worker gets its share of the threads this process may use (torch's setting: torchrun sets one
     # per rank), so that a clip's features do not depend on how many workers share the machine.
     threads = max(1, min(torch.get_num_threads(), cores_per_local_rank()) // len(shares))
@@ -258,14 +291,18 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
     def launch(slot: _Worker) -> None:
         slot.writer = writer_name(f"r{rank}w{slot.slot}")
         watch, slot.lifeline = ctx.Pipe(duplex=False)
+        if slot.inbox is not None:
+            slot.inbox.close()  # the dead process's
+        slot.inbox, outbox = ctx.Pipe(duplex=False)
         limits = ClipLimits(options.max_frame_pixels, options.max_clip_s)
         slot.proc = ctx.Process(target=worker_main, name=f"preprocess-worker{slot.slot}", daemon=True,
                                 args=(slot.slot, options.preset, options.sources, devices[slot.slot],
                                       options.frame_batch, options.crop, threads, str(layout.root), slot.writer,
-                                      list(slot.remaining.values()), messages, level, watch, limits))
-        slot.current, slot.finished = None, 0
+                                      list(slot.remaining.values()), outbox, level, watch, limits))
+        slot.current, slot.finished, slot.closed = None, 0, False
         slot.proc.start()
         watch.close()  # the child has its copy; ours would keep the pipe open after we die
+        outbox.close()  # the same: its end of file must mean that the worker is gone
         running[slot.slot] = slot
 
     def handle(kind: str, w: int, payload) -> None:
@@ -288,24 +325,54 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
             error, message = payload
             raise (errors.by_name(error) or RuntimeError)(message)
 
+    def receive(slot: _Worker) -> None:
+        """One message of the slot's process, or note that it closed its pipe (the rest of a message cut by
+        its death is dropped with it)."""
+        try:
+            message = slot.inbox.recv()
+        except (EOFError, OSError):
+            slot.closed = True
+            return
+        handle(*message)
+
     for slot in slots:
         launch(slot)
     parent: ShardWriter | None = None  # records the clips that killed their worker twice
+    stopping_since: float | None = None
     try:
         while running:
-            try:
-                handle(*messages.get(timeout=_POLL_S))
-                continue
-            except queue_module.Empty:
-                pass
+            if stop.requested and stopping_since is None:
+                stopping_since = time.monotonic()
+                log.warning("%s: stopping the workers; every clip they finished is kept, the %d in flight are left "
+                            "for the next run", stop.signal_name, sum(s.current is not None for s in running.values()))
+                for slot in running.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(slot.proc.pid, signal.SIGTERM)
+            if stopping_since is not None and time.monotonic() - stopping_since > _STOP_WAIT_S:
+                log.warning("%d worker(s) did not stop within %.0f s: killed", len(running), _STOP_WAIT_S)
+                for slot in running.values():
+                    slot.proc.kill()
+                    slot.proc.join(timeout=10)
+                    _collect_committed(slot, layout, progress)
+                running.clear()
+                break
+            open_inboxes = {s.inbox: s for s in running.values() if not s.closed}
+            if open_inboxes:
+                for conn in mp_connection.wait(list(open_inboxes), timeout=_POLL_S):
+                    if open_inboxes[conn].slot in running:
+                        receive(open_inboxes[conn])
+            else:
+                time.sleep(_POLL_S)
             for slot in [s for s in running.values() if not s.proc.is_alive()]:
                 # Messages it sent before dying may still be in the pipe: take them first.
-                with contextlib.suppress(queue_module.Empty):
-                    while True:
-                        handle(*messages.get(timeout=_POLL_S))
+                while slot.slot in running and not slot.closed and slot.inbox.poll():
+                    receive(slot)
                 if slot.slot not in running:  # its "exit" was among them
                     continue
                 _collect_committed(slot, layout, progress)  # finished, but its "done" was lost with it
+                if stopping_since is not None:  # stopped (or died) while stopping: its clips wait for the next run
+                    del running[slot.slot]
+                    continue
                 if slot.current is not None and slot.current not in slot.remaining:
                     slot.current = None
                 if slot.current is None and not slot.finished and slot.remaining:
@@ -335,6 +402,8 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
         for slot in slots:
             if slot.lifeline is not None:
                 slot.lifeline.close()
+            if slot.inbox is not None:
+                slot.inbox.close()
         if parent is not None:
             parent.close()
 
@@ -413,25 +482,28 @@ def _process_group(world: int) -> Iterator:
 # Finishing and reporting
 
 
-def _finish(layout: cf.CacheLayout, rec: plan.Reconciliation, preset, fp: str, drop_gone: bool) -> None:
-    """Merge the writers' journals, drop the rows of vanished sources (`drop_gone`), export the training
+def _finish(layout: cf.CacheLayout, rec: plan.Reconciliation, preset, fp: str, options: PreprocessOptions) -> None:
+    """Merge the writers' journals, drop the rows of vanished sources (`options.drop_gone`), export the training
     view, then cut what is dead (only when the index changed: a rerun with nothing to do writes nothing).
     The view goes out before any byte is cut: a reader finds the old generation (leased, kept) or the new."""
+    drop_gone = options.drop_gone
+    command = lambda sub="": preprocess_command(options.data_root, options.cache_dir, preset.name,  # noqa: E731
+                                                options.crop, options.segments, options.sources, sub)
     with ClipIndex(layout) as index:
         index.merge_journals()
         if rec.gone and drop_gone:
             index.delete(rec.gone)
         elif rec.gone:
-            log.info("%d clip(s) whose source is gone are kept (training never drops features); `python "
-                     "preprocess.py` (same flags) drops them", len(rec.gone))
+            log.info("%d clip(s) whose source is gone are kept (training never drops features); `%s` drops them",
+                     len(rec.gone), command())
         exported = cache_view.export(layout, index, preset, fp)
         trim_shards(layout, index)  # records of dropped clips at a shard's end: cut now, not next run
         if not exported:
             return
         dead = sum(dead_bytes(layout, index).values())
         if dead > 0.25 * sum(p.stat().st_size for p in layout.shard_files()):
-            log.info("%.1f MB of the shards hold records of re-done or removed clips: `python preprocess.py "
-                     "compact` (same flags) reclaims them", dead / 1e6)
+            log.info("%.1f MB of the shards hold records of re-done or removed clips: `%s` reclaims them",
+                     dead / 1e6, command("compact"))
 
 
 def _result(fp: str, layout: cf.CacheLayout, index: ClipIndex, rec: plan.Reconciliation, stats: _RunStats,

@@ -40,6 +40,7 @@ from dali_float.cache.store import ShardWriter
 from dali_float.config import Preset
 from dali_float.errors import ClipSkipped, DaliFloatError, EnvironmentProblem, MediaError, UsageError
 from dali_float.hashing import sha256_file
+from dali_float.interrupts import Interrupts, Stopped
 from dali_float.models import ModelSources, build_encoders, emotion_vector, encode_motion
 from dali_float.config import MAX_CLIP_S, MAX_FRAME_PIXELS
 from dali_float.preprocess.options import frame_batch_for
@@ -130,18 +131,21 @@ class ClipProcessor:
     def process(self, task: ClipTask, writer: ShardWriter,
                 on_frames: Callable[[int], None] | None = None) -> cf.ClipEntry:
         """Compute the clip's features and write them (or its failed/skipped entry); returns the entry."""
+        return writer.write(*self.outcome(task, on_frames))
+
+    def outcome(self, task: ClipTask, on_frames: Callable[[int], None] | None = None
+                ) -> tuple[cf.ClipEntry, cf.ClipFeatures | None]:
+        """The clip's entry and features (None for a failed or skipped clip), not written yet."""
         entry = task.new_entry(cf.STATUS_FAILED, fps=float(self.preset.timing.fps), crop=self.framer.crop)
         try:
-            features = self._compute(task, entry, on_frames)
+            return entry, self._compute(task, entry, on_frames)
         except ClipSkipped as err:
             entry.status, entry.reason = cf.STATUS_SKIPPED, one_line(err)
-            return writer.write(entry)
         except MediaError as err:
             entry.status, entry.reason, entry.transient = cf.STATUS_FAILED, one_line(err), is_transient(err)
             if entry.transient:
                 entry.reason += " (the next run tries it again)"
             log.debug("failed %s: %s", task.clip_id, entry.reason)  # the summary lists every failure
-            return writer.write(entry)
         except (UsageError, EnvironmentProblem):
             raise  # wrong for every clip (no CUDA, bad weights, a full disk): stop the run
         except Exception as err:  # noqa: BLE001 - a bug must cost one clip, not the run
@@ -152,8 +156,7 @@ class ClipProcessor:
             log.debug("failed %s: %s", task.clip_id, entry.reason)  # the summary lists every failure
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # e.g. out of memory: give the next clip its chance
-            return writer.write(entry)
-        return writer.write(entry, features)
+        return entry, None
 
     def _compute(self, task: ClipTask, entry: cf.ClipEntry,
                  on_frames: Callable[[int], None] | None) -> cf.ClipFeatures:
@@ -290,32 +293,58 @@ def _check_regular_file(path: Path) -> None:
         raise MediaError(f"{path}: cannot be read ({err.strerror}); fix its permissions") from None
 
 
-def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: list[ClipTask], reporter: Reporter) -> None:
+def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: list[ClipTask], reporter: Reporter,
+              stop: Interrupts | None = None) -> None:
     """Process `tasks` in order, reporting each clip's start, frames and entry (written through `writer`,
-    committed in groups)."""
+    committed in groups, and on time between a clip's frame batches: ShardWriter.commit_if_due).
+
+    `stop`: a signal abandons the clip in flight (its work is lost) and ends the loop; what was finished is
+    committed by the writer's close. Records and commits are never cut by it (deferred)."""
+    stop = stop or Interrupts()
+
+    def on_frames(n: int) -> None:
+        with stop.deferred():  # neither a message to the parent nor a commit is cut in the middle
+            reporter.frames(n)
+            writer.commit_if_due()
+
     for task in tasks:
+        if stop.requested:
+            return
         reporter.start(task.clip_id)
-        entry = processor.process(task, writer, reporter.frames)
+        try:
+            with stop.abortable():
+                entry, features = processor.outcome(task, on_frames)
+        except Stopped:
+            log.info("%s: stopping; %s is left for the next run", stop.signal_name, task.clip_id)
+            return
+        entry = writer.write(entry, features)
         reporter.done(entry)
 
 
 # --------------------------------------------------------------------------------------------------
 # Worker processes (spawned: each builds its own encoders and decoder)
 
-class QueueReporter:
-    """A worker process's reporter: messages (kind, worker id, payload) on a multiprocessing Queue."""
+class PipeReporter:
+    """A worker process's reporter: messages (kind, worker id, payload) on a pipe of its own to the parent.
 
-    def __init__(self, queue, worker_id: int) -> None:
-        self.queue, self.worker_id = queue, worker_id
+    A pipe per worker, not a Queue they share: a Queue's writers share one lock, and a worker killed while
+    it held it (the out-of-memory killer strikes at any moment) left every later worker unable to report,
+    and the run waiting for ever. Only this process's main thread writes here."""
+
+    def __init__(self, conn, worker_id: int) -> None:
+        self.conn, self.worker_id = conn, worker_id
+
+    def send(self, kind: str, payload) -> None:
+        self.conn.send((kind, self.worker_id, payload))
 
     def start(self, clip_id: str) -> None:
-        self.queue.put(("start", self.worker_id, clip_id))
+        self.send("start", clip_id)
 
     def frames(self, n: int) -> None:
-        self.queue.put(("frames", self.worker_id, n))
+        self.send("frames", n)
 
     def done(self, entry: cf.ClipEntry) -> None:
-        self.queue.put(("done", self.worker_id, entry.to_dict()))
+        self.send("done", entry.to_dict())
 
 
 def fill_fixed_batches(chunks: Iterable[torch.Tensor], batch: torch.Tensor) -> Iterator[int]:
@@ -340,11 +369,13 @@ _PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent(lifeline) -> None:
-    """Make this worker die with the process that started it: the kernel kills it when its parent (the
-    fork server, which exits when its owner does) dies, and a thread watches `lifeline`, a pipe whose
-    other end only the owner holds (it reads end-of-file when the owner is gone, however it died)."""
+    """Make this worker die with the process that started it: the kernel sends it SIGTERM when its parent
+    (the fork server, which exits when its owner does, and dies of the SIGTERM a job scheduler sends every
+    process of the job) dies, which stops it as the run's own SIGTERM does (its finished clips committed);
+    and a thread watches `lifeline`, a pipe whose other end only the owner holds: end-of-file means the owner
+    is gone, however it died, and the worker is killed on the spot."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the lifeline alone
         pass
 
@@ -360,15 +391,18 @@ def die_with_parent(lifeline) -> None:
 
 
 def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: str, frame_batch: int | None,
-                crop: str, num_threads: int, root: str, writer: str, tasks: list[ClipTask], queue,
+                crop: str, num_threads: int, root: str, writer: str, tasks: list[ClipTask], outbox,
                 log_level: int, lifeline=None, limits: ClipLimits = ClipLimits()) -> None:
-    """Entry point of a worker process: process `tasks`, then put ("exit", id) on the queue.
+    """Entry point of a worker process: process `tasks`, then send ("exit", id) through `outbox` (its pipe).
 
     A DaliFloatError (bad weights, no CUDA, a full disk) is sent as ("fatal", id, (error class,
     message)); the parent stops every worker and raises it. Records and rows are written here (shards
-    and journal `writer`); the index is the parent's.
+    and journal `writer`); the index is the parent's. SIGTERM or SIGINT (the parent's, a job scheduler's,
+    a terminal's) abandons the clip in flight, commits the finished ones and exits ("exit" as well).
     """
+    stop = Interrupts().__enter__()  # first: a signal from here on is a request, never a traceback
     die_with_parent(lifeline)
+    reporter = PipeReporter(outbox, worker_id)
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname).1s worker{worker_id} %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for name in ("transformers", "urllib3"):
@@ -378,14 +412,17 @@ def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: s
     try:
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
-        processor = ClipProcessor(preset, sources, device, frame_batch, num_threads=num_threads, crop=crop,
-                                  limits=limits)
+        with stop.abortable():  # nothing to save yet
+            processor = ClipProcessor(preset, sources, device, frame_batch, num_threads=num_threads, crop=crop,
+                                      limits=limits)
         with ShardWriter(cf.CacheLayout(Path(root)), preset, writer) as shard_writer:
-            run_tasks(processor, shard_writer, tasks, QueueReporter(queue, worker_id))
+            run_tasks(processor, shard_writer, tasks, reporter, stop)
+    except Stopped:
+        pass
     except DaliFloatError as err:
-        queue.put(("fatal", worker_id, (type(err).__name__, str(err))))
+        reporter.send("fatal", (type(err).__name__, str(err)))
         return
     except BaseException as err:  # a bug outside any clip: the parent shows it and stops
-        queue.put(("fatal", worker_id, ("bug", f"{type(err).__name__}: {one_line(err)}\n{traceback.format_exc()}")))
+        reporter.send("fatal", ("bug", f"{type(err).__name__}: {one_line(err)}\n{traceback.format_exc()}"))
         return
-    queue.put(("exit", worker_id, None))
+    reporter.send("exit", None)

@@ -5,6 +5,7 @@
   objective    flow matching on the straight path, L_OT + L_vel, FLOAT's condition dropout
   optim        AdamW, warm-up + constant/cosine schedule, EMA of the weights
   checkpoint   atomic save, keep the newest K, `latest`, RNG capture, resume checks
+  run_folder   config.json (every setting), what --resume restores of it, run.lock (one owner at a time)
   initial      a new run's weights: the seeded random init, or --init_from (float.pth, a run of ours)
   distributed  torchrun / DDP, the per-step agreement of the ranks, Ctrl-C handling
   data         preprocessing when needed, this rank's loader

@@ -32,6 +32,11 @@ LATEST = "latest"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
+def step_name(step: int, suffix: str) -> str:
+    """A run's file of `step` (checkpoints, sample videos): one zero-padding, 8 digits, so names sort by step."""
+    return f"step_{step:08d}{suffix}"
+
+
 class CheckpointStore:
     """The checkpoints of one run folder."""
 
@@ -40,7 +45,7 @@ class CheckpointStore:
         self.keep = keep  # 0: keep all
 
     def path_for(self, step: int) -> Path:
-        return self.directory / f"step_{step:08d}.pt"
+        return self.directory / step_name(step, ".pt")
 
     def checkpoints(self) -> list[Path]:
         """Whole checkpoint files, oldest first."""

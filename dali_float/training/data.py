@@ -9,7 +9,6 @@ the cache before it is complete. `open_training_loader` then gives this rank its
 from __future__ import annotations
 
 import logging
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,13 +45,20 @@ class DataSource:
 
 def preprocess_command(cfg: TrainConfig) -> str:
     """The preprocess.py command for this run's data and weights (named in cache errors)."""
-    words = ["python", "preprocess.py", "--preset", cfg.preset, "--cache_dir", str(cfg.resolved_cache_dir),
-             "--crop", cfg.resolved_crop]
-    for flag in ("data_root", "segments", "motion_ckpt", "wav2vec2_path", "emotion_path", "emotion"):
-        value = getattr(cfg, flag)
-        if value is not None:
-            words += [f"--{flag}", str(value)]
-    return shlex.join(words)
+    from dali_float.preprocess.options import preprocess_command as command
+
+    return command(cfg.data_root, cfg.resolved_cache_dir, cfg.preset, cfg.resolved_crop, cfg.segments, cfg.sources)
+
+
+def check_data_arguments(cfg: TrainConfig) -> None:
+    """UsageError (one line) for a data root, segments file or weights flag that cannot be used: checked before
+    the run folder or a cache folder is made. A data root may be one video file (a corpus of one clip), as
+    for preprocess.py."""
+    from dali_float.preprocess.options import check_sources
+
+    if cfg.data_root is not None and not Path(cfg.data_root).exists():
+        raise UsageError(f"--data_root {cfg.data_root} does not exist")
+    check_sources(cfg.sources)
 
 
 def prepare_data(cfg: TrainConfig, preset: Preset, dist: Distributed) -> DataSource:
@@ -60,8 +66,7 @@ def prepare_data(cfg: TrainConfig, preset: Preset, dist: Distributed) -> DataSou
     from dali_float import preprocess as pp
 
     sources = cfg.sources
-    if cfg.data_root is not None and not Path(cfg.data_root).is_dir():
-        raise UsageError(f"--data_root {cfg.data_root} is not a folder")
+    check_data_arguments(cfg)
     data_root = Path(cfg.data_root) if cfg.data_root is not None else pp.default_data_root()
     if cfg.loader == "naive":
         if cfg.force_preprocess:
@@ -85,7 +90,9 @@ def prepare_data(cfg: TrainConfig, preset: Preset, dist: Distributed) -> DataSou
 
 
 def open_training_loader(cfg: TrainConfig, preset: Preset, source: DataSource, dist: Distributed) -> WindowLoader:
-    """This rank's loader (its shard of every epoch); UsageError when one batch needs more than an epoch."""
+    """This rank's loader (its shard of every epoch). A batch larger than an epoch (a few short clips) takes
+    several epochs in a row, so its clips repeat (each appearance with its own window): sampling with
+    replacement, said in one warning line; every loader streams epochs end to end (loaders.sampling)."""
     options = LoaderOptions(
         batch_size=cfg.batch_size, seed=cfg.seed, ref_rule=cfg.ref, epoch_policy=cfg.epoch_policy,
         device=str(dist.device), shard_id=dist.rank, num_shards=dist.world_size, num_workers=cfg.num_workers,
@@ -99,9 +106,10 @@ def open_training_loader(cfg: TrainConfig, preset: Preset, source: DataSource, d
     loader = open_loader(cfg.loader, preset, options, cache=source.cache, data_root=source.data_root,
                          encoders=source.encoders, crop=source.crop, segments=source.segments,
                          agree=on_every_rank if dist.enabled else None)
-    if cfg.batch_size > loader.samples_per_epoch:
-        loader.close()
-        raise UsageError(f"--batch_size {cfg.batch_size} is larger than the data: one epoch holds "
-                         f"{loader.samples_per_epoch} sample(s) per rank ({dist.world_size} rank(s), --epoch_policy "
-                         f"{cfg.epoch_policy}); lower --batch_size or add clips")
+    if cfg.batch_size > loader.samples_per_epoch and dist.is_main:
+        log.warning("--batch_size %d is larger than the data: an epoch holds %d sample(s) per rank (%d rank(s), "
+                    "--epoch_policy %s), so each batch spans %d epochs and its clips repeat (sampling with "
+                    "replacement, each time with its own window); add clips to see more of your data per step",
+                    cfg.batch_size, loader.samples_per_epoch, dist.world_size, cfg.epoch_policy,
+                    -(-cfg.batch_size // loader.samples_per_epoch))
     return loader

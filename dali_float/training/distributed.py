@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any, Sequence
 
 import torch
@@ -19,19 +19,28 @@ import torch.distributed as dist
 
 from dali_float.cli import env_rank, visible_cuda_devices
 from dali_float.errors import UsageError
+from dali_float.interrupts import Interrupts
 
 log = logging.getLogger(__name__)
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    """auto: cuda if there is one, else cpu. Under torchrun each rank takes the GPU of its LOCAL_RANK."""
+    """--device auto | cpu | cuda | cuda:N. auto: cuda if there is one, else cpu. cuda: under torchrun each
+    rank takes the GPU of its LOCAL_RANK. UsageError (one line) for CUDA on a machine without it."""
     gpus = visible_cuda_devices()
     if requested == "auto":
         requested = "cuda" if gpus else "cpu"
     if requested == "cpu":
         return torch.device("cpu")
+    if not re.fullmatch(r"cuda(:\d+)?", requested):
+        raise UsageError(f"--device {requested!r}: use auto, cpu, cuda or cuda:N")
     if not gpus:
-        raise UsageError("--device cuda: CUDA is not available on this machine; use --device cpu (or auto)")
+        raise UsageError(f"--device {requested}: CUDA is not available on this machine; use --device cpu (or auto)")
+    if ":" in requested:
+        index = int(requested.split(":")[1])
+        if index >= gpus:
+            raise UsageError(f"--device {requested}: this machine has {gpus} CUDA device(s) (0..{gpus - 1})")
+        return torch.device("cuda", index)
     if local_rank >= gpus:
         raise UsageError(f"LOCAL_RANK {local_rank} but this machine has {gpus} CUDA device(s): "
                          f"start at most {gpus} processes per node")
@@ -93,34 +102,16 @@ class Distributed:
             dist.destroy_process_group()
 
 
-class StopSignal:
+class StopSignal(Interrupts):
     """Turns SIGINT / SIGTERM into a request to stop after the current step (save, then exit).
 
     A second SIGINT stops at once (KeyboardInterrupt). SIGTERM never does: torchrun forwards a
     SIGTERM right after the terminal's SIGINT, and that must not cut the save short.
     """
 
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name = ""
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested and signum == signal.SIGINT and self.signal_name == "SIGINT":
-            raise KeyboardInterrupt
-        if not self.requested:
-            self.requested, self.signal_name = True, signal.Signals(signum).name
+    def on_signal(self, signum: int) -> None:
+        if self.received == 1:
             log.warning("%s: stopping after this step and saving a checkpoint (press Ctrl-C again to stop at once)",
                         self.signal_name)
-
-    def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals cannot be caught here
-                pass
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        elif signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt

@@ -4,7 +4,7 @@ Every N steps the current weights (the EMA when the run keeps one) generate the 
 of the data set and FLOAT's motion decoder draws it: the first SAMPLE_SECONDS of the first cached clip
 (sorted by id), its cached audio features, emotion, identity and first frame (with its cached crop),
 and the same noise every time (the run's seed), so two samples differ only by what was learned. Written
-to `<output_dir>/samples/step_XXXXXXX.mp4` with the clip's sound, and sent to wandb as a video when
+to `<output_dir>/samples/step_XXXXXXXX.mp4` (the checkpoints' 8 digits) with the clip's sound, and sent to wandb as a video when
 wandb is on. The decoder's weights are `motion_autoencoder.dec.*` of the run's --motion_ckpt (float.pth),
 a random init otherwise (said loudly: the frames are then not a face).
 
@@ -22,6 +22,7 @@ import torch
 from dali_float.config import Preset
 from dali_float.errors import DaliFloatError, UsageError
 from dali_float.models import FloatMotionModel, build_decoder, build_motion_encoder
+from dali_float.training.checkpoint import step_name
 from dali_float.training.config import TrainConfig
 from dali_float.training.data import DataSource
 from dali_float.training.optim import EMA, with_ema_weights
@@ -100,6 +101,6 @@ class SampleVideos:
             self._speech = render.speech_from_clip(clip, frames, self.device, self.preset.timing.fps)
         weights = with_ema_weights(model.state_dict(), ema.state_dict() if ema is not None else None)
         self._renderer.model.load_state_dict(weights)
-        out = self.folder / f"step_{step:07d}.mp4"
+        out = self.folder / step_name(step, ".mp4")
         self._renderer.render(self._reference, self._speech, out, seed=self.cfg.seed, progress=False)
         return out

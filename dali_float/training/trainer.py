@@ -11,6 +11,7 @@ The loop never asks which loader made a batch: every loader returns the same `Ba
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import logging
@@ -34,13 +35,14 @@ from dali_float.training.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSIO
                                             check_fingerprint, check_resumable, load_checkpoint, resolve_resume,
                                             restore_rng)
 from dali_float.training.config import TrainConfig
-from dali_float.training.data import DataSource, open_training_loader, prepare_data
+from dali_float.training.data import DataSource, check_data_arguments, open_training_loader, prepare_data
 from dali_float.training.distributed import Distributed, StopSignal
 from dali_float.training.initial import log_initial_weights, read_initial_weights
 from dali_float.training.monitor import Monitor, SampleLog, StepStats, truncate_metrics
 from dali_float.training.objective import ConditionDropout, flow_matching_loss
 from dali_float.training.optim import EMA, LRSchedule, build_optimizer, trainable_parameters
 from dali_float.training.precision import resolve_precision
+from dali_float.training.run_folder import RunFolderOwner, check_settings, write_config
 from dali_float.training.samples import SampleVideos
 
 log = logging.getLogger("dali_float.training")
@@ -62,22 +64,27 @@ class TrainResult:
     steps_per_s: float
     weights_digest: str  # SHA-256 of the final model state (equal on every rank under DDP)
     sample_video_seconds: list[float]  # wall time of each sample video (rank 0; the first includes its set-up)
+    stopped_by: str = ""  # the signal that interrupted the run ("SIGINT", "SIGTERM", or one on another rank)
 
     @property
     def exit_code(self) -> int:
-        return 130 if self.interrupted else 0
+        """0 done; interrupted: 128 + the signal's number, as a shell reports it (130 SIGINT, 143 SIGTERM)."""
+        if not self.interrupted:
+            return 0
+        return 143 if self.stopped_by == "SIGTERM" else 130
 
 
 def train(cfg: TrainConfig, source: DataSource | None = None) -> TrainResult:
     """Run training as `cfg` says. `source`: an already opened data source (tests); None: prepare_data."""
     dist = Distributed.start(cfg.device)
-    try:
-        return _train(cfg, dist, source)
-    finally:
-        dist.close()
+    with contextlib.ExitStack() as held:  # the run folder's lock, taken in _train
+        try:
+            return _train(cfg, dist, source, held)
+        finally:
+            dist.close()
 
 
-def _train(cfg: TrainConfig, dist: Distributed, source: DataSource | None) -> TrainResult:
+def _train(cfg: TrainConfig, dist: Distributed, source: DataSource | None, held: contextlib.ExitStack) -> TrainResult:
     # -------------------------------------------------------------------------------- the process
     preset = get_preset(cfg.preset)
     device = dist.device
@@ -90,6 +97,14 @@ def _train(cfg: TrainConfig, dist: Distributed, source: DataSource | None) -> Tr
     store = CheckpointStore(cfg.checkpoint_dir, cfg.keep_checkpoints)
     resumed = _read_resume(cfg, store, preset, dist.world_size)  # before any slow work: bad paths fail fast
     initial = read_initial_weights(cfg.init_from, preset) if cfg.init_from is not None else None  # (the same)
+    if source is None:
+        check_data_arguments(cfg)
+    if dist.is_main:  # every argument checked: now the run folder is made (and held), or refused at once
+        held.callback(RunFolderOwner(cfg.output_dir).release)
+        if resumed is None and store.latest() is not None:
+            raise UsageError(f"{cfg.output_dir} already holds a run (checkpoint {store.latest().name}): continue "
+                             f"it with --resume latest, or start a new one with another --output_dir")
+        write_config(cfg, {"resolved_device": str(device), "resolved_mixed_precision": precision.name})
 
     # -------------------------------------------------------------------------------- the data
     source = source or prepare_data(cfg, preset, dist)
@@ -237,7 +252,7 @@ def _train(cfg: TrainConfig, dist: Distributed, source: DataSource | None) -> Tr
     return TrainResult(step=step, checkpoint=checkpoint, interrupted=bool(stopped_by),
                        skipped_steps=summary["skipped_steps"], data_wait_fraction=summary["data_wait_fraction"],
                        elapsed_s=summary["elapsed_s"], steps_per_s=summary["steps_per_s"], weights_digest=digest,
-                       sample_video_seconds=list(videos.times) if videos is not None else [])
+                       sample_video_seconds=list(videos.times) if videos is not None else [], stopped_by=stopped_by)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -267,16 +282,14 @@ def _share_cores_with_the_loader(cfg: TrainConfig) -> None:
 
 
 def _read_resume(cfg: TrainConfig, store: CheckpointStore, preset: Preset, world_size: int) -> tuple[Path, dict] | None:
-    """The checkpoint to resume from (checked for preset and world size), or None for a fresh run."""
+    """The checkpoint to resume from (checked for preset, world size and the run's settings), or None for a
+    fresh run (a folder that already holds one is refused under its lock, in _train)."""
     if cfg.resume is None:
-        existing = store.latest()
-        if existing is not None:
-            raise UsageError(f"{cfg.output_dir} already holds a run (checkpoint {existing.name}): continue it with "
-                             f"--resume latest, or start a new one with another --output_dir")
         return None
     path = resolve_resume(cfg.resume, store)
     ckpt = load_checkpoint(path)
     check_resumable(ckpt, path, preset, world_size)
+    check_settings(cfg, ckpt["config"], str(path))
     return path, ckpt
 
 
