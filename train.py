@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("loader")
     g.add_argument("--loader", choices=LOADER_KINDS, default=D.loader,
-                   help=f"where batches come from: dali (default), torch (both read the cache) or naive "
-                        f"(decodes and encodes every sample, the baseline)")
+                   help="where batches come from: dali (default), torch (both read the cache) or naive "
+                        "(decodes and encodes every sample, the baseline)")
     g.add_argument("--ref", choices=REF_RULES, default=D.ref, help=f"reference frame rule (default {D.ref})")
     g.add_argument("--epoch_policy", choices=EPOCH_POLICIES, default=D.epoch_policy,
                    help=f"windows: clips weighted by length; clips: each clip once per epoch (default {D.epoch_policy})")
