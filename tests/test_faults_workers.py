@@ -4,6 +4,7 @@ memory, a file not readable for a while, a disk that fills up while shards are a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -110,23 +111,32 @@ def test_a_worker_killed_after_committing_loses_no_clip(tmp_path):
     """A worker dies right after a group commit, before telling its parent that the clip it was on is done
     (every worker dies so, at its first commit): the clips its journal holds are done, none is taken for
     the one that killed its worker, none is called failed (the parent used to write a failed row for
-    the clip, which the merge then put over the cached one). The worker is held (SIGSTOP) on its second
-    clip past the group's 2 s, so that the commit comes with that clip's write, in the middle of the run."""
+    the clip, which the merge then put over the cached one). Each worker is held (SIGSTOP) on its first
+    clip past the group's 2 s, so that its first commit comes with that clip's write, whatever the
+    machine's speed (a fast clip's commit would otherwise come between the next clip's frame batches)."""
     data = make_corpus(tmp_path / "data", clips=4)
     cache_dir = tmp_path / "cache"
     log = tmp_path / "run.log"
     run = start_script("preprocess.py", *common_args(data, cache_dir), "-v", stderr_path=log,
                        env={"DALI_FLOAT_CRASH_AT": "journal-committed"})
+    held: set[int] = set()
     try:
-        pid = wait_for(lambda: worker_on(log, "clip1.mp4", set()), "the worker on clip1.mp4", poll_s=0.005)
-        os.kill(pid, signal.SIGSTOP)
-        time.sleep(2.5)
-        os.kill(pid, signal.SIGCONT)
+        while run.poll() is None:
+            pids = {int(pid) for pid in re.findall(r"worker \d+ \(pid (\d+)\) on ", log.read_text())} - held
+            for pid in pids:  # a fresh worker on its first clip
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                    time.sleep(2.5)
+                    os.kill(pid, signal.SIGCONT)
+                held.add(pid)
+            time.sleep(0.005)
         assert run.wait(timeout=300) == 0, log.read_text()[-3000:]
     finally:
         kill(run.pid)
+    assert len(held) == 4, log.read_text()[-3000:]  # one worker per clip: each died at its first commit
     text = log.read_text()
-    assert "worker 0 died (exit code 86) between clips" in text  # it died with clip1 committed
+    # each died with its clip committed (the last one with none left, so nothing to say)
+    assert text.count("worker 0 died (exit code 86) between clips") == 3, text[-3000:]
     assert "once more" not in text  # no committed clip was taken for the one that killed its worker
     assert statuses(layout_of(cache_dir)) == {f"clip{i}.mp4": "cached" for i in range(4)}
     verify = run_script("preprocess.py", "verify", *common_args(data, cache_dir))
