@@ -17,7 +17,6 @@ import logging
 import os
 
 import numpy as np
-from tqdm import tqdm
 
 from dali_float.cache import format as cf
 from dali_float.atomic import TMP_MARKER
@@ -27,6 +26,7 @@ from dali_float.cache.store import cheap_check
 from dali_float.cache.view import read_view_header
 from dali_float.config import Preset
 from dali_float.errors import CacheError
+from dali_float.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def verify(layout: cf.CacheLayout, index: ClipIndex, preset: Preset, progress: b
     total = index.counts()[cf.STATUS_CACHED]
     fds: dict[str, int] = {}
     try:
-        for clip_id, shard, offset, nbytes, crc, frames in tqdm(index.records(), total=total, desc="verifying",
+        for clip_id, shard, offset, nbytes, crc, frames in progress_bar(index.records(), total=total, desc="verifying",
                                                                 unit="clip", disable=not progress, leave=False):
             if clip_id in damaged:
                 continue
