@@ -45,8 +45,8 @@ log = logging.getLogger("dali_float.progress")
 
 
 def progress_bar(iterable: Iterable | None = None, *, total: float | None = None, desc: str = "", unit: str = "it",
-             initial: float = 0, disable: bool = False, leave: bool = True, unit_scale: bool = False,
-             **bar_options: Any) -> tqdm | LineProgress:
+                 initial: float = 0, disable: bool = False, leave: bool = True, unit_scale: bool = False,
+                 **bar_options: Any) -> tqdm | LineProgress:
     """A tqdm bar where stderr is a terminal (or when disabled), a LineProgress otherwise (see the module).
     bar_options (position, smoothing, dynamic_ncols) shape the terminal's bar only."""
     if disable or _is_terminal(sys.stderr):
@@ -62,7 +62,7 @@ def redirect_logging() -> ContextManager:
     return logging_redirect_tqdm() if _is_terminal(sys.stderr) else contextlib.nullcontext()
 
 
-def interval_s() -> float:
+def interval_from_env() -> float:
     """INTERVAL_S, or DALI_FLOAT_PROGRESS_INTERVAL_S where set (0: a line at every update)."""
     raw = os.environ.get(INTERVAL_ENV)
     if raw is None:
@@ -80,17 +80,17 @@ def interval_s() -> float:
 class LineProgress:
     """tqdm's counting without its drawing: a log line every `interval_s` and one at the end (module docstring).
 
-    clock: seconds, monotonic (tests pass a fake one)."""
+    interval_s: None: interval_from_env(). clock: seconds, monotonic (tests pass a fake one)."""
 
     def __init__(self, iterable: Iterable | None = None, *, total: float | None = None, desc: str = "",
                  unit: str = "it", initial: float = 0, leave: bool = True, unit_scale: bool = False,
-                 interval: float | None = None, clock: Callable[[], float] = time.monotonic):
+                 interval_s: float | None = None, clock: Callable[[], float] = time.monotonic):
         if total is None and iterable is not None:
             with contextlib.suppress(TypeError):  # a generator has no length: no percent, no ETA
                 total = len(iterable)  # type: ignore[arg-type]
         self.iterable, self.total, self.n = iterable, total, initial
         self.desc, self.unit, self.leave, self.unit_scale = desc, unit, leave, unit_scale
-        self.interval_s = interval_s() if interval is None else interval
+        self.interval_s = interval_from_env() if interval_s is None else interval_s
         self._clock = clock
         self._start_s = self._last_s = clock()
         self._start_n = self._last_n = initial

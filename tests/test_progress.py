@@ -19,7 +19,7 @@ import pytest
 
 from dali_float import demo
 from dali_float.errors import UsageError
-from dali_float.progress import INTERVAL_ENV, INTERVAL_S, LineProgress, interval_s
+from dali_float.progress import INTERVAL_ENV, INTERVAL_S, LineProgress, interval_from_env
 
 REPO = Path(__file__).resolve().parents[1]
 README = " ".join((REPO / "README.md").read_text().split())  # its words, however the lines wrap
@@ -45,7 +45,7 @@ def lines_of(caplog) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- a real command
 
-@pytest.mark.slow  # ~15 s alone, 60 s on a loaded machine: a preprocessing worker's start-up, then train.py's
+@pytest.mark.slow  # 22-60 s on 2 busy cores: a preprocessing worker's start-up, then train.py's
 def test_train_py_with_stderr_in_a_file_logs_progress_lines_with_rate_and_eta(tmp_path):
     """`train.py 2> FILE` on a two-clip corpus (preprocessed on first use: the clips and frames bars, then the
     train bar): no carriage return in the file; each bar's lines carry count/total, percent, rate and ETA, and
@@ -89,7 +89,7 @@ def test_a_line_per_interval_and_a_last_line_with_eta_as_computed_by_hand(caplog
     50 steps in 30 s: 1.67 step/s, 20 left: ETA 12 s; closed at t=75 s: 100 steps in 75 s: 1.33 step/s."""
     clock = FakeClock()
     with caplog.at_level(logging.INFO, logger="dali_float.progress"):
-        bar = LineProgress(total=100, desc="train", unit="step", interval=30, clock=clock)
+        bar = LineProgress(total=100, desc="train", unit="step", interval_s=30, clock=clock)
         for t, n in ((10, 10), (30, 30), (40, 50), (55, 70), (60, 80), (70, 95), (75, 100)):
             clock.now_s = t
             bar.set_postfix_str(f"at {t}", refresh=False)
@@ -105,7 +105,7 @@ def test_a_resumed_bar_counts_its_rate_from_where_it_started(caplog):
     """initial=40 (a resumed run): the rate is that of the steps done in this bar's life, not 40 more."""
     clock = FakeClock()
     with caplog.at_level(logging.INFO, logger="dali_float.progress"):
-        with LineProgress(total=100, initial=40, desc="train", unit="step", interval=30, clock=clock) as bar:
+        with LineProgress(total=100, initial=40, desc="train", unit="step", interval_s=30, clock=clock) as bar:
             clock.now_s = 30
             bar.update(15)  # 15 steps in 30 s: 0.5 step/s, 45 left: 90 s
             clock.now_s = 40
@@ -117,13 +117,13 @@ def test_a_resumed_bar_counts_its_rate_from_where_it_started(caplog):
 def test_bytes_are_scaled_and_a_loop_without_length_has_no_eta(caplog):
     clock = FakeClock()
     with caplog.at_level(logging.INFO, logger="dali_float.progress"):
-        with LineProgress(total=4e9, desc="resident", unit="B", unit_scale=True, interval=30, clock=clock) as bar:
+        with LineProgress(total=4e9, desc="resident", unit="B", unit_scale=True, interval_s=30, clock=clock) as bar:
             clock.now_s = 40
             bar.update(1e9)  # 25 MB/s, 3 GB left: 120 s
             clock.now_s = 50
             bar.update(3e9)
         clock.now_s = 0
-        loop = LineProgress((i for i in range(3)), desc="probing", unit="video", interval=0, clock=clock)
+        loop = LineProgress((i for i in range(3)), desc="probing", unit="video", interval_s=0, clock=clock)
         for _ in loop:
             clock.now_s += 2
     assert lines_of(caplog) == ["resident: 1.00GB/4.00GB (25%) | 25.0MB/s | ETA 02:00",
@@ -139,7 +139,7 @@ def test_a_short_transient_loop_leaves_no_line_a_long_one_its_last(caplog):
     with caplog.at_level(logging.INFO, logger="dali_float.progress"):
         for end_s in (20, 40):
             clock.now_s = 0
-            with LineProgress(total=10, desc=f"verifying {end_s}", unit="clip", leave=False, interval=30,
+            with LineProgress(total=10, desc=f"verifying {end_s}", unit="clip", leave=False, interval_s=30,
                               clock=clock) as bar:
                 for _ in range(10):
                     clock.now_s += end_s / 10
@@ -152,14 +152,14 @@ def test_the_interval_comes_from_the_environment_and_a_bad_one_is_named(monkeypa
     """The default is INTERVAL_S, which README's "Logs" states; the variable overrides it; a bad value is one
     line naming the variable and the value (UsageError: `error: ...`, exit 2, in the scripts)."""
     monkeypatch.delenv(INTERVAL_ENV, raising=False)
-    assert interval_s() == INTERVAL_S == 30.0
+    assert interval_from_env() == INTERVAL_S == 30.0
     assert f"line when {INTERVAL_S:.0f} s have passed since its last one (`{INTERVAL_ENV}=SECONDS`" in README
     monkeypatch.setenv(INTERVAL_ENV, "2.5")
-    assert interval_s() == 2.5 and LineProgress(total=1).interval_s == 2.5
+    assert interval_from_env() == 2.5 and LineProgress(total=1).interval_s == 2.5
     for bad in ("abc", "-1", "nan", "inf", ""):
         monkeypatch.setenv(INTERVAL_ENV, bad)
         with pytest.raises(UsageError, match=rf"^{INTERVAL_ENV} must be a number of seconds >= 0 .*; found '{bad}'$"):
-            interval_s()
+            interval_from_env()
 
 
 # ---------------------------------------------------------------------------------------------- a terminal
