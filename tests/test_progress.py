@@ -45,7 +45,7 @@ def lines_of(caplog) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- a real command
 
-@pytest.mark.slow  # 22-60 s on 2 busy cores: a preprocessing worker's start-up, then train.py's
+@pytest.mark.slow  # 22-60 s on 2 busy cores, mostly start-ups: a preprocessing worker's and train.py's
 def test_train_py_with_stderr_in_a_file_logs_progress_lines_with_rate_and_eta(tmp_path):
     """`train.py 2> FILE` on a two-clip corpus (preprocessed on first use: the clips and frames bars, then the
     train bar): no carriage return in the file; each bar's lines carry count/total, percent, rate and ETA, and
