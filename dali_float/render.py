@@ -219,7 +219,7 @@ class Renderer:
         size, fps = self.preset.motion.input_size, self.preset.timing.fps
         with media.Mp4Writer(out, size, fps, speech.sound, speech.sound_rate) as writer, \
                 progress_bar(total=speech.num_frames, unit="frame", desc="render", disable=not progress,
-                     dynamic_ncols=True) as bar:
+                             dynamic_ncols=True) as bar:
             for batch in self.frames(reference, speech, guidance, seed):
                 writer.write(batch)
                 bar.update(len(batch))

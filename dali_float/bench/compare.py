@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from dali_float.cache import format as cf
 from dali_float import paths
 from dali_float.bench import probes

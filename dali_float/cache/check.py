@@ -65,8 +65,9 @@ def verify(layout: cf.CacheLayout, index: ClipIndex, preset: Preset, progress: b
     total = index.counts()[cf.STATUS_CACHED]
     fds: dict[str, int] = {}
     try:
-        for clip_id, shard, offset, nbytes, crc, frames in progress_bar(index.records(), total=total, desc="verifying",
-                                                                unit="clip", disable=not progress, leave=False):
+        records = progress_bar(index.records(), total=total, desc="verifying", unit="clip", disable=not progress,
+                               leave=False)
+        for clip_id, shard, offset, nbytes, crc, frames in records:
             if clip_id in damaged:
                 continue
             found = list(_check_record(layout, fds, shard, offset, nbytes, crc, frames, preset, window))

@@ -331,7 +331,7 @@ def compact(layout: cf.CacheLayout, index: ClipIndex, shard_bytes: int = cf.SHAR
         fds = {name: os.open(layout.shard_path(name), os.O_RDONLY) for name in dead}
         try:
             for clip_id, shard, offset, nbytes, crc, _ in progress_bar(rows, desc="compacting", unit="clip",
-                                                              disable=not progress, leave=False):
+                                                                      disable=not progress, leave=False):
                 data = os.pread(fds[shard], nbytes, offset)
                 if len(data) != nbytes or cf.checksum(data) != crc:
                     raise cf.CacheError(f"compaction stopped before changing anything: the record of {clip_id!r} "

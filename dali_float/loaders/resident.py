@@ -211,7 +211,7 @@ class ResidentBuffer:
         try:
             # leave=False: the training bar is already on screen when the first batch loads the partition
             with progress_bar(total=total, unit="B", unit_scale=True, desc="resident", disable=not progress,
-                      dynamic_ncols=True, leave=False) as bar:
+                              dynamic_ncols=True, leave=False) as bar:
                 reads = _Reads(cache, order, fds, bar)
                 if staging_bytes is None:
                     reads.into(tensor.numpy())

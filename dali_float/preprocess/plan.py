@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
-
 from dali_float.cache import format as cf
 from dali_float.cache import store as cache_store
 from dali_float.cache.index import ClipIndex, IndexRow
@@ -283,7 +282,7 @@ def probe_tasks(tasks: list[ClipTask], progress: bool = False, processes: int | 
         log.info("probing %d videos in %d processes", len(paths), processes)
         with worker_context().Pool(processes) as pool:
             probed = dict(zip(paths, progress_bar(pool.imap(_probe_or_none, paths, chunksize=_PROBE_CHUNK),
-                                          total=len(paths), **bar)))
+                                                  total=len(paths), **bar)))
     else:
         probed = {path: _probe_or_none(path) for path in progress_bar(paths, **bar)}
     for task in tasks:
