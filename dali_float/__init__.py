@@ -11,5 +11,6 @@ Modules, one concern each:
   preprocess    videos -> cache (DALI decode + batched encoder inference)
   loaders       naive / torch / dali loaders of the batch contract
   training      the fp16 flow-matching trainer
+  progress      progress bars: tqdm on a terminal, a plain line now and then in a log file
 """
 __version__ = "0.1.0"

@@ -22,7 +22,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from dali_float import media
 from dali_float.config import Preset
@@ -31,6 +30,7 @@ from dali_float.generation import ClipData, GuidanceOptions, iter_motion_chunks
 from dali_float.models import Encoders, MotionDecoder, MotionEncoder, encode_reference, one_hot_emotion
 from dali_float.models import emotion_vector as model_emotion_vector
 from dali_float.models import FloatMotionModel
+from dali_float.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +218,8 @@ class Renderer:
         start = time.perf_counter()
         size, fps = self.preset.motion.input_size, self.preset.timing.fps
         with media.Mp4Writer(out, size, fps, speech.sound, speech.sound_rate) as writer, \
-                tqdm(total=speech.num_frames, unit="frame", desc="render", disable=not progress,
-                     dynamic_ncols=True) as bar:
+                progress_bar(total=speech.num_frames, unit="frame", desc="render", disable=not progress,
+                             dynamic_ncols=True) as bar:
             for batch in self.frames(reference, speech, guidance, seed):
                 writer.write(batch)
                 bar.update(len(batch))

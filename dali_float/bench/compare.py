@@ -18,9 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
-
 from dali_float.cache import format as cf
 from dali_float import paths
 from dali_float.bench import probes
@@ -30,6 +27,7 @@ from dali_float.bench.plan import (LOADERS, BenchOptions, Job, best_job, loader_
                                    render_jobs, resolve_device, sources_spec, train_jobs)
 from dali_float.config import get_preset
 from dali_float.errors import DaliFloatError, UsageError
+from dali_float.progress import progress_bar, redirect_logging
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +73,9 @@ def warm_page_cache(cache_root: Path) -> int:
 
 
 def _run_jobs(jobs: list[Job], progress: bool, desc: str) -> None:
-    """Run each job's probe in its own process, one after the other (a tqdm bar over the jobs)."""
-    with logging_redirect_tqdm():
-        bar = tqdm(jobs, desc=desc, unit="probe", disable=not progress, dynamic_ncols=True)
+    """Run each job's probe in its own process, one after the other (a progress bar over the jobs)."""
+    with redirect_logging():
+        bar = progress_bar(jobs, desc=desc, unit="probe", disable=not progress, dynamic_ncols=True)
         for job in bar:
             bar.set_postfix_str(f"{job.name}: {job.label}", refresh=True)
             t0 = time.perf_counter()

@@ -483,8 +483,9 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     logging.basicConfig(level=logging.INFO if spec.get("verbose") else logging.WARNING,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if spec["probe"] == "prepare":  # the preprocessing summary is worth seeing
-        logging.getLogger("dali_float.preprocess").setLevel(logging.INFO)
+    if spec["probe"] == "prepare":  # the preprocessing summary is worth seeing, and its progress lines in a log file
+        for name in ("dali_float.preprocess", "dali_float.progress"):
+            logging.getLogger(name).setLevel(logging.INFO)
     if "threads" in spec:
         import torch
 

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from dali_float.cache import format as cf
 from dali_float.cache import view as cache_view
@@ -35,6 +34,7 @@ from dali_float.cache.index import ClipIndex
 from dali_float.cache.store import GROUP_CLIPS, ShardWriter, writer_name
 from dali_float.config import get_preset
 from dali_float.errors import UsageError
+from dali_float.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _write_sources(data_root: Path, clips: int, progress: bool) -> list[str]:
     """N files of a few bytes named like videos (discovery only looks at names, the up-to-date check at
     size and mtime); returns their clip ids in order."""
     ids = []
-    for i in tqdm(range(clips), desc="source files", unit="file", disable=not progress, leave=False):
+    for i in progress_bar(range(clips), desc="source files", unit="file", disable=not progress, leave=False):
         folder = data_root / f"d{i // FILES_PER_FOLDER:05d}"
         if i % FILES_PER_FOLDER == 0:
             folder.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,8 @@ def _write_cache(layout: cf.CacheLayout, header: cf.CacheHeader, data_root: Path
     starts = rng.integers(0, len(pool) - t, size=len(ids))
     start = time.perf_counter()
     with ShardWriter(layout, preset, writer_name("scale"), group_clips=group_clips) as writer:
-        for i, clip_id in enumerate(tqdm(ids, desc="writing clips", unit="clip", disable=not progress, leave=False)):
+        bar = progress_bar(ids, desc="writing clips", unit="clip", disable=not progress, leave=False)
+        for i, clip_id in enumerate(bar):
             rows = pool[starts[i]:starts[i] + t]
             c = int(starts[i]) % (len(coefficients) - t)
             features = cf.ClipFeatures(motion_latents=rows[:, cf.motion_columns(preset)],

@@ -17,7 +17,6 @@ import logging
 import os
 
 import numpy as np
-from tqdm import tqdm
 
 from dali_float.cache import format as cf
 from dali_float.atomic import TMP_MARKER
@@ -27,6 +26,7 @@ from dali_float.cache.store import cheap_check
 from dali_float.cache.view import read_view_header
 from dali_float.config import Preset
 from dali_float.errors import CacheError
+from dali_float.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,9 @@ def verify(layout: cf.CacheLayout, index: ClipIndex, preset: Preset, progress: b
     total = index.counts()[cf.STATUS_CACHED]
     fds: dict[str, int] = {}
     try:
-        for clip_id, shard, offset, nbytes, crc, frames in tqdm(index.records(), total=total, desc="verifying",
-                                                                unit="clip", disable=not progress, leave=False):
+        records = progress_bar(index.records(), total=total, desc="verifying", unit="clip", disable=not progress,
+                               leave=False)
+        for clip_id, shard, offset, nbytes, crc, frames in records:
             if clip_id in damaged:
                 continue
             found = list(_check_record(layout, fds, shard, offset, nbytes, crc, frames, preset, window))

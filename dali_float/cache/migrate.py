@@ -14,13 +14,13 @@ import logging
 import shutil
 
 import numpy as np
-from tqdm import tqdm
 
 from dali_float.cache import format as cf
 from dali_float.cache import store as cache_store, view as cache_view
 from dali_float.cache.index import ClipIndex
 from dali_float.config import Preset
 from dali_float.errors import CacheError
+from dali_float.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def migrate(layout: cf.CacheLayout, preset: Preset, progress: bool = False) -> d
         done = index.light_rows().keys()
         entries = sorted(layout.legacy_clips_dir.glob("*/entry.json")) if layout.legacy_clips_dir.is_dir() else []
         with cache_store.ShardWriter(layout, preset, cache_store.writer_name("migrate")) as writer:
-            for path in tqdm(entries, desc="migrating", unit="clip", disable=not progress, leave=False):
+            for path in progress_bar(entries, desc="migrating", unit="clip", disable=not progress, leave=False):
                 try:
                     entry = cf.ClipEntry.from_dict(json.loads(path.read_text()))
                 except (OSError, ValueError, TypeError) as err:

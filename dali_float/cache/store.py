@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from tqdm import tqdm
 
 from dali_float.cache import format as cf
 from dali_float.cache import faults
@@ -42,6 +41,7 @@ from dali_float.cache.index import ClipIndex, Journal
 from dali_float.cache.lock import LiveWriter, WriterLock, leased_generations, wait_for_live_writers
 from dali_float.config import Preset
 from dali_float.errors import disk_full
+from dali_float.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -330,8 +330,8 @@ def compact(layout: cf.CacheLayout, index: ClipIndex, shard_bytes: int = cf.SHAR
         new_shards: list[str] = []
         fds = {name: os.open(layout.shard_path(name), os.O_RDONLY) for name in dead}
         try:
-            for clip_id, shard, offset, nbytes, crc, _ in tqdm(rows, desc="compacting", unit="clip",
-                                                              disable=not progress, leave=False):
+            for clip_id, shard, offset, nbytes, crc, _ in progress_bar(rows, desc="compacting", unit="clip",
+                                                                      disable=not progress, leave=False):
                 data = os.pread(fds[shard], nbytes, offset)
                 if len(data) != nbytes or cf.checksum(data) != crc:
                     raise cf.CacheError(f"compaction stopped before changing anything: the record of {clip_id!r} "

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from dali_float.cache import format as cf
 from dali_float.errors import CacheError, CheckpointError
 from dali_float.loaders.cached import TrainingCache, pread_fully
 from dali_float.loaders.sampling import assign_partitions
+from dali_float.progress import Progress, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +210,8 @@ class ResidentBuffer:
         fds: dict[int, int] = {}
         try:
             # leave=False: the training bar is already on screen when the first batch loads the partition
-            with tqdm(total=total, unit="B", unit_scale=True, desc="resident", disable=not progress,
-                      dynamic_ncols=True, leave=False) as bar:
+            with progress_bar(total=total, unit="B", unit_scale=True, desc="resident", disable=not progress,
+                              dynamic_ncols=True, leave=False) as bar:
                 reads = _Reads(cache, order, fds, bar)
                 if staging_bytes is None:
                     reads.into(tensor.numpy())
@@ -230,7 +230,7 @@ class ResidentBuffer:
 class _Reads:
     """The partition's records' frames parts, read in buffer order (contiguous, no gaps)."""
 
-    def __init__(self, cache: TrainingCache, order: np.ndarray, fds: dict[int, int], bar: tqdm):
+    def __init__(self, cache: TrainingCache, order: np.ndarray, fds: dict[int, int], bar: Progress):
         self.cache, self.order, self.fds, self.bar = cache, order, fds, bar
         self.row_bytes = cf.row_bytes(cache.preset)
 

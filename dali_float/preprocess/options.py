@@ -46,7 +46,7 @@ class PreprocessOptions:
     workers: CPU worker processes (each builds its own encoders and decoder).
     frame_batch: frames per motion-encoder batch (every batch has exactly this size; the last is padded).
         None: what suits the device (FRAME_BATCH_BY_DEVICE: 64 on a GPU; 16 on the CPU, ~2x faster there).
-    progress: tqdm bars on stderr.
+    progress: progress bars on stderr (dali_float.progress: tqdm on a terminal, lines in a log file).
     crop: face | center | none (dali_float.media.framing; `default_crop` is what the scripts pick).
     segments: a CSV of clip segments (dali_float.media.segments); None: every video is a clip.
     retry_failed: process again every failed clip whose source is unchanged (clips that failed for a

@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
-from tqdm import tqdm
-
 from dali_float.cache import format as cf
 from dali_float.cache import store as cache_store
 from dali_float.cache.index import ClipIndex, IndexRow
@@ -35,6 +33,7 @@ from dali_float import media
 from dali_float.errors import MediaError
 from dali_float.forkserver import worker_context
 from dali_float.hashing import sha256_file
+from dali_float.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +281,10 @@ def probe_tasks(tasks: list[ClipTask], progress: bool = False, processes: int | 
     if processes > 1 and len(paths) > 1:
         log.info("probing %d videos in %d processes", len(paths), processes)
         with worker_context().Pool(processes) as pool:
-            probed = dict(zip(paths, tqdm(pool.imap(_probe_or_none, paths, chunksize=_PROBE_CHUNK),
-                                          total=len(paths), **bar)))
+            probed = dict(zip(paths, progress_bar(pool.imap(_probe_or_none, paths, chunksize=_PROBE_CHUNK),
+                                                  total=len(paths), **bar)))
     else:
-        probed = {path: _probe_or_none(path) for path in tqdm(paths, **bar)}
+        probed = {path: _probe_or_none(path) for path in progress_bar(paths, **bar)}
     for task in tasks:
         task.info = probed.get(task.path) if task.regular else None
         if task.info is not None:

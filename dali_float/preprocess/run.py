@@ -36,8 +36,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dali_float.cache import format as cf
 from dali_float import errors, media
@@ -54,6 +52,7 @@ from dali_float.preprocess.options import (PreprocessOptions, PreprocessResult, 
                                            preprocess_command, rank_and_world, worker_devices)
 from dali_float.forkserver import worker_context
 from dali_float.preprocess.worker import STAGES, ClipLimits, worker_main
+from dali_float.progress import progress_bar, redirect_logging
 
 log = logging.getLogger(__name__)
 
@@ -207,16 +206,16 @@ class _RunStats:
 
 
 class _Progress:
-    """Two tqdm bars (clips; frames with frames/s) fed by every worker of this process."""
+    """Two progress bars (clips; frames with frames/s) fed by every worker of this process."""
 
     def __init__(self, tasks: list[plan.ClipTask], fps: int, enabled: bool, stats: _RunStats) -> None:
         self.stats = stats
         self.expected = {t.clip_id: media.num_frames_at_fps(t.duration_s, fps) for t in tasks}
         self.reported: dict[str, int] = defaultdict(int)
         self.current: dict[int, str] = {}
-        self.clips = tqdm(total=len(tasks), desc="clips", unit="clip", position=0, disable=not enabled)
-        self.frames_bar = tqdm(total=sum(self.expected.values()), desc="frames", unit="frame", position=1,
-                               disable=not enabled, smoothing=0.1)
+        self.clips = progress_bar(total=len(tasks), desc="clips", unit="clip", position=0, disable=not enabled)
+        self.frames_bar = progress_bar(total=sum(self.expected.values()), desc="frames", unit="frame", position=1,
+                                       disable=not enabled, smoothing=0.1)
 
     def start(self, worker: int, clip_id: str) -> None:
         self.current[worker] = clip_id
@@ -247,7 +246,7 @@ def _run_share(share: list[plan.ClipTask], devices: list[str], options: Preproce
     n = min(len(devices), len(share))
     progress = _Progress(share, options.preset.timing.fps, options.progress, stats)
     try:
-        with logging_redirect_tqdm():
+        with redirect_logging():
             _run_processes(plan.balance(share, n), devices[:n], options, layout, progress, rank, stop)
     finally:
         progress.close()

@@ -9,7 +9,7 @@
   initial      a new run's weights: the seeded random init, or --init_from (float.pth, a run of ours)
   distributed  torchrun / DDP, the per-step agreement of the ranks, Ctrl-C handling
   data         preprocessing when needed, this rank's loader
-  monitor      tqdm bar, log lines, metrics.jsonl, wandb, the run summary
+  monitor      progress bar, log lines, metrics.jsonl, wandb, the run summary
   trainer      train(): the loop, top to bottom
 """
 from __future__ import annotations

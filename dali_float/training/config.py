@@ -75,7 +75,7 @@ class TrainConfig:
     resume: str | None = None  # "latest" or a checkpoint path
     init_from: Path | None = None  # a new run's weights: float.pth, a run folder or checkpoint (training.initial)
     log_every: int = 10  # steps between log lines / metrics.jsonl records
-    progress: bool = True  # tqdm bar (rank 0)
+    progress: bool = True  # progress bar (rank 0): tqdm on a terminal, lines in a log file
     log_samples: bool = False  # write each rank's (clip_id, window_start) per step to samples_rank<R>.tsv
     sample_every: int | None = None  # steps between sample videos (0: none); None: 1000 on a GPU, none on the CPU
     wandb_project: str | None = None

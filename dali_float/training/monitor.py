@@ -1,5 +1,6 @@
-"""What a user sees of a run (rank 0 only): a tqdm bar, a log line and a metrics.jsonl record every
---log_every steps, the same numbers in wandb, and a summary at the end.
+"""What a user sees of a run (rank 0 only): a progress bar (dali_float.progress: a tqdm bar on a terminal,
+a line now and then in a log file), a log line and a metrics.jsonl record every --log_every steps, the
+same numbers in wandb, and a summary at the end.
 
 Data-wait is the wall time the loop spends in `next(batches)`: time the accelerator would sit idle
 because the data pipeline is behind. Its fraction is data-wait over the whole step (wait + compute).
@@ -19,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dali_float.atomic import write_atomic
+from dali_float.progress import progress_bar, redirect_logging
 from dali_float.training.config import TrainConfig
 
 log = logging.getLogger("dali_float.training")
@@ -101,9 +101,9 @@ class Monitor:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             self.wandb = _start_wandb(cfg, run_config, wandb_id)
             if cfg.progress:
-                self._stack.enter_context(logging_redirect_tqdm())  # log lines above the bar, not through it
+                self._stack.enter_context(redirect_logging())  # log lines above the bar, not through it
                 self.bar = self._stack.enter_context(
-                    tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train"))
+                    progress_bar(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train"))
         self.totals = RunTotals()  # the clock starts here: wandb's start-up is not training time
 
     @property
@@ -117,10 +117,11 @@ class Monitor:
         self.totals.data_wait_s += s.data_wait_s
         self.last = s
         if self.bar is not None:
-            self.bar.update(1)
+            # The postfix first: in a log file the update may write the line that carries it.
             self.bar.set_postfix_str(
                 f"loss {s.loss:.4f} | {self.samples_per_step / max(s.step_time_s, 1e-9):.0f} samples/s | "
                 f"data-wait {100 * s.data_wait_s / max(s.step_time_s, 1e-9):.0f}%", refresh=False)
+            self.bar.update(1)
         if s.step % self.cfg.log_every == 0 or s.step == self.cfg.steps:
             self.flush()
 
