@@ -27,7 +27,6 @@ import numpy as np
 from av.codec.context import Flags
 
 from dali_float.atomic import create_folder_once
-from dali_float.errors import UsageError
 from dali_float.media.writer import mux_audio
 from dali_float.paths import DEMO_VERSION, demo_corpus_dir
 

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 from ai_edge_litert import interpreter as litert  # test-only dependency (requirements-test.txt)
 import pytest
 import torch
-from PIL import Image
 
 from dali_float.errors import UsageError
 from dali_float.face import (CALIBRATION_VERSION, BoxCalibration, FaceDetector, TFLiteGraph, TFLiteGraphError,
                              float_crop_box, model_file)
 from dali_float.face import detector as detector_module
-from dali_float.face.blazeface import CONFIGS, Letterbox, box_iou, letterbox, weighted_nms
+from dali_float.face.blazeface import CONFIGS, box_iou, letterbox, weighted_nms
 from dali_float.face.tflite_graph import same_padding
 from faces import ASTRONAUT, ASTRONAUT_FACE, HOPPER, HOPPER_FACE, background, paste as _paste, rgb as _rgb
 from tflite_builder import Op, Tensor, build

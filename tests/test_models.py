@@ -19,7 +19,7 @@ import dali_float.models as models
 from dali_float.cli import add_model_arguments
 from dali_float.config import EMOTION_CLASSES, FLOAT_PRESET, TINY_PRESET
 from dali_float.errors import CheckpointError, MediaError, UsageError
-from dali_float.models import (AudioEncoder, EmotionEncoder, FloatMotionModel, FlowMatchingTransformer, ModelSources,
+from dali_float.models import (AudioEncoder, EmotionEncoder, FloatMotionModel, ModelSources,
                                MotionEncoder, build_encoders, count_parameters, emotion_from_filename, emotion_vector,
                                load_motion_checkpoint, model_identities, uniform_emotion)
 from dali_float.models.motion_encoder import FLOAT_DIRECTION_KEY, FLOAT_ENCODER_PREFIX
