@@ -170,6 +170,9 @@ def _rate(amount: float, seconds: float) -> float | None:
 
 
 def _is_terminal(stream: Any) -> bool:
+    """A terminal, or a notebook's output (not a tty, but drawn in place like one, never a log file)."""
+    if "ipykernel" in sys.modules:
+        return True
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # None (no stderr at all) or a closed stream
