@@ -711,6 +711,26 @@ def test_status_clear_and_verify_api(bad, tmp_path):
     assert clear_cache(cache_dir, P, SOURCES, "center", confirm=True) == [root] and not root.exists()
 
 
+def test_status_command_imports_no_torch_dali_or_decoder(bad):
+    """`preprocess.py status` reads the index and lists the data root: importing torch alone took 2 s of the
+    22 s it took at a million clips (docs/BENCHMARKS.md "Scale"). The command runs whole, in a fresh process."""
+    data, cache_dir, _ = bad
+    heavy = ("torch", "transformers", "nvidia.dali", "av")
+    probe = ("import json, runpy, sys\n"
+             "sys.argv = ['preprocess.py', 'status', '--json'] + sys.argv[1:]\n"
+             "try:\n"
+             "    runpy.run_path('preprocess.py', run_name='__main__')\n"
+             "except SystemExit as done:\n"
+             "    assert not done.code, done.code\n"
+             f"print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)), file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", probe, "--preset", "tiny", "--data_root", str(data),
+                          "--cache_dir", str(cache_dir), "--crop", "center"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["clips"]["failed"] == 8  # it did read the cache
+    assert json.loads(out.stderr.strip().splitlines()[-1]) == []
+
+
 @pytest.mark.slow
 def test_script_exit_codes_and_status_json(bad, tmp_path):
     data, cache_dir, _ = bad
