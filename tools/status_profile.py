@@ -101,12 +101,14 @@ def main() -> int:
                         help="where the corpus is made and kept (default $TMPDIR/status_scale)")
     parser.add_argument("--repo", type=Path, action="append", default=[],
                         help="another checkout to time first (repeatable); this one is always timed last")
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per checkout, alternating (default 3)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per checkout, alternating (default 3; 0: only make the corpus)")
     parser.add_argument("--profile", action="store_true", help="also -X importtime and cProfile, per checkout")
     parser.add_argument("--out", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
     setup_logging()
     corpus = build_corpus(args.clips, args.work)
+    if args.runs < 1:  # --runs 0: only make the corpus
+        return 0
     repos = [r.resolve() for r in args.repo] + [REPO]
     lines = [f"$ python tools/status_profile.py {' '.join(sys.argv[1:])}",
              f"corpus: {args.clips:,} clips in {args.work}; load average at start: "

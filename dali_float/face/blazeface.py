@@ -19,10 +19,15 @@ host for the NMS (one device -> host copy per batch).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the functions that run on tensors: the model configurations (CONFIGS) name the
+# detector in the cache fingerprint, which `preprocess.py status` computes without torch.
 
 NUM_KEYPOINTS = 6  # right eye, left eye, nose tip, mouth centre, right ear tragion, left ear tragion
 SCORE_CLIP = 100.0  # MediaPipe's score_clipping_thresh (torch's sigmoid does not overflow at +-100)
@@ -115,6 +120,9 @@ def letterbox(images: torch.Tensor, side: int, chunk: int = 8) -> tuple[torch.Te
         raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
     n, _, h, w = images.shape
     box = Letterbox.fit(h, w, side)
+    import torch
+    import torch.nn.functional as F
+
     is_uint8 = images.dtype == torch.uint8
     resize_uint8 = is_uint8 and images.device.type == "cpu"
     out = torch.full((n, 3, side, side), -1.0, dtype=torch.float32, device=images.device)
@@ -150,6 +158,8 @@ def decode(regressors: torch.Tensor, logits: torch.Tensor, anchors: torch.Tensor
     regressors (N, A, 16), logits (N, A, 1), anchors (A, 2) fractions, all on the device; the only
     device -> host copy of the detector is here (a sync point), after the score filter.
     """
+    import torch
+
     side = float(box.side)
     regressors, logits = regressors.float(), logits.float()
     scores = torch.sigmoid(logits[..., 0].clamp(-SCORE_CLIP, SCORE_CLIP))  # (N, A)
