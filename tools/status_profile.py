@@ -1,16 +1,20 @@
-"""Time and profile `preprocess.py status` against a scale corpus (issue 20 item 6).
+"""Time and profile `preprocess.py status` against scale corpora (issue 20 item 6).
 
-    python tools/status_profile.py --clips 200000 --work /tmp/status_scale --out docs/bench/status_profile.txt \\
-        [--repo /tmp/before] [--runs 3] [--profile]
+    git archive 5c9b179 | tar -x -C /tmp/before     # the checkout before issue 20 item 6
+    python tools/status_profile.py --clips 1000 200000 500000 --repo /tmp/before --skip_this --profile \\
+        --out docs/bench/status_profile_before.txt    # before: times and where they go
+    python tools/status_profile.py --clips 1000 200000 500000 --repo /tmp/before --profile \\
+        --out docs/bench/status_profile_after.txt     # before and after in one sitting; where they go now
 
-Builds (once; kept in --work and reused while its clip count matches) the data root and `tiny` cache of
-`bench/compare.py --scale N` with the bench's own code (dali_float.bench.scale.build_size), then runs
-`python preprocess.py status --json` in fresh processes, each checkout in turn (`--repo`, as many as
-given, then this one), --runs times, and writes: the load average, each run's wall seconds and the
-cost per clip, whether the checkouts printed the same status, and with --profile, for each checkout,
-where `-X importtime` spent the imports (and whether torch was among them) and cProfile's top functions.
-`--repo` runs another checkout's code (e.g. `git archive 5c9b179 | tar -x -C /tmp/before`): a
-before/after in one sitting, on the same corpus.
+Builds (once; kept in --work and reused) the data root and `tiny` cache of `bench/compare.py --scale N`
+for each size with the bench's own code (dali_float.bench.scale.build_size), then runs `python
+preprocess.py status --json` in fresh processes, each checkout (`--repo`, as many as given, then this
+one unless --skip_this) on each size, --runs times, alternating, and writes: the load average, each
+run's wall seconds, whether the checkouts printed the same status, the cost of one more clip between the
+smallest and the largest size (and that cost carried on to a million clips: a straight line, not a
+measurement), and with --profile, for the last checkout on the largest size, where `-X importtime`
+spent the imports (and whether torch was among them) and cProfile's top functions.
+`--repo` runs another checkout's code: a before/after in one sitting, on the same corpora.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a clone without installing
 
 from dali_float.cli import ArgumentParser, run_main, setup_logging  # noqa: E402
+from dali_float.errors import UsageError  # noqa: E402
 
 HEAVY = ("torch", "transformers", "nvidia.dali", "av", "cv2")
 
@@ -96,43 +101,61 @@ def profile(repo: Path, args: list[str], top: int = 30) -> list[str]:
 
 def main() -> int:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--clips", type=int, default=200_000, help="clips in the corpus (default 200000)")
+    parser.add_argument("--clips", type=int, nargs="+", default=[200_000],
+                        help="clips in the corpus; several sizes: each timed in the same sitting, and the cost per "
+                             "clip between the smallest and the largest (default 200000)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "status_scale",
-                        help="where the corpus is made and kept (default $TMPDIR/status_scale)")
+                        help="where the corpora are made and kept (default $TMPDIR/status_scale)")
     parser.add_argument("--repo", type=Path, action="append", default=[],
                         help="another checkout to time first (repeatable); this one is always timed last")
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per checkout, alternating (default 3; 0: only make the corpus)")
-    parser.add_argument("--profile", action="store_true", help="also -X importtime and cProfile, per checkout")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="timed runs per checkout and size, alternating (default 3; 0: only make the corpora)")
+    parser.add_argument("--skip_this", action="store_true", help="time only the --repo checkouts, not this one")
+    parser.add_argument("--profile", action="store_true",
+                        help="also -X importtime and cProfile of the last checkout timed (this one, unless "
+                             "--skip_this), on the largest corpus")
     parser.add_argument("--out", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
     setup_logging()
-    corpus = build_corpus(args.clips, args.work)
-    if args.runs < 1:  # --runs 0: only make the corpus
+    sizes = sorted(set(args.clips))
+    corpora = {n: build_corpus(n, args.work) for n in sizes}
+    if args.runs < 1:  # --runs 0: only make the corpora
         return 0
-    repos = [r.resolve() for r in args.repo] + [REPO]
+    repos = [r.resolve() for r in args.repo] + ([] if args.skip_this else [REPO])
+    if not repos:
+        raise UsageError("--skip_this without --repo: no checkout to time")
     lines = [f"$ python tools/status_profile.py {' '.join(sys.argv[1:])}",
-             f"corpus: {args.clips:,} clips in {args.work}; load average at start: "
+             f"corpora: {', '.join(f'{n:,}' for n in sizes)} clips in {args.work}; load average at start: "
              + " ".join(f"{v:.2f}" for v in os.getloadavg())]
-    seconds: dict[Path, list[float]] = {r: [] for r in repos}
-    printed: dict[Path, dict] = {}
-    for _ in range(args.runs):  # alternating, so that the machine's load weighs on each checkout alike
+    seconds: dict[tuple[Path, int], list[float]] = {(r, n): [] for r in repos for n in sizes}
+    printed: dict[tuple[Path, int], dict] = {}
+    for _ in range(args.runs):  # alternating, so that the machine's load weighs on each checkout and size alike
+        for n in sizes:
+            for repo in repos:
+                s, done = status(repo, corpora[n])
+                seconds[repo, n].append(s)
+                printed[repo, n] = json.loads(done.stdout)
+    best = {key: min(values) for key, values in seconds.items()}
+    for n in sizes:
         for repo in repos:
-            s, done = status(repo, corpus)
-            seconds[repo].append(s)
-            printed[repo] = json.loads(done.stdout)
-    for repo in repos:
-        best = min(seconds[repo])
-        lines.append(f"{repo}: status {', '.join(f'{s:.2f}' for s in seconds[repo])} s (best {best:.2f} s, "
-                     f"{1e6 * best / args.clips:.1f} us per clip); cached {printed[repo]['clips']['cached']:,}")
-    if len(repos) > 1:
-        same = all(printed[r] == printed[repos[0]] for r in repos)
-        lines.append(f"every checkout printed the same status JSON: {'yes' if same else 'NO'}")
+            lines.append(f"{n:,} clips, {repo}: status {', '.join(f'{s:.2f}' for s in seconds[repo, n])} s "
+                         f"(best {best[repo, n]:.2f} s); cached {printed[repo, n]['clips']['cached']:,}")
+        if len(repos) > 1:
+            same = all(printed[r, n] == printed[repos[0], n] for r in repos)
+            lines.append(f"{n:,} clips: every checkout printed the same status JSON: {'yes' if same else 'NO'}")
+    if len(sizes) > 1:  # what one more clip costs, and that cost carried on to a million (a line, not a measurement)
+        small, large = sizes[0], sizes[-1]
+        for repo in repos:
+            per_clip_s = (best[repo, large] - best[repo, small]) / (large - small)
+            lines.append(f"{repo}: {1e6 * per_clip_s:.2f} us per clip between {small:,} and {large:,} clips (best "
+                         f"times); carried on linearly to 1,000,000 clips: "
+                         f"{best[repo, small] + per_clip_s * (1_000_000 - small):.1f} s")
     if args.profile:
-        for repo in repos:
-            lines += ["", f"== {repo}: python -X importtime preprocess.py status --json ..."]
-            lines += import_summary(status(repo, corpus, ("-X", "importtime"))[1].stderr)
-            lines += ["", f"== {repo}: python -m cProfile preprocess.py status --json ..."]
-            lines += profile(repo, corpus)
+        repo = repos[-1]
+        lines += ["", f"== {repo}, {sizes[-1]:,} clips: python -X importtime preprocess.py status --json ..."]
+        lines += import_summary(status(repo, corpora[sizes[-1]], ("-X", "importtime"))[1].stderr)
+        lines += ["", f"== {repo}, {sizes[-1]:,} clips: python -m cProfile preprocess.py status --json ..."]
+        lines += profile(repo, corpora[sizes[-1]])
     lines.append(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     report = "\n".join(lines) + "\n"
     sys.stdout.write(report)
