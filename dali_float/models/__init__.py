@@ -6,6 +6,7 @@
   emotion         waveform -> 7 emotion probabilities (or RAVDESS file name / uniform)
   fmt             flow-matching transformer + trainable audio projection (what training optimises)
   float_pth       FLOAT's float.pth as a whole: its parts, their names, a check of a whole file (the export)
+  torch_files     what a file given as a checkpoint is when torch.save did not write it (no torch needed)
 
 Here: where the encoders' weights come from (`ModelSources`), their identities for the cache
 fingerprint without building anything (`model_identities`), `build_encoders` for preprocessing and
