@@ -101,11 +101,11 @@ def center_crop(width: int, height: int) -> CropDecision:
 
 def whole_frame_crop(width: int, height: int) -> CropDecision:
     """--crop none: the frame as it is, which must be square (the encoder's input is square)."""
+    from dali_float.media.video import FULL_FRAME
+
     if width != height:
         raise ClipSkipped(f"the video is {width}x{height}, not square: --crop none only resizes square video; "
                           f"use --crop face (FLOAT's framing) or --crop center")
-    from dali_float.media.video import FULL_FRAME
-
     x0, y0, x1, y1 = FULL_FRAME
     return CropDecision((x0 * width, y0 * height, x1 * width, y1 * height), width, height)
 
