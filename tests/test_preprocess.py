@@ -6,6 +6,7 @@ Everything runs the tiny preset with random-init encoders on the CPU; corpora ar
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -709,6 +710,47 @@ def test_status_clear_and_verify_api(bad, tmp_path):
     root = layout_of(cache_dir).root
     assert clear_cache(cache_dir, P, SOURCES, "center") == [root] and root.exists()  # without confirm: nothing deleted
     assert clear_cache(cache_dir, P, SOURCES, "center", confirm=True) == [root] and not root.exists()
+
+
+@pytest.mark.parametrize("crop, failed", [("center", 8), ("face", 0)])  # face: the detector's identity, no cache
+def test_status_command_imports_no_torch_dali_or_decoder(bad, crop, failed):
+    """`preprocess.py status` reads the index and lists the data root: importing torch alone took 2 s of the
+    22 s it took at a million clips (docs/BENCHMARKS.md "Scale"). The command runs whole, in a fresh process."""
+    data, cache_dir, _ = bad
+    heavy = ("torch", "transformers", "nvidia.dali", "av")
+    probe = ("import json, runpy, sys\n"
+             "sys.argv = ['preprocess.py', 'status', '--json'] + sys.argv[1:]\n"
+             "try:\n"
+             "    runpy.run_path('preprocess.py', run_name='__main__')\n"
+             "except SystemExit as done:\n"
+             "    assert not done.code, done.code\n"
+             f"print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)), file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", probe, "--preset", "tiny", "--data_root", str(data),
+                          "--cache_dir", str(cache_dir), "--crop", crop],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["crop"] == crop and status["sources"] == 11 and status["clips"]["failed"] == failed
+    assert json.loads(out.stderr.strip().splitlines()[-1]) == []
+
+
+def test_status_lists_and_reads_with_the_garbage_collector_paused(tmp_path, monkeypatch):
+    """A million sources and index rows are millions of tuples in no cycle: collecting walked them all (half
+    of reading the rows at 200,000 clips). Paused while status lists and reads; as it was, afterwards."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.mp4").write_bytes(b"not decoded by status")
+    seen = []
+    discover = plan.discover_sources
+    monkeypatch.setattr(plan, "discover_sources", lambda *a: seen.append(gc.isenabled()) or discover(*a))
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            status = cache_status(tmp_path / "data", tmp_path / "cache", P, SOURCES, "center")
+            assert gc.isenabled() is enabled
+        finally:
+            gc.enable()
+        assert status["clips"]["pending"] == 1
+    assert seen == [False, False]
 
 
 @pytest.mark.slow

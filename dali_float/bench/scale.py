@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -53,6 +53,15 @@ _ASSUMED_DELETE_FILES_PER_S = 2000.0  # removing the N-clip data root afterwards
 _FIXED_S_PER_SIZE = 200.0  # status, rerun, the loader probes: process starts and timed runs
 _SOURCE_FILE_BYTES = 4096  # what a file of a few bytes takes on disk (one block)
 _INDEX_BYTES_PER_CLIP = 400  # index row and its b-tree share, journal and training-view row
+
+
+class Corpus(NamedTuple):
+    """What build_size made: the data root of tiny source files and the cache of their clips."""
+    data_root: Path
+    cache_dir: Path
+    layout: cf.CacheLayout
+    header: cf.CacheHeader
+    ids: list[str]
 
 
 def disk_needed(clips: int, preset) -> int:
@@ -122,13 +131,14 @@ def _command(args: list[str], timeout_s: float) -> tuple[float, subprocess.Compl
     return time.perf_counter() - t0, done
 
 
-def measure_size(clips: int, work: Path, preset, fp_parts: tuple[str, dict, str], timing: dict[str, Any],
-                 batch_size: int, progress: bool, seed: int) -> dict[str, Any]:
+def build_size(clips: int, work: Path, preset, fp_parts: tuple[str, dict, str], progress: bool, seed: int,
+               out: dict[str, Any]) -> Corpus:
+    """The data root (`work`/data<clips>) and the cache (`work`/cache<clips>) of `clips` clips, made anew;
+    their timings, files and bytes go into `out`."""
     fp, models, framing = fp_parts
     data_root, cache_dir = work / f"data{clips}", work / f"cache{clips}"
     for d in (data_root, cache_dir):
         shutil.rmtree(d, ignore_errors=True)
-    out: dict[str, Any] = {"clips": clips, "frames_per_clip": FRAMES_PER_CLIP, "load_average_start": load_average()}
     t0 = time.perf_counter()
     ids = _write_sources(data_root, clips, progress)
     out["source_files_s"] = time.perf_counter() - t0
@@ -141,6 +151,15 @@ def measure_size(clips: int, work: Path, preset, fp_parts: tuple[str, dict, str]
                bytes=sum(p.stat().st_size for p in files))
     log.info("%d clips written in %.1f s (%.0f clips/s): %d files, %.2f GB", clips, seconds, clips / seconds,
              len(files), out["bytes"] / 1e9)
+    return Corpus(data_root, cache_dir, layout, header, ids)
+
+
+def measure_size(clips: int, work: Path, preset, fp_parts: tuple[str, dict, str], timing: dict[str, Any],
+                 batch_size: int, progress: bool, seed: int) -> dict[str, Any]:
+    fp = fp_parts[0]
+    out: dict[str, Any] = {"clips": clips, "frames_per_clip": FRAMES_PER_CLIP, "load_average_start": load_average()}
+    data_root, cache_dir, layout, header, ids = build_size(clips, work, preset, fp_parts, progress, seed, out)
+    seconds = out["write_s"]
     if clips == BASE_CLIPS:  # the fixed cost of a commit: the same clips with one commit (two fsyncs) per clip
         other = cf.CacheLayout(work / "commit_per_clip" / layout.root.name)
         per_clip = _write_cache(other, header, data_root, ids, preset, progress, seed, group_clips=1)

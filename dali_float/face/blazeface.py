@@ -19,10 +19,15 @@ host for the NMS (one device -> host copy per batch).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the functions that run on tensors: the model configurations (CONFIGS) name the
+# detector in the cache fingerprint, which `preprocess.py status` computes without torch.
 
 NUM_KEYPOINTS = 6  # right eye, left eye, nose tip, mouth centre, right ear tragion, left ear tragion
 SCORE_CLIP = 100.0  # MediaPipe's score_clipping_thresh (torch's sigmoid does not overflow at +-100)
@@ -111,6 +116,9 @@ def letterbox(images: torch.Tensor, side: int, chunk: int = 8) -> tuple[torch.Te
     antialiasing kernel: measured ~200x faster than in float32 for 8 720p frames on one core, and
     within one grey level of it); on a GPU, and for float input, the resize runs in float32.
     """
+    import torch
+    import torch.nn.functional as F
+
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
     n, _, h, w = images.shape
@@ -150,6 +158,8 @@ def decode(regressors: torch.Tensor, logits: torch.Tensor, anchors: torch.Tensor
     regressors (N, A, 16), logits (N, A, 1), anchors (A, 2) fractions, all on the device; the only
     device -> host copy of the detector is here (a sync point), after the score filter.
     """
+    import torch
+
     side = float(box.side)
     regressors, logits = regressors.float(), logits.float()
     scores = torch.sigmoid(logits[..., 0].clamp(-SCORE_CLIP, SCORE_CLIP))  # (N, A)

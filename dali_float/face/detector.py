@@ -16,14 +16,19 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from dali_float.errors import UsageError
 from dali_float.face.blazeface import CONFIGS, NUM_KEYPOINTS, Letterbox, decode, letterbox, weighted_nms
-from dali_float.face.tflite_graph import TFLiteGraph
 from dali_float.hashing import sha256_file
+
+if TYPE_CHECKING:
+    import torch
+
+# torch (and the network, tflite_graph) are imported when a detector is built: `detector_identity` is
+# part of the cache fingerprint, which `preprocess.py status` computes without torch.
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +144,10 @@ class FaceDetector:
 
     def __init__(self, device: str | torch.device = "cpu", model: str = "full_range", min_score: float | None = None,
                  calibrate: bool = True) -> None:
+        import torch
+
+        from dali_float.face.tflite_graph import TFLiteGraph
+
         path = model_file(model)  # raises the one-line error for an unknown model or a missing file
         self.config = CONFIGS[model]
         self.model = model
@@ -163,6 +172,8 @@ class FaceDetector:
 
     def forward_raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Letterbox]:
         """Letterbox + network: (regressors (N, A, 16), logits (N, A, 1), Letterbox), on the device."""
+        import torch
+
         with torch.inference_mode():
             tensor, box = letterbox(images.to(self.device, non_blocking=True), self.input_size)
             outputs = self.network(tensor)

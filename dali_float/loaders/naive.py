@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dali_float import media
+from dali_float.media.video import decoder_lock
 from dali_float.config import Preset
 from dali_float.contract import FEATURE_DTYPE
 from dali_float.errors import ClipSkipped, MediaError, UsageError
@@ -108,7 +109,7 @@ class NaiveWindowDataset(Dataset):
             clip = self.clips[clip_index]
             decoder = media.get_frame_decoder(self.preset.motion.input_size, self.device)
             try:
-                with media.video.decoder_lock():
+                with decoder_lock():
                     crop = self.framer.decide(clip.info, decoder, clip.source_frames, self.preset.timing.fps,
                                               self.preset.motion.input_size)
             except ClipSkipped as err:

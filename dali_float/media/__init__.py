@@ -37,19 +37,48 @@ A test that replaces a function must patch it in the submodule that looks it up 
 """
 from __future__ import annotations
 
-from dali_float.media.audio import (clip_waveform, fit_to_frames, frames_for_samples, load_audio, native_rate,
-                                   normalize_utterance, pad_to_frames, prepare_clip_audio, prepare_speech,
-                                   trim_to_frames)
-from dali_float.media.files import (AUDIO_SIDE_EXTENSIONS, VIDEO_EXTENSIONS, discover_clips, discover_videos,
-                                   find_side_audio, scan_videos)
-from dali_float.media.segments import ClipSpec
-from dali_float.media.probe import VideoInfo, clip_frame_indices, frame_indices_at_fps, num_frames_at_fps, probe_video
-from dali_float.media.video import (
-    DALI_CPU, DALI_CPU_CODECS, DALI_GPU, FULL_FRAME, NVDEC_CODECS, PYAV, FrameDecoder, Window, _VideoPackets,
-    center_square_window, choose_decoder, decode_frames, get_frame_decoder, process_frames,
-)
-from dali_float.media.framing import CROP_MODES, ClipFramer, CropDecision, framing_identity
-from dali_float.media.writer import Mp4Writer, check_mp4_path, to_uint8_frames
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Every public name, by the submodule that defines it. They are imported on first use (PEP 562): video,
+# framing, audio and writer import torch, DALI and PyAV, and `preprocess.py status` needs only `files`.
+_SUBMODULE = {
+    **dict.fromkeys(("clip_waveform", "fit_to_frames", "frames_for_samples", "load_audio", "native_rate",
+                     "normalize_utterance", "pad_to_frames", "prepare_clip_audio", "prepare_speech",
+                     "trim_to_frames"), "audio"),
+    **dict.fromkeys(("AUDIO_SIDE_EXTENSIONS", "VIDEO_EXTENSIONS", "discover_clips", "discover_videos",
+                     "find_side_audio", "scan_videos"), "files"),
+    "ClipSpec": "segments",
+    **dict.fromkeys(("VideoInfo", "clip_frame_indices", "frame_indices_at_fps", "num_frames_at_fps", "probe_video"),
+                    "probe"),
+    **dict.fromkeys(("DALI_CPU", "DALI_CPU_CODECS", "DALI_GPU", "FULL_FRAME", "NVDEC_CODECS", "PYAV", "FrameDecoder",
+                     "Window", "_VideoPackets", "center_square_window", "choose_decoder", "decode_frames",
+                     "get_frame_decoder", "process_frames"), "video"),
+    **dict.fromkeys(("CROP_MODES", "ClipFramer", "CropDecision", "framing_identity"), "framing"),
+    **dict.fromkeys(("Mp4Writer", "check_mp4_path", "to_uint8_frames"), "writer"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULE:
+        return getattr(importlib.import_module(f"{__name__}.{_SUBMODULE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from dali_float.media.audio import (clip_waveform, fit_to_frames, frames_for_samples, load_audio, native_rate,
+                                       normalize_utterance, pad_to_frames, prepare_clip_audio, prepare_speech,
+                                       trim_to_frames)
+    from dali_float.media.files import (AUDIO_SIDE_EXTENSIONS, VIDEO_EXTENSIONS, discover_clips, discover_videos,
+                                       find_side_audio, scan_videos)
+    from dali_float.media.segments import ClipSpec
+    from dali_float.media.probe import VideoInfo, clip_frame_indices, frame_indices_at_fps, num_frames_at_fps, probe_video
+    from dali_float.media.video import (
+        DALI_CPU, DALI_CPU_CODECS, DALI_GPU, FULL_FRAME, NVDEC_CODECS, PYAV, FrameDecoder, Window, _VideoPackets,
+        center_square_window, choose_decoder, decode_frames, get_frame_decoder, process_frames,
+    )
+    from dali_float.media.framing import CROP_MODES, ClipFramer, CropDecision, framing_identity
+    from dali_float.media.writer import Mp4Writer, check_mp4_path, to_uint8_frames
 
 __all__ = [
     # files

@@ -67,7 +67,10 @@ def scan_videos(root: Path) -> list[tuple[str, str]]:
             if is_dir:
                 heapq.heappush(heap, (f"{prefix}{name}/", e.path))
                 continue
-            if name.startswith("._") or os.path.splitext(name)[1].lower() not in VIDEO_EXTENSIONS:
+            # os.path.splitext's extension (none for a name of leading dots), without its two calls per file
+            dot = name.rfind(".")
+            if (name.startswith("._") or dot <= 0 or name[dot:].lower() not in VIDEO_EXTENSIONS
+                    or not name[:dot].strip(".")):
                 continue
             if e.is_symlink():
                 linked = True

@@ -19,16 +19,20 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from dali_float.errors import ClipSkipped, UsageError
-from dali_float.face.blazeface import box_iou
-from dali_float.face.detector import FLOAT_CROP_SCALE, float_crop_box
-from dali_float.media.probe import VideoInfo
-from dali_float.media.video import FULL_FRAME, FrameDecoder, Window, center_square_window
+
+if TYPE_CHECKING:
+    import torch
+
+    from dali_float.media.probe import VideoInfo
+    from dali_float.media.video import FrameDecoder, Window
+
+# The detector, the decoder and torch are imported where a crop is decided: `preprocess.py status` needs
+# only the crop modes and the framing's identity, and must not wait for torch.
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +93,16 @@ class CropDecision:
 
 
 def center_crop(width: int, height: int) -> CropDecision:
+    from dali_float.media.video import center_square_window
+
     x0, y0, x1, y1 = center_square_window(width, height)
     return CropDecision((x0 * width, y0 * height, x1 * width, y1 * height), width, height)
 
 
 def whole_frame_crop(width: int, height: int) -> CropDecision:
     """--crop none: the frame as it is, which must be square (the encoder's input is square)."""
+    from dali_float.media.video import FULL_FRAME
+
     if width != height:
         raise ClipSkipped(f"the video is {width}x{height}, not square: --crop none only resizes square video; "
                           f"use --crop face (FLOAT's framing) or --crop center")
@@ -118,6 +126,9 @@ def choose_face_crop(frame_boxes: Sequence[np.ndarray], width: int, height: int,
     face box most, else the largest) must lie inside that square, and it must be found on at least
     MIN_FACE_SHARE of the frames.
     """
+    from dali_float.face.blazeface import box_iou
+    from dali_float.face.detector import float_crop_box
+
     n = len(frame_boxes)
     times = list(frame_times_s) if frame_times_s is not None else list(range(n))
     unit = "s" if frame_times_s is not None else ""
@@ -199,6 +210,10 @@ class ClipFramer:
                input_size: int) -> CropDecision:
         """The clip's crop; source_frames (T,) are the source frame indices of its T frames at `fps`.
         ClipSkipped when the clip cannot be framed; MediaError when its frames cannot be decoded."""
+        import torch
+
+        from dali_float.media.video import FULL_FRAME
+
         if self.crop == "center":
             return center_crop(info.width, info.height)
         if self.crop == "none":
@@ -231,6 +246,8 @@ class ClipFramer:
 def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     """On the CPU, run the detector on one torch thread: its graph is ~300 small ops, and a second
     OpenMP thread made each op wait (measured up to 50x slower on 2 shared cores, docs/FACE_FRAMING.md)."""
+    import torch
+
     if device.type != "cpu":
         yield
         return
@@ -248,6 +265,7 @@ def framing_identity(crop: str) -> str:
     check_crop(crop)
     if crop != "face":
         return crop
+    from dali_float.face.detector import FLOAT_CROP_SCALE
     from dali_float.models.face_detector import detector_identity
 
     return f"face:{detector_identity(DETECT_MODEL)}:scale{FLOAT_CROP_SCALE}:detect{DETECT_FPS}fps{DETECT_SIZE}px"

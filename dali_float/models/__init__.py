@@ -6,6 +6,7 @@
   emotion         waveform -> 7 emotion probabilities (or RAVDESS file name / uniform)
   fmt             flow-matching transformer + trainable audio projection (what training optimises)
   float_pth       FLOAT's float.pth as a whole: its parts, their names, a check of a whole file (the export)
+  torch_files     what a file given as a checkpoint is when torch.save did not write it (no torch needed)
 
 Here: where the encoders' weights come from (`ModelSources`), their identities for the cache
 fingerprint without building anything (`model_identities`), `build_encoders` for preprocessing and
@@ -20,25 +21,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
 from dali_float.config import Preset
 from dali_float.errors import UsageError
 from dali_float.hashing import sha256_file, sha256_tree
-from dali_float.models.fmt import FloatMotionModel, FlowMatchingTransformer, count_parameters
-from dali_float.models.motion_decoder import MotionDecoder, load_decoder_checkpoint
-from dali_float.models.motion_encoder import (MotionEncoder, MotionEncoding, ReferenceEncoding,
-                                              load_motion_checkpoint)
 
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
     from dali_float.models.audio_encoder import AudioEncoder
     from dali_float.models.emotion import EmotionEncoder
+    from dali_float.models.fmt import FloatMotionModel, FlowMatchingTransformer, count_parameters
+    from dali_float.models.motion_decoder import MotionDecoder, load_decoder_checkpoint
+    from dali_float.models.motion_encoder import (MotionEncoder, MotionEncoding, ReferenceEncoding,
+                                                  load_motion_checkpoint)
 
-# The wav2vec2 modules import transformers (~1.5 s); training and loader workers need only the FMT,
-# so these names are imported on first use (PEP 562).
+# The model modules import torch (~2 s) and the wav2vec2 ones transformers too (~1.5 s more): their names are
+# imported on first use (PEP 562), so that what only needs ModelSources and the weights' identities
+# (`preprocess.py status`, the cache fingerprint) imports neither.
 _LAZY = {"AudioEncoder": "audio_encoder", "EmotionEncoder": "emotion", "emotion_from_filename": "emotion",
-         "uniform_emotion": "emotion", "one_hot_emotion": "emotion"}
+         "uniform_emotion": "emotion", "one_hot_emotion": "emotion",
+         "FloatMotionModel": "fmt", "FlowMatchingTransformer": "fmt", "count_parameters": "fmt",
+         "MotionDecoder": "motion_decoder", "load_decoder_checkpoint": "motion_decoder",
+         "MotionEncoder": "motion_encoder", "MotionEncoding": "motion_encoder", "ReferenceEncoding": "motion_encoder",
+         "load_motion_checkpoint": "motion_encoder"}
 
 
 def __getattr__(name: str) -> Any:
@@ -155,6 +161,8 @@ def build_encoders(preset: Preset, sources: ModelSources, device: torch.device |
 
 def build_motion_encoder(preset: Preset, motion_ckpt: Path | None, device: torch.device | str) -> MotionEncoder:
     """The frozen motion encoder alone (float.pth's, or the seeded random init), eval mode, on `device`."""
+    from dali_float.models.motion_encoder import MotionEncoder, load_motion_checkpoint
+
     motion = MotionEncoder(preset.motion, seed=preset.init_seed)
     if motion_ckpt is not None:
         load_motion_checkpoint(motion, motion_ckpt)
@@ -167,6 +175,9 @@ def emotion_vector(encoders: Encoders, waveform: torch.Tensor | np.ndarray, clip
     waveform: (1, N) or (N,) float, normalised, 16 kHz (used by "model" only); clip_path: the source
     video (used by "filename" only; MediaError if its name is not RAVDESS-style).
     """
+    import numpy as np
+    import torch
+
     from dali_float.models.emotion import emotion_from_filename, uniform_emotion
 
     source = encoders.sources.emotion
@@ -185,6 +196,8 @@ def encode_motion(encoder: MotionEncoder, frames: torch.Tensor) -> MotionEncodin
 
     frames (N, 3, S, S) in [-1, 1]; fp16 autocast on CUDA, float32 on the CPU; outputs float32.
     """
+    import torch
+
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=frames.is_cuda):
         return encoder(frames)
 
@@ -194,6 +207,8 @@ def encode_reference(encoder: MotionEncoder, frames: torch.Tensor) -> ReferenceE
 
     frames (N, 3, S, S) in [-1, 1]; fp16 autocast on CUDA, float32 on the CPU.
     """
+    import torch
+
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=frames.is_cuda):
         return encoder.encode_reference(frames)
 
@@ -204,6 +219,10 @@ def build_decoder(preset: Preset, motion_ckpt: Path | None, device: torch.device
 
     float16 on a GPU (the frames of a chunk go through it in one batch), float32 on the CPU.
     """
+    import torch
+
+    from dali_float.models.motion_decoder import MotionDecoder, load_decoder_checkpoint
+
     global _random_decoder_warned
     decoder = MotionDecoder(preset.motion, seed=preset.init_seed)
     if motion_ckpt is not None:

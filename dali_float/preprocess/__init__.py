@@ -11,11 +11,24 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from dali_float.preprocess.manage import (cache_status, clear_cache, compact_cache, format_clip, format_plan,
                                           format_status, migrate_cache, plan_run, show_clip, verify_cache)
 from dali_float.preprocess.options import (PreprocessOptions, PreprocessResult, cache_fingerprint, default_cache_dir,
                                            default_data_root)
-from dali_float.preprocess.run import run_preprocessing
+
+if TYPE_CHECKING:
+    from dali_float.preprocess.run import run_preprocessing
+
+
+def __getattr__(name: str) -> Any:
+    # run (and its workers) import torch; status, plan, show and verify do not need it (PEP 562).
+    if name == "run_preprocessing":
+        from dali_float.preprocess.run import run_preprocessing
+
+        return run_preprocessing
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["PreprocessOptions", "PreprocessResult", "cache_fingerprint", "cache_status", "clear_cache", "compact_cache",
            "default_cache_dir", "default_data_root", "format_clip", "format_plan", "format_status", "migrate_cache",

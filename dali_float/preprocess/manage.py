@@ -47,6 +47,7 @@ def cache_status(data_root: Path, cache_dir: Path, preset: Preset, sources: Mode
     return _survey(data_root, cache_dir, preset, sources, crop, segments)[0]
 
 
+@plan.gc_paused()  # a million index rows and sources: see gc_paused
 def _survey(data_root: Path, cache_dir: Path, preset: Preset, sources: ModelSources, crop: str,
             segments: Path | None) -> tuple[dict[str, Any], list[plan.Source]]:
     """(cache_status's dict, the sources found): what status and plan both read."""

@@ -21,7 +21,7 @@ from dali_float.config import MAX_CLIP_S, MAX_FRAME_PIXELS, Preset
 from dali_float.errors import CheckpointError, UsageError
 from dali_float.media.framing import check_crop, framing_identity
 from dali_float.models import ModelSources, model_identities
-from dali_float.models.motion_encoder import not_a_torch_checkpoint, torch_file_problem
+from dali_float.models.torch_files import not_a_torch_checkpoint, torch_file_problem
 
 log = logging.getLogger(__name__)
 
