@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from dali_float import activity
 from dali_float.config import Preset
 from dali_float.errors import UsageError
 from dali_float.hashing import sha256_file, sha256_tree
@@ -185,7 +186,8 @@ def encode_motion(encoder: MotionEncoder, frames: torch.Tensor) -> MotionEncodin
 
     frames (N, 3, S, S) in [-1, 1]; fp16 autocast on CUDA, float32 on the CPU; outputs float32.
     """
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=frames.is_cuda):
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=frames.is_cuda), \
+            activity.encoder_call(frames):  # its GPU time, when the bench records it
         return encoder(frames)
 
 
