@@ -296,8 +296,9 @@ def _check_regular_file(path: Path) -> None:
 
 def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: Iterable[ClipTask], reporter: Reporter,
               stop: Interrupts | None = None) -> None:
-    """Process `tasks` in order (a list, or a worker process's TaskFeed: the parent's queue), reporting each clip's start, frames and entry (written through `writer`,
-    committed in groups, and on time between a clip's frame batches: ShardWriter.commit_if_due).
+    """Process `tasks` in order (a list, or a worker process's TaskFeed: the parent's queue), reporting each
+    clip's start, frames and entry (written through `writer`, committed in groups, and on time between a
+    clip's frame batches: ShardWriter.commit_if_due).
 
     `stop`: a signal abandons the clip in flight (its work is lost) and ends the loop; what was finished is
     committed by the writer's close. Records and commits are never cut by it (deferred)."""
