@@ -367,8 +367,10 @@ class TaskFeed:
             try:
                 while True:
                     self._answers.put(tasks_in.recv())
-            except (EOFError, OSError):  # the parent closed its end (or died: the lifeline ends this process)
-                self._answers.put(None)
+            except (EOFError, OSError):
+                # The parent is gone (the lifeline kills this process) or has stopped its workers (SIGTERM):
+                # not "none left", which would end the loop and commit, and an orphan must not write.
+                return
 
         threading.Thread(target=drain, name="task-feed", daemon=True).start()
 
