@@ -8,12 +8,14 @@
                                                                      # python against the copy ceilings only
     python bench/compare.py --from_json out/bench.json --plot out/bench.png   # print / draw a saved run again
     python bench/compare.py --from_json out/run1.json out/run2.json out/run3.json   # medians over runs
+    python bench/compare.py --clip_lengths_only --json out/lengths.json   # the same frames as long and short clips
     python bench/compare.py --scale 1000000 --json out/scale.json   # the cache at 1,000 and N clips (says how
                                                                      # long and how much disk, up front)
 
 Loaders (naive, torch with num_workers 0 and N, dali per read strategy) against a plain copy of the same
 bytes, training steps/s and data-wait with each loader, preprocessing frames/s per decode path, and the
-cache's bytes per hour against decoded frames. Each measurement runs in a process of its own. The
+cache's bytes per hour against decoded frames, and frames/s of the same frames as long videos, short files and
+segments (the clip-length probe). Each measurement runs in a process of its own. The
 markdown tables go to stdout, progress and logs to stderr. Exit codes: 0 done, 1 some measurement failed
 (the others are reported), 2 usage error. This script only parses arguments; the work is in dali_float.bench.
 """
@@ -47,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strategies_only", action="store_true",
                    help="only the copy ceilings and the DALI loader's read strategies (pread, resident, python): "
                         "no naive, torch, training, preprocessing or rendering")
+    g.add_argument("--clip_lengths_only", action="store_true",
+                   help="only the clip-length probe: the same frames as long videos, files of 8 s and 2.4 s and "
+                        "2.4-s segments, each preprocessed by a forced run (tiny, --crop center, 1 worker; "
+                        "--quick: one 12-s video, else four 60-s ones, written once)")
     g.add_argument("--scale", type=int, default=None, metavar="N",
                    help="measure the cache and the loaders at 1,000 and N synthetic clips instead (tiny preset, "
                         "100 frames each; in --cache_dir, default $DALI_FLOAT_HOME/scale; logs the disk and time "
@@ -96,17 +102,29 @@ def main() -> int:
 
             sys.stdout.write(format_scale(runs[0]))
             return 0
+        if runs[0].get("kind") == "clip_lengths":
+            from dali_float.bench.report import format_clip_lengths
+
+            sys.stdout.write(format_clip_lengths(runs[0]))  # each run holds the medians over its own runs
+            return 0
         results = runs[0] if len(runs) == 1 else median_of_runs(runs)
     else:
         options = BenchOptions(preset=args.preset, data_root=args.data_root, cache_dir=args.cache_dir,
                                sources=ModelSources.from_args(args), device=args.device, batch_size=args.batch_size,
                                quick=args.quick, train_preset=args.train_preset, progress=args.progress,
                                seed=args.seed, crop=args.crop, segments=args.segments,
-                               strategies_only=args.strategies_only)
+                               strategies_only=args.strategies_only, clip_lengths_only=args.clip_lengths_only)
+        if args.clip_lengths_only and args.plot is not None:
+            raise UsageError("--plot draws the whole comparison; --clip_lengths_only has only its table")
         results = run_benchmark(options)
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if results.get("kind") == "clip_lengths":
+        from dali_float.bench.report import format_clip_lengths
+
+        sys.stdout.write(format_clip_lengths(results))
+        return 1 if results["errors"] else 0
     if args.plot is not None:
         plot_results(results, args.plot)
     sys.stdout.write(format_table(results))

@@ -20,6 +20,7 @@ from dali_float.cache import format as cf
 from dali_float.cache import view as cache_view
 from dali_float.bench.figures import (cache_figures, computed_cache_bytes_per_hour, frame_bytes_per_hour,
                                       median_of_runs)
+from dali_float.bench.clip_lengths import SHAPES, CorpusPlan, add_ratios, shape_summary, write_corpus
 from dali_float.bench.report import format_table
 from dali_float.cache.index import ClipIndex
 from dali_float.cache.store import ShardWriter, writer_name
@@ -103,6 +104,15 @@ def test_quick_run_reports_every_figure(quick_run):
     assert _finite(results["render"]["tiny"]["end_to_end"]["frames_per_s"])
     assert _finite(results["render"]["tiny"]["batching_gain"])
     assert "## Rendering" in stdout
+
+    lengths = results["clip_lengths"]  # the same frames as long videos, files of 8 s and 2.4 s, segments of 2.4 s
+    assert list(lengths["shapes"]) == list(SHAPES), lengths.get("error")
+    assert len({e["frames"] for e in lengths["shapes"].values()}) == 1  # the same frames in every shape
+    for shape, entry in lengths["shapes"].items():
+        assert _finite(entry["frames_per_s"]) and _finite(entry["vs_long"]) and entry["not_cached"] == 0, shape
+        assert _finite(entry["stage_seconds"]["motion"]) and _finite(entry["stage_seconds"]["audio"]), shape
+        assert entry["nvdec_streams_in_flight"] is None and entry["encoder_busy_fraction"] is None  # the CPU
+    assert lengths["shapes"]["long"]["vs_long"] == 1.0 and "## Clip lengths" in stdout
 
     cache = results["cache"]
     for key in ("bytes_per_hour", "uint8_frames_bytes_per_hour", "float32_frames_bytes_per_hour"):
@@ -385,6 +395,67 @@ def test_sections_from_the_probes_jobs():
     without_naive = loader_section([j for j in jobs if j.name != "naive"])[0]
     assert without_naive["naive"]["error"] == "every configuration failed"
     assert without_naive["dali"]["x_naive"] is None and without_naive["dali"]["fraction_of_ceiling"] == 0.5
+
+
+def test_the_clip_length_corpus_holds_the_same_frames_in_every_shape(tmp_path):
+    """The clip-length probe's corpus: the long video, its cuts into files (the last piece keeps what is left)
+    and the segments file over the long video hold the same frames at 25 fps, as probing them finds."""
+    from dali_float import media
+
+    plan = CorpusPlan(videos=1, video_s=2.4, size=64, clip_s=(1.0, 0.8), segment_s=0.8)
+    shapes = write_corpus(tmp_path, plan)
+    assert set(shapes) == set(SHAPES) and (tmp_path / "corpus.json").is_file()
+
+    def frames(path: Path, span=None) -> int:
+        info = media.probe_video(path)
+        return len(media.clip_frame_indices(info, 25, span))
+
+    assert [frames(p) for p in sorted((tmp_path / "long").iterdir())] == [60]
+    assert [frames(p) for p in sorted((tmp_path / "clips_8s").iterdir())] == [25, 25, 10]
+    assert [frames(p) for p in sorted((tmp_path / "clips_2.4s").iterdir())] == [20, 20, 20]
+    specs = media.discover_clips(tmp_path / "long", tmp_path / "segments_2.4s.csv")
+    assert [(s.clip_id, s.span_s) for s in specs] == [("video0_000", (0.0, 0.8)), ("video0_001", (0.8, 1.6)),
+                                                      ("video0_002", (1.6, 2.4))]
+    assert [frames(s.path, s.span_s) for s in specs] == [20, 20, 20]
+
+
+def test_the_clip_length_table_and_the_devices_figures():
+    """The clip-length section as the probe makes it (runs per shape -> medians, ratios to the long videos) and
+    its table: frames/s and the ratio per shape, stage seconds; NVDEC streams and the encoder's busy fraction
+    where the workers recorded them (activity.summarize: overlapping decode intervals of two processes), "not
+    measured" where they did not (the CPU)."""
+    from dali_float.activity import summarize
+    from dali_float.bench.report import _clip_length_lines
+
+    gpu = summarize([{"decode_intervals": [(0.0, 2.0)], "encoder_busy_ms": 30.0, "encoder_span_ms": 100.0},
+                     {"decode_intervals": [(1.0, 3.0), (5.0, 6.0)], "encoder_busy_ms": 50.0,
+                      "encoder_span_ms": 100.0}])
+    # 0-1 one stream, 1-2 two, 2-3 one, 5-6 one: 5 stream-seconds over 4 s of decoding
+    assert gpu["nvdec_streams_in_flight"] == {"mean": 1.25, "max": 2, "decoding_s": 4.0}
+    assert gpu["encoder_busy_fraction"] == 0.4
+    assert summarize([]) == {"nvdec_streams_in_flight": None, "encoder_busy_fraction": None}
+
+    def run(frames, wall_s, device=None):
+        return {"frames": frames, "clips": frames // 60, "not_cached": 0, "wall_s": wall_s,
+                "stage_seconds": {"framing": 0.0, "decode": 1.0, "motion": 2.0, "audio": 0.5, "emotion": 0.1},
+                **(device or summarize([]))}
+
+    shapes = {"long": shape_summary([run(600, 2.0), run(600, 3.0), run(600, 6.0)]),  # median 200 frames/s
+              "clips_8s": shape_summary([run(600, 4.0)]), "clips_2.4s": shape_summary([run(600, 5.0, gpu)]),
+              "segments_2.4s": shape_summary([run(600, 6.0)])}
+    add_ratios(shapes)
+    assert shapes["long"]["frames_per_s"] == 200.0 and shapes["long"]["wall_s"] == 3.0
+    assert [shapes[s]["vs_long"] for s in SHAPES] == [1.0, 0.75, 0.6, 0.5]
+    assert shapes["long"]["stage_fps"] == {"decode": 600.0, "motion": 300.0, "audio": 1200.0, "emotion": 6000.0}
+    section = {"plan": {"videos": 4, "video_s": 60.0, "size": 128}, "preset": "tiny", "crop": "center",
+               "workers": 1, "device": "cpu", "shapes": shapes}
+    table = "\n".join(_clip_length_lines(section))
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| long videos", "| files of 8 s", "| files of 2.4 s",
+                                                   "| --segments of 2.4 s"]
+    assert rows[1].startswith("| files of 8 s | 10 | 600 | 150 | 0.750x | decode 1.00 s (600), motion 2.00 s (300)")
+    assert rows[0].endswith("| not measured | not measured |") and rows[2].endswith("| 1.25 mean, 2 max | 40% |")
+    assert _clip_length_lines(None) == [] and "error: probe died" in _clip_length_lines({"error": "probe died"})
 
 
 def test_the_resident_strategy_is_reported_beside_pread(saved_runs, tmp_path):

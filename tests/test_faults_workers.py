@@ -107,6 +107,36 @@ def test_a_clip_that_kills_its_worker_twice_fails_alone(tmp_path):
     assert again.processed == {cf.STATUS_CACHED: 1} and statuses(layout)["long.mp4"] == "cached"
 
 
+def test_a_free_worker_takes_the_next_clip_longest_first(tmp_path):
+    """--workers 2 take clips from one queue: they are handed out longest first, and while one worker is held
+    on the long clip (SIGSTOP: a slow clip, a slow device) the other takes every clip but the one the held
+    worker asked for ahead. Fixed shares (plan.balance) gave the held worker 3 of the 7 clips."""
+    data = tmp_path / "data"
+    make_clip(data / "long.mp4", 200, seed=9)
+    lengths = {f"clip{i}.mp4": 66 + 2 * i for i in range(6)}
+    for i, (name, frames) in enumerate(lengths.items()):
+        make_clip(data / name, frames, seed=i)
+    log = tmp_path / "run.log"
+    run = start_script("preprocess.py", *common_args(data, tmp_path / "cache"), "--workers", "2", "-v",
+                       stderr_path=log)
+    starts = lambda: re.findall(r"worker (\d) \(pid (\d+)\) on (\S+)$", log.read_text(), re.M)  # noqa: E731
+    try:
+        pid = wait_for(lambda: worker_on(log, "long.mp4", set()), "a worker on long.mp4", poll_s=0.005)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: sum(int(p) != pid for _, p, _ in starts()) >= 5, "the other worker on five clips")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert run.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        kill(run.pid)
+    handed = re.findall(r"worker \d gets (\S+) \(", log.read_text())
+    assert handed == ["long.mp4", *sorted(lengths, key=lengths.get, reverse=True)]  # longest first, each once
+    held = [clip for _, p, clip in starts() if int(p) == pid]
+    assert held[0] == "long.mp4" and len(held) <= 2, starts()
+    assert statuses(layout_of(tmp_path / "cache")) == {c: "cached" for c in ["long.mp4", *lengths]}
+
+
 def test_a_worker_killed_after_committing_loses_no_clip(tmp_path):
     """A worker dies right after a group commit, before telling its parent that the clip it was on is done
     (every worker dies so, at its first commit): the clips its journal holds are done, none is taken for

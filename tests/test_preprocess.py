@@ -490,14 +490,14 @@ def test_a_truncated_or_overwritten_record_is_redone_and_nothing_else(small, tmp
 # ---------------------------------------------------------------------------------------------- parallelism
 
 def launched_workers(monkeypatch) -> list[list[str]]:
-    """Record the devices of every set of worker processes preprocessing starts."""
+    """Record the devices of every set of worker processes preprocessing starts (they share one queue)."""
     from dali_float.preprocess import run as run_module
 
     launched, real = [], run_module._run_processes
 
-    def spy(shares, devices, *args, **kwargs):
-        launched.append([f"{d}: {len(share)} clip(s)" for d, share in zip(devices, shares)])
-        return real(shares, devices, *args, **kwargs)
+    def spy(tasks, devices, *args, **kwargs):
+        launched.append([f"{d}: {len(tasks)} clip(s)" for d in devices])
+        return real(tasks, devices, *args, **kwargs)
 
     monkeypatch.setattr(run_module, "_run_processes", spy)
     return launched
@@ -507,10 +507,11 @@ def test_two_workers_make_the_same_cache_as_one(small, tmp_path, monkeypatch):
     data, cache_one, _ = small
     launched = launched_workers(monkeypatch)
     result = run_preprocessing(options(data, tmp_path / "cache", workers=2))
-    assert launched == [["cpu: 2 clip(s)", "cpu: 2 clip(s)"]]  # two worker processes, a share each
+    assert launched == [["cpu: 4 clip(s)", "cpu: 4 clip(s)"]]  # two worker processes, one queue
     assert result.exit_code == 0 and result.processed == {cf.STATUS_CACHED: 4}
     assert_same_cache(layout_of(cache_one), layout_of(tmp_path / "cache"))
-    assert len(layout_of(tmp_path / "cache").shard_files()) == 2  # one writer, one shard each
+    # one shard per writer (a worker slow to start may find the queue empty: then it writes none)
+    assert 1 <= len(layout_of(tmp_path / "cache").shard_files()) <= 2
     assert verify_problems(layout_of(tmp_path / "cache")) == []
 
 
@@ -565,6 +566,28 @@ def test_balance_splits_by_duration_without_overlap():
     assert max(loads) - min(loads) <= 10  # within the longest clip
     assert [[t.clip_id for t in s] for s in plan.balance(list(reversed(tasks)), 3)] == \
         [[t.clip_id for t in s] for s in shares]  # the same split whatever the input order
+
+
+def test_the_queue_hands_out_the_longest_video_first_and_keeps_a_videos_segments_together():
+    """One worker's video stays its own, segments in order; whole videos go longest first (by the summed
+    duration of their pending clips); an idle worker splits the largest run another holds, in order; the clips
+    of a dead worker go back first to its slot."""
+    def task(clip_id, path, duration_s, start_s=None):
+        span = None if start_s is None else (start_s, start_s + duration_s)
+        return plan.ClipTask(clip_id, path, 0, 1, 1, True, span_s=span, duration_s=duration_s)
+
+    segments = [task(f"v/{i}", "/v.mp4", 2.0, 2.0 * i) for i in range(6)]  # 12 s in all, each clip short
+    tasks = [task("short", "/s.mp4", 3.0), task("long", "/l.mp4", 10.0), task("none", "/n.mp4", 0.0),
+             *reversed(segments)]
+    queue = plan.ClipQueue(tasks)
+    taken = lambda w: getattr(queue.take(w), "clip_id", None)  # noqa: E731
+    assert len(queue) == 9
+    assert [taken(0), taken(1), taken(0)] == ["v/0", "long", "v/1"]  # worker 0 keeps the video it started
+    assert taken(1) == "short"  # worker 1's video is done: the next one
+    assert [taken(1), taken(1)] == ["none", "v/4"]  # none untouched left: the second half of worker 0's run
+    queue.give_back(1, [segments[4]])  # worker 1 died on v/4: first in line for its fresh process
+    assert [taken(1), taken(1), taken(0), taken(0), taken(0)] == ["v/4", "v/5", "v/2", "v/3", None]
+    assert len(queue) == 0 and taken(1) is None
 
 
 @pytest.mark.slow
@@ -832,7 +855,7 @@ def test_gpus_flag_runs_one_worker_per_gpu(small, tmp_path, monkeypatch):
     one = run_preprocessing(options(data, tmp_path / "one", device="cuda:0"))
     launched = launched_workers(monkeypatch)
     two = run_preprocessing(options(data, tmp_path / "two", gpus=(0, 1)))
-    assert launched == [["cuda:0: 2 clip(s)", "cuda:1: 2 clip(s)"]]
+    assert launched == [["cuda:0: 4 clip(s)", "cuda:1: 4 clip(s)"]]
     assert one.exit_code == two.exit_code == 0 and two.processed == {cf.STATUS_CACHED: 4}
     a, b = layout_of(tmp_path / "one"), layout_of(tmp_path / "two")
     ea, eb = entries_of(a), entries_of(b)

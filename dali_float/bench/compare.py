@@ -7,8 +7,8 @@ Order of a run: settings (quick or full, CPU or GPU) and the expected time, logg
 cache (preprocessed with progress bars when it is not up to date); the page cache warmed; then one
 subprocess per measurement (`probes.run_probe`): the copy ceilings, every loader configuration, a
 short training run per loader (with the best configuration of each), the decode paths and audio,
-rendering (the motion decoder alone and end to end from speech, both presets; what --sample_every
-costs in training); finally the cache's size against decoded frames, the ratios and the targets. Every figure goes into
+the same frames as long and short clips (the clip-length probe), rendering (the motion decoder alone
+and end to end from speech, both presets; what --sample_every costs in training); finally the cache's size against decoded frames, the ratios and the targets. Every figure goes into
 one JSON-ready dict (see docs/BENCHMARKS.md for its keys).
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dali_float import paths
 from dali_float.bench import probes
 from dali_float.bench.figures import assemble, targets
 from dali_float.bench.machine import load_average, machine_info
-from dali_float.bench.plan import (LOADERS, BenchOptions, Job, best_job, loader_jobs, make_settings, preprocess_jobs,
-                                   render_jobs, resolve_device, sources_spec, train_jobs)
+from dali_float.bench.plan import (LOADERS, BenchOptions, Job, best_job, clip_length_jobs, loader_jobs, make_settings,
+                                   preprocess_jobs, render_jobs, resolve_device, sources_spec, train_jobs)
 from dali_float.config import get_preset
 from dali_float.errors import DaliFloatError, UsageError
 from dali_float.progress import progress_bar, redirect_logging
@@ -60,6 +60,13 @@ def _framing_root(options: BenchOptions, settings) -> str | None:
     from dali_float.faces_corpus import ensure_faces_corpus
 
     return str(ensure_faces_corpus())
+
+
+def _clip_length_corpus(settings) -> Path:
+    """The clip-length probe's corpus of this plan (quick or full), written once (bench/clip_lengths.py)."""
+    from dali_float.bench.clip_lengths import FULL_PLAN, QUICK_PLAN, ensure_corpus
+
+    return ensure_corpus(QUICK_PLAN if settings.quick else FULL_PLAN)
 
 
 def warm_page_cache(cache_root: Path) -> int:
@@ -100,6 +107,8 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     if load and load[0] > 0.5 * machine["usable_cores"]:
         log.warning("the machine is busy (load average %.1f on %d cores): CPU figures will be lower and noisier "
                     "than on a quiet machine (recorded in the JSON)", load[0], machine["usable_cores"])
+    if options.clip_lengths_only:
+        return _clip_lengths_only(options, settings, machine, started)
 
     common_base = {"sources": sources_spec(options.sources), "cache_dir": str(cache_dir), "device": device,
                    "batch_size": settings.batch_size, "seed": settings.seed, "crop": options.resolved_crop,
@@ -107,7 +116,8 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     # Placeholders for the estimate; the real fingerprints come from the prepare step.
     estimate = sum(j.expected_s for j in loader_jobs(settings, common_base) + (
         [] if settings.strategies_only else train_jobs(settings, common_base, {})
-        + preprocess_jobs(settings, common_base) + render_jobs(settings, common_base, common_base)))
+        + preprocess_jobs(settings, common_base) + clip_length_jobs(settings, common_base, "")
+        + render_jobs(settings, common_base, common_base)))
     log.info("%s run, preset %s, %s, batch %d: expected about %.1f min of measurements (estimate for 2 quiet CPU "
              "cores), plus preprocessing where the cache is not up to date (demo corpus on 2 CPU cores: ~1 min "
              "tiny, ~10 min float)", "quick" if settings.quick else "full", preset.name, device,
@@ -131,9 +141,21 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     if settings.train_preset != settings.preset:
         warm_page_cache(Path(train_prep["cache_root"]))
     later = (train_jobs(settings, train_common, best) + preprocess_jobs(settings, common, _framing_root(options, settings))
+             + clip_length_jobs(settings, common, str(_clip_length_corpus(settings)))
              + render_jobs(settings, common, train_common))
     _run_jobs(later, options.progress, "training, preprocessing, rendering")
     return _results(settings, machine, jobs + later, prepared, cache_dir, options, started)
+
+
+def _clip_lengths_only(options: BenchOptions, settings, machine: dict[str, Any], started: float) -> dict[str, Any]:
+    """--clip_lengths_only: the clip-length probe alone (its own corpus: no cache to prepare)."""
+    [job] = clip_length_jobs(settings, {"sources": sources_spec(options.sources)}, str(_clip_length_corpus(settings)))
+    log.info("clip lengths: expected about %.1f min (estimate for 2 quiet CPU cores)", job.expected_s / 60)
+    _run_jobs([job], options.progress, "clip lengths")
+    machine["load_average_end"] = load_average()
+    return {"kind": "clip_lengths", "machine": machine, "settings": settings.to_dict(),
+            "clip_lengths": dict(job.result), "elapsed_s": time.perf_counter() - started,
+            "errors": [] if job.ok else [f"clip_lengths: {job.result.get('error')}"]}
 
 
 def _results(settings, machine: dict[str, Any], jobs: list[Job], prepared: dict[str, dict[str, Any]], cache_dir: Path,

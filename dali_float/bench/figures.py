@@ -215,6 +215,7 @@ def assemble(settings: Settings, machine: dict[str, Any], jobs: list[Job], prepa
         "loaders": loaders, "loader_configs": configs, "ceiling": ceiling,
         "ratios": ratio_section(loaders, configs, ceiling, training),
         "training": training, "preprocess": preprocess_section(jobs, first), "render": render_section(jobs),
+        "clip_lengths": next((dict(j.result) for j in jobs if j.section == "clip_lengths"), None),
         "cache": cache_section(prepared, settings, cache_dir, sources, crop),
         "errors": [f"{j.section} {j.name} ({j.label}): {j.result['error']}" for j in jobs if not j.ok],
     }

@@ -40,6 +40,7 @@ class BenchOptions:
     segments: a CSV of clip segments (media.segments); None: every video is a clip.
     strategies_only: only the copy ceilings and the DALI loader's read strategies (pread, resident,
     python): a few minutes, e.g. a GPU's check of the resident strategy (bench/gpu_proof.sh).
+    clip_lengths_only: only the clip-length probe (bench/clip_lengths.py): no cache, loader or training.
     """
 
     preset: str = "tiny"
@@ -55,8 +56,11 @@ class BenchOptions:
     progress: bool = True
     seed: int = 0
     strategies_only: bool = False
+    clip_lengths_only: bool = False
 
     def __post_init__(self) -> None:
+        if self.strategies_only and self.clip_lengths_only:
+            raise UsageError("--strategies_only and --clip_lengths_only each measure one thing only: give one")
         get_preset(self.preset)
         if self.train_preset is not None:
             get_preset(self.train_preset)
@@ -105,6 +109,7 @@ class Settings:
     sample_cost: dict[str, Any] | None  # the --sample_every cost run (full runs), None in quick ones
     seed: int = 0
     strategies_only: bool = False  # the ceilings and the DALI read strategies, nothing else
+    clip_lengths_only: bool = False  # the clip-length probe, nothing else
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -154,7 +159,7 @@ def make_settings(options: BenchOptions, device: str) -> Settings:
         render=render_plan(quick, on_gpu),
         # 160 steps, a sample every 50: three samples, the first with its set-up; the first 30 steps excluded.
         sample_cost=None if quick else {"steps": 160, "sample_every": 50, "exclude_steps": 30},
-        seed=options.seed, strategies_only=options.strategies_only,
+        seed=options.seed, strategies_only=options.strategies_only, clip_lengths_only=options.clip_lengths_only,
     )
 
 
@@ -277,6 +282,23 @@ def preprocess_jobs(s: Settings, common: dict[str, Any], framing_root: str | Non
                                 {**common, "probe": "preprocess_run", "crop": crop, "data_root": framing_root,
                                  "segments": None}, _PROCESS_START_S + 40.0))
     return jobs
+
+
+def clip_length_jobs(s: Settings, common: dict[str, Any], corpus: str) -> list[Job]:
+    """The clip-length probe (bench/clip_lengths.py) on `corpus`: tiny, --crop center, one worker, whatever
+    --preset (the run's own weights only when it is tiny: the frames/s do not depend on the weights)."""
+    from dali_float.bench.clip_lengths import FULL_PLAN, QUICK_PLAN
+
+    plan = QUICK_PLAN if s.quick else FULL_PLAN
+    runs = 1 if s.quick else 2
+    sources = common.get("sources") if s.preset == "tiny" else None
+    spec = {"probe": "clip_lengths", "preset": "tiny", "sources": sources, "device": s.device, "corpus": corpus,
+            "runs": runs}
+    frames = 4 * plan.videos * plan.video_s * 25  # four shapes of the same frames
+    # ~150 frames/s with tiny on 2 quiet cores, plus a worker's start per run and shape
+    expected = _PROCESS_START_S + runs * (frames / 150.0 + 4 * _PROCESS_START_S)
+    return [Job("clip_lengths", "clip_lengths", f"{plan.videos} x {plan.video_s:g} s as 4 shapes, tiny, "
+                f"--crop center, 1 worker", spec, expected)]
 
 
 # Seconds a render job takes on 2 quiet CPU cores, for the estimate: tiny whole, float per frame drawn.

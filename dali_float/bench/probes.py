@@ -14,6 +14,7 @@ JSON object on its last stdout line; `run_probe(spec)` runs that in a subprocess
   preprocess  frames/s of the decode paths (decode alone, decode + motion encoder), audio s/s
   preprocess_run  a whole forced preprocessing run into a temporary cache (end to end, one worker)
   render, train_samples  rendering and sample videos (bench/render_probes.py)
+  clip_lengths  the same frames as long videos, 8-s and 2.4-s files, 2.4-s segments (bench/clip_lengths.py)
 
 Every rate is a median over timed runs, with their spread (bench/measure.py: memory, timing, the
 pieces every probe shares). Units: bytes, seconds, frames at 25 fps.
@@ -35,6 +36,7 @@ from typing import Any, Callable
 
 from dali_float.bench.measure import (MemoryWatch, _context, _open_cache, _segments, _sync, disk_read_bytes,
                                       peak_rss_bytes, rate_summary, sample_bytes, timed_runs)
+from dali_float.bench.clip_lengths import clip_lengths_probe
 from dali_float.bench.render_probes import PROBES as RENDER_PROBES
 
 log = logging.getLogger(__name__)
@@ -473,7 +475,8 @@ def preprocess_run_probe(spec: dict[str, Any]) -> dict[str, Any]:
 
 PROBES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "prepare": prepare_probe, "loader": loader_probe, "ceiling": ceiling_probe, "train": train_probe,
-    "preprocess": preprocess_probe, "preprocess_run": preprocess_run_probe, **RENDER_PROBES,
+    "preprocess": preprocess_probe, "preprocess_run": preprocess_run_probe, "clip_lengths": clip_lengths_probe,
+    **RENDER_PROBES,
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from dali_float.bench import clip_lengths
 from dali_float.media.framing import DETECT_FPS
 
 
@@ -127,6 +128,51 @@ def _resident_lines(configs: list[dict[str, Any]], ratios: dict[str, Any]) -> li
             f"{_pct(ratios.get('dali_resident_fraction_of_memory_ceiling'))} of its memory ceiling's MB/s."]
 
 
+def _clip_length_lines(section: dict[str, Any] | None) -> list[str]:
+    """The report's clip-length table (bench/clip_lengths.py); nothing when the probe did not run."""
+    if not section:
+        return []
+    lines = ["", "## Clip lengths (the same frames as long videos, shorter files and segments)", ""]
+    if "error" in section:
+        return lines + [f"error: {section['error']}"]
+    plan = section["plan"]
+    lines += [f"{plan['videos']} H.264 video(s) of {plan['video_s']:g} s at {plan['size']}x{plan['size']}, preset "
+              f"{section['preset']}, --crop {section['crop']}, {section['workers']} worker, {section['device']}; a "
+              f"whole forced run per shape (frames/s: the median over runs); per stage: seconds summed over the "
+              f"clips (the entries' stage_seconds) and frames/s.", ""]
+    rows = []
+    for shape in clip_lengths.SHAPES:
+        e = section["shapes"].get(shape)
+        if e is None:
+            continue
+        stages = ", ".join(f"{k} {sec:,.2f} s ({_num(e['stage_fps'].get(k))})"
+                           for k, sec in e["stage_seconds"].items() if sec >= 0.005)  # not framing's centre crop
+        streams = e.get("nvdec_streams_in_flight")
+        busy = e.get("encoder_busy_fraction")
+        rows.append([clip_lengths.SHAPE_LABELS[shape], f"{e['clips']:,.0f}", f"{e['frames']:,.0f}", _num(e["frames_per_s"]),
+                     _ratio(e.get("vs_long")), stages or "n/a",
+                     "not measured" if streams is None else
+                     f"{_num(streams['mean'])} mean, {streams['max']} max",
+                     "not measured" if busy is None else _pct(busy)])
+    return lines + _rows(["the same frames as", "clips", "frames", "frames/s", "vs long", "stage s (frames/s)",
+                          "NVDEC streams in flight", "encoder busy"], rows)
+
+
+def format_clip_lengths(results: dict[str, Any]) -> str:
+    """A --clip_lengths_only run (kind "clip_lengths") as markdown: the machine, then the clip-length table."""
+    m = results["machine"]
+    gpu = m.get("gpu")
+    lines = [f"# dali-float clip lengths{' (quick)' if results['settings']['quick'] else ''}", "",
+             f"{m['date_utc']}; CPU {m['cpu_model']} ({m['usable_cores']} usable cores); "
+             + (f"GPU {gpu['name']}" if gpu else "no GPU")
+             + f"; load average {_load(m.get('load_average_start'))} -> {_load(m.get('load_average_end'))}; "
+             f"dali-float {_commit(m.get('source'))}; {results.get('elapsed_s', 0):.0f} s.",
+             *_clip_length_lines(results.get("clip_lengths"))]
+    if results.get("errors"):
+        lines += ["", "## Errors", "", *[f"- {e}" for e in results["errors"]]]
+    return "\n".join(lines) + "\n"
+
+
 def format_table(results: dict[str, Any]) -> str:
     """Every figure of `results` as markdown: loaders, training, preprocessing, cache, targets."""
     m, s = results["machine"], results["settings"]
@@ -235,6 +281,7 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"--crop face runs at {_ratio(framing['face_vs_center'])} the frames/s of --crop center on "
                          f"{framing['data_root']} (detection on {DETECT_FPS:g} sampled frames per second of video, "
                          f"then the same crop and resize).")
+    lines += _clip_length_lines(results.get("clip_lengths"))
     lines += _render_lines(results.get("render") or {}, s["device"])
     c = results["cache"]
     at = c["at_512"]

@@ -17,6 +17,7 @@ import av
 import numpy as np
 import torch
 
+from dali_float import activity
 from dali_float.errors import MediaError, UsageError
 from dali_float.media.probe import VideoInfo, _media_errors, _video_stream
 
@@ -318,7 +319,8 @@ class FrameDecoder:
                 batch = [packets.remux(p) for p in pieces[start:start + self.batch_chunks]]
                 blobs, local = [blob for blob, _ in batch], [idx for _, idx in batch]
                 try:
-                    tensors = self._run(kind, {"encoded": blobs, "indices": local}, geometry, info.path)
+                    with activity.gpu_decode(kind == DALI_GPU):  # NVDEC's interval, when the bench records it
+                        tensors = self._run(kind, {"encoded": blobs, "indices": local}, geometry, info.path)
                 except MediaError as err:
                     if not (fallback and start == 0):
                         raise

@@ -1,7 +1,8 @@
 """Preprocessing: source videos -> the feature cache, every model run once per clip.
 
   options  what a run is asked (PreprocessOptions), what it reports (PreprocessResult), the fingerprint
-  plan     sources vs entries on disk (up to date / pending / gone), stable uids, balanced work split
+  plan     sources vs entries on disk (up to date / pending / gone), stable uids, the ranks' balanced shares,
+           the queue a rank's workers take clips from (longest video first)
   worker   one clip -> features -> entry (ClipProcessor), and the spawned worker process
   run      run_preprocessing: recover, plan, run workers (or torchrun ranks), merge, training view, summary
   manage   status / plan (a dry run) / show / verify [--repair] / compact / migrate / clear

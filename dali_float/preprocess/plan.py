@@ -9,9 +9,11 @@ its shard is missing or too short, or that `verify --repair` marked) or forced. 
 disappeared (a video removed, a segment row dropped) are dropped at the end of the run. So changing a video re-does its segments, and editing a segments file
 adds or drops only the rows that changed.
 
-Work is split so workers finish together: greedy longest-first by duration onto the least-loaded
-worker. The rule is deterministic, so torchrun ranks that plan from the same index snapshot
-take disjoint shares without talking to each other. Only the columns reconciling needs are read
+Work is split in two steps. Torchrun ranks take fixed shares (`balance`: greedy longest-first by
+duration onto the least-loaded rank); the rule is deterministic, so ranks that plan from the same index
+snapshot take disjoint shares without talking to each other. Within a rank, the worker processes take
+clips from one queue (`ClipQueue`), one at a time as each becomes free, longest video first, so
+that a slow clip does not leave a device idle at the end while another holds a fixed list. Only the columns reconciling needs are read
 (`cache.index.LIGHT`): a million rows take a few seconds and no JSON parsing.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import logging
 import os
 import stat
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
@@ -319,3 +322,58 @@ def balance(tasks: list[ClipTask], bins: int) -> list[list[ClipTask]]:
         shares[i].append(task)
         loads[i] += task.duration_s + _PER_CLIP_OVERHEAD_S
     return shares
+
+
+def video_runs(tasks: Iterable[ClipTask]) -> list[list[ClipTask]]:
+    """The tasks grouped by video, each video's segments in order of their start; the longest video
+    (by the summed duration of its pending clips) first, ties by path. A worker that processes one video's
+    segments one after another can share that video's work (its audio decode, its demux)."""
+    by_video: dict[str, list[ClipTask]] = {}
+    for task in tasks:
+        by_video.setdefault(task.path, []).append(task)
+    runs = [sorted(run, key=lambda t: (t.span_s[0] if t.span_s else 0.0, t.clip_id)) for run in by_video.values()]
+    return sorted(runs, key=lambda run: (-sum(t.duration_s for t in run), run[0].path))
+
+
+class ClipQueue:
+    """A rank's pending clips, handed to its worker processes one at a time, as each asks.
+
+    Whole videos go out longest first. A worker that took a segment gets the next segment of the same
+    video when it asks again (the video's run stays with it, in order); when no video is left untouched,
+    a worker that asks takes the second half of the largest run another worker holds, so that nobody
+    waits while one worker has a long list ahead of it. Clips of a worker process that died come back
+    to the worker's slot (`give_back`) and go first, to the fresh process that takes its place.
+    """
+
+    def __init__(self, tasks: Iterable[ClipTask]) -> None:
+        self._runs: deque[deque[ClipTask]] = deque(deque(run) for run in video_runs(tasks))
+        self._held: dict[int, deque[ClipTask]] = {}  # worker slot -> the rest of the run it is on
+
+    def __len__(self) -> int:
+        """Clips not handed out yet."""
+        return sum(map(len, self._runs)) + sum(map(len, self._held.values()))
+
+    def take(self, worker: int) -> ClipTask | None:
+        """The next clip for `worker`, or None when none is left to hand out."""
+        run = self._held.get(worker)
+        if not run:
+            run = self._runs.popleft() if self._runs else self._split(worker)
+            if run is None:
+                self._held.pop(worker, None)
+                return None
+            self._held[worker] = run
+        return run.popleft()
+
+    def _split(self, worker: int) -> deque[ClipTask] | None:
+        """The second half (in order) of the largest run another worker holds; None if all are empty."""
+        donor = max((run for w, run in self._held.items() if w != worker and run),
+                    key=lambda run: sum(t.duration_s for t in run), default=None)
+        if donor is None:
+            return None
+        tail = [donor.pop() for _ in range((len(donor) + 1) // 2)]
+        return deque(reversed(tail))
+
+    def give_back(self, worker: int, tasks: list[ClipTask]) -> None:
+        """`tasks` (handed to `worker`, not done, in the order it got them) go back to its slot, first in line."""
+        run = self._held.setdefault(worker, deque())
+        run.extendleft(reversed(tasks))

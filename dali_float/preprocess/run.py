@@ -5,7 +5,8 @@ Order of a run (the same on every torchrun rank):
     1. rank 0: create the folder, merge the journals and cut the shard tails a killed run left,
        check the cheap invariants, update touched rows (the index every rank plans from) -- barrier
     2. every rank: reconcile sources with the index, make tasks (stable uids), probe them,
-       take its share (deterministic split by duration), run it on its local workers
+       take its share (deterministic split by duration), run it on its local workers, which take
+       its clips from one queue as each becomes free (plan.ClipQueue: longest video first)
                                                                              -- barrier
     3. rank 0: merge the journals, drop rows of vanished sources, export the training view
                                                                              -- barrier (readers may open the cache)
@@ -14,8 +15,10 @@ Every worker process writes its own shards and journal (cache_store.ShardWriter)
 parent process writes index.sqlite and the training view, holding the cache's writer lock
 (cache.lock) from before step 1 to after step 3.
 
-Clips always run in worker processes that the parent watches (one with `--workers 1`): a clip that
-kills its process (the out-of-memory killer, a decoder crash) costs that clip only. It is tried once
+Clips always run in worker processes that the parent watches (one with `--workers 1`). The parent hands
+them out one at a time to whichever worker asks (worker.TaskFeed), so a worker stuck on a long clip does
+not hold a list of others while its neighbours run dry. A clip that kills its process (the out-of-memory
+killer, a decoder crash) costs that clip only. It is tried once
 more in a fresh worker, and recorded `failed` with the signal if it kills that one too. Workers die
 with their parent (PR_SET_PDEATHSIG and a pipe they watch), and are started from a fork server
 (multiprocessing "forkserver"), never forked from this process, which may run threads (DALI, OpenMP).
@@ -247,33 +250,36 @@ def _run_share(share: list[plan.ClipTask], devices: list[str], options: Preproce
     progress = _Progress(share, options.preset.timing.fps, options.progress, stats)
     try:
         with redirect_logging():
-            _run_processes(plan.balance(share, n), devices[:n], options, layout, progress, rank, stop)
+            _run_processes(share, devices[:n], options, layout, progress, rank, stop)
     finally:
         progress.close()
 
 
 class _Worker:
-    """One worker slot: its share of clips still to do, its current process, writer and lifeline."""
+    """One worker slot: the clips handed to its process and not done yet, its process, writer and pipes."""
 
-    def __init__(self, slot: int, tasks: list[plan.ClipTask]):
+    def __init__(self, slot: int):
         self.slot = slot
-        self.remaining = {t.clip_id: t for t in tasks}
+        self.remaining: dict[str, plan.ClipTask] = {}  # handed out, not reported done (in the order handed out)
         self.proc: mp.process.BaseProcess | None = None
         self.writer = ""  # the current process's shard writer / journal name
         self.lifeline = None  # our end of the pipe whose closing tells the worker we are gone
         self.inbox = None  # our end of the pipe its process reports on (one per process: see worker.PipeReporter)
+        self.outbox = None  # our end of the pipe its clips go out on (worker.TaskFeed)
         self.closed = False  # its process closed that pipe (it is exiting or dead)
         self.current: str | None = None  # the clip its process is on
         self.finished = 0  # clips its current process finished
 
 
-def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], options: PreprocessOptions,
+def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: PreprocessOptions,
                    layout: cf.CacheLayout, progress: _Progress, rank: int, stop: Interrupts) -> None:
-    """One worker process per share; progress and entries come back on a pipe of each process.
+    """One worker process per device entry, taking `tasks` from one queue (plan.ClipQueue) as each asks;
+    requests, progress and entries come back on a pipe of each process, clips go out on another.
 
     A worker that dies (a decoder crash, the OOM killer) costs at most the clip it was on: the clips
     its journal holds are done; the one it was on is tried once more in a fresh process, and recorded
-    failed (with the signal) if it kills that one too; a fresh worker takes over the rest of its share.
+    failed (with the signal) if it kills that one too; the clips it had been handed and not started go
+    back to its slot, first in line for the fresh process that takes its place.
     A stop (`stop.requested`: SIGINT, SIGTERM) sends every worker SIGTERM: each abandons its clip in flight,
     commits the clips it finished and exits; none is started again. One that has not gone after
     _STOP_WAIT_S is killed (what it had not committed is lost, as with any kill).
@@ -281,9 +287,10 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
     ctx = worker_context()
     # Each worker gets its share of the threads this process may use (torch's setting: torchrun sets one
     # per rank), so that a clip's features do not depend on how many workers share the machine.
-    threads = max(1, min(torch.get_num_threads(), cores_per_local_rank()) // len(shares))
+    threads = max(1, min(torch.get_num_threads(), cores_per_local_rank()) // len(devices))
     level = logging.getLogger("dali_float").getEffectiveLevel()
-    slots = [_Worker(w, share) for w, share in enumerate(shares)]
+    queue = plan.ClipQueue(tasks)
+    slots = [_Worker(w) for w in range(len(devices))]
     deaths: dict[str, int] = defaultdict(int)  # clip id -> worker processes it was on when they died
     running: dict[int, _Worker] = {}
 
@@ -293,20 +300,37 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
         if slot.inbox is not None:
             slot.inbox.close()  # the dead process's
         slot.inbox, outbox = ctx.Pipe(duplex=False)
+        if slot.outbox is not None:
+            slot.outbox.close()
+        tasks_in, slot.outbox = ctx.Pipe(duplex=False)
         limits = ClipLimits(options.max_frame_pixels, options.max_clip_s)
         slot.proc = ctx.Process(target=worker_main, name=f"preprocess-worker{slot.slot}", daemon=True,
                                 args=(slot.slot, options.preset, options.sources, devices[slot.slot],
                                       options.frame_batch, options.crop, threads, str(layout.root), slot.writer,
-                                      list(slot.remaining.values()), outbox, level, watch, limits))
+                                      tasks_in, outbox, level, watch, limits))
         slot.current, slot.finished, slot.closed = None, 0, False
         slot.proc.start()
         watch.close()  # the child has its copy; ours would keep the pipe open after we die
         outbox.close()  # the same: its end of file must mean that the worker is gone
+        tasks_in.close()
         running[slot.slot] = slot
+
+    def hand_out(slot: _Worker) -> None:
+        """Answer the slot's request: its next clip (recorded as its own before it is sent), or None."""
+        task = None if stop.requested else queue.take(slot.slot)
+        if task is not None:
+            slot.remaining[task.clip_id] = task
+            log.debug("worker %d gets %s (%.2f s)", slot.slot, printable(task.clip_id), task.duration_s)
+        try:
+            slot.outbox.send(task)
+        except OSError:  # it died meanwhile (BrokenPipeError): the clip is its slot's, given back with the rest
+            pass
 
     def handle(kind: str, w: int, payload) -> None:
         slot = slots[w]
-        if kind == "start":
+        if kind == "next":
+            hand_out(slot)
+        elif kind == "start":
             slot.current = payload
             log.debug("worker %d (pid %d) on %s", w, slot.proc.pid, printable(payload))
             progress.start(w, payload)
@@ -374,7 +398,7 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
                     continue
                 if slot.current is not None and slot.current not in slot.remaining:
                     slot.current = None
-                if slot.current is None and not slot.finished and slot.remaining:
+                if slot.current is None and not slot.finished and (slot.remaining or queue):
                     raise RuntimeError(f"preprocessing worker {slot.slot} died ({_how(slot.proc)}) before "
                                        f"processing any clip; run with --workers 1 -v to see why")
                 if slot.current is not None:
@@ -387,12 +411,14 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
                     else:
                         log.warning("worker %d died (%s) on %s; trying that clip once more in a fresh worker",
                                     slot.slot, _how(slot.proc), slot.current)
-                elif slot.remaining:
-                    log.warning("worker %d died (%s) between clips; a fresh worker takes the %d left", slot.slot,
-                                _how(slot.proc), len(slot.remaining))
+                elif slot.remaining or queue:
+                    log.warning("worker %d died (%s) between clips; a fresh worker takes its place", slot.slot,
+                                _how(slot.proc))
                 del running[slot.slot]
-                if slot.remaining:
-                    launch(slot)  # a fresh process for the rest of its share
+                queue.give_back(slot.slot, list(slot.remaining.values()))  # the clip it was on first
+                slot.remaining.clear()
+                if queue:
+                    launch(slot)  # a fresh process takes them, then asks the queue as the others do
     finally:
         for slot in running.values():
             slot.proc.terminate()
@@ -403,6 +429,8 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
                 slot.lifeline.close()
             if slot.inbox is not None:
                 slot.inbox.close()
+            if slot.outbox is not None:
+                slot.outbox.close()
         if parent is not None:
             parent.close()
 
@@ -440,8 +468,8 @@ def _worker_died(slot: _Worker, writer: ShardWriter, progress: _Progress) -> Non
             else "re-encode the file or remove it")
     entry = task.new_entry(cf.STATUS_FAILED, transient=oom,
                            reason=f"the worker process died twice while processing this clip ({how}); {hint}")
-    log.warning("worker %d died again (%s) on %s: recorded as failed; %d clip(s) of its share go to a new worker",
-                slot.slot, how, slot.current, len(slot.remaining))
+    log.warning("worker %d died again (%s) on %s: recorded as failed; the run goes on", slot.slot, how,
+                slot.current)
     slot.current = None
     progress.done(slot.slot, writer.write(entry))
 

@@ -21,6 +21,7 @@ import ctypes
 import errno
 import logging
 import os
+import queue
 import signal
 import stat
 import threading
@@ -94,7 +95,7 @@ def one_line(err: BaseException) -> str:
 
 
 class Reporter(Protocol):
-    """Where a worker says what it is doing (progress bars in-process, a Queue from a worker process)."""
+    """Where a worker says what it is doing (progress bars in-process, a pipe from a worker process)."""
 
     def start(self, clip_id: str) -> None: ...
 
@@ -293,10 +294,11 @@ def _check_regular_file(path: Path) -> None:
         raise MediaError(f"{path}: cannot be read ({err.strerror}); fix its permissions") from None
 
 
-def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: list[ClipTask], reporter: Reporter,
+def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: Iterable[ClipTask], reporter: Reporter,
               stop: Interrupts | None = None) -> None:
-    """Process `tasks` in order, reporting each clip's start, frames and entry (written through `writer`,
-    committed in groups, and on time between a clip's frame batches: ShardWriter.commit_if_due).
+    """Process `tasks` in order (a list, or a worker process's TaskFeed: the parent's queue), reporting each
+    clip's start, frames and entry (written through `writer`, committed in groups, and on time between a
+    clip's frame batches: ShardWriter.commit_if_due).
 
     `stop`: a signal abandons the clip in flight (its work is lost) and ends the loop; what was finished is
     committed by the writer's close. Records and commits are never cut by it (deferred)."""
@@ -347,6 +349,46 @@ class PipeReporter:
         self.send("done", entry.to_dict())
 
 
+class TaskFeed:
+    """A worker process's clips, asked of the parent one at a time (its ClipQueue), as an iterable.
+
+    The worker asks for `ahead` clips more than it has taken, so that the next one is here when the
+    current one ends (the parent's answer is a pipe round trip away, and it may be busy). Not more: a clip
+    waiting in one worker is a clip another, free worker cannot take. The parent's answers ("next": a
+    ClipTask, or None when none is left) come on a pipe of their own, drained by a thread: the parent's
+    send never waits on a worker that is busy with a clip (a long video's frame times exceed a pipe's
+    buffer). Waiting for an answer is abortable: a signal stops it with Stopped."""
+
+    def __init__(self, tasks_in, reporter: PipeReporter, stop: Interrupts, ahead: int = 1) -> None:
+        self.reporter, self.stop, self.ahead = reporter, stop, ahead
+        self._answers: queue.SimpleQueue = queue.SimpleQueue()
+
+        def drain() -> None:
+            try:
+                while True:
+                    self._answers.put(tasks_in.recv())
+            except (EOFError, OSError):
+                # The parent is gone (the lifeline kills this process) or has stopped its workers (SIGTERM):
+                # not "none left", which would end the loop and commit, and an orphan must not write.
+                return
+
+        threading.Thread(target=drain, name="task-feed", daemon=True).start()
+
+    def __iter__(self) -> Iterator[ClipTask]:
+        asked = 0
+        while True:
+            while asked < 1 + self.ahead:
+                with self.stop.deferred():  # a message is never cut in the middle
+                    self.reporter.send("next", None)
+                asked += 1
+            with self.stop.abortable():
+                task = self._answers.get()
+            asked -= 1
+            if task is None:
+                return
+            yield task
+
+
 def fill_fixed_batches(chunks: Iterable[torch.Tensor], batch: torch.Tensor) -> Iterator[int]:
     """Copy the frames of `chunks` into `batch` (device-local) and yield its number of valid rows
     each time it is full, and once more for a partial last batch. Every motion-encoder call then sees
@@ -391,9 +433,10 @@ def die_with_parent(lifeline) -> None:
 
 
 def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: str, frame_batch: int | None,
-                crop: str, num_threads: int, root: str, writer: str, tasks: list[ClipTask], outbox,
+                crop: str, num_threads: int, root: str, writer: str, tasks_in, outbox,
                 log_level: int, lifeline=None, limits: ClipLimits = ClipLimits()) -> None:
-    """Entry point of a worker process: process `tasks`, then send ("exit", id) through `outbox` (its pipe).
+    """Entry point of a worker process: process the clips the parent hands out (asked for on `outbox`, its
+    pipe, answered on `tasks_in`: TaskFeed) until it has none left, then send ("exit", id) through `outbox`.
 
     A DaliFloatError (bad weights, no CUDA, a full disk) is sent as ("fatal", id, (error class,
     message)); the parent stops every worker and raises it. Records and rows are written here (shards
@@ -416,7 +459,7 @@ def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: s
             processor = ClipProcessor(preset, sources, device, frame_batch, num_threads=num_threads, crop=crop,
                                       limits=limits)
         with ShardWriter(cf.CacheLayout(Path(root)), preset, writer) as shard_writer:
-            run_tasks(processor, shard_writer, tasks, reporter, stop)
+            run_tasks(processor, shard_writer, TaskFeed(tasks_in, reporter, stop), reporter, stop)
     except Stopped:
         pass
     except DaliFloatError as err:
