@@ -313,6 +313,8 @@ def _run_processes(shares: list[list[plan.ClipTask]], devices: list[str], option
             progress.start(w, payload)
         elif kind == "frames":
             progress.frames(w, payload)
+        elif kind == "between":  # its clips in flight are all decoded: a death now is none's fault
+            slot.current = None
         elif kind == "done":
             entry = cf.ClipEntry.from_dict(payload)
             slot.remaining.pop(entry.clip_id, None)
