@@ -116,15 +116,15 @@ def test_a_clip_failing_mid_batch_fails_alone(clips, tmp_path):
     """A video replaced after probing by a shorter one: the decoder runs dry after some of its frames were
     queued. It fails; its queued rows never reach the encoder; its neighbours' features are unchanged."""
     proc = processor()
-    victim = make_clip(tmp_path / "victim.mp4", 300, seed=9)
-    victim_task = task_of(victim, 1)  # probed at 300 frames
-    make_clip(tmp_path / "shorter.mp4", 200, seed=10).replace(victim)
+    victim = make_clip(tmp_path / "victim.mp4", 200, seed=9)
+    victim_task = task_of(victim, 1)  # probed at 200 frames
+    make_clip(tmp_path / "shorter.mp4", 150, seed=10).replace(victim)  # > one decoder run (128 frames)
     first, last = task_of(clips["a60"], 0), task_of(clips["c70"], 2)
     alone = {t.clip_id: proc.outcome(t)[1] for t in (first, last)}
     results = {t.clip_id: (e, f) for t, e, f in proc.stream([first, victim_task, last])}
     entry, features = results["victim.mp4"]
     assert features is None and entry.status == cf.STATUS_FAILED
-    assert "produced only 200 frames" in entry.reason, entry.reason
+    assert "produced only 150 frames" in entry.reason, entry.reason
     for task in (first, last):
         assert_same_features(alone[task.clip_id], results[task.clip_id][1], task.clip_id)
     # The victim's frames queued before it failed: one decoder run (chunk_frames x batch_chunks). Those in
@@ -138,9 +138,9 @@ def test_a_clip_failing_mid_batch_fails_alone(clips, tmp_path):
 
 def test_frames_held_stay_bounded_with_a_long_clip_among_short_ones(clips, tmp_path):
     proc = processor()
-    long_clip = make_clip(tmp_path / "long.mp4", 600, seed=11)
+    long_clip = make_clip(tmp_path / "long.mp4", 260, seed=11)
     tasks = [task_of(clips["a60"], 0), task_of(long_clip, 1), task_of(clips["c70"], 2)]
     done = list(proc.stream(tasks))
     assert all(f is not None for _, _, f in done)
-    assert proc.frames_bound < 600  # the bound does not grow with the clip
+    assert proc.frames_bound < 260  # the bound does not grow with the clip
     assert 0 < proc.batches.peak_frames_held <= proc.frames_bound
