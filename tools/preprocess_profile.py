@@ -89,6 +89,9 @@ def run_case(processor: ClipProcessor, tasks: list[plan.ClipTask], cache: Path, 
              ) -> tuple[dict, _Count, str]:
     shutil.rmtree(cache, ignore_errors=True)
     reporter = _Count()
+    # Counters of the code since issue 20 (absent before: "-"): videos opened, audio tracks decoded.
+    opened = getattr(processor.decoder, "demuxes", None)
+    tracks = getattr(getattr(processor, "_track", None), "loads", None)
     profiler = cProfile.Profile() if profile else None
     start = time.perf_counter()
     if profiler:
@@ -107,7 +110,12 @@ def run_case(processor: ClipProcessor, tasks: list[plan.ClipTask], cache: Path, 
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
         text = out.getvalue()
     bad = [f"{e.clip_id}: {e.status} {e.reason}" for e in reporter.entries if e.status != cf.STATUS_CACHED]
-    return ({"clips": len(tasks), "cached": len(reporter.entries) - len(bad), "frames": frames,
+    batches = getattr(processor, "batches", None)
+    counts = {"encoder_calls": batches.calls if batches else "-",
+              "padded_rows": batches.padded_rows if batches else "-",
+              "video_opens": processor.decoder.demuxes - opened if opened is not None else "-",
+              "track_decodes": processor._track.loads - tracks if tracks is not None else "-"}
+    return ({"clips": len(tasks), "cached": len(reporter.entries) - len(bad), "frames": frames, **counts,
              "wall_s": round(wall_s, 3), "frames_per_s": round(frames / wall_s, 1), "stage_s": stages,
              "not_cached": bad}, reporter, text)
 
@@ -146,12 +154,14 @@ def main(argv: list[str] | None = None) -> int:
             if text:
                 lines += [f"## cProfile: {name}", text]
     long_fps = report.get("long", {}).get("frames_per_s")
-    table = ["| case | clips | frames | wall s | frames/s | vs long | " + " | ".join(f"{k} s" for k in STAGES) + " |",
-             "| --- " * (6 + len(STAGES)) + "|"]
+    table = ["| case | clips | frames | wall s | frames/s | vs long | " + " | ".join(f"{k} s" for k in STAGES)
+             + " | encoder calls | padded rows | video opens | track decodes |", "| --- " * (10 + len(STAGES)) + "|"]
     for name, r in report.items():
         ratio = f"{r['frames_per_s'] / long_fps:.2f}x" if long_fps else "-"
         table.append(f"| {name} | {r['clips']} | {r['frames']} | {r['wall_s']} | {r['frames_per_s']} | {ratio} | "
-                     + " | ".join(str(r["stage_s"][k]) for k in STAGES) + " |")
+                     + " | ".join(str(r["stage_s"][k]) for k in STAGES) + " | "
+                     + " | ".join(str(r[k]) for k in ("encoder_calls", "padded_rows", "video_opens", "track_decodes"))
+                     + " |")
         if r["not_cached"]:
             table.append(f"<!-- {name}: not cached: {r['not_cached']} -->")
     text = "\n".join(lines[:2] + table + [""] + lines[2:]) + "\n"
