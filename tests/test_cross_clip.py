@@ -136,11 +136,17 @@ def test_a_clip_failing_mid_batch_fails_alone(clips, tmp_path):
     assert encoded == 60 + ran + 70
 
 
-def test_frames_held_stay_bounded_with_a_long_clip_among_short_ones(clips, tmp_path):
+def test_a_long_clip_among_short_ones_neither_holds_its_frames_nor_delays_the_clip_before_it(clips, tmp_path):
     proc = processor()
     long_clip = make_clip(tmp_path / "long.mp4", 260, seed=11)
     tasks = [task_of(clips["a60"], 0), task_of(long_clip, 1), task_of(clips["c70"], 2)]
-    done = list(proc.stream(tasks))
-    assert all(f is not None for _, _, f in done)
+    encoded: list[int] = []
+    done = []
+    for task, entry, features in proc.stream(tasks, on_frames=encoded.append):
+        done.append((task.clip_id, features, sum(encoded)))
+    assert all(f is not None for _, f, _ in done)
+    # The first clip comes out (to be written and committed) once the batch holding its last rows has run,
+    # not after the long clip's 260 frames: a kill during a long clip does not cost the clips before it.
+    assert done[0][0] == "a60.mp4" and done[0][2] < 60 + 260 - FRAME_BATCH, done[0]
     assert proc.frames_bound < 260  # the bound does not grow with the clip
     assert 0 < proc.batches.peak_frames_held <= proc.frames_bound

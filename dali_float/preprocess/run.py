@@ -227,7 +227,8 @@ class _Progress:
         self.frames_bar.update(n)
 
     def done(self, worker: int, entry: cf.ClipEntry) -> None:
-        self.current.pop(worker, None)
+        if self.current.get(worker) == entry.clip_id:  # a worker may have started the next clip already
+            del self.current[worker]
         self.stats.add(entry)
         if entry.status != cf.STATUS_CACHED:  # its frames will never come: shrink the frame total
             self.frames_bar.total -= max(0, self.expected.get(entry.clip_id, 0) - self.reported[entry.clip_id])

@@ -190,20 +190,31 @@ class ClipProcessor:
                 entry = task.new_entry(cf.STATUS_FAILED, fps=float(self.preset.timing.fps), crop=self.framer.crop)
                 rows = ClipRows(task.clip_id)
                 try:
-                    waiting.append(self._queue(task, entry, rows, batches))
+                    queue = self._queue(task, entry, rows, batches)
+                    while True:  # between the clip's chunks, clips finished by its batches go out at once
+                        try:
+                            next(queue)
+                        except StopIteration as queued:
+                            waiting.append(queued.value)
+                            break
+                        yield from self._ready(waiting)
                 except (UsageError, EnvironmentProblem):
                     raise  # wrong for every clip (no CUDA, bad weights, a full disk): stop the run
                 except Exception as err:  # noqa: BLE001 - ClipSkipped, MediaError, a bug: this clip only
                     batches.drop(rows)
                     self._record_failure(task, entry, err)
                     yield task, entry, None
-                while waiting and (waiting[0].rows.complete or waiting[0].rows.error is not None):
-                    yield self._finish(waiting.popleft())
+                yield from self._ready(waiting)
             batches.flush()  # the run's only padded batch
             while waiting:
                 yield self._finish(waiting.popleft())
         finally:
             self._moving_to(None)
+
+    def _ready(self, waiting: deque[_InFlight]) -> Iterator[tuple[ClipTask, cf.ClipEntry, cf.ClipFeatures | None]]:
+        """The queued clips whose rows have all run (or failed), in order."""
+        while waiting and (waiting[0].rows.complete or waiting[0].rows.error is not None):
+            yield self._finish(waiting.popleft())
 
     def _moving_to(self, path: str | None) -> None:
         """Let go of the last video's track and demux when the next clip is of another video (bounds them
@@ -229,8 +240,10 @@ class ClipProcessor:
                 torch.cuda.empty_cache()  # e.g. out of memory: give the next clip its chance
         log.debug("failed %s: %s", task.clip_id, entry.reason)  # the summary lists every failure
 
-    def _queue(self, task: ClipTask, entry: cf.ClipEntry, rows: ClipRows, batches: MotionBatches) -> _InFlight:
-        """Everything of the clip but the motion features, and its frames queued into `batches`."""
+    def _queue(self, task: ClipTask, entry: cf.ClipEntry, rows: ClipRows, batches: MotionBatches
+               ) -> Iterator[None]:
+        """Everything of the clip but the motion features, and its frames queued into `batches`; pauses
+        (yields) after each chunk and returns the _InFlight clip (StopIteration's value)."""
         timing = self.preset.timing
         path = Path(task.path)
         _check_regular_file(path)
@@ -275,15 +288,18 @@ class ClipProcessor:
             setattr(entry, name, value)
 
         # Decode into the shared batches: full ones run the encoder as they fill (billed to motion, not decode).
-        chunks = self.decoder.decode(info, indices, window=crop.window)
-        decoded, motion_before = 0, batches.seconds
-        start = time.perf_counter()
-        for chunk in chunks:  # (n, 3, S, S) on self.device; NVDEC frames stay on the GPU
+        chunks = iter(self.decoder.decode(info, indices, window=crop.window))
+        decoded = 0
+        while True:
+            with self._stage(seconds, "decode"):
+                chunk = next(chunks, None)  # (n, 3, S, S) on self.device; NVDEC frames stay on the GPU
+            if chunk is None:
+                break
             decoded += len(chunk)
-            batches.add(rows, chunk)
+            batches.add(rows, chunk)  # runs the encoder on each batch filled (its time: the clips' motion share)
             if rows.error is not None:
                 raise rows.error
-        seconds["decode"] += time.perf_counter() - start - (batches.seconds - motion_before)
+            yield  # the clips finished so far are written now: commits stay on time during a long clip
         if decoded != t:
             raise MediaError(f"{info.path}: the decoder returned {decoded} frames, {t} were asked for; "
                              f"re-encode the clip or remove it")
@@ -380,7 +396,11 @@ def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: Iterable[Cli
             reporter.frames(n)
             writer.commit_if_due()
 
+    decoding: str | None = None  # the clip taken last, until its entry comes out
+
     def on_start(task: ClipTask) -> None:
+        nonlocal decoding
+        decoding = task.clip_id
         with stop.deferred():
             reporter.start(task.clip_id)
 
@@ -402,9 +422,14 @@ def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: Iterable[Cli
             if item is None:
                 return
             _, entry, features = item
+            # A death while writing is no clip's fault; then the clip taken last is the one on again.
             reporter.between()
             entry = writer.write(entry, features)  # outside abortable: a signal here is only recorded
             reporter.done(entry)
+            if decoding == entry.clip_id:
+                decoding = None
+            elif decoding is not None:
+                reporter.start(decoding)
     finally:
         finished.close()
 
