@@ -335,7 +335,7 @@ def preprocess_probe(spec: dict[str, Any]) -> dict[str, Any]:
     from dali_float import media
     from dali_float.models import build_encoders, emotion_vector, encode_motion
     from dali_float.preprocess.options import frame_batch_for
-    from dali_float.preprocess.worker import fill_fixed_batches
+    from dali_float.preprocess.batches import ClipRows, MotionBatches
 
     preset, sources = _context(spec)
     device = spec.get("device", "cpu")
@@ -359,15 +359,19 @@ def preprocess_probe(spec: dict[str, Any]) -> dict[str, Any]:
 
     def decode_pass(decoder, kind: str, clips, cap: int | None = None, motion: bool = False) -> tuple[int, float]:
         batch = torch.zeros((frame_batch, 3, size, size), dtype=decoder.out_dtype, device=torch_device)
+        # As preprocessing feeds the encoder: full batches across clips, the last one padded.
+        batches = MotionBatches(batch, lambda full: encode_motion(encoders.motion, full))
         frames, t0 = 0, time.perf_counter()
         for info in clips:
             chunks = decoder.decode(info, indices[id(info)][:cap] if cap else indices[id(info)], kind=kind)
             if not motion:
                 frames += sum(len(chunk) for chunk in chunks)
                 continue
-            for n in fill_fixed_batches(chunks, batch):  # as preprocessing feeds the encoder
-                encode_motion(encoders.motion, batch)
-                frames += n
+            rows = ClipRows(str(info.path))
+            for chunk in chunks:
+                batches.add(rows, chunk)
+            frames += rows.queued
+        batches.flush()
         _sync(device)
         return frames, time.perf_counter() - t0
 

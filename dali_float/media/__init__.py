@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 _SUBMODULE = {
     **dict.fromkeys(("clip_waveform", "fit_to_frames", "frames_for_samples", "load_audio", "native_rate",
                      "normalize_utterance", "pad_to_frames", "prepare_clip_audio", "prepare_speech",
-                     "trim_to_frames"), "audio"),
+                     "TrackMemo", "trim_to_frames"), "audio"),
     **dict.fromkeys(("AUDIO_SIDE_EXTENSIONS", "VIDEO_EXTENSIONS", "discover_clips", "discover_videos",
                      "find_side_audio", "scan_videos"), "files"),
     "ClipSpec": "segments",
@@ -68,7 +68,7 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:
     from dali_float.media.audio import (clip_waveform, fit_to_frames, frames_for_samples, load_audio, native_rate,
                                        normalize_utterance, pad_to_frames, prepare_clip_audio, prepare_speech,
-                                       trim_to_frames)
+                                       TrackMemo, trim_to_frames)
     from dali_float.media.files import (AUDIO_SIDE_EXTENSIONS, VIDEO_EXTENSIONS, discover_clips, discover_videos,
                                        find_side_audio, scan_videos)
     from dali_float.media.segments import ClipSpec
@@ -94,7 +94,7 @@ __all__ = [
     "CROP_MODES", "ClipFramer", "CropDecision", "framing_identity",
     # audio
     "load_audio", "trim_to_frames", "pad_to_frames", "normalize_utterance", "prepare_clip_audio", "fit_to_frames",
-    "frames_for_samples", "prepare_speech", "clip_waveform", "native_rate",
+    "frames_for_samples", "prepare_speech", "clip_waveform", "native_rate", "TrackMemo",
     # writer
     "Mp4Writer", "check_mp4_path", "to_uint8_frames",
     # private, for tests (tests/test_media.py)

@@ -3,6 +3,7 @@ resampled, fitted to the clip's frames and normalised per utterance, as the mode
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import av
@@ -109,10 +110,42 @@ def normalize_utterance(x: torch.Tensor) -> torch.Tensor:
     return ((x64 - x64.mean()) / torch.sqrt(x64.var(unbiased=False) + 1e-7)).to(torch.float32)
 
 
-def prepare_clip_audio(info: VideoInfo, num_frames: int, timing: TimingConfig, start_s: float = 0.0) -> torch.Tensor:
+class TrackMemo:
+    """The last audio file loaded whole (mono, resampled, lined up with the video): the segments of one
+    video slice it instead of decoding and resampling the whole track once each. Holds one track (a
+    60-min track at 16 kHz is 230 MB of float32, what loading it for one segment takes anyway); the
+    owner clears it when it moves on to another video. A changed file (size, modification time) is
+    loaded again."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._wave: torch.Tensor | None = None
+        self.loads = 0  # tracks decoded (a count the tests read)
+
+    def load(self, source: Path, rate: int, start_s: float | None) -> torch.Tensor:
+        """load_audio(source, rate, start_s=start_s), from memory when it is the last one asked for."""
+        try:
+            st = os.stat(source)
+            key: tuple | None = (str(source), st.st_size, st.st_mtime_ns, int(rate), start_s)
+        except OSError:
+            key = None  # load_audio says why in one line
+        if key is None or key != self._key:
+            self.clear()
+            wave = load_audio(source, rate, start_s=start_s)
+            self.loads += 1
+            self._key, self._wave = key, wave
+        return self._wave
+
+    def clear(self) -> None:
+        self._key, self._wave = None, None
+
+
+def prepare_clip_audio(info: VideoInfo, num_frames: int, timing: TimingConfig, start_s: float = 0.0,
+                       track: TrackMemo | None = None) -> torch.Tensor:
     """The clip's audio as the models take it: (num_frames * samples_per_frame,) float32.
 
     start_s: where the clip starts in the video (a segment): its audio starts there too.
+    track: where the whole track is kept for the video's next segment (None: loaded for this clip only).
 
     Order (FLOAT's official one): load (side file if any, else the clip's track lined up with its
     first frame), mix to mono, resample to timing.sample_rate_hz, keep the clip's span (trim to
@@ -121,10 +154,10 @@ def prepare_clip_audio(info: VideoInfo, num_frames: int, timing: TimingConfig, s
     FLOAT's AudioEncoder pads the normalised input): the padding is not part of the statistics.
     Both preprocessing and the naive loader call this.
     """
-    return fit_to_frames(clip_waveform(info, timing.sample_rate_hz, start_s), num_frames, timing)
+    return fit_to_frames(clip_waveform(info, timing.sample_rate_hz, start_s, track), num_frames, timing)
 
 
-def clip_waveform(info: VideoInfo, rate: int, start_s: float = 0.0) -> torch.Tensor:
+def clip_waveform(info: VideoInfo, rate: int, start_s: float = 0.0, track: TrackMemo | None = None) -> torch.Tensor:
     """The clip's sound from its first frame (plus start_s) on: (N,) float32 mono at `rate` Hz.
 
     From the side .wav/.flac if there is one, else from the video's own track lined up with its first
@@ -134,7 +167,7 @@ def clip_waveform(info: VideoInfo, rate: int, start_s: float = 0.0) -> torch.Ten
         raise MediaError(f"{info.path}: no audio (no audio stream and no same-name .wav/.flac beside it); "
                          f"add one or remove the clip")
     start = info.start_time_s if info.audio_source == info.path else None
-    wave = load_audio(info.audio_source, rate, start_s=start)
+    wave = (track.load if track is not None else load_audio)(info.audio_source, rate, start_s=start)
     wave = wave[int(round(start_s * rate)):]  # sample 0 is the video's first frame
     if wave.numel() == 0:
         where = f" after {start_s:g} s" if start_s else ""

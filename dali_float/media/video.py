@@ -181,13 +181,17 @@ class FrameDecoder:
     batch_chunks: chunks per DALI run (the pipeline's batch size): DALI decodes them in parallel
         (one decoder per sample, on `num_threads` threads / several NVDEC engines).
     num_threads: DALI CPU threads.
+    keep_sources: keep the last video's demuxed packets (DALI) and PyAV decoder open after a clip, so
+        that the next clip of the same video (a segment) neither demuxes it again nor seeks back to a
+        key frame it has passed: one demux per video. The owner calls `release()` when it moves on to
+        another video (memory: the compressed packets of one video, as one clip's decode holds anyway).
 
     One pipeline is built per source kind ("dali-cpu", "dali-gpu", "pyav") on first use and reused for
     every clip. Not thread-safe: use one FrameDecoder per thread/process.
     """
 
     def __init__(self, input_size: int, device: str | torch.device = "cpu", chunk_frames: int = 32,
-                 batch_chunks: int = 4, num_threads: int | None = None) -> None:
+                 batch_chunks: int = 4, num_threads: int | None = None, keep_sources: bool = False) -> None:
         if input_size <= 0 or chunk_frames <= 0 or batch_chunks <= 0:
             raise ValueError("input_size, chunk_frames and batch_chunks must be positive")
         self.input_size = int(input_size)
@@ -208,6 +212,48 @@ class FrameDecoder:
         self.out_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self._pipes: dict[str, object] = {}
         self.last_decoder: str | None = None
+        self.keep_sources = keep_sources
+        # type -> (what identifies the video file, its _VideoPackets or _PyavCursor): at most one video's
+        self._sources: dict[type, tuple[tuple, object]] = {}
+        self.demuxes = 0  # videos demuxed / opened for PyAV decoding (a count the tests read)
+        self.frames_held = 0  # decoded frames of the last DALI run not handed out yet (<= chunk_frames * batch_chunks)
+
+    # ---- the open video (kept for its next segment) ----
+
+    def _source(self, cls: type, info: VideoInfo):
+        """The `cls` (_VideoPackets or _PyavCursor) of this video file: the kept one if it is the same file
+        (path, size, modification time, as probed), else a new one (the other video's is closed)."""
+        try:
+            st = os.stat(info.path)
+            key: tuple = (str(info.path), info.num_frames, st.st_size, st.st_mtime_ns)
+        except OSError:
+            key = ()  # the opening below says why in one line
+        kept = self._sources.pop(cls, None)
+        if kept is not None and kept[0] == key and key:
+            obj = kept[1]
+        else:
+            if kept is not None:
+                kept[1].close()
+            obj = _VideoPackets.demux(info) if cls is _VideoPackets else _PyavCursor(info)
+            self.demuxes += 1
+        if self.keep_sources and key:
+            self._sources[cls] = (key, obj)
+        return obj
+
+    def _done_with(self, obj, failed: bool) -> None:
+        """After a clip: close `obj` unless it is kept (a failed clip's is closed: its state is unknown)."""
+        kept = self._sources.get(type(obj))
+        if kept is not None and kept[1] is obj and not failed:
+            return
+        if kept is not None and kept[1] is obj:
+            del self._sources[type(obj)]
+        obj.close()
+
+    def release(self) -> None:
+        """Close the kept video (call it when the next clip is of another video, and at the end)."""
+        sources, self._sources = self._sources, {}
+        for _, obj in sources.values():
+            obj.close()
 
     # ---- pipelines ----
 
@@ -260,6 +306,13 @@ class FrameDecoder:
             tensors.append(tensor)
         return tensors
 
+    def _hand_out(self, tensors: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Yield a run's chunks, counting the frames still held here (`frames_held`)."""
+        self.frames_held = sum(len(t) for t in tensors)
+        for tensor in tensors:
+            self.frames_held -= len(tensor)  # the caller holds it now
+            yield tensor
+
     # ---- decoding ----
 
     def decode(self, info: VideoInfo, frame_indices: np.ndarray, *, kind: str | None = None,
@@ -311,7 +364,8 @@ class FrameDecoder:
         """
         if len(indices) == 0:
             return
-        packets = _VideoPackets.demux(info)
+        packets = self._source(_VideoPackets, info)
+        failed = True
         try:
             pieces = packets.plan(indices, self.chunk_frames)
             for start in range(0, len(pieces), self.batch_chunks):
@@ -327,24 +381,33 @@ class FrameDecoder:
                     log.warning("%s; decoding it with PyAV instead", err)
                     self.last_decoder = PYAV
                     break
-                yield from tensors
+                yield from self._hand_out(tensors)
             else:
+                failed = False
                 return
         finally:
-            packets.close()
+            self._done_with(packets, failed)
         yield from self._decode_pyav(info, indices, geometry)
 
     def _decode_pyav(self, info: VideoInfo, indices: np.ndarray, geometry: tuple[np.ndarray, np.ndarray]
                      ) -> Iterator[torch.Tensor]:
         chunks = [indices[i:i + self.chunk_frames] for i in range(0, len(indices), self.chunk_frames)]
         batch: list[np.ndarray] = []
-        for frames in _pyav_decode_chunks(info, chunks):
-            batch.append(frames)
-            if len(batch) == self.batch_chunks:
-                yield from self._run(PYAV, {"frames": batch}, geometry, info.path)
-                batch = []
-        if batch:
-            yield from self._run(PYAV, {"frames": batch}, geometry, info.path)
+        if not chunks:
+            return
+        cursor = self._source(_PyavCursor, info)
+        failed = True
+        try:
+            for frames in _pyav_decode_chunks(info, chunks, cursor):
+                batch.append(frames)
+                if len(batch) == self.batch_chunks:
+                    yield from self._hand_out(self._run(PYAV, {"frames": batch}, geometry, info.path))
+                    batch = []
+            if batch:
+                yield from self._hand_out(self._run(PYAV, {"frames": batch}, geometry, info.path))
+            failed = False
+        finally:
+            self._done_with(cursor, failed)
 
 
 def _geometry(info: VideoInfo, window: Window | None, out_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -507,8 +570,11 @@ class _PyavCursor:
         return i if abs(float(times[i]) - at) <= _PTS_TOLERANCE_S else None
 
     def frame(self, index: int):
-        """The decoded frame of presentation index `index` (MediaError when the stream ends before it)."""
-        if self.container is None or index <= self.index:
+        """The decoded frame of presentation index `index` (MediaError when the stream ends before it).
+
+        Forward within _SEEK_AFTER_FRAMES of the last frame (the next segment of a video): decode on;
+        further ahead or behind: seek."""
+        if self.container is None or index <= self.index or index - self.index > _SEEK_AFTER_FRAMES:
             self._open(index, seek=True)
         with _media_errors(self.info.path, "decoding"):
             while True:
@@ -529,15 +595,19 @@ class _PyavCursor:
                     return frame
 
 
-def _pyav_decode_chunks(info: VideoInfo, chunks: list[np.ndarray]) -> Iterator[np.ndarray]:
+def _pyav_decode_chunks(info: VideoInfo, chunks: list[np.ndarray], cursor: _PyavCursor | None = None
+                        ) -> Iterator[np.ndarray]:
     """Decode with PyAV, yielding (n, H, W, 3) uint8 RGB for each chunk of indices.
 
     Frames are decoded in order (from the key frame before the first one needed, `_PyavCursor`) and
     only the ones a chunk needs are converted to RGB, so memory holds one chunk. Monotone indices (the
     25 fps case) take a single pass; a chunk that needs a frame already passed restarts the decoder.
+    cursor: the video's open decoder (FrameDecoder keeps it for the next segment); None: one of its own,
+    closed at the end.
     """
     path = info.path
-    cursor = _PyavCursor(info)
+    own = cursor is None
+    cursor = cursor or _PyavCursor(info)
     try:
         for chunk in chunks:
             out: np.ndarray | None = None
@@ -555,7 +625,8 @@ def _pyav_decode_chunks(info: VideoInfo, chunks: list[np.ndarray]) -> Iterator[n
                 out[chunk == index] = rgb
             yield out
     finally:
-        cursor.close()
+        if own:
+            cursor.close()
 
 
 _DECODERS: dict[tuple[int, str], FrameDecoder] = {}

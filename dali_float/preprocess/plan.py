@@ -314,10 +314,14 @@ def probe_tasks(tasks: list[ClipTask], progress: bool = False, processes: int | 
 
 def balance(tasks: list[ClipTask], bins: int) -> list[list[ClipTask]]:
     """Split tasks into `bins` lists of about equal total duration (greedy longest first onto the
-    least-loaded bin; ties by clip id and bin index, so every process computes the same split)."""
+    least-loaded bin; ties by video, segment start, clip id and bin index, so every process computes the same
+    split)."""
     shares: list[list[ClipTask]] = [[] for _ in range(bins)]
     loads = [0.0] * bins
-    for task in sorted(tasks, key=lambda t: (-t.duration_s, t.clip_id)):
+    # Longest first (to the millisecond: a float span such as 12-14.4 must not part a video's segments), then
+    # a video's segments together in time order: a worker takes them one after the other and shares the
+    # video's audio track and open decoder (ClipProcessor).
+    for task in sorted(tasks, key=lambda t: (-round(t.duration_s, 3), t.path, t.span_s or (0.0, 0.0), t.clip_id)):
         i = min(range(bins), key=lambda b: (loads[b], b))
         shares[i].append(task)
         loads[i] += task.duration_s + _PER_CLIP_OVERHEAD_S

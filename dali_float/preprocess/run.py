@@ -229,7 +229,8 @@ class _Progress:
         self.frames_bar.update(n)
 
     def done(self, worker: int, entry: cf.ClipEntry) -> None:
-        self.current.pop(worker, None)
+        if self.current.get(worker) == entry.clip_id:  # a worker may have started the next clip already
+            del self.current[worker]
         self.stats.add(entry)
         if entry.status != cf.STATUS_CACHED:  # its frames will never come: shrink the frame total
             self.frames_bar.total -= max(0, self.expected.get(entry.clip_id, 0) - self.reported[entry.clip_id])
@@ -336,6 +337,8 @@ def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: Prep
             progress.start(w, payload)
         elif kind == "frames":
             progress.frames(w, payload)
+        elif kind == "between":  # its clips in flight are all decoded: a death now is none's fault
+            slot.current = None
         elif kind == "done":
             entry = cf.ClipEntry.from_dict(payload)
             slot.remaining.pop(entry.clip_id, None)

@@ -28,6 +28,7 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
@@ -42,8 +43,9 @@ from dali_float.config import Preset
 from dali_float.errors import ClipSkipped, DaliFloatError, EnvironmentProblem, MediaError, UsageError
 from dali_float.hashing import sha256_file
 from dali_float.interrupts import Interrupts, Stopped
-from dali_float.models import ModelSources, build_encoders, emotion_vector, encode_motion
+from dali_float.models import ModelSources, MotionEncoding, build_encoders, emotion_vector, encode_motion
 from dali_float.config import MAX_CLIP_S, MAX_FRAME_PIXELS
+from dali_float.preprocess.batches import ClipRows, MotionBatches
 from dali_float.preprocess.options import frame_batch_for
 from dali_float.preprocess.plan import ClipTask
 
@@ -101,15 +103,32 @@ class Reporter(Protocol):
 
     def frames(self, n: int) -> None: ...
 
+    def between(self) -> None:
+        """No clip is being decoded (the clips in flight wait for their last batch): what the worker does
+        next (write and commit finished clips) is no clip's fault if it dies there."""
+
     def done(self, entry: cf.ClipEntry) -> None: ...
+
+
+@dataclass
+class _InFlight:
+    """A clip whose frames are queued for the motion encoder: all it has but the motion features."""
+
+    task: ClipTask
+    entry: cf.ClipEntry
+    rows: ClipRows
+    seconds: dict[str, float]
+    audio: np.ndarray
+    emotion: np.ndarray
 
 
 class ClipProcessor:
     """The encoders and the frame decoder of one worker, on one device, reused for every clip.
 
-    frame_batch: frames per motion-encoder call. Every call has exactly this many frames (the last
-    batch of a clip is padded with stale frames whose outputs are dropped), so the encoder always
-    sees one shape: one cuDNN plan on a GPU, and batch-independent numerics across clips.
+    frame_batch: frames per motion-encoder call. Every call has exactly this many frames, made of the
+    frames of consecutive clips (preprocess.batches); only the last batch of a run is padded with stale
+    frames whose outputs are dropped. The encoder always sees one shape (one cuDNN plan on a GPU), and a
+    clip's features are the same bytes whichever clips share its batches.
     """
 
     def __init__(self, preset: Preset, sources: ModelSources, device: str | torch.device, frame_batch: int | None,
@@ -119,48 +138,113 @@ class ClipProcessor:
         self.device = torch.device(device)
         self.frame_batch = int(frame_batch or frame_batch_for(str(self.device)))
         self.encoders = build_encoders(preset, sources, self.device)
-        self.decoder = media.FrameDecoder(preset.motion.input_size, self.device, num_threads=num_threads)
+        # keep_sources: segments of one video share its demux and its open PyAV decoder (released below).
+        self.decoder = media.FrameDecoder(preset.motion.input_size, self.device, num_threads=num_threads,
+                                          keep_sources=True)
         self.framer = media.ClipFramer(crop, self.device)
         self._hash_memo: tuple[tuple[str, int, int], str] | None = None  # segments of one video share its hash
+        self._track = media.TrackMemo()  # ... and its audio track, decoded and resampled once
+        self._video: str | None = None  # the video of the last clip (what the memos hold)
         size = preset.motion.input_size
         # One batch buffer for the whole run: decoded chunks are copied in (device to device on a GPU).
         self._batch = torch.zeros((self.frame_batch, 3, size, size), dtype=self.decoder.out_dtype,
                                   device=self.device)
+        self.batches: MotionBatches | None = None  # those of the last stream (its counters)
 
-    # -- one clip, never raising for a problem of the clip ---------------------------------------
+    @property
+    def frames_bound(self) -> int:
+        """The most decoded frames held at once (MotionBatches.peak_frames_held), whatever the clips."""
+        return self.frame_batch + self.decoder.chunk_frames * self.decoder.batch_chunks
+
+    # -- clips, never raising for a problem of a clip ----------------------------------------------
 
     def process(self, task: ClipTask, writer: ShardWriter,
                 on_frames: Callable[[int], None] | None = None) -> cf.ClipEntry:
-        """Compute the clip's features and write them (or its failed/skipped entry); returns the entry."""
+        """Compute one clip's features alone and write them (or its failed/skipped entry); returns the entry."""
         return writer.write(*self.outcome(task, on_frames))
 
     def outcome(self, task: ClipTask, on_frames: Callable[[int], None] | None = None
                 ) -> tuple[cf.ClipEntry, cf.ClipFeatures | None]:
-        """The clip's entry and features (None for a failed or skipped clip), not written yet."""
-        entry = task.new_entry(cf.STATUS_FAILED, fps=float(self.preset.timing.fps), crop=self.framer.crop)
+        """One clip alone: its entry and features (None for a failed or skipped clip), not written yet."""
+        ((_, entry, features),) = self.stream([task], on_frames)
+        return entry, features
+
+    def stream(self, tasks: Iterable[ClipTask], on_frames: Callable[[int], None] | None = None,
+               on_start: Callable[[ClipTask], None] | None = None
+               ) -> Iterator[tuple[ClipTask, cf.ClipEntry, cf.ClipFeatures | None]]:
+        """Process `tasks` in order, their frames sharing the motion encoder's batches; yield each clip's
+        (task, entry, features or None) once it is finished: a failed clip at once, a cached one when the
+        batch holding its last frames has run (the last ones when `tasks` ends).
+
+        on_start(task): called as a clip is taken; on_frames(n): after each encoder call (n valid rows).
+        A clip that fails while its frames are queued takes its rows out of the batch (the others keep
+        theirs). Closing the generator early (a stop) abandons the clips in flight.
+        """
+        batches = self.batches = MotionBatches(self._batch, self._encode_batch, on_frames,
+                                               upstream_held=lambda: self.decoder.frames_held)
+        waiting: deque[_InFlight] = deque()  # queued clips, in order; they finish in that order
         try:
-            return entry, self._compute(task, entry, on_frames)
-        except ClipSkipped as err:
+            for task in tasks:
+                if on_start is not None:
+                    on_start(task)
+                self._moving_to(task.path)
+                entry = task.new_entry(cf.STATUS_FAILED, fps=float(self.preset.timing.fps), crop=self.framer.crop)
+                rows = ClipRows(task.clip_id)
+                try:
+                    queue = self._queue(task, entry, rows, batches)
+                    while True:  # between the clip's chunks, clips finished by its batches go out at once
+                        try:
+                            next(queue)
+                        except StopIteration as queued:
+                            waiting.append(queued.value)
+                            break
+                        yield from self._ready(waiting)
+                except (UsageError, EnvironmentProblem):
+                    raise  # wrong for every clip (no CUDA, bad weights, a full disk): stop the run
+                except Exception as err:  # noqa: BLE001 - ClipSkipped, MediaError, a bug: this clip only
+                    batches.drop(rows)
+                    self._record_failure(task, entry, err)
+                    yield task, entry, None
+                yield from self._ready(waiting)
+            batches.flush()  # the run's only padded batch
+            while waiting:
+                yield self._finish(waiting.popleft())
+        finally:
+            self._moving_to(None)
+
+    def _ready(self, waiting: deque[_InFlight]) -> Iterator[tuple[ClipTask, cf.ClipEntry, cf.ClipFeatures | None]]:
+        """The queued clips whose rows have all run (or failed), in order."""
+        while waiting and (waiting[0].rows.complete or waiting[0].rows.error is not None):
+            yield self._finish(waiting.popleft())
+
+    def _moving_to(self, path: str | None) -> None:
+        """Let go of the last video's track and demux when the next clip is of another video (bounds them
+        to one video's; `plan` orders the segments of a video together)."""
+        if path != self._video:
+            self._track.clear()
+            self.decoder.release()
+            self._video = path
+
+    def _record_failure(self, task: ClipTask, entry: cf.ClipEntry, err: BaseException) -> None:
+        """Fill a failed or skipped clip's entry from its exception (one line)."""
+        if isinstance(err, ClipSkipped):
             entry.status, entry.reason = cf.STATUS_SKIPPED, one_line(err)
-        except MediaError as err:
-            entry.status, entry.reason, entry.transient = cf.STATUS_FAILED, one_line(err), is_transient(err)
-            if entry.transient:
-                entry.reason += " (the next run tries it again)"
-            log.debug("failed %s: %s", task.clip_id, entry.reason)  # the summary lists every failure
-        except (UsageError, EnvironmentProblem):
-            raise  # wrong for every clip (no CUDA, bad weights, a full disk): stop the run
-        except Exception as err:  # noqa: BLE001 - a bug must cost one clip, not the run
-            log.debug("failed to process %s", task.clip_id, exc_info=True)
-            entry.transient = is_transient(err)
+            return
+        entry.status, entry.transient = cf.STATUS_FAILED, is_transient(err)
+        if isinstance(err, MediaError):
+            entry.reason = one_line(err) + (" (the next run tries it again)" if entry.transient else "")
+        else:  # a bug must cost one clip, not the run
+            log.debug("failed to process %s", task.clip_id, exc_info=err)
             why = "the next run tries it again" if entry.transient else "a bug; run with -v"
-            entry.status, entry.reason = cf.STATUS_FAILED, f"{type(err).__name__}: {one_line(err)} ({why})"
-            log.debug("failed %s: %s", task.clip_id, entry.reason)  # the summary lists every failure
+            entry.reason = f"{type(err).__name__}: {one_line(err)} ({why})"
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # e.g. out of memory: give the next clip its chance
-        return entry, None
+        log.debug("failed %s: %s", task.clip_id, entry.reason)  # the summary lists every failure
 
-    def _compute(self, task: ClipTask, entry: cf.ClipEntry,
-                 on_frames: Callable[[int], None] | None) -> cf.ClipFeatures:
+    def _queue(self, task: ClipTask, entry: cf.ClipEntry, rows: ClipRows, batches: MotionBatches
+               ) -> Iterator[None]:
+        """Everything of the clip but the motion features, and its frames queued into `batches`; pauses
+        (yields) after each chunk and returns the _InFlight clip (StopIteration's value)."""
         timing = self.preset.timing
         path = Path(task.path)
         _check_regular_file(path)
@@ -183,9 +267,12 @@ class ClipProcessor:
         entry.stage_seconds = seconds
 
         # Audio first: it is cheap and fails a clip (no audio, bad track) before the costly decode.
+        # wav2vec2 runs per clip, never across clips: padding clips of different lengths to one batch would
+        # change each clip's features (its attention and normalisation would see the padding).
         with self._stage(seconds, "audio"):
             start_s = task.span_s[0] if task.span_s else 0.0
-            wave = media.prepare_clip_audio(info, t, timing, start_s)  # (T * 640,) float32, normalised
+            # (T * 640,) float32, normalised; a segment slices its video's track, decoded once (TrackMemo)
+            wave = media.prepare_clip_audio(info, t, timing, start_s, track=self._track)
             audio = self.encoders.audio.encode(wave[None].to(self.device), t)[0]  # whole clip -> (T, A)
             if not bool(torch.isfinite(audio).all()):
                 raise MediaError(f"{path}: wav2vec2 features hold non-finite values (silent or broken audio "
@@ -200,18 +287,52 @@ class ClipProcessor:
             crop = self.framer.decide(info, self.decoder, indices, timing.fps, self.preset.motion.input_size)
         for name, value in crop.to_entry().items():
             setattr(entry, name, value)
-        latents, coefficients, identity = self._encode_video(info, indices, crop.window, seconds, on_frames)
-        entry.decoder = self.decoder.last_decoder or ""
-        features = cf.ClipFeatures(motion_latents=latents, audio_features=audio_np,
-                                   motion_coefficients=coefficients, identity=identity, emotion=emotion)
-        try:
-            features.check(self.preset)  # finite, float16 range, shapes: a failed clip, not a bad file
-        except ValueError as err:
-            raise MediaError(f"{path}: features rejected: {err}") from None
-        entry.stage_seconds = {k: round(v, 6) for k, v in seconds.items()}
-        return features
 
-    # -- decode + motion in fixed-size batches -----------------------------------------------------
+        # Decode into the shared batches: full ones run the encoder as they fill (billed to motion, not decode).
+        chunks = iter(self.decoder.decode(info, indices, window=crop.window))
+        decoded = 0
+        while True:
+            with self._stage(seconds, "decode"):
+                chunk = next(chunks, None)  # (n, 3, S, S) on self.device; NVDEC frames stay on the GPU
+            if chunk is None:
+                break
+            decoded += len(chunk)
+            batches.add(rows, chunk)  # runs the encoder on each batch filled (its time: the clips' motion share)
+            if rows.error is not None:
+                raise rows.error
+            yield  # the clips finished so far are written now: commits stay on time during a long clip
+        if decoded != t:
+            raise MediaError(f"{info.path}: the decoder returned {decoded} frames, {t} were asked for; "
+                             f"re-encode the clip or remove it")
+        entry.decoder = self.decoder.last_decoder or ""
+        rows.closed = True
+        return _InFlight(task, entry, rows, seconds, audio_np, emotion)
+
+    def _finish(self, clip: _InFlight) -> tuple[ClipTask, cf.ClipEntry, cf.ClipFeatures | None]:
+        """A queued clip whose rows have all run: its features, checked (or its failure)."""
+        entry, path = clip.entry, clip.task.path
+        try:
+            if clip.rows.error is not None:
+                raise clip.rows.error
+            latents, coefficients, identity = clip.rows.outputs()
+            # One device -> host copy per stream per clip (a sync point on the GPU).
+            features = cf.ClipFeatures(motion_latents=latents.cpu().numpy(), audio_features=clip.audio,
+                                       motion_coefficients=coefficients.cpu().numpy(),
+                                       identity=identity.cpu().numpy(), emotion=clip.emotion)
+            try:
+                features.check(self.preset)  # finite, float16 range, shapes: a failed clip, not a bad file
+            except ValueError as err:
+                raise MediaError(f"{path}: features rejected: {err}") from None
+        except (UsageError, EnvironmentProblem):
+            raise
+        except Exception as err:  # noqa: BLE001 - this clip only
+            self._record_failure(clip.task, entry, err)
+            return clip.task, entry, None
+        clip.seconds["motion"] += clip.rows.motion_s
+        entry.stage_seconds = {k: round(v, 6) for k, v in clip.seconds.items()}
+        return clip.task, entry, features
+
+    # -- helpers -------------------------------------------------------------------------------------
 
     def _content_hash(self, task: ClipTask) -> str:
         """sha256 of the clip's video; "" when unreadable (probing says why, in one line)."""
@@ -223,46 +344,11 @@ class ClipProcessor:
                 return ""
         return self._hash_memo[1]
 
-    def _encode_video(self, info: media.VideoInfo, indices: np.ndarray, window: media.Window,
-                      seconds: dict[str, float], on_frames: Callable[[int], None] | None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """r (T, F), lambda (T, M) float32 and s (F,) float32 of the first frame."""
-        batch = self._batch
-        latents: list[torch.Tensor] = []
-        coefficients: list[torch.Tensor] = []
-        identity: list[torch.Tensor] = []
-
-        def encode(n: int) -> None:
-            with self._stage(seconds, "motion"):
-                out = encode_motion(self.encoders.motion, batch)  # always (frame_batch, 3, S, S)
-                latents.append(out.motion_latents[:n])  # outputs of padded rows are dropped
-                coefficients.append(out.coefficients[:n])
-                if not identity:
-                    identity.append(out.identity[0])
-            if on_frames is not None:
-                on_frames(n)
-
-        decoded = 0
-
-        def timed_chunks() -> Iterator[torch.Tensor]:
-            nonlocal decoded
-            chunks = self.decoder.decode(info, indices, window=window)
-            while True:
-                with self._stage(seconds, "decode"):
-                    chunk = next(chunks, None)  # (n, 3, S, S) on self.device; NVDEC frames stay on the GPU
-                if chunk is None:
-                    return
-                decoded += len(chunk)
-                yield chunk
-
-        for n in fill_fixed_batches(timed_chunks(), batch):
-            encode(n)
-        if decoded != len(indices):
-            raise MediaError(f"{info.path}: the decoder returned {decoded} frames, {len(indices)} were asked for; "
-                             f"re-encode the clip or remove it")
-        # One device -> host copy per stream per clip (a sync point on the GPU).
-        return (torch.cat(latents).cpu().numpy(), torch.cat(coefficients).cpu().numpy(),
-                identity[0].cpu().numpy())
+    def _encode_batch(self, batch: torch.Tensor) -> MotionEncoding:
+        out = encode_motion(self.encoders.motion, batch)  # always (frame_batch, 3, S, S)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # a sync point: the batch's time is its own (stage seconds)
+        return out
 
     @contextmanager
     def _stage(self, seconds: dict[str, float], name: str) -> Iterator[None]:
@@ -296,12 +382,14 @@ def _check_regular_file(path: Path) -> None:
 
 def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: Iterable[ClipTask], reporter: Reporter,
               stop: Interrupts | None = None) -> None:
-    """Process `tasks` in order (a list, or a worker process's TaskFeed: the parent's queue), reporting each
-    clip's start, frames and entry (written through `writer`, committed in groups, and on time between a
-    clip's frame batches: ShardWriter.commit_if_due).
+    """Process `tasks` in order (any iterable: a list, or a worker process's TaskFeed: the parent's queue,
+    read as clips are taken), their frames sharing the motion encoder's batches (ClipProcessor.stream);
+    report each clip's start, frames and entry (written through `writer`, committed in groups, and on time
+    between frame batches: ShardWriter.commit_if_due).
 
-    `stop`: a signal abandons the clip in flight (its work is lost) and ends the loop; what was finished is
-    committed by the writer's close. Records and commits are never cut by it (deferred)."""
+    `stop`: a signal abandons the clips in flight (taken, not finished: their work is lost) and ends the
+    loop; what was finished is committed by the writer's close. Records and commits are never cut by it
+    (deferred)."""
     stop = stop or Interrupts()
 
     def on_frames(n: int) -> None:
@@ -309,18 +397,42 @@ def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: Iterable[Cli
             reporter.frames(n)
             writer.commit_if_due()
 
-    for task in tasks:
-        if stop.requested:
-            return
-        reporter.start(task.clip_id)
-        try:
-            with stop.abortable():
-                entry, features = processor.outcome(task, on_frames)
-        except Stopped:
-            log.info("%s: stopping; %s is left for the next run", stop.signal_name, task.clip_id)
-            return
-        entry = writer.write(entry, features)
-        reporter.done(entry)
+    decoding: str | None = None  # the clip taken last, until its entry comes out
+
+    def on_start(task: ClipTask) -> None:
+        nonlocal decoding
+        decoding = task.clip_id
+        with stop.deferred():
+            reporter.start(task.clip_id)
+
+    def taken() -> Iterator[ClipTask]:
+        for task in tasks:
+            if stop.requested:
+                raise Stopped(stop.signal_name)
+            yield task
+
+    finished = processor.stream(taken(), on_frames, on_start)
+    try:
+        while True:
+            try:
+                with stop.abortable():
+                    item = next(finished, None)
+            except Stopped:
+                log.info("%s: stopping; the clips in flight are left for the next run", stop.signal_name)
+                return
+            if item is None:
+                return
+            _, entry, features = item
+            # A death while writing is no clip's fault; then the clip taken last is the one on again.
+            reporter.between()
+            entry = writer.write(entry, features)  # outside abortable: a signal here is only recorded
+            reporter.done(entry)
+            if decoding == entry.clip_id:
+                decoding = None
+            elif decoding is not None:
+                reporter.start(decoding)
+    finally:
+        finished.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -344,6 +456,9 @@ class PipeReporter:
 
     def frames(self, n: int) -> None:
         self.send("frames", n)
+
+    def between(self) -> None:
+        self.send("between", None)
 
     def done(self, entry: cf.ClipEntry) -> None:
         self.send("done", entry.to_dict())
@@ -387,24 +502,6 @@ class TaskFeed:
             if task is None:
                 return
             yield task
-
-
-def fill_fixed_batches(chunks: Iterable[torch.Tensor], batch: torch.Tensor) -> Iterator[int]:
-    """Copy the frames of `chunks` into `batch` (device-local) and yield its number of valid rows
-    each time it is full, and once more for a partial last batch. Every motion-encoder call then sees
-    the same shape (one compiled kernel set, no reallocation); rows past the count are stale."""
-    size, filled = len(batch), 0
-    for chunk in chunks:
-        pos = 0
-        while pos < len(chunk):
-            take = min(size - filled, len(chunk) - pos)
-            batch[filled:filled + take].copy_(chunk[pos:pos + take])
-            filled, pos = filled + take, pos + take
-            if filled == size:
-                yield size
-                filled = 0
-    if filled:
-        yield filled
 
 
 _PR_SET_PDEATHSIG = 1
