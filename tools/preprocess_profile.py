@@ -14,7 +14,6 @@ Timings on a shared machine are noisy: compare cases of one run, not runs of dif
 """
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import json
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 from dali_float import demo  # noqa: E402
 from dali_float.cache import format as cf  # noqa: E402
 from dali_float.cache.store import ShardWriter  # noqa: E402
+from dali_float.cli import ArgumentParser  # noqa: E402
 from dali_float.config import get_preset  # noqa: E402
 from dali_float.models import ModelSources  # noqa: E402
 from dali_float.preprocess import plan  # noqa: E402
@@ -121,7 +121,7 @@ def run_case(processor: ClipProcessor, tasks: list[plan.ClipTask], cache: Path, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, required=True, help="built here on first use")
     parser.add_argument("--videos", type=int, default=4)
     parser.add_argument("--video_s", type=float, default=19.2)
