@@ -59,6 +59,12 @@ python3 train.py --loader dali --preset float --steps 60 --log_every 20 --no_pro
   > /root/train_auto.txt 2>&1
 grep -E "read strategy|resident partition|done:|error" /root/train_auto.txt | tail -5 | tee -a "$OUT/summary.txt"
 
+log "clip lengths on the GPU: the same frames as long videos, 8-s and 2.4-s files, 2.4-s segments (issue 20)"
+# frames/s per shape and the ratio to long videos, NVDEC streams in flight, the encoder's busy fraction
+python3 bench/compare.py --device cuda --clip_lengths_only --json "$OUT/clip_lengths.json" --no_progress \
+  > /root/clip_lengths.md 2>&1
+grep -E "^\| (long|files|--segments)|error" /root/clip_lengths.md | tee -a "$OUT/summary.txt"
+
 log "preprocess: real faces at 720p/1080p, float preset on the GPU, --crop face against --crop center"
 { python3 preprocess.py --preset float --device cuda --no_progress --data_root .gpu/faces --crop center --cache_dir /root/fc
   python3 preprocess.py --preset float --device cuda --no_progress --data_root .gpu/faces --crop face --cache_dir /root/fc
