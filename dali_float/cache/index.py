@@ -427,17 +427,23 @@ class Journal:
         self.con.close()
 
 
-def read_entries(path: Path, clip_ids: list[str] | None = None) -> list[cf.ClipEntry]:
-    """The entries committed in a journal (or index) file, all or those of `clip_ids`; read-only
-    ([] when it has no table yet or cannot be read)."""
+def _committed_rows(path: Path, columns) -> list[tuple]:
+    """`columns` of every row committed in a journal (or index) file, opened read-only; [] when it has no
+    table yet or cannot be read."""
     try:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
         try:
-            rows = con.execute(f"SELECT {', '.join(COLUMNS)} FROM clips").fetchall()
+            return con.execute(f"SELECT {', '.join(columns)} FROM clips").fetchall()
         finally:
             con.close()
     except sqlite3.DatabaseError:
         return []
+
+
+def read_entries(path: Path, clip_ids: list[str] | None = None) -> list[cf.ClipEntry]:
+    """The entries committed in a journal (or index) file, all or those of `clip_ids`; read-only
+    ([] when it has no table yet or cannot be read)."""
+    rows = _committed_rows(path, COLUMNS)
     wanted = None if clip_ids is None else set(clip_ids)
     entries = [from_row(r) for r in rows]
     return entries if wanted is None else [e for e in entries if e.clip_id in wanted]
@@ -447,15 +453,7 @@ def light_rows_of(path: Path) -> dict[str, IndexRow]:
     """The LIGHT columns of every row committed in a journal (or index) file so far, by clip id; read-only
     ({} when it has no table yet or cannot be read): what `status` counts of a run that was killed or stopped
     before its journals were merged."""
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
-        try:
-            rows = con.execute(f"SELECT {', '.join(LIGHT)} FROM clips").fetchall()
-        finally:
-            con.close()
-    except sqlite3.DatabaseError:
-        return {}
-    named = (IndexRow._make(r) for r in rows)
+    named = (IndexRow._make(r) for r in _committed_rows(path, LIGHT))
     return {from_db(r.clip_id): r._replace(clip_id=from_db(r.clip_id), source_path=from_db(r.source_path))
             for r in named}
 

@@ -319,8 +319,8 @@ def balance(tasks: list[ClipTask], bins: int) -> list[list[ClipTask]]:
     shares: list[list[ClipTask]] = [[] for _ in range(bins)]
     loads = [0.0] * bins
     # Longest first (to the millisecond: a float span such as 12-14.4 must not part a video's segments), then
-    # a video's segments together in time order: a worker takes them one after the other and shares the
-    # video's audio track and open decoder (ClipProcessor).
+    # a video's segments together in time order. Within a rank the workers' order is ClipQueue's (by video);
+    # this order is for callers that run a share as it is (tools/preprocess_profile.py, the tests).
     for task in sorted(tasks, key=lambda t: (-round(t.duration_s, 3), t.path, t.span_s or (0.0, 0.0), t.clip_id)):
         i = min(range(bins), key=lambda b: (loads[b], b))
         shares[i].append(task)
