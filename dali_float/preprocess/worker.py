@@ -1,4 +1,4 @@
-"""One clip -> features -> cache entry (`ClipProcessor.process`), and the worker process around it.
+"""Clips -> features -> cache entries (`ClipProcessor.stream`, `run_tasks`), and the worker process around it.
 
 Per clip (a whole video or a segment of one), every model runs once:
 
@@ -8,7 +8,8 @@ Per clip (a whole video or a segment of one), every model runs once:
     framing: one crop for the clip (media.framing: face detection on sampled frames, or the centre)
     decode:  FrameDecoder (DALI mixed/NVDEC on a GPU, DALI CPU for VP8/VP9/MJPEG, PyAV otherwise),
              cropped to the clip's window and resized in the same DALI graph, on the device
-    motion:  fixed batches of `frame_batch` frames -> r (T, F), lambda (T, M), s of frame 0 (F,)
+    motion:  fixed batches of `frame_batch` frames, shared by consecutive clips (preprocess.batches)
+             -> r (T, F), lambda (T, M), s of frame 0 (F,)
 
 A clip that cannot be used becomes a `failed` (MediaError, or a bug: its one line) or `skipped`
 (ClipSkipped) entry and the run goes on; only UsageError and EnvironmentProblem (a problem of the whole
@@ -157,11 +158,6 @@ class ClipProcessor:
         return self.frame_batch + self.decoder.chunk_frames * self.decoder.batch_chunks
 
     # -- clips, never raising for a problem of a clip ----------------------------------------------
-
-    def process(self, task: ClipTask, writer: ShardWriter,
-                on_frames: Callable[[int], None] | None = None) -> cf.ClipEntry:
-        """Compute one clip's features alone and write them (or its failed/skipped entry); returns the entry."""
-        return writer.write(*self.outcome(task, on_frames))
 
     def outcome(self, task: ClipTask, on_frames: Callable[[int], None] | None = None
                 ) -> tuple[cf.ClipEntry, cf.ClipFeatures | None]:
