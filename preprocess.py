@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     run_args.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda[:N]; default auto")
     run_args.add_argument("--frame_batch", type=int, default=None,
                           help="frames per motion-encoder batch (default: 64 on a GPU, 16 on the CPU)")
+    run_args.add_argument("--clips_in_flight", type=int, default=None,
+                          help="clips each worker decodes at once while its motion encoder runs: one decode "
+                               "thread (lane) each, with its own decoder (default: 8 on a GPU, for NVDEC's "
+                               "engines; 1 on the CPU)")
     run_args.add_argument("--retry_failed", action="store_true",
                           help="process again the clips that failed in earlier runs although their source is "
                                "unchanged (those that failed for a cause outside the clip, e.g. permission denied "
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         return pp.PreprocessOptions(
             data_root=data_root or pp.default_data_root(), cache_dir=cache_dir, preset=preset, sources=sources,
             crop=crop, segments=args.segments, force=args.force_preprocess, device=args.device, gpus=args.gpus,
-            workers=args.workers, frame_batch=args.frame_batch, progress=not args.no_progress,
+            workers=args.workers, frame_batch=args.frame_batch, clips_in_flight=args.clips_in_flight,
+            progress=not args.no_progress,
             retry_failed=args.retry_failed, lock_timeout_s=args.lock_timeout_s,
             max_frame_pixels=args.max_frame_pixels, max_clip_s=args.max_clip_s)
 

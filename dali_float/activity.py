@@ -13,6 +13,7 @@ import contextlib
 import json
 import multiprocessing.util
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -53,14 +54,16 @@ class _Record:
 
 _record: _Record | None = None
 _checked = False
+_lock = threading.Lock()  # decode lanes and the encoder's thread ask at once
 
 
 def _current() -> _Record | None:
     global _record, _checked
-    if not _checked:
-        _checked = True
-        folder = os.environ.get(ENV)
-        _record = _Record(Path(folder)) if folder else None
+    with _lock:
+        if not _checked:
+            folder = os.environ.get(ENV)
+            _record = _Record(Path(folder)) if folder else None
+            _checked = True
     return _record
 
 

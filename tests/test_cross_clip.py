@@ -2,6 +2,7 @@
 its work, and none of it changes a clip's features by a single byte."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,27 @@ FRAME_BATCH = 64  # > the shortest clip (60 frames, one training window): a clip
 FIELDS = ("motion_latents", "audio_features", "motion_coefficients", "identity", "emotion")
 
 
-def processor() -> ClipProcessor:
+def processor(lanes: int = 1) -> ClipProcessor:
     return ClipProcessor(get_preset("tiny"), ModelSources(emotion="none"), "cpu", FRAME_BATCH, num_threads=1,
-                         crop="center")
+                         crop="center", clips_in_flight=lanes)
+
+
+class Decoding:
+    """on_decoding / on_decoded of a stream: the most clips its lanes decoded at once."""
+
+    def __init__(self) -> None:
+        self.now: set[str] = set()
+        self.most = 0
+        self.lock = threading.Lock()
+
+    def start(self, task: ClipTask) -> None:
+        with self.lock:
+            self.now.add(task.clip_id)
+            self.most = max(self.most, len(self.now))
+
+    def end(self, task: ClipTask) -> None:
+        with self.lock:
+            self.now.discard(task.clip_id)
 
 
 def task_of(path: Path, uid: int, span_s: tuple[float, float] | None = None,
@@ -66,17 +85,23 @@ def test_encoder_rows_do_not_depend_on_their_position_or_neighbours():
             assert torch.equal(getattr(out, name)[shift:], getattr(alone, name)[:FRAME_BATCH - shift]), (shift, name)
 
 
-def test_clip_features_are_identical_alone_and_amid_other_clips(clips):
-    proc = processor()
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_clip_features_are_identical_alone_and_amid_other_clips(clips, lanes):
+    """Alone (one clip per stream, one lane) and amid others: batches spanning clips, and with 3 lanes
+    several clips prepared and decoded at once (checked: more than one at a time)."""
     tasks = [task_of(clips[name], uid) for uid, name in enumerate(("a60", "b150", "c70", "d66"))]
     alone = {}
     for task in tasks:
-        entry, features = proc.outcome(task)
+        entry, features = processor().outcome(task)
         assert features is not None, entry.reason
         alone[task.clip_id] = features
+    proc = processor(lanes)
     frames_seen = []
-    together = list(proc.stream(tasks, on_frames=frames_seen.append))
+    decoding = Decoding()
+    together = list(proc.stream(tasks, on_frames=frames_seen.append, on_decoding=decoding.start,
+                                on_decoded=decoding.end))
     assert [t.clip_id for t, _, _ in together] == [t.clip_id for t in tasks]
+    assert decoding.most == min(lanes, len(tasks)) or (lanes > 1 and decoding.most > 1), decoding.most
     total = 60 + 150 + 70 + 66
     # The batches really spanned clips: full ones throughout, padding only in the run's last batch.
     assert proc.batches.calls == -(-total // FRAME_BATCH)
@@ -103,7 +128,7 @@ def test_segments_of_one_video_share_its_work_and_match_one_by_one(long_video):
     shared = processor()
     together = list(shared.stream(tasks))
     assert shared.decoder.demuxes == 1, "one demux (or one PyAV decoder) for the video's segments"
-    assert shared._track.loads == 1, "one decode + resample of the video's audio track"
+    assert shared.lanes[0].track.loads == 1, "one decode + resample of the video's audio track"
     for task, (_, entry, features) in zip(tasks, together):
         assert features is not None, entry.reason
         one = processor()  # a fresh processor: nothing shared with any other segment
@@ -136,10 +161,12 @@ def test_a_clip_failing_mid_batch_fails_alone(clips, tmp_path):
     assert encoded == 60 + ran + 70
 
 
-def test_a_long_clip_among_short_ones_neither_holds_its_frames_nor_delays_the_clip_before_it(clips, tmp_path):
-    proc = processor()
-    long_clip = make_clip(tmp_path / "long.mp4", 260, seed=11)
-    tasks = [task_of(clips["a60"], 0), task_of(long_clip, 1), task_of(clips["c70"], 2)]
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_a_long_clip_among_short_ones_neither_holds_its_frames_nor_delays_the_clip_before_it(clips, tmp_path,
+                                                                                              lanes):
+    proc = processor(lanes)
+    long_clip = make_clip(tmp_path / "long.mp4", 600, seed=11)
+    tasks = [task_of(clips["a60"], 0), task_of(long_clip, 1), task_of(clips["c70"], 2), task_of(clips["d66"], 3)]
     encoded: list[int] = []
     done = []
     for task, entry, features in proc.stream(tasks, on_frames=encoded.append):
@@ -147,6 +174,49 @@ def test_a_long_clip_among_short_ones_neither_holds_its_frames_nor_delays_the_cl
     assert all(f is not None for _, f, _ in done)
     # The first clip comes out (to be written and committed) once the batch holding its last rows has run,
     # not after the long clip's 260 frames: a kill during a long clip does not cost the clips before it.
-    assert done[0][0] == "a60.mp4" and done[0][2] < 60 + 260 - FRAME_BATCH, done[0]
-    assert proc.frames_bound < 260  # the bound does not grow with the clip
+    assert done[0][0] == "a60.mp4" and done[0][2] < 60 + 600 - FRAME_BATCH, done[0]
+    assert proc.frames_bound < 600  # the bound does not grow with the clip
     assert 0 < proc.batches.peak_frames_held <= proc.frames_bound
+
+
+def test_lanes_keep_the_segments_of_a_video_together(long_video, clips):
+    """With 3 lanes, the segments of two videos amid other clips: each video is opened and its track
+    decoded once (its segments go to the lane that has it), and every clip's features are its own."""
+    info = media.probe_video(long_video)
+    other = clips["b150"].parent / f"other{long_video.suffix}"
+    if not other.exists():
+        other.write_bytes(long_video.read_bytes())  # a second video (another path) of the same frames
+    other_info = media.probe_video(other)
+    tasks = [task_of(long_video, 0, (0.0, 2.4), info), task_of(long_video, 1, (2.4, 4.8), info),
+             task_of(clips["a60"], 2), task_of(other, 3, (4.8, 7.2), other_info),
+             task_of(other, 4, (0.0, 2.4), other_info), task_of(long_video, 5, (7.2, 9.6), info),
+             task_of(clips["c70"], 6)]
+    proc = processor(3)
+    together = list(proc.stream(tasks))
+    assert [t.clip_id for t, _, _ in together] == [t.clip_id for t in tasks]
+    opened = sum(lane.decoder.demuxes for lane in proc.lanes)
+    tracks = sum(lane.track.loads for lane in proc.lanes)
+    assert (opened, tracks) == (4, 4), "each of the 4 files opened and its track decoded once"
+    for task, entry, features in together:
+        assert features is not None, entry.reason
+        alone_entry, alone = processor().outcome(task)
+        assert alone is not None, alone_entry.reason
+        assert_same_features(alone, features, task.clip_id)
+
+
+def test_a_clip_failing_in_its_lane_fails_alone_amid_lanes(clips, tmp_path):
+    """3 lanes: a clip whose decoder runs dry fails; the clips decoded beside it and after it are cached
+    with the features they get alone."""
+    victim = make_clip(tmp_path / "victim.mp4", 200, seed=9)
+    victim_task = task_of(victim, 1)
+    make_clip(tmp_path / "shorter.mp4", 150, seed=10).replace(victim)
+    others = [task_of(clips["a60"], 0), task_of(clips["c70"], 2), task_of(clips["d66"], 3)]
+    alone = {t.clip_id: processor().outcome(t)[1] for t in others}
+    proc = processor(3)
+    results = {t.clip_id: (e, f) for t, e, f in proc.stream([others[0], victim_task, *others[1:]])}
+    entry, features = results["victim.mp4"]
+    assert features is None and entry.status == cf.STATUS_FAILED and "produced only 150" in entry.reason
+    for task in others:
+        assert_same_features(alone[task.clip_id], results[task.clip_id][1], task.clip_id)
+    encoded = proc.batches.calls * FRAME_BATCH - proc.batches.padded_rows
+    assert encoded >= 60 + 70 + 66 and proc.batches.padded_rows < FRAME_BATCH

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -107,6 +108,58 @@ def test_a_clip_that_kills_its_worker_twice_fails_alone(tmp_path):
     assert again.processed == {cf.STATUS_CACHED: 1} and statuses(layout)["long.mp4"] == "cached"
 
 
+def decoding_now(log: Path, pid: int) -> set[str]:
+    """The clips the run (with -v) says worker process `pid` started decoding and has not finished."""
+    text = log.read_text()
+    started = set(re.findall(rf"worker \d+ \(pid {pid}\) on (\S+)$", text, re.M))
+    return started - set(re.findall(rf"worker \d+ \(pid {pid}\) decoded (\S+)$", text, re.M))
+
+
+def held_while(pid: int, log: Path, wanted: Callable[[set[str]], bool], what: str) -> set[str]:
+    """Stop `pid` (SIGSTOP) at a moment its decoding clips satisfy `wanted` (the run has logged every
+    message it sent before the stop); returns them, the process still stopped."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.3)
+        now = decoding_now(log, pid)
+        if wanted(now):
+            return now
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError(f"never saw {what}: {log.read_text()[-3000:]}")
+
+
+def test_a_worker_killed_with_several_clips_in_flight_costs_only_the_clip_that_kills_it(tmp_path):
+    """--clips_in_flight 3: a worker killed (SIGKILL) while it decodes long.mp4 and another clip cannot
+    say which one killed it: each is given back and decoded alone by the fresh worker (checked: nothing
+    else decodes beside it); killed again there, long.mp4 alone is recorded failed, and every clip that
+    was decoded beside it the first time is cached (had they been decoded together again, both deaths
+    would have counted against each)."""
+    data = make_corpus(tmp_path / "data", clips=3)
+    make_clip(data / "long.mp4", 400, seed=7)  # the longest: first in line, and long at work
+    cache_dir = tmp_path / "cache"
+    log = tmp_path / "run.log"
+    run = start_script("preprocess.py", *common_args(data, cache_dir), "--clips_in_flight", "3", "-v",
+                       stderr_path=log)
+    try:
+        first = wait_for(lambda: worker_on(log, "long.mp4", set()), "a worker on long.mp4", poll_s=0.005)
+        beside = held_while(first, log, lambda now: "long.mp4" in now and len(now) > 1,
+                            "long.mp4 decoded beside another clip") - {"long.mp4"}
+        kill(first)
+        second = wait_for(lambda: worker_on(log, "long.mp4", {first}), "a fresh worker on long.mp4", poll_s=0.005)
+        alone = held_while(second, log, lambda now: "long.mp4" in now, "the fresh worker on long.mp4")
+        assert alone == {"long.mp4"}, f"decoded beside {alone - {'long.mp4'}}: a second death cannot name its clip"
+        kill(second)
+        assert run.wait(timeout=300) == 1, log.read_text()[-3000:]  # a clip failed, the others are cached
+    finally:
+        kill(run.pid)
+    text = log.read_text()
+    assert "trying each of them once more in a fresh worker, alone" in text, text[-3000:]
+    assert statuses(layout_of(cache_dir)) == {**{f"clip{i}.mp4": "cached" for i in range(3)}, "long.mp4": "failed"}
+    assert beside and all(statuses(layout_of(cache_dir))[c] == "cached" for c in beside)
+
+
 def test_a_free_worker_takes_the_next_clip_longest_first(tmp_path):
     """--workers 2 take clips from one queue: they are handed out longest first, and while one worker is held
     on the long clip (SIGSTOP: a slow clip, a slow device) the other takes every clip but the one the held
@@ -142,7 +195,7 @@ def test_a_worker_killed_after_committing_loses_no_clip(tmp_path):
     """A worker dies right after a group commit, before telling its parent that the clip it was on is done
     (every worker dies so, at its first commit): the clips its journal holds are done, none is taken for
     the one that killed its worker, none is called failed (the parent used to write a failed row for
-    the clip, which the merge then put over the cached one). Each worker is held (SIGSTOP) on its first
+    the clip, which the merge then put over the cached one), none is processed again. Each worker is held (SIGSTOP) on its first
     clip past the group's 2 s, so that its first commit comes with that clip's write, whatever the
     machine's speed (a fast clip's commit would otherwise come between the next clip's frame batches)."""
     data = make_corpus(tmp_path / "data", clips=4)
@@ -166,9 +219,18 @@ def test_a_worker_killed_after_committing_loses_no_clip(tmp_path):
         kill(run.pid)
     assert len(held) == 4, log.read_text()[-3000:]  # one worker per clip: each died at its first commit
     text = log.read_text()
-    # each died with its clip committed (the last one with none left, so nothing to say)
-    assert text.count("worker 0 died (exit code 86) between clips") == 3, text[-3000:]
-    assert "once more" not in text  # no committed clip was taken for the one that killed its worker
+    # Each died with its clip committed (the last one with none left, so nothing to say). A death while
+    # the next clip was being decoded names that one (it cannot be told from a crash of its decoder).
+    deaths = re.findall(r"worker 0 died \(exit code 86\) (?:between clips|on ([^;]+);)", text)
+    assert len(deaths) == 3, text[-3000:]
+    # The clips each dead worker's journal held are done: none is processed again by a later worker.
+    events = re.findall(r"worker \d+ (?:\(pid \d+\) on (\S+)|had committed (.+) before it died)$", text, re.M)
+    committed: set[str] = set()
+    for started, collected in events:
+        assert started not in committed, f"{started} was committed, then processed again"
+        committed |= set(collected.split())
+    assert len(committed) >= 3, events  # each death came right after a commit
+    assert "recorded as failed" not in text
     assert statuses(layout_of(cache_dir)) == {f"clip{i}.mp4": "cached" for i in range(4)}
     verify = run_script("preprocess.py", "verify", *common_args(data, cache_dir))
     assert verify.returncode == 0, verify.stdout + verify.stderr[-2000:]

@@ -515,6 +515,17 @@ def test_two_workers_make_the_same_cache_as_one(small, tmp_path, monkeypatch):
     assert verify_problems(layout_of(tmp_path / "cache")) == []
 
 
+def test_clips_in_flight_make_the_same_cache_as_one(small, tmp_path):
+    """--clips_in_flight 3: the worker's lanes decode three clips at once (PyAV and DALI's CPU decoder in
+    threads side by side) and its writer thread writes them: the same cache, bit for bit."""
+    data, cache_one, _ = small
+    with cores(max(1, usable_cores() // 2)):  # the threads the `small` fixture ran with
+        result = run_preprocessing(options(data, tmp_path / "cache", clips_in_flight=3))
+    assert result.exit_code == 0 and result.processed == {cf.STATUS_CACHED: 4}
+    assert_same_cache(layout_of(cache_one), layout_of(tmp_path / "cache"))
+    assert verify_problems(layout_of(tmp_path / "cache")) == []
+
+
 def test_probing_in_processes_finds_what_one_process_finds(tmp_path, monkeypatch, caplog):
     """A large plan probes in a pool of worker processes: the same VideoInfo per video, once per video
     (segments share it), None for a file that is not a video and for a task that is not a regular file."""
@@ -814,7 +825,8 @@ def test_script_exit_codes_and_status_json(bad, tmp_path):
     assert not (tmp_path / "empty-cache").exists()  # nothing was created
 
     for args, words in ((["--gpus", "0", *common], "--gpus"), (["--data_root", str(tmp_path / "nope")], "nope"),
-                        (["--preset", "huge"], "huge"), (["--workers", "x"], "--workers")):
+                        (["--preset", "huge"], "huge"), (["--workers", "x"], "--workers"),
+                        (["--clips_in_flight", "0", *common], "--clips_in_flight")):
         if args[:2] == ["--gpus", "0"] and torch.cuda.is_available():
             continue
         out = script(*args)

@@ -51,7 +51,7 @@ class _Count:
     def frames(self, n: int) -> None:
         self.frames_seen += n
 
-    def between(self) -> None:
+    def decoded(self, clip_id: str) -> None:
         pass
 
     def done(self, entry: cf.ClipEntry) -> None:
@@ -85,13 +85,21 @@ def tasks_of(data_root: Path, segments: Path | None) -> list[plan.ClipTask]:
     return plan.balance(tasks, 1)[0]
 
 
+def _counters(processor: ClipProcessor) -> tuple[int | None, int | None]:
+    """(videos opened, audio tracks decoded) so far, over its decode lanes (one decoder and track memo
+    before the lanes); None where the checkout has no such counter."""
+    lanes = getattr(processor, "lanes", None)
+    if lanes is not None:
+        return sum(lane.decoder.demuxes for lane in lanes), sum(lane.track.loads for lane in lanes)
+    return getattr(processor.decoder, "demuxes", None), getattr(getattr(processor, "_track", None), "loads", None)
+
+
 def run_case(processor: ClipProcessor, tasks: list[plan.ClipTask], cache: Path, profile: bool
              ) -> tuple[dict, _Count, str]:
     shutil.rmtree(cache, ignore_errors=True)
     reporter = _Count()
     # Counters of the code since issue 20 (absent before: "-"): videos opened, audio tracks decoded.
-    opened = getattr(processor.decoder, "demuxes", None)
-    tracks = getattr(getattr(processor, "_track", None), "loads", None)
+    opened, tracks = _counters(processor)
     profiler = cProfile.Profile() if profile else None
     start = time.perf_counter()
     if profiler:
@@ -113,8 +121,8 @@ def run_case(processor: ClipProcessor, tasks: list[plan.ClipTask], cache: Path, 
     batches = getattr(processor, "batches", None)
     counts = {"encoder_calls": batches.calls if batches else "-",
               "padded_rows": batches.padded_rows if batches else "-",
-              "video_opens": processor.decoder.demuxes - opened if opened is not None else "-",
-              "track_decodes": processor._track.loads - tracks if tracks is not None else "-"}
+              "video_opens": _counters(processor)[0] - opened if opened is not None else "-",
+              "track_decodes": _counters(processor)[1] - tracks if tracks is not None else "-"}
     return ({"clips": len(tasks), "cached": len(reporter.entries) - len(bad), "frames": frames, **counts,
              "wall_s": round(wall_s, 3), "frames_per_s": round(frames / wall_s, 1), "stage_s": stages,
              "not_cached": bad}, reporter, text)
@@ -131,15 +139,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="cProfile each case (slower; top 25 by own time)")
     parser.add_argument("--out", type=Path, help="also write the report here")
     parser.add_argument("--checksums", type=Path, help="JSON: clip id -> record checksum, per case")
+    parser.add_argument("--clips_in_flight", type=int, default=None,
+                        help="decode lanes (default: the device's, 1 on the CPU; a checkout before them has none)")
     args = parser.parse_args(argv)
 
     build_corpus(args.corpus, args.videos, args.video_s, args.segment_s, args.size)
     cases = {"long": (args.corpus / "long", None), "segments": (args.corpus / "long", args.corpus / "segments.csv"),
              "files": (args.corpus / "short", None)}
+    lanes = {} if args.clips_in_flight is None else {"clips_in_flight": args.clips_in_flight}
     processor = ClipProcessor(get_preset("tiny"), ModelSources(emotion="none"), "cpu", None,
-                              num_threads=torch.get_num_threads(), crop="center")
+                              num_threads=torch.get_num_threads(), crop="center", **lanes)
     lines = [f"# {' '.join(['tools/preprocess_profile.py'] + (argv if argv is not None else sys.argv[1:]))}",
              f"# tiny, --crop center, cpu, frame_batch {processor.frame_batch}, {torch.get_num_threads()} threads, "
+             f"{len(getattr(processor, 'lanes', ())) or 'no'} decode lane(s), "
              f"corpus {args.videos} x {args.video_s:g} s at {args.size} px, segments of {args.segment_s:g} s"]
     report: dict[str, dict] = {}
     checksums: dict[str, dict[str, int]] = {}

@@ -103,7 +103,7 @@ def clip_lengths_probe(spec: dict[str, Any]) -> dict[str, Any]:
     from dali_float import activity
     from dali_float import preprocess as pp
     from dali_float.forkserver import worker_context
-    from dali_float.preprocess.options import frame_batch_for
+    from dali_float.preprocess.options import clips_in_flight_for, frame_batch_for
 
     preset, sources = _context(spec)
     device = spec.get("device", "cpu")
@@ -133,6 +133,7 @@ def clip_lengths_probe(spec: dict[str, Any]) -> dict[str, Any]:
                                 "wall_s": wall_s, "stage_seconds": result.stage_seconds, **recorded})
     out = {"corpus": str(root), "plan": json.loads((root / "corpus.json").read_text())["plan"],
            "preset": preset.name, "crop": "center", "workers": 1, "device": device,
+           "clips_in_flight": clips_in_flight_for(device),
            "shapes": {shape: shape_summary(r) for shape, r in runs.items()}}
     add_ratios(out["shapes"])
     out["peak_rss_bytes"] = peak_rss_bytes()

@@ -163,18 +163,20 @@ def classified(path: Path, what: str) -> Iterator[None]:
         raise sqlite_problem(err, path, what) from None
 
 
-def _connect(path: Path, timeout_s: float = DEFAULT_TIMEOUT_S, readonly: bool = False) -> sqlite3.Connection:
+def _connect(path: Path, timeout_s: float = DEFAULT_TIMEOUT_S, readonly: bool = False,
+             any_thread: bool = False) -> sqlite3.Connection:
     """Autocommit connection (transactions are explicit), a rollback journal (no WAL: its shared memory
     does not work on network file systems), durable commits: synchronous=EXTRA also syncs the folder
     after the rollback journal is deleted (FULL does not: a power cut could bring a hot journal back
     and roll a committed transaction back). Read-only: `mode=ro`, nothing is written, not even on a
-    read-only mount."""
+    read-only mount. any_thread: the connection may be used by one thread after another (never by two
+    at once: the owner sees to it)."""
     try:
         if readonly:
             con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=timeout_s)
             con.execute("SELECT 1 FROM sqlite_master LIMIT 1")
             return con
-        con = sqlite3.connect(str(path), isolation_level=None, timeout=timeout_s)
+        con = sqlite3.connect(str(path), isolation_level=None, timeout=timeout_s, check_same_thread=not any_thread)
         con.execute("PRAGMA synchronous=EXTRA")
         con.execute("PRAGMA journal_mode=DELETE")
         return con
@@ -413,7 +415,7 @@ class Journal:
     def __init__(self, layout: cf.CacheLayout, writer: str):
         layout.journals_dir.mkdir(parents=True, exist_ok=True)
         self.path = layout.journal_path(writer)
-        self.con = _connect(self.path)
+        self.con = _connect(self.path, any_thread=True)  # commits come from the worker's writer thread
         with classified(self.path, "creating the journal"):
             self.con.execute(_CLIPS_TABLE)
         fsync_dir(self.path.parent)

@@ -15,6 +15,7 @@ unprojected features.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,8 @@ class AudioEncoder(nn.Module):
             log.info("loaded wav2vec2 from %s", wav2vec2_path)
         model.requires_grad_(False)
         self.model = model.eval()
-        self._num_frames: int | None = None  # set only while encode() runs; read by the hook
+        # encode()'s frame count, read by the hook; per thread: decode lanes share this encoder
+        self._call = threading.local()
         self.model.feature_extractor.register_forward_hook(self._to_frame_rate)
 
     def _check_sizes(self, config: Wav2Vec2Config, path: Path) -> None:
@@ -147,9 +149,10 @@ class AudioEncoder(nn.Module):
 
     def _to_frame_rate(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
         """Forward hook: conv features (B, C, L) -> (B, C, T), linear, align_corners=True (FLOAT)."""
-        if self._num_frames is None:
+        num_frames = getattr(self._call, "num_frames", None)
+        if num_frames is None:
             return None
-        return F.interpolate(output, size=self._num_frames, mode="linear", align_corners=True)
+        return F.interpolate(output, size=num_frames, mode="linear", align_corners=True)
 
     @torch.no_grad()  # not inference_mode: the features may feed a trained projection in the same process
     def encode(self, waveform: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -167,11 +170,11 @@ class AudioEncoder(nn.Module):
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         audio = waveform.to(self.device, torch.float32)
-        self._num_frames = int(num_frames)
+        self._call.num_frames = int(num_frames)
         try:
             out = self.model(audio, output_hidden_states=True)
         finally:
-            self._num_frames = None
+            self._call.num_frames = None
         layers = out.hidden_states[1:]  # [0] is the transformer's input; 1..L are its layers
         if len(layers) != self.sizes.num_hidden_layers:
             raise RuntimeError(f"wav2vec2 returned {len(layers)} layer outputs, expected "

@@ -7,12 +7,11 @@ kernels at one batch shape give each row the same bytes wherever it sits (checke
 tests/test_cross_clip.py for the CPU encoder, rows shifted by every offset). So a clip's features are the
 bytes it gets when processed alone.
 
-Memory: the decoded frames held between the decoder and the encoder are the batch's rows, the chunk
-being copied in and the rest of the decoder's run (`MotionBatches.peak_frames_held`, at most
-frame_batch + chunk_frames x batch_chunks of the FrameDecoder: 16 + 128 on the CPU, 64 + 128 on a GPU,
-however long the clips); clips waiting for
-the batch that holds their last rows keep only their outputs (F + M floats a frame), and there are at
-most frame_batch of them (each owns at least one row of the batch being filled).
+Memory: the decoded frames held between the decoders and the encoder are the batch's rows, the chunk
+being copied in, and upstream what each decode lane holds (`MotionBatches.peak_frames_held`, at most
+ClipProcessor.frames_bound: frame_batch + lanes x chunk_frames x (batch_chunks + 3), however long the
+clips); clips waiting for the batch that holds their last rows keep only their outputs (F + M floats a
+frame), and there are at most frame_batch of them (each owns at least one row of the batch being filled).
 """
 from __future__ import annotations
 

@@ -31,6 +31,9 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # caches: tiny preset, 2 cores: 400 frames/s at 8-16, 220 at 64, 73 at 128 (float: ~1 frame/s at 8-16).
 # A GPU wants large batches.
 FRAME_BATCH_BY_DEVICE = {"cpu": 16, "cuda": 64}
+# Decode lanes per worker: on a GPU more than NVDEC's engines (7 on an H100/H200) so that they all have a
+# stream; on the CPU one lane (its decoding overlaps the encoder; more would share the same cores).
+CLIPS_IN_FLIGHT_BY_DEVICE = {"cpu": 1, "cuda": 8}
 _CUDA_DEVICE = re.compile(r"^cuda(:\d+)?$")
 
 
@@ -46,6 +49,8 @@ class PreprocessOptions:
     workers: CPU worker processes (each builds its own encoders and decoder).
     frame_batch: frames per motion-encoder batch (every batch has exactly this size; the last is padded).
         None: what suits the device (FRAME_BATCH_BY_DEVICE: 64 on a GPU; 16 on the CPU, ~2x faster there).
+    clips_in_flight: decode lanes per worker (clips prepared and decoded at once while the motion encoder
+        runs); None: CLIPS_IN_FLIGHT_BY_DEVICE (8 on a GPU, 1 on the CPU).
     progress: progress bars on stderr (dali_float.progress: tqdm on a terminal, lines in a log file).
     crop: face | center | none (dali_float.media.framing; `default_crop` is what the scripts pick).
     segments: a CSV of clip segments (dali_float.media.segments); None: every video is a clip.
@@ -71,6 +76,7 @@ class PreprocessOptions:
     gpus: tuple[int, ...] = ()
     workers: int = 1
     frame_batch: int | None = None
+    clips_in_flight: int | None = None
     progress: bool = True
     retry_failed: bool = False
     drop_gone: bool = True
@@ -90,6 +96,8 @@ class PreprocessOptions:
             raise UsageError(f"--workers must be at least 1, got {self.workers}")
         if self.frame_batch is not None and self.frame_batch < 1:
             raise UsageError(f"--frame_batch must be at least 1, got {self.frame_batch}")
+        if self.clips_in_flight is not None and not 1 <= self.clips_in_flight <= 64:
+            raise UsageError(f"--clips_in_flight must lie in [1, 64], got {self.clips_in_flight}")
         if self.device not in DEVICE_CHOICES and not _CUDA_DEVICE.match(self.device):
             raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if len(set(self.gpus)) != len(self.gpus) or any(g < 0 for g in self.gpus):
@@ -234,6 +242,11 @@ def resolve_worker_devices(device: str, gpus: tuple[int, ...], workers: int) -> 
 def frame_batch_for(device: str) -> int:
     """The frame batch that suits `device` ("cpu", "cuda[:N]"): what `--frame_batch auto` picks."""
     return FRAME_BATCH_BY_DEVICE["cuda" if str(device).startswith("cuda") else "cpu"]
+
+
+def clips_in_flight_for(device: str) -> int:
+    """The decode lanes that suit `device`: what `--clips_in_flight` defaults to."""
+    return CLIPS_IN_FLIGHT_BY_DEVICE["cuda" if str(device).startswith("cuda") else "cpu"]
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -268,7 +268,9 @@ class _Worker:
         self.inbox = None  # our end of the pipe its process reports on (one per process: see worker.PipeReporter)
         self.outbox = None  # our end of the pipe its clips go out on (worker.TaskFeed)
         self.closed = False  # its process closed that pipe (it is exiting or dead)
-        self.current: str | None = None  # the clip its process is on
+        # The clips its process is preparing or decoding (a lane each), in the order they started: what a
+        # death of the process may be blamed on.
+        self.decoding: dict[str, None] = {}
         self.finished = 0  # clips its current process finished
 
 
@@ -277,10 +279,12 @@ def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: Prep
     """One worker process per device entry, taking `tasks` from one queue (plan.ClipQueue) as each asks;
     requests, progress and entries come back on a pipe of each process, clips go out on another.
 
-    A worker that dies (a decoder crash, the OOM killer) costs at most the clip it was on: the clips
-    its journal holds are done; the one it was on is tried once more in a fresh process, and recorded
-    failed (with the signal) if it kills that one too; the clips it had been handed and not started go
-    back to its slot, first in line for the fresh process that takes its place.
+    A worker that dies (a decoder crash, the OOM killer) costs at most the clips it had in flight: the
+    clips its journal holds are done; those it was decoding (one per lane: --clips_in_flight) are each
+    tried once more in a fresh process, decoded alone there, and one that kills that one too is recorded
+    failed (with the signal); the clips it had been handed and not started go back to its slot, after
+    them, first in line for the fresh process that takes its place. A death while no clip was being
+    decoded (writing, committing) is no clip's fault.
     A stop (`stop.requested`: SIGINT, SIGTERM) sends every worker SIGTERM: each abandons its clip in flight,
     commits the clips it finished and exits; none is started again. One that has not gone after
     _STOP_WAIT_S is killed (what it had not committed is lost, as with any kill).
@@ -295,7 +299,7 @@ def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: Prep
     deaths: dict[str, int] = defaultdict(int)  # clip id -> worker processes it was on when they died
     running: dict[int, _Worker] = {}
 
-    def launch(slot: _Worker) -> None:
+    def launch(slot: _Worker, alone_first: int = 0) -> None:
         slot.writer = writer_name(f"r{rank}w{slot.slot}")
         watch, slot.lifeline = ctx.Pipe(duplex=False)
         if slot.inbox is not None:
@@ -308,8 +312,8 @@ def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: Prep
         slot.proc = ctx.Process(target=worker_main, name=f"preprocess-worker{slot.slot}", daemon=True,
                                 args=(slot.slot, options.preset, options.sources, devices[slot.slot],
                                       options.frame_batch, options.crop, threads, str(layout.root), slot.writer,
-                                      tasks_in, outbox, level, watch, limits))
-        slot.current, slot.finished, slot.closed = None, 0, False
+                                      tasks_in, outbox, level, watch, limits, options.clips_in_flight, alone_first))
+        slot.decoding, slot.finished, slot.closed = {}, 0, False
         slot.proc.start()
         watch.close()  # the child has its copy; ours would keep the pipe open after we die
         outbox.close()  # the same: its end of file must mean that the worker is gone
@@ -332,17 +336,18 @@ def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: Prep
         if kind == "next":
             hand_out(slot)
         elif kind == "start":
-            slot.current = payload
+            slot.decoding[payload] = None
             log.debug("worker %d (pid %d) on %s", w, slot.proc.pid, printable(payload))
             progress.start(w, payload)
         elif kind == "frames":
             progress.frames(w, payload)
-        elif kind == "between":  # its clips in flight are all decoded: a death now is none's fault
-            slot.current = None
+        elif kind == "decoded":  # its lane is done with the clip: a death now is not its fault
+            slot.decoding.pop(payload, None)
+            log.debug("worker %d (pid %d) decoded %s", w, slot.proc.pid, printable(payload))
         elif kind == "done":
             entry = cf.ClipEntry.from_dict(payload)
             slot.remaining.pop(entry.clip_id, None)
-            slot.current = None
+            slot.decoding.pop(entry.clip_id, None)
             slot.finished += 1
             progress.done(w, entry)
         elif kind == "exit":
@@ -370,7 +375,7 @@ def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: Prep
             if stop.requested and stopping_since is None:
                 stopping_since = time.monotonic()
                 log.warning("%s: stopping the workers; every clip they finished is kept, the %d in flight are left "
-                            "for the next run", stop.signal_name, sum(s.current is not None for s in running.values()))
+                            "for the next run", stop.signal_name, sum(len(s.remaining) for s in running.values()))
                 for slot in running.values():
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(slot.proc.pid, signal.SIGTERM)
@@ -399,29 +404,32 @@ def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: Prep
                 if stopping_since is not None:  # stopped (or died) while stopping: its clips wait for the next run
                     del running[slot.slot]
                     continue
-                if slot.current is not None and slot.current not in slot.remaining:
-                    slot.current = None
-                if slot.current is None and not slot.finished and (slot.remaining or queue):
+                suspects = [c for c in slot.decoding if c in slot.remaining]  # not those its journal holds
+                if not suspects and not slot.finished and (slot.remaining or queue):
                     raise RuntimeError(f"preprocessing worker {slot.slot} died ({_how(slot.proc)}) before "
                                        f"processing any clip; run with --workers 1 -v to see why")
-                if slot.current is not None:
-                    deaths[slot.current] += 1
-                    if deaths[slot.current] >= 2:
+                for clip_id in suspects:
+                    deaths[clip_id] += 1
+                    if deaths[clip_id] >= 2:  # the second time it was decoded alone: it is the cause
                         if parent is None:
                             parent = ShardWriter(layout, options.preset, writer_name(f"r{rank}parent"),
                                                  group_clips=1)
-                        _worker_died(slot, parent, progress)
-                    else:
-                        log.warning("worker %d died (%s) on %s; trying that clip once more in a fresh worker",
-                                    slot.slot, _how(slot.proc), slot.current)
-                elif slot.remaining or queue:
+                        _worker_died(slot, clip_id, parent, progress)
+                retried = [c for c in suspects if c in slot.remaining]
+                if retried:
+                    log.warning("worker %d died (%s) on %s; trying %s once more in a fresh worker, alone",
+                                slot.slot, _how(slot.proc), ", ".join(retried),
+                                "that clip" if len(retried) == 1 else "each of them")
+                elif not suspects and (slot.remaining or queue):
                     log.warning("worker %d died (%s) between clips; a fresh worker takes its place", slot.slot,
                                 _how(slot.proc))
                 del running[slot.slot]
-                queue.give_back(slot.slot, list(slot.remaining.values()))  # the clip it was on first
+                # The clips it was decoding first: the fresh process decodes each of them alone.
+                order = retried + [c for c in slot.remaining if c not in retried]
+                queue.give_back(slot.slot, [slot.remaining[c] for c in order])
                 slot.remaining.clear()
                 if queue:
-                    launch(slot)  # a fresh process takes them, then asks the queue as the others do
+                    launch(slot, alone_first=len(retried))  # then it asks the queue as the others do
     finally:
         for slot in running.values():
             slot.proc.terminate()
@@ -443,10 +451,14 @@ def _collect_committed(slot: _Worker, layout: cf.CacheLayout, progress: _Progres
     path = layout.journal_path(slot.writer)
     if not path.exists():
         return
+    collected = []
     for entry in read_entries(path, list(slot.remaining)):
         if slot.remaining.pop(entry.clip_id, None) is not None:
             slot.finished += 1
             progress.done(slot.slot, entry)
+            collected.append(printable(entry.clip_id))
+    if collected:
+        log.debug("worker %d had committed %s before it died", slot.slot, " ".join(collected))
 
 
 def _how(proc) -> str:
@@ -459,21 +471,19 @@ def _how(proc) -> str:
     return f"exit code {code}"
 
 
-def _worker_died(slot: _Worker, writer: ShardWriter, progress: _Progress) -> None:
+def _worker_died(slot: _Worker, clip_id: str, writer: ShardWriter, progress: _Progress) -> None:
     """Record the clip that killed its worker twice as failed (written here: the worker cannot).
 
     Killed by SIGKILL (the out-of-memory killer's signal) it is retried by the next run (`transient`):
     memory is a matter of the machine; any other death (a crash in a decoder) is the clip's."""
     how = _how(slot.proc)
-    task = slot.remaining.pop(slot.current)
+    task = slot.remaining.pop(clip_id)
     oom = slot.proc.exitcode == -signal.SIGKILL
     hint = ("killed: out of memory? the next run tries it again; lower --max_clip_s or free memory" if oom
             else "re-encode the file or remove it")
     entry = task.new_entry(cf.STATUS_FAILED, transient=oom,
                            reason=f"the worker process died twice while processing this clip ({how}); {hint}")
-    log.warning("worker %d died again (%s) on %s: recorded as failed; the run goes on", slot.slot, how,
-                slot.current)
-    slot.current = None
+    log.warning("worker %d died again (%s) on %s: recorded as failed; the run goes on", slot.slot, how, clip_id)
     progress.done(slot.slot, writer.write(entry))
 
 

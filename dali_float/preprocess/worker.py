@@ -11,6 +11,10 @@ Per clip (a whole video or a segment of one), every model runs once:
     motion:  fixed batches of `frame_batch` frames, shared by consecutive clips (preprocess.batches)
              -> r (T, F), lambda (T, M), s of frame 0 (F,)
 
+Threads: everything up to the decoded frames runs on decode lanes (`clips_in_flight` threads, a decoder
+each), the motion encoder on the main thread, writing and committing on a writer thread
+(_BackgroundWrites): the stages overlap, and memory stays bounded (ClipProcessor.frames_bound).
+
 A clip that cannot be used becomes a `failed` (MediaError, or a bug: its one line) or `skipped`
 (ClipSkipped) entry and the run goes on; only UsageError and EnvironmentProblem (a problem of the whole
 run: bad weights, a full disk) escape. A failure whose cause lies outside the clip (permission denied,
@@ -18,6 +22,7 @@ out of memory, an I/O error) is recorded `transient`: the next run tries the cli
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -47,12 +52,16 @@ from dali_float.interrupts import Interrupts, Stopped
 from dali_float.models import ModelSources, MotionEncoding, build_encoders, emotion_vector, encode_motion
 from dali_float.config import MAX_CLIP_S, MAX_FRAME_PIXELS
 from dali_float.preprocess.batches import ClipRows, MotionBatches
-from dali_float.preprocess.options import frame_batch_for
+from dali_float.preprocess.options import clips_in_flight_for, frame_batch_for
 from dali_float.preprocess.plan import ClipTask
 
 log = logging.getLogger(__name__)
 
 STAGES = ("framing", "decode", "motion", "audio", "emotion")
+
+_HAND_POLL_S = 0.1  # a lane waiting for room in a handoff looks for a stop this often
+_COMMIT_POLL_S = 0.25  # the writer thread, idle, sees whether a group commit is due this often
+_LANE_JOIN_S = 5.0  # at the end of a stream, how long a lane may take to finish the decoder run it is in
 
 
 # OS errors that say something about the machine at that moment, not about the clip.
@@ -98,15 +107,16 @@ def one_line(err: BaseException) -> str:
 
 
 class Reporter(Protocol):
-    """Where a worker says what it is doing (progress bars in-process, a pipe from a worker process)."""
+    """Where a worker says what it is doing (progress bars in-process, a pipe from a worker process).
+    Called from several threads (decode lanes: start, decoded; the writer: done; the encoder: frames)."""
 
-    def start(self, clip_id: str) -> None: ...
+    def start(self, clip_id: str) -> None:
+        """A lane starts preparing and decoding the clip: a death from now on may be its fault."""
 
     def frames(self, n: int) -> None: ...
 
-    def between(self) -> None:
-        """No clip is being decoded (the clips in flight wait for their last batch): what the worker does
-        next (write and commit finished clips) is no clip's fault if it dies there."""
+    def decoded(self, clip_id: str) -> None:
+        """Its lane is done with the clip (its frames wait for the encoder): a death is no longer its fault."""
 
     def done(self, entry: cf.ClipEntry) -> None: ...
 
@@ -123,29 +133,87 @@ class _InFlight:
     emotion: np.ndarray
 
 
+class _Cancelled(Exception):
+    """The stream was closed (a stop, the end of a run): a lane drops the clip it is on."""
+
+
+class _Handoff:
+    """One clip taken by the stream, between the lane that prepares it and the main thread: its decoded
+    chunks in order, then ("end", _InFlight) or ("error", exception). At most `depth` chunks wait here:
+    a lane ahead of the encoder stops there (bounded memory)."""
+
+    def __init__(self, task: ClipTask, entry: cf.ClipEntry, depth: int, alone: bool) -> None:
+        self.task, self.entry, self.alone = task, entry, alone
+        self.rows = ClipRows(task.clip_id)
+        self.events: queue.Queue = queue.Queue(maxsize=depth)
+        self.dropped = False  # the main thread gave up on it (its encoder batch failed): the lane stops
+        self.lane: _Lane | None = None
+
+
+class _Lane:
+    """One decode lane: a thread with a frame decoder, a framer and per-video memos of its own. It
+    prepares the clips it is given (hash, probe, audio, emotion, framing, decode), in order, while the
+    main thread runs the motion encoder on what the lanes decoded before."""
+
+    def __init__(self, processor: "ClipProcessor", index: int) -> None:
+        self.index = index
+        self.decoder = media.FrameDecoder(processor.preset.motion.input_size, processor.device,
+                                          num_threads=processor.num_threads, keep_sources=True)
+        self.framer = media.ClipFramer(processor.crop, processor.device)
+        self.hash_memo: tuple[tuple[str, int, int], str] | None = None  # segments of one video share its hash
+        self.track = media.TrackMemo()  # ... and its audio track, decoded and resampled once
+        self.video: str | None = None  # the video of its last clip (what the memos and the decoder hold)
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # _Handoff, or None: the stream ended
+        self.assigned = 0  # clips given to it and not finished by the main thread
+        self.last_path: str | None = None  # the video of the clip given to it last (the main thread's view)
+        self.given = 0  # when it was given a clip last (ClipProcessor._given then)
+        self.handed_frames = 0  # frames it decoded that the main thread has not taken yet
+        self._lock = threading.Lock()
+
+    def count_handed(self, n: int) -> None:
+        with self._lock:
+            self.handed_frames += n
+
+    @property
+    def frames_held(self) -> int:
+        return self.decoder.frames_held + self.handed_frames
+
+    def moving_to(self, path: str | None) -> None:
+        """Let go of the last video's track and demux when the next clip is of another video (bounds them
+        to one video's; `plan` orders the segments of a video together, the stream keeps them on one lane)."""
+        if path != self.video:
+            self.track.clear()
+            self.decoder.release()
+            self.video = path
+
+
 class ClipProcessor:
-    """The encoders and the frame decoder of one worker, on one device, reused for every clip.
+    """The encoders and the decode lanes of one worker, on one device, reused for every clip.
 
     frame_batch: frames per motion-encoder call. Every call has exactly this many frames, made of the
     frames of consecutive clips (preprocess.batches); only the last batch of a run is padded with stale
     frames whose outputs are dropped. The encoder always sees one shape (one cuDNN plan on a GPU), and a
     clip's features are the same bytes whichever clips share its batches.
+    clips_in_flight: decode lanes (threads, each with its own FrameDecoder): that many clips are prepared
+    and decoded at once (NVDEC has several engines: an H100 has 7), while the main thread runs the motion
+    encoder on the frames decoded before. Default: 1 on the CPU (decoding overlaps the encoder), 8 on a GPU.
     """
 
     def __init__(self, preset: Preset, sources: ModelSources, device: str | torch.device, frame_batch: int | None,
-                 num_threads: int | None = None, crop: str = "face", limits: ClipLimits = ClipLimits()) -> None:
+                 num_threads: int | None = None, crop: str = "face", limits: ClipLimits = ClipLimits(),
+                 clips_in_flight: int | None = None) -> None:
         self.preset = preset
         self.limits = limits
         self.device = torch.device(device)
+        self.crop = crop
+        self.num_threads = num_threads
         self.frame_batch = int(frame_batch or frame_batch_for(str(self.device)))
         self.encoders = build_encoders(preset, sources, self.device)
-        # keep_sources: segments of one video share its demux and its open PyAV decoder (released below).
-        self.decoder = media.FrameDecoder(preset.motion.input_size, self.device, num_threads=num_threads,
-                                          keep_sources=True)
-        self.framer = media.ClipFramer(crop, self.device)
-        self._hash_memo: tuple[tuple[str, int, int], str] | None = None  # segments of one video share its hash
-        self._track = media.TrackMemo()  # ... and its audio track, decoded and resampled once
-        self._video: str | None = None  # the video of the last clip (what the memos hold)
+        self._given = 0  # clips given to lanes so far
+        self.lanes = [_Lane(self, i) for i in range(int(clips_in_flight or clips_in_flight_for(str(self.device))))]
+        # Chunks a lane may hand over before the main thread takes them (then it waits): enough for its
+        # next decoder run to overlap the encoder, few enough to bound memory (frames_bound).
+        self.handoff_chunks = 2
         size = preset.motion.input_size
         # One batch buffer for the whole run: decoded chunks are copied in (device to device on a GPU).
         self._batch = torch.zeros((self.frame_batch, 3, size, size), dtype=self.decoder.out_dtype,
@@ -153,9 +221,16 @@ class ClipProcessor:
         self.batches: MotionBatches | None = None  # those of the last stream (its counters)
 
     @property
+    def decoder(self) -> media.FrameDecoder:
+        """The first lane's decoder (the only one with clips_in_flight=1)."""
+        return self.lanes[0].decoder
+
+    @property
     def frames_bound(self) -> int:
-        """The most decoded frames held at once (MotionBatches.peak_frames_held), whatever the clips."""
-        return self.frame_batch + self.decoder.chunk_frames * self.decoder.batch_chunks
+        """The most decoded frames held at once (MotionBatches.peak_frames_held), whatever the clips:
+        the batch, and per lane its decoder's run, the chunks handed over and the one it is handing."""
+        per_lane = self.decoder.chunk_frames * (self.decoder.batch_chunks + self.handoff_chunks + 1)
+        return self.frame_batch + len(self.lanes) * per_lane
 
     # -- clips, never raising for a problem of a clip ----------------------------------------------
 
@@ -166,60 +241,155 @@ class ClipProcessor:
         return entry, features
 
     def stream(self, tasks: Iterable[ClipTask], on_frames: Callable[[int], None] | None = None,
-               on_start: Callable[[ClipTask], None] | None = None
+               on_decoding: Callable[[ClipTask], None] | None = None,
+               on_decoded: Callable[[ClipTask], None] | None = None, alone_first: int = 0
                ) -> Iterator[tuple[ClipTask, cf.ClipEntry, cf.ClipFeatures | None]]:
         """Process `tasks` in order, their frames sharing the motion encoder's batches; yield each clip's
-        (task, entry, features or None) once it is finished: a failed clip at once, a cached one when the
-        batch holding its last frames has run (the last ones when `tasks` ends).
+        (task, entry, features or None) once it is finished, in the order of `tasks`: a failed clip when
+        its lane gives up, a cached one when the batch holding its last rows has run (the last ones when
+        `tasks` ends).
 
-        on_start(task): called as a clip is taken; on_frames(n): after each encoder call (n valid rows).
+        Clips in flight: at most one more than there are lanes is taken and not yet all queued into the
+        batches; a lane keeps the segments of one video (its memos and open decoder serve them all).
+        on_decoding(task) / on_decoded(task): a lane starts / ends preparing and decoding a clip (called
+        on the lane's thread: what a death then could be blamed on); on_frames(n): after each encoder
+        call (n valid rows). The first `alone_first` clips are decoded each alone (nothing else decodes
+        meanwhile): clips a dead worker was decoding, so that a second death names its clip.
         A clip that fails while its frames are queued takes its rows out of the batch (the others keep
         theirs). Closing the generator early (a stop) abandons the clips in flight.
         """
         batches = self.batches = MotionBatches(self._batch, self._encode_batch, on_frames,
-                                               upstream_held=lambda: self.decoder.frames_held)
+                                               upstream_held=lambda: sum(lane.frames_held for lane in self.lanes))
         waiting: deque[_InFlight] = deque()  # queued clips, in order; they finish in that order
+        taken: deque[_Handoff] = deque()  # clips given to lanes whose frames are not all queued, in order
+        cancel = threading.Event()
+        threads = [threading.Thread(target=self._lane_loop, args=(lane, cancel, on_decoding, on_decoded),
+                                    name=f"decode-lane{lane.index}", daemon=True) for lane in self.lanes]
+        for thread in threads:
+            thread.start()
+        source, exhausted, count = iter(tasks), False, 0
         try:
-            for task in tasks:
-                if on_start is not None:
-                    on_start(task)
-                self._moving_to(task.path)
-                entry = task.new_entry(cf.STATUS_FAILED, fps=float(self.preset.timing.fps), crop=self.framer.crop)
-                rows = ClipRows(task.clip_id)
-                try:
-                    queue = self._queue(task, entry, rows, batches)
-                    while True:  # between the clip's chunks, clips finished by its batches go out at once
-                        try:
-                            next(queue)
-                        except StopIteration as queued:
-                            waiting.append(queued.value)
-                            break
-                        yield from self._ready(waiting)
-                except (UsageError, EnvironmentProblem):
-                    raise  # wrong for every clip (no CUDA, bad weights, a full disk): stop the run
-                except Exception as err:  # noqa: BLE001 - ClipSkipped, MediaError, a bug: this clip only
-                    batches.drop(rows)
-                    self._record_failure(task, entry, err)
-                    yield task, entry, None
+            while True:
+                while not exhausted and len(taken) <= len(self.lanes):
+                    alone = count < alone_first
+                    if taken and (alone or taken[-1].alone):
+                        break  # a clip decoded alone: nothing else is taken until its frames are all in
+                    task = next(source, None)
+                    if task is None:
+                        exhausted = True
+                        break
+                    entry = task.new_entry(cf.STATUS_FAILED, fps=float(self.preset.timing.fps), crop=self.crop)
+                    job = _Handoff(task, entry, self.handoff_chunks, alone)
+                    lane = self._lane_for(task)
+                    lane.assigned += 1
+                    job.lane = lane
+                    lane.jobs.put(job)
+                    taken.append(job)
+                    count += 1
+                if not taken:
+                    break
+                job = taken[0]
+                kind, value = job.events.get()
+                if kind == "chunk":
+                    job.lane.count_handed(-len(value))
+                    if job.rows.error is None:
+                        if value.is_cuda:  # made on the lane's stream, read on this one
+                            value.record_stream(torch.cuda.current_stream(value.device))
+                        batches.add(job.rows, value)  # runs the encoder on each batch filled
+                        if job.rows.error is not None:
+                            job.dropped = True  # the lane stops at its next chunk
+                    yield from self._ready(waiting)
+                    continue
+                taken.popleft()
+                job.lane.assigned -= 1
+                if kind == "end" and job.rows.error is None:
+                    job.rows.closed = True
+                    waiting.append(value)
+                else:
+                    err = job.rows.error if job.rows.error is not None else value
+                    if isinstance(err, (UsageError, EnvironmentProblem)):
+                        raise err  # wrong for every clip (no CUDA, bad weights, a full disk): stop the run
+                    batches.drop(job.rows)
+                    self._record_failure(job.task, job.entry, err)
+                    yield job.task, job.entry, None
                 yield from self._ready(waiting)
             batches.flush()  # the run's only padded batch
             while waiting:
                 yield self._finish(waiting.popleft())
         finally:
-            self._moving_to(None)
+            cancel.set()
+            for lane in self.lanes:
+                lane.jobs.put(None)
+            for lane, thread in zip(self.lanes, threads):
+                thread.join(timeout=_LANE_JOIN_S)  # one in a decoder run ends it, then sees the cancel
+                if not thread.is_alive():  # (one that is still busy keeps its decoder: a stop ends the process)
+                    lane.moving_to(None)
+                lane.jobs, lane.assigned, lane.handed_frames, lane.last_path = queue.SimpleQueue(), 0, 0, None
+                lane.given = 0
+
+    def _lane_for(self, task: ClipTask) -> _Lane:
+        """The lane given the task's video last (its next segment: one demux, hash and track for all),
+        else the least busy one."""
+        lane = next((lane for lane in self.lanes if lane.last_path == task.path), None)
+        if lane is None:  # of the least busy, the one given a clip longest ago (its video is likely done)
+            lane = min(self.lanes, key=lambda lane: (lane.assigned, lane.given))
+        self._given += 1
+        lane.last_path, lane.given = task.path, self._given
+        return lane
+
+    def _lane_loop(self, lane: _Lane, cancel: threading.Event, on_decoding, on_decoded) -> None:
+        """A lane's thread: its clips, one after the other, chunk by chunk into their handoffs."""
+        stream = None
+        if self.device.type == "cuda":  # the current device and stream are per thread
+            torch.cuda.set_device(self.device)
+            stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            while True:
+                job = lane.jobs.get()
+                if job is None or cancel.is_set():
+                    return
+                try:
+                    lane.moving_to(job.task.path)
+                    if on_decoding is not None:
+                        on_decoding(job.task)
+                    prepared = self._prepare(lane, job)
+                    while True:
+                        try:
+                            chunk = next(prepared)
+                        except StopIteration as done:
+                            self._hand(job, cancel, ("end", done.value))
+                            break
+                        lane.count_handed(len(chunk))
+                        self._hand(job, cancel, ("chunk", chunk))
+                        if job.dropped:
+                            prepared.close()
+                            self._hand(job, cancel, ("error", job.rows.error))
+                            break
+                except _Cancelled:
+                    return
+                except BaseException as err:  # noqa: BLE001 - the main thread decides what it means
+                    try:
+                        self._hand(job, cancel, ("error", err))
+                    except _Cancelled:
+                        return
+                finally:
+                    if on_decoded is not None:
+                        on_decoded(job.task)
+
+    @staticmethod
+    def _hand(job: _Handoff, cancel: threading.Event, event: tuple) -> None:
+        while True:
+            try:
+                job.events.put(event, timeout=_HAND_POLL_S)
+                return
+            except queue.Full:
+                if cancel.is_set():
+                    raise _Cancelled from None
 
     def _ready(self, waiting: deque[_InFlight]) -> Iterator[tuple[ClipTask, cf.ClipEntry, cf.ClipFeatures | None]]:
         """The queued clips whose rows have all run (or failed), in order."""
         while waiting and (waiting[0].rows.complete or waiting[0].rows.error is not None):
             yield self._finish(waiting.popleft())
-
-    def _moving_to(self, path: str | None) -> None:
-        """Let go of the last video's track and demux when the next clip is of another video (bounds them
-        to one video's; `plan` orders the segments of a video together)."""
-        if path != self._video:
-            self._track.clear()
-            self.decoder.release()
-            self._video = path
 
     def _record_failure(self, task: ClipTask, entry: cf.ClipEntry, err: BaseException) -> None:
         """Fill a failed or skipped clip's entry from its exception (one line)."""
@@ -237,14 +407,14 @@ class ClipProcessor:
                 torch.cuda.empty_cache()  # e.g. out of memory: give the next clip its chance
         log.debug("failed %s: %s", task.clip_id, entry.reason)  # the summary lists every failure
 
-    def _queue(self, task: ClipTask, entry: cf.ClipEntry, rows: ClipRows, batches: MotionBatches
-               ) -> Iterator[None]:
-        """Everything of the clip but the motion features, and its frames queued into `batches`; pauses
-        (yields) after each chunk and returns the _InFlight clip (StopIteration's value)."""
+    def _prepare(self, lane: _Lane, job: _Handoff) -> Iterator[torch.Tensor]:
+        """Everything of the clip but the motion features, on its lane: yields its decoded chunks and
+        returns the _InFlight clip (StopIteration's value)."""
+        task, entry, rows = job.task, job.entry, job.rows
         timing = self.preset.timing
         path = Path(task.path)
         _check_regular_file(path)
-        entry.content_hash = self._content_hash(task)
+        entry.content_hash = self._content_hash(lane, task)
         info = task.info if task.info is not None else media.probe_video(path)
         entry.source_fps = float(info.source_fps)
         entry.source_width, entry.source_height = info.width, info.height
@@ -268,7 +438,7 @@ class ClipProcessor:
         with self._stage(seconds, "audio"):
             start_s = task.span_s[0] if task.span_s else 0.0
             # (T * 640,) float32, normalised; a segment slices its video's track, decoded once (TrackMemo)
-            wave = media.prepare_clip_audio(info, t, timing, start_s, track=self._track)
+            wave = media.prepare_clip_audio(info, t, timing, start_s, track=lane.track)
             audio = self.encoders.audio.encode(wave[None].to(self.device), t)[0]  # whole clip -> (T, A)
             if not bool(torch.isfinite(audio).all()):
                 raise MediaError(f"{path}: wav2vec2 features hold non-finite values (silent or broken audio "
@@ -280,12 +450,11 @@ class ClipProcessor:
 
         # One crop for the whole clip (a per-frame crop would erase the head motion the latents carry).
         with self._stage(seconds, "framing"):
-            crop = self.framer.decide(info, self.decoder, indices, timing.fps, self.preset.motion.input_size)
+            crop = lane.framer.decide(info, lane.decoder, indices, timing.fps, self.preset.motion.input_size)
         for name, value in crop.to_entry().items():
             setattr(entry, name, value)
 
-        # Decode into the shared batches: full ones run the encoder as they fill (billed to motion, not decode).
-        chunks = iter(self.decoder.decode(info, indices, window=crop.window))
+        chunks = iter(lane.decoder.decode(info, indices, window=crop.window))
         decoded = 0
         while True:
             with self._stage(seconds, "decode"):
@@ -293,15 +462,11 @@ class ClipProcessor:
             if chunk is None:
                 break
             decoded += len(chunk)
-            batches.add(rows, chunk)  # runs the encoder on each batch filled (its time: the clips' motion share)
-            if rows.error is not None:
-                raise rows.error
-            yield  # the clips finished so far are written now: commits stay on time during a long clip
+            yield chunk
         if decoded != t:
             raise MediaError(f"{info.path}: the decoder returned {decoded} frames, {t} were asked for; "
                              f"re-encode the clip or remove it")
-        entry.decoder = self.decoder.last_decoder or ""
-        rows.closed = True
+        entry.decoder = lane.decoder.last_decoder or ""
         return _InFlight(task, entry, rows, seconds, audio_np, emotion)
 
     def _finish(self, clip: _InFlight) -> tuple[ClipTask, cf.ClipEntry, cf.ClipFeatures | None]:
@@ -330,32 +495,34 @@ class ClipProcessor:
 
     # -- helpers -------------------------------------------------------------------------------------
 
-    def _content_hash(self, task: ClipTask) -> str:
+    @staticmethod
+    def _content_hash(lane: _Lane, task: ClipTask) -> str:
         """sha256 of the clip's video; "" when unreadable (probing says why, in one line)."""
         key = (task.path, task.size_bytes, task.mtime_ns)
-        if self._hash_memo is None or self._hash_memo[0] != key:
+        if lane.hash_memo is None or lane.hash_memo[0] != key:
             try:
-                self._hash_memo = (key, sha256_file(Path(task.path)))
+                lane.hash_memo = (key, sha256_file(Path(task.path)))
             except OSError:
                 return ""
-        return self._hash_memo[1]
+        return lane.hash_memo[1]
 
     def _encode_batch(self, batch: torch.Tensor) -> MotionEncoding:
         out = encode_motion(self.encoders.motion, batch)  # always (frame_batch, 3, S, S)
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # a sync point: the batch's time is its own (stage seconds)
+            # This thread's stream only (the lanes' work goes on): the batch's time is its own.
+            torch.cuda.current_stream(self.device).synchronize()
         return out
 
     @contextmanager
     def _stage(self, seconds: dict[str, float], name: str) -> Iterator[None]:
-        """Add the wall time of the block to seconds[name]; on a GPU, wait for its kernels first
-        (a sync point per block: without it, the time of one stage would be billed to the next)."""
+        """Add the wall time of the block to seconds[name]; on a GPU, wait for its kernels first (on this
+        thread's stream: without it, the time of one stage would be billed to the next)."""
         start = time.perf_counter()
         try:
             yield
         finally:
             if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+                torch.cuda.current_stream(self.device).synchronize()
             seconds[name] += time.perf_counter() - start
 
 
@@ -376,30 +543,69 @@ def _check_regular_file(path: Path) -> None:
         raise MediaError(f"{path}: cannot be read ({err.strerror}); fix its permissions") from None
 
 
+class _BackgroundWrites:
+    """Finished clips written and committed by a thread of their own (ShardWriter: records, fsyncs, group
+    commits, on time between writes too), so that none of it is on the encoder's path. At most `depth`
+    finished clips wait here unwritten: with the clips being decoded, what a kill can cost."""
+
+    def __init__(self, writer: ShardWriter, reporter: Reporter, depth: int = 2) -> None:
+        self.writer, self.reporter = writer, reporter
+        self.error: BaseException | None = None
+        self._items: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="clip-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, entry: cf.ClipEntry, features: cf.ClipFeatures | None) -> None:
+        """Queue a finished clip (waits while `depth` are queued); raises what the writer raised."""
+        while self.error is None:
+            try:
+                self._items.put((entry, features), timeout=_HAND_POLL_S)
+                return
+            except queue.Full:
+                pass
+        raise self.error
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread; raises what the writer raised."""
+        self._items.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._items.get(timeout=_COMMIT_POLL_S)
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # the run stops: nothing more is written (the queue is only drained)
+            try:
+                if item:
+                    self.reporter.done(self.writer.write(*item))
+                else:
+                    self.writer.commit_if_due()
+            except BaseException as err:  # noqa: BLE001 - the main thread raises it
+                self.error = err
+
+
 def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: Iterable[ClipTask], reporter: Reporter,
-              stop: Interrupts | None = None) -> None:
+              stop: Interrupts | None = None, alone_first: int = 0) -> None:
     """Process `tasks` in order (any iterable: a list, or a worker process's TaskFeed: the parent's queue,
     read as clips are taken), their frames sharing the motion encoder's batches (ClipProcessor.stream);
-    report each clip's start, frames and entry (written through `writer`, committed in groups, and on time
-    between frame batches: ShardWriter.commit_if_due).
+    report each clip's start and end of decoding (from its lane), frames, and entry (written through
+    `writer` by a thread of its own, committed in groups and on time: _BackgroundWrites).
 
     `stop`: a signal abandons the clips in flight (taken, not finished: their work is lost) and ends the
-    loop; what was finished is committed by the writer's close. Records and commits are never cut by it
-    (deferred)."""
+    loop; what was finished is written and committed before this returns. Records and commits are never
+    cut by it (they are not on this thread). alone_first: ClipProcessor.stream's."""
     stop = stop or Interrupts()
 
     def on_frames(n: int) -> None:
-        with stop.deferred():  # neither a message to the parent nor a commit is cut in the middle
+        with stop.deferred():  # a message to the parent is never cut in the middle
             reporter.frames(n)
-            writer.commit_if_due()
-
-    decoding: str | None = None  # the clip taken last, until its entry comes out
-
-    def on_start(task: ClipTask) -> None:
-        nonlocal decoding
-        decoding = task.clip_id
-        with stop.deferred():
-            reporter.start(task.clip_id)
 
     def taken() -> Iterator[ClipTask]:
         for task in tasks:
@@ -407,7 +613,9 @@ def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: Iterable[Cli
                 raise Stopped(stop.signal_name)
             yield task
 
-    finished = processor.stream(taken(), on_frames, on_start)
+    writes = _BackgroundWrites(writer, reporter)
+    finished = processor.stream(taken(), on_frames, lambda task: reporter.start(task.clip_id),
+                                lambda task: reporter.decoded(task.clip_id), alone_first)
     try:
         while True:
             try:
@@ -419,16 +627,12 @@ def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: Iterable[Cli
             if item is None:
                 return
             _, entry, features = item
-            # A death while writing is no clip's fault; then the clip taken last is the one on again.
-            reporter.between()
-            entry = writer.write(entry, features)  # outside abortable: a signal here is only recorded
-            reporter.done(entry)
-            if decoding == entry.clip_id:
-                decoding = None
-            elif decoding is not None:
-                reporter.start(decoding)
+            writes.put(entry, features)
     finally:
-        finished.close()
+        try:
+            finished.close()  # the lanes let go of their clips
+        finally:
+            writes.close()  # every finished clip written; the writer's close commits them
 
 
 # --------------------------------------------------------------------------------------------------
@@ -439,13 +643,16 @@ class PipeReporter:
 
     A pipe per worker, not a Queue they share: a Queue's writers share one lock, and a worker killed while
     it held it (the out-of-memory killer strikes at any moment) left every later worker unable to report,
-    and the run waiting for ever. Only this process's main thread writes here."""
+    and the run waiting for ever. Its threads (main, lanes, writer) take turns (a lock): a message is
+    never cut by another."""
 
     def __init__(self, conn, worker_id: int) -> None:
         self.conn, self.worker_id = conn, worker_id
+        self._lock = threading.Lock()
 
     def send(self, kind: str, payload) -> None:
-        self.conn.send((kind, self.worker_id, payload))
+        with self._lock:
+            self.conn.send((kind, self.worker_id, payload))
 
     def start(self, clip_id: str) -> None:
         self.send("start", clip_id)
@@ -453,8 +660,8 @@ class PipeReporter:
     def frames(self, n: int) -> None:
         self.send("frames", n)
 
-    def between(self) -> None:
-        self.send("between", None)
+    def decoded(self, clip_id: str) -> None:
+        self.send("decoded", clip_id)
 
     def done(self, entry: cf.ClipEntry) -> None:
         self.send("done", entry.to_dict())
@@ -463,9 +670,10 @@ class PipeReporter:
 class TaskFeed:
     """A worker process's clips, asked of the parent one at a time (its ClipQueue), as an iterable.
 
-    The worker asks for `ahead` clips more than it has taken, so that the next one is here when the
-    current one ends (the parent's answer is a pipe round trip away, and it may be busy). Not more: a clip
-    waiting in one worker is a clip another, free worker cannot take. The parent's answers ("next": a
+    The worker asks for `ahead` clips more than it has taken, so that the next one is here when it is
+    taken (the parent's answer is a pipe round trip away, and it may be busy); with decode lanes none is
+    needed (ClipProcessor.stream takes one more clip than it has lanes). Not more: a clip waiting in one
+    worker is a clip another, free worker cannot take. The parent's answers ("next": a
     ClipTask, or None when none is left) come on a pipe of their own, drained by a thread: the parent's
     send never waits on a worker that is busy with a clip (a long video's frame times exceed a pipe's
     buffer). Waiting for an answer is abortable: a signal stops it with Stopped."""
@@ -527,7 +735,8 @@ def die_with_parent(lifeline) -> None:
 
 def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: str, frame_batch: int | None,
                 crop: str, num_threads: int, root: str, writer: str, tasks_in, outbox,
-                log_level: int, lifeline=None, limits: ClipLimits = ClipLimits()) -> None:
+                log_level: int, lifeline=None, limits: ClipLimits = ClipLimits(),
+                clips_in_flight: int | None = None, alone_first: int = 0) -> None:
     """Entry point of a worker process: process the clips the parent hands out (asked for on `outbox`, its
     pipe, answered on `tasks_in`: TaskFeed) until it has none left, then send ("exit", id) through `outbox`.
 
@@ -550,9 +759,12 @@ def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: s
             torch.cuda.set_device(torch.device(device))
         with stop.abortable():  # nothing to save yet
             processor = ClipProcessor(preset, sources, device, frame_batch, num_threads=num_threads, crop=crop,
-                                      limits=limits)
+                                      limits=limits, clips_in_flight=clips_in_flight)
         with ShardWriter(cf.CacheLayout(Path(root)), preset, writer) as shard_writer:
-            run_tasks(processor, shard_writer, TaskFeed(tasks_in, reporter, stop), reporter, stop)
+            # No request ahead: the stream takes a clip as a lane can start it (clips_in_flight + 1 taken),
+            # while the lanes still have work: the round trip is hidden, and no clip waits here idle.
+            feed = TaskFeed(tasks_in, reporter, stop, ahead=0)
+            run_tasks(processor, shard_writer, feed, reporter, stop, alone_first)
     except Stopped:
         pass
     except DaliFloatError as err:
