@@ -567,6 +567,48 @@ def test_probing_in_processes_finds_what_one_process_finds(tmp_path, monkeypatch
     assert cli.cores_per_local_rank() == 4
 
 
+def test_reconcile_classifies_every_source_and_row(tmp_path):
+    """Each way a source can stand against its row (status and plan count these): the fingerprint is the
+    video's size and mtime (a moved mtime alone: its content hash), and a segment's span."""
+    from dali_float.cache.index import IndexRow
+    from dali_float.hashing import sha256_file
+
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"the same bytes")
+    size, digest = video.stat().st_size, sha256_file(video)
+
+    def row(clip_id, size_bytes=size, mtime_ns=1, path=None, status=cf.STATUS_CACHED, segment=None, damaged=0,
+            content_hash=digest):
+        return IndexRow(clip_id, 0, status, 50, path or str(video), size_bytes, mtime_ns, content_hash, segment,
+                        damaged)
+
+    def source(clip_id, mtime_ns=1, path=None, span=None):
+        return plan.Source(clip_id, path or str(video), size, mtime_ns, True, span)
+
+    sources = [source("same"), source("moved", path=str(tmp_path / "elsewhere.mp4")), source("touched", mtime_ns=2),
+               source("rewritten", mtime_ns=2), source("resized"), source("seg#0-1", span=(0.0, 1.0)),
+               source("seg#1-2", span=(1.0, 2.5)), source("now a segment", span=(0.0, 1.0)),
+               source("now whole"), source("damaged"), source("cheap"), source("retried"), source("failed"),
+               source("new")]
+    rows = {r.clip_id: r for r in [
+        row("same"), row("moved", path="/old/root/v.mp4"), row("touched"), row("rewritten", content_hash="0" * 64),
+        row("resized", size_bytes=size + 1), row("seg#0-1", segment="[0.0, 1.0]"), row("seg#1-2", segment="[1.0, 2.0]"),
+        row("now a segment"), row("now whole", segment="[0.0, 1.0]"), row("damaged", damaged=1), row("cheap"),
+        row("retried", status=cf.STATUS_FAILED), row("failed", status=cf.STATUS_FAILED), row("gone")]}
+    rec = plan.reconcile(sources, rows, damaged={"cheap": "shard missing"}, retry={"retried"})
+    assert rec.up_to_date == ["same", "moved", "touched", "seg#0-1", "failed"]
+    assert rec.touched == [("moved", 1, str(tmp_path / "elsewhere.mp4")), ("touched", 2, str(video))]
+    assert rec.pending == {"rewritten": plan.CHANGED, "resized": plan.CHANGED, "seg#1-2": plan.CHANGED,
+                           "now a segment": plan.CHANGED, "now whole": plan.CHANGED, "damaged": plan.DAMAGED,
+                           "cheap": plan.DAMAGED, "retried": plan.RETRY, "new": plan.NEW}
+    assert rec.gone == ["gone"]
+    forced = plan.reconcile(sources, rows, force=True)
+    assert set(forced.pending.values()) == {plan.FORCED, plan.NEW} and not forced.up_to_date
+    # A row gone while a new source appeared: as many sources as rows, one row matched by none.
+    assert plan.reconcile([source("same"), source("new")], {"same": row("same"), "gone": row("gone")}).gone == ["gone"]
+    assert plan.reconcile([source("same")], {"same": row("same")}).gone == []
+
+
 def test_balance_splits_by_duration_without_overlap():
     tasks = [plan.ClipTask(f"c{i}", f"/x/c{i}", i, 1, 1, True, duration_s=d)
              for i, d in enumerate([10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0])]

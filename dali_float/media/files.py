@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+from operator import itemgetter
 from pathlib import Path
 
 from dali_float.errors import EnvironmentProblem, UsageError
@@ -13,6 +14,7 @@ from dali_float.media.segments import ClipSpec, read_segments
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+_VIDEO_SUFFIXES = frozenset(VIDEO_EXTENSIONS)  # a hash lookup per file (scan_videos)
 AUDIO_SIDE_EXTENSIONS: tuple[str, ...] = (".wav", ".flac")
 
 
@@ -44,8 +46,9 @@ def scan_videos(root: Path) -> list[tuple[str, str]]:
         return [(root.name, str(root))] if root.suffix.lower() in VIDEO_EXTENSIONS else []
     if not root.is_dir():
         raise UsageError(f"{root}: no such folder; give the folder that holds the videos")
-    found: list[tuple[str, str, tuple]] = []  # (clip id, path, the file's identity)
-    linked = False  # a symlinked file seen: only then can two entries be one file
+    found: list[tuple[str, str]] = []  # (clip id, path)
+    links: list[str] = []  # the paths of symlinked files: only with one can two entries be one file
+    folder_keys: dict[str, tuple[int, int]] = {}  # folder path -> its (st_dev, st_ino)
     visited: set[tuple[int, int]] = set()
     # Folders in increasing order of their id prefix: a child's prefix is greater than its parent's, so
     # the first visit of a folder is through its smallest path, and so is the first listing of each file
@@ -57,7 +60,8 @@ def scan_videos(root: Path) -> list[tuple[str, str]]:
         listed = _list_folder(folder, visited)
         if listed is None:
             continue
-        key, entries = listed
+        folder_keys[folder], entries = listed
+        # The loop below runs once per file (a million times): each test is as cheap as it can be made.
         for e in entries:
             name = e.name
             try:
@@ -67,21 +71,24 @@ def scan_videos(root: Path) -> list[tuple[str, str]]:
             if is_dir:
                 heapq.heappush(heap, (f"{prefix}{name}/", e.path))
                 continue
-            # os.path.splitext's extension (none for a name of leading dots), without its two calls per file
+            # os.path.splitext's extension (none for a name of leading dots), without its two calls per file;
+            # only a name starting with a dot can be a resource fork or all dots before its extension.
             dot = name.rfind(".")
-            if (name.startswith("._") or dot <= 0 or name[dot:].lower() not in VIDEO_EXTENSIONS
-                    or not name[:dot].strip(".")):
+            if (dot <= 0 or name[dot:].lower() not in _VIDEO_SUFFIXES
+                    or name[0] == "." and (name.startswith("._") or not name[:dot].strip("."))):
                 continue
+            found.append((prefix + name, e.path))
             if e.is_symlink():
-                linked = True
-                found.append((prefix + name, e.path, _linked_file_identity(e.path)))
-            else:
-                found.append((prefix + name, e.path, (key, name)))
-    found.sort(key=lambda item: item[0])
-    if not linked:  # every folder was read once: every plain entry is its own file
-        return [(clip_id, path) for clip_id, path, _ in found]
+                links.append(e.path)
+    found.sort(key=itemgetter(0))
+    if not links:  # every folder was read once: every plain entry is its own file
+        return found
+    linked = set(links)
     unique, seen = [], set()
-    for clip_id, path, identity in found:
+    for clip_id, path in found:
+        # A plain entry is (its folder's key, its name); a link, the file it leads to, named the same way.
+        folder, name = os.path.split(path)
+        identity = _linked_file_identity(path) if path in linked else (folder_keys[folder], name)
         if identity in seen:
             log.debug("%s: same file as an earlier clip, skipped", clip_id)
             continue

@@ -57,14 +57,14 @@ def _survey(data_root: Path, cache_dir: Path, preset: Preset, sources: ModelSour
     found = plan.discover_sources(data_root, segments)
     index = ClipIndex.open_existing(layout)
     if index is None:
-        rows, damaged, failures, skipped = {}, {}, [], []
+        rows, damaged, bad = {}, {}, {}
     else:
         with index:
             rows, damaged = index.light_rows(), cache_store.cheap_check(layout, index)
-            failures, skipped = list(index.entries(cf.STATUS_FAILED)), list(index.entries(cf.STATUS_SKIPPED))
+            bad = {e.clip_id: e for e in index.entries(cf.STATUS_FAILED, cf.STATUS_SKIPPED)}
     # Journals a killed or stopped run left (merged by the next run, in this order, each row replacing the
     # index's): their clips are done.
-    unmerged, bad = {}, {e.clip_id: e for e in failures + skipped}
+    unmerged = {}
     for path in layout.journals() if layout.root.exists() else []:
         unmerged.update(light_rows_of(path))
         for entry in read_entries(path):
@@ -75,12 +75,13 @@ def _survey(data_root: Path, cache_dir: Path, preset: Preset, sources: ModelSour
     failures = sorted((e for e in bad.values() if e.status == cf.STATUS_FAILED), key=lambda e: e.clip_id)
     skipped = sorted((e for e in bad.values() if e.status == cf.STATUS_SKIPPED), key=lambda e: e.clip_id)
     rec = plan.reconcile(found, rows, damaged)
-    fresh = set(rec.up_to_date)
     stale = sorted(cid for cid, why in rec.pending.items() if why != plan.NEW)
     pending = sorted(cid for cid, why in rec.pending.items() if why == plan.NEW)
-    cached = [rows[c] for c in rec.up_to_date if rows[c].status == cf.STATUS_CACHED]
-    by_status = {cf.STATUS_FAILED: [e for e in failures if e.clip_id in fresh],
-                 cf.STATUS_SKIPPED: [e for e in skipped if e.clip_id in fresh]}
+    cached = [r for r in map(rows.__getitem__, rec.up_to_date) if r.status == cf.STATUS_CACHED]
+    # A row is up to date, pending or gone: so the few of the last two are looked in, not a set of a million ids.
+    not_fresh = rec.pending.keys() | set(rec.gone)
+    by_status = {cf.STATUS_FAILED: [e for e in failures if e.clip_id in rows and e.clip_id not in not_fresh],
+                 cf.STATUS_SKIPPED: [e for e in skipped if e.clip_id in rows and e.clip_id not in not_fresh]}
     return {
         "fingerprint": fp,
         "preset": preset.name,

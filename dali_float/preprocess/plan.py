@@ -26,6 +26,7 @@ import os
 import stat
 from collections import deque
 from dataclasses import dataclass, field
+from operator import attrgetter, countOf
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
@@ -133,6 +134,8 @@ def reconcile(sources: list[Source], rows: dict[str, IndexRow], damaged: Iterabl
               force: bool = False, retry: Iterable[str] = ()) -> Reconciliation:
     """Classify every source and row (reads files only to hash sources whose mtime alone changed).
 
+    sources: each clip id once (as discover_sources gives them).
+
     damaged: cached clips whose record failed a check (cache_store.cheap_check, or rows marked by
     `verify --repair`): re-done even though their source is unchanged.
     retry: failed clips to process again although their source is unchanged (ClipIndex.retryable).
@@ -140,30 +143,37 @@ def reconcile(sources: list[Source], rows: dict[str, IndexRow], damaged: Iterabl
     rec = Reconciliation()
     hashes: dict[str, str] = {}
     damaged, retry = set(damaged), set(retry)
-    found = {s.clip_id for s in sources}
-    rec.gone = sorted(cid for cid in rows if cid not in found)
+    # The loop runs once per source (a million times): its names are local, and a whole video's span (None on
+    # both sides) is compared without a call.
+    up_to_date, touched, pending, row_of = rec.up_to_date, rec.touched, rec.pending, rows.get
     for src in sources:
-        row = rows.get(src.clip_id)
+        clip_id = src.clip_id
+        row = row_of(clip_id)
         if row is None:
-            rec.pending[src.clip_id] = NEW
+            pending[clip_id] = NEW
         elif force:
-            rec.pending[src.clip_id] = FORCED
-        elif row.status == cf.STATUS_CACHED and (row.damaged or src.clip_id in damaged):
-            rec.pending[src.clip_id] = DAMAGED
-        elif row.status == cf.STATUS_FAILED and src.clip_id in retry:
-            rec.pending[src.clip_id] = RETRY
-        elif row.size_bytes != src.size_bytes or _segment(row) != src.segment_s:
-            rec.pending[src.clip_id] = CHANGED
+            pending[clip_id] = FORCED
+        elif row.status == cf.STATUS_CACHED and (row.damaged or clip_id in damaged):
+            pending[clip_id] = DAMAGED
+        elif row.status == cf.STATUS_FAILED and clip_id in retry:
+            pending[clip_id] = RETRY
+        elif row.size_bytes != src.size_bytes or ((row.segment_s is not None or src.span_s is not None)
+                                                  and _segment(row) != src.segment_s):
+            pending[clip_id] = CHANGED
         elif row.mtime_ns == src.mtime_ns:
-            rec.up_to_date.append(src.clip_id)
+            up_to_date.append(clip_id)
             if row.source_path != src.path:  # the data root moved: same bytes, new address
-                rec.touched.append((src.clip_id, row.mtime_ns, src.path))
+                touched.append((clip_id, row.mtime_ns, src.path))
         elif src.regular and row.content_hash and _content_hash(src.path, hashes) == row.content_hash:
             # `touch`, a copy that kept the bytes: nothing to recompute, only the mtime to remember.
-            rec.up_to_date.append(src.clip_id)
-            rec.touched.append((src.clip_id, src.mtime_ns, src.path))
+            up_to_date.append(clip_id)
+            touched.append((clip_id, src.mtime_ns, src.path))
         else:
-            rec.pending[src.clip_id] = CHANGED
+            pending[clip_id] = CHANGED
+    # Every source has its own clip id, so when as many rows were matched as there are, none is gone (no set of
+    # a million ids to build).
+    if len(up_to_date) + len(pending) - countOf(pending.values(), NEW) < len(rows):
+        rec.gone = sorted(rows.keys() - set(map(attrgetter("clip_id"), sources)))
     return rec
 
 
