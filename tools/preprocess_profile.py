@@ -54,6 +54,9 @@ class _Count:
     def decoded(self, clip_id: str) -> None:
         pass
 
+    def between(self) -> None:  # what a checkout before the decode lanes calls instead of decoded()
+        pass
+
     def done(self, entry: cf.ClipEntry) -> None:
         self.entries.append(entry)
 
