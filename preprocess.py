@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="frames per motion-encoder batch (default: 64 on a GPU, 16 on the CPU)")
     run_args.add_argument("--clips_in_flight", type=int, default=None,
                           help="clips each worker decodes at once while its motion encoder runs: one decode "
-                               "thread (lane) each, with its own decoder (default: 8 on a GPU, for NVDEC's "
-                               "engines; 1 on the CPU)")
+                               "thread (lane) each, with its own decoder; 0: decode and encode in turn (default: "
+                               "8 on a GPU, for NVDEC's engines; 0 on the CPU, whose cores both stages share)")
     run_args.add_argument("--retry_failed", action="store_true",
                           help="process again the clips that failed in earlier runs although their source is "
                                "unchanged (those that failed for a cause outside the clip, e.g. permission denied "

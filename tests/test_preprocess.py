@@ -868,7 +868,7 @@ def test_script_exit_codes_and_status_json(bad, tmp_path):
 
     for args, words in ((["--gpus", "0", *common], "--gpus"), (["--data_root", str(tmp_path / "nope")], "nope"),
                         (["--preset", "huge"], "huge"), (["--workers", "x"], "--workers"),
-                        (["--clips_in_flight", "0", *common], "--clips_in_flight")):
+                        (["--clips_in_flight", "-1", *common], "--clips_in_flight")):
         if args[:2] == ["--gpus", "0"] and torch.cuda.is_available():
             continue
         out = script(*args)

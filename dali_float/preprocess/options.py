@@ -32,8 +32,9 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # A GPU wants large batches.
 FRAME_BATCH_BY_DEVICE = {"cpu": 16, "cuda": 64}
 # Decode lanes per worker: on a GPU more than NVDEC's engines (7 on an H100/H200) so that they all have a
-# stream; on the CPU one lane (its decoding overlaps the encoder; more would share the same cores).
-CLIPS_IN_FLIGHT_BY_DEVICE = {"cpu": 1, "cuda": 8}
+# stream; on the CPU none: decoding and the encoder compute on the same cores there, and a lane beside the
+# encoder made 60-s clips 19% slower on 2 cores (docs/bench/cpu_lanes/output.txt).
+CLIPS_IN_FLIGHT_BY_DEVICE = {"cpu": 0, "cuda": 8}
 _CUDA_DEVICE = re.compile(r"^cuda(:\d+)?$")
 
 
@@ -50,7 +51,8 @@ class PreprocessOptions:
     frame_batch: frames per motion-encoder batch (every batch has exactly this size; the last is padded).
         None: what suits the device (FRAME_BATCH_BY_DEVICE: 64 on a GPU; 16 on the CPU, ~2x faster there).
     clips_in_flight: decode lanes per worker (clips prepared and decoded at once while the motion encoder
-        runs); None: CLIPS_IN_FLIGHT_BY_DEVICE (8 on a GPU, 1 on the CPU).
+        runs); 0: none, the worker prepares, decodes and encodes in turn; None: CLIPS_IN_FLIGHT_BY_DEVICE
+        (8 on a GPU, 0 on the CPU).
     progress: progress bars on stderr (dali_float.progress: tqdm on a terminal, lines in a log file).
     crop: face | center | none (dali_float.media.framing; `default_crop` is what the scripts pick).
     segments: a CSV of clip segments (dali_float.media.segments); None: every video is a clip.
@@ -96,8 +98,8 @@ class PreprocessOptions:
             raise UsageError(f"--workers must be at least 1, got {self.workers}")
         if self.frame_batch is not None and self.frame_batch < 1:
             raise UsageError(f"--frame_batch must be at least 1, got {self.frame_batch}")
-        if self.clips_in_flight is not None and not 1 <= self.clips_in_flight <= 64:
-            raise UsageError(f"--clips_in_flight must lie in [1, 64], got {self.clips_in_flight}")
+        if self.clips_in_flight is not None and not 0 <= self.clips_in_flight <= 64:
+            raise UsageError(f"--clips_in_flight must lie in [0, 64], got {self.clips_in_flight}")
         if self.device not in DEVICE_CHOICES and not _CUDA_DEVICE.match(self.device):
             raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if len(set(self.gpus)) != len(self.gpus) or any(g < 0 for g in self.gpus):

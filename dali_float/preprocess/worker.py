@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import logging
 import os
 import queue
@@ -148,6 +149,7 @@ class _Handoff:
         self.events: queue.Queue = queue.Queue(maxsize=depth)
         self.dropped = False  # the main thread gave up on it (its encoder batch failed): the lane stops
         self.lane: _Lane | None = None
+        self.inline: Iterator[tuple[str, object]] | None = None  # its events, made by the main thread (no lanes)
 
 
 class _Lane:
@@ -196,7 +198,8 @@ class ClipProcessor:
     clip's features are the same bytes whichever clips share its batches.
     clips_in_flight: decode lanes (threads, each with its own FrameDecoder): that many clips are prepared
     and decoded at once (NVDEC has several engines: an H100 has 7), while the main thread runs the motion
-    encoder on the frames decoded before. Default: 1 on the CPU (decoding overlaps the encoder), 8 on a GPU.
+    encoder on the frames decoded before. 0: no lane thread, the main thread prepares, decodes and encodes
+    in turn. Default: 8 on a GPU, 0 on the CPU (both stages compute on the same cores there).
     """
 
     def __init__(self, preset: Preset, sources: ModelSources, device: str | torch.device, frame_batch: int | None,
@@ -210,7 +213,10 @@ class ClipProcessor:
         self.frame_batch = int(frame_batch or frame_batch_for(str(self.device)))
         self.encoders = build_encoders(preset, sources, self.device)
         self._given = 0  # clips given to lanes so far
-        self.lanes = [_Lane(self, i) for i in range(int(clips_in_flight or clips_in_flight_for(str(self.device))))]
+        lanes = clips_in_flight_for(str(self.device)) if clips_in_flight is None else int(clips_in_flight)
+        # 0: no lane thread; the main thread prepares, decodes and encodes in turn (one lane's state)
+        self.threaded = lanes > 0
+        self.lanes = [_Lane(self, i) for i in range(max(1, lanes))]
         # Chunks a lane may hand over before the main thread takes them (then it waits): enough for its
         # next decoder run to overlap the encoder, few enough to bound memory (frames_bound).
         self.handoff_chunks = 2
@@ -264,13 +270,15 @@ class ClipProcessor:
         taken: deque[_Handoff] = deque()  # clips given to lanes whose frames are not all queued, in order
         cancel = threading.Event()
         threads = [threading.Thread(target=self._lane_loop, args=(lane, cancel, on_decoding, on_decoded),
-                                    name=f"decode-lane{lane.index}", daemon=True) for lane in self.lanes]
+                                    name=f"decode-lane{lane.index}", daemon=True)
+                   for lane in self.lanes if self.threaded]
         for thread in threads:
             thread.start()
         source, exhausted, count = iter(tasks), False, 0
+        most_taken = len(self.lanes) + 1 if self.threaded else 1
         try:
             while True:
-                while not exhausted and len(taken) <= len(self.lanes):
+                while not exhausted and len(taken) < most_taken:
                     alone = count < alone_first
                     if taken and (alone or taken[-1].alone):
                         break  # a clip decoded alone: nothing else is taken until its frames are all in
@@ -283,13 +291,16 @@ class ClipProcessor:
                     lane = self._lane_for(task)
                     lane.assigned += 1
                     job.lane = lane
-                    lane.jobs.put(job)
+                    if self.threaded:
+                        lane.jobs.put(job)
+                    else:  # inline: this thread makes the clip's events as it takes them
+                        job.inline = self._events(lane, job, on_decoding, on_decoded)
                     taken.append(job)
                     count += 1
                 if not taken:
                     break
                 job = taken[0]
-                kind, value = job.events.get()
+                kind, value = next(job.inline) if job.inline is not None else job.events.get()
                 if kind == "chunk":
                     job.lane.count_handed(-len(value))
                     if job.rows.error is None:
@@ -302,6 +313,8 @@ class ClipProcessor:
                     continue
                 taken.popleft()
                 job.lane.assigned -= 1
+                if job.inline is not None:
+                    job.inline.close()  # past its last event: its lane is done with it (on_decoded)
                 if kind == "end" and job.rows.error is None:
                     job.rows.closed = True
                     waiting.append(value)
@@ -318,11 +331,15 @@ class ClipProcessor:
                 yield self._finish(waiting.popleft())
         finally:
             cancel.set()
+            for job in taken:
+                if job.inline is not None:
+                    job.inline.close()
             for lane in self.lanes:
                 lane.jobs.put(None)
-            for lane, thread in zip(self.lanes, threads):
+            for thread in threads:
                 thread.join(timeout=_LANE_JOIN_S)  # one in a decoder run ends it, then sees the cancel
-                if not thread.is_alive():  # (one that is still busy keeps its decoder: a stop ends the process)
+            for lane, thread in itertools.zip_longest(self.lanes, threads):
+                if thread is None or not thread.is_alive():  # (a busy one keeps its decoder: a stop ends the process)
                     lane.moving_to(None)
                 lane.jobs, lane.assigned, lane.handed_frames, lane.last_path = queue.SimpleQueue(), 0, 0, None
                 lane.given = 0
@@ -338,7 +355,7 @@ class ClipProcessor:
         return lane
 
     def _lane_loop(self, lane: _Lane, cancel: threading.Event, on_decoding, on_decoded) -> None:
-        """A lane's thread: its clips, one after the other, chunk by chunk into their handoffs."""
+        """A lane's thread: its clips, one after the other, event by event into their handoffs."""
         stream = None
         if self.device.type == "cuda":  # the current device and stream are per thread
             torch.cuda.set_device(self.device)
@@ -348,33 +365,41 @@ class ClipProcessor:
                 job = lane.jobs.get()
                 if job is None or cancel.is_set():
                     return
+                events = self._events(lane, job, on_decoding, on_decoded)
                 try:
-                    lane.moving_to(job.task.path)
-                    if on_decoding is not None:
-                        on_decoding(job.task)
-                    prepared = self._prepare(lane, job)
-                    while True:
-                        try:
-                            chunk = next(prepared)
-                        except StopIteration as done:
-                            self._hand(job, cancel, ("end", done.value))
-                            break
-                        lane.count_handed(len(chunk))
-                        self._hand(job, cancel, ("chunk", chunk))
-                        if job.dropped:
-                            prepared.close()
-                            self._hand(job, cancel, ("error", job.rows.error))
-                            break
+                    for event in events:
+                        self._hand(job, cancel, event)
                 except _Cancelled:
+                    events.close()
                     return
-                except BaseException as err:  # noqa: BLE001 - the main thread decides what it means
-                    try:
-                        self._hand(job, cancel, ("error", err))
-                    except _Cancelled:
-                        return
-                finally:
-                    if on_decoded is not None:
-                        on_decoded(job.task)
+
+    def _events(self, lane: _Lane, job: _Handoff, on_decoding, on_decoded) -> Iterator[tuple[str, object]]:
+        """A clip's events as its lane makes them: ("chunk", frames)..., then ("end", _InFlight) or
+        ("error", exception); a clip whose rows the main thread dropped stops at its next chunk."""
+        try:
+            lane.moving_to(job.task.path)
+            if on_decoding is not None:
+                on_decoding(job.task)
+            prepared = self._prepare(lane, job)
+            while True:
+                try:
+                    chunk = next(prepared)
+                except StopIteration as done:
+                    yield "end", done.value
+                    return
+                lane.count_handed(len(chunk))
+                yield "chunk", chunk
+                if job.dropped:
+                    prepared.close()
+                    yield "error", job.rows.error
+                    return
+        except GeneratorExit:
+            raise
+        except BaseException as err:  # noqa: BLE001 - the main thread decides what it means
+            yield "error", err
+        finally:
+            if on_decoded is not None:
+                on_decoded(job.task)
 
     @staticmethod
     def _hand(job: _Handoff, cancel: threading.Event, event: tuple) -> None:
@@ -613,9 +638,18 @@ def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: Iterable[Cli
                 raise Stopped(stop.signal_name)
             yield task
 
+    def said(message: Callable[[], None]) -> None:
+        """A message to the parent, never cut by a signal: deferred on the main thread (a lane's own thread
+        is never interrupted, and must not touch `stop`'s state)."""
+        if threading.current_thread() is threading.main_thread():
+            with stop.deferred():
+                message()
+        else:
+            message()
+
     writes = _BackgroundWrites(writer, reporter)
-    finished = processor.stream(taken(), on_frames, lambda task: reporter.start(task.clip_id),
-                                lambda task: reporter.decoded(task.clip_id), alone_first)
+    finished = processor.stream(taken(), on_frames, lambda task: said(lambda: reporter.start(task.clip_id)),
+                                lambda task: said(lambda: reporter.decoded(task.clip_id)), alone_first)
     try:
         while True:
             try:
@@ -761,9 +795,9 @@ def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: s
             processor = ClipProcessor(preset, sources, device, frame_batch, num_threads=num_threads, crop=crop,
                                       limits=limits, clips_in_flight=clips_in_flight)
         with ShardWriter(cf.CacheLayout(Path(root)), preset, writer) as shard_writer:
-            # No request ahead: the stream takes a clip as a lane can start it (clips_in_flight + 1 taken),
-            # while the lanes still have work: the round trip is hidden, and no clip waits here idle.
-            feed = TaskFeed(tasks_in, reporter, stop, ahead=0)
+            # With lanes no request ahead: the stream takes a clip as a lane can start it (clips_in_flight
+            # + 1 taken) while the lanes still have work, so the round trip is hidden. Without, one ahead.
+            feed = TaskFeed(tasks_in, reporter, stop, ahead=0 if processor.threaded else 1)
             run_tasks(processor, shard_writer, feed, reporter, stop, alone_first)
     except Stopped:
         pass
