@@ -221,3 +221,23 @@ def test_a_clip_failing_in_its_lane_fails_alone_amid_lanes(clips, tmp_path):
         assert_same_features(alone[task.clip_id], results[task.clip_id][1], task.clip_id)
     encoded = proc.batches.calls * FRAME_BATCH - proc.batches.padded_rows
     assert encoded >= 60 + 70 + 66 and proc.batches.padded_rows < FRAME_BATCH
+
+
+@pytest.mark.gpu
+def test_lanes_on_a_gpu_give_each_clip_the_features_it_gets_in_turn(clips):
+    """On CUDA, 8 lanes (NVDEC streams side by side, each lane on a CUDA stream of its own, chunks read on
+    the encoder's stream) against 0 lanes (in turn, one stream): each clip's features the same bytes."""
+    tasks = [task_of(clips[name], uid) for uid, name in enumerate(("a60", "b150", "c70", "d66"))]
+
+    def features(lanes: int) -> dict[str, cf.ClipFeatures]:
+        proc = ClipProcessor(get_preset("tiny"), ModelSources(emotion="none"), "cuda", FRAME_BATCH, crop="center",
+                             clips_in_flight=lanes)
+        out = {}
+        for task, entry, f in proc.stream(tasks):
+            assert f is not None and entry.decoder == media.DALI_GPU, (entry.decoder, entry.reason)
+            out[task.clip_id] = f
+        return out
+
+    in_turn, lanes = features(0), features(8)
+    for clip_id, f in in_turn.items():
+        assert_same_features(f, lanes[clip_id], clip_id)

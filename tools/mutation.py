@@ -867,6 +867,21 @@ FAULTS: list[Fault] = [
     Fault("tests/test_motion_decoder.py::test_the_warp_grid_is_floats_float64_linspace_rounded_to_float32[512]", "dali_float/models/motion_decoder.py",
           "    return torch.from_numpy(np.linspace(-1.0, 1.0, n)).to(torch.float32)",
           "    return torch.linspace(-1.0, 1.0, n)", "the warp grid computed in float32, not rounded from float64 (issue 23)"),
+    Fault("tests/test_faults_workers.py::test_a_worker_killed_with_several_clips_in_flight_costs_only_the_clip_that_kills_it",
+          "dali_float/preprocess/worker.py",
+          "                    alone = count < alone_first",
+          "                    alone = False", "clips a dead worker was decoding are decoded side by side again (issue 20)"),
+    Fault("tests/test_cross_clip.py::test_lanes_keep_the_segments_of_a_video_together[pyav]", "dali_float/preprocess/worker.py",
+          "        lane = next((lane for lane in self.lanes if lane.last_path == task.path), None)",
+          "        lane = None", "a video's segments spread over the lanes, each opening it again (issue 20)"),
+    Fault("tests/test_cross_clip.py::test_lanes_keep_the_segments_of_a_video_together[pyav]", "dali_float/models/audio_encoder.py",
+          "        self._call = threading.local()",
+          "        self._call = lambda: None",  # any object that takes attributes: one for every thread
+          "wav2vec2's frame count shared by the lanes' threads (issue 20)"),
+    Fault("tests/test_cross_clip.py::test_a_long_clip_among_short_ones_neither_holds_its_frames_nor_delays_the_clip_before_it[1]",
+          "dali_float/preprocess/worker.py",
+          "        self.events: queue.Queue = queue.Queue(maxsize=depth)",
+          "        self.events: queue.Queue = queue.Queue()", "a lane decodes a whole clip ahead of the encoder (issue 20)"),
 ]
 
 
