@@ -2,6 +2,7 @@
 its work, and none of it changes a clip's features by a single byte."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -221,6 +222,37 @@ def test_a_clip_failing_in_its_lane_fails_alone_amid_lanes(clips, tmp_path):
         assert_same_features(alone[task.clip_id], results[task.clip_id][1], task.clip_id)
     encoded = proc.batches.calls * FRAME_BATCH - proc.batches.padded_rows
     assert encoded >= 60 + 70 + 66 and proc.batches.padded_rows < FRAME_BATCH
+
+
+def test_a_clip_marked_alone_is_decoded_with_nothing_beside_it(clips):
+    """3 lanes, the second clip marked `alone` (a dead worker was decoding it among others): while it is
+    being decoded no other clip is, before or after it; the others still go side by side."""
+    tasks = [task_of(clips[name], uid) for uid, name in enumerate(("a60", "b150", "c70", "d66"))]
+    tasks[1] = dataclasses.replace(tasks[1], alone=True)
+    decoding, beside = Decoding(), []
+
+    def start(task: ClipTask) -> None:
+        decoding.start(task)
+        with decoding.lock:
+            if "b150.mp4" in decoding.now and len(decoding.now) > 1:
+                beside.append(sorted(decoding.now))
+
+    results = list(processor(3).stream(tasks, on_decoding=start, on_decoded=decoding.end))
+    assert all(f is not None for _, _, f in results)
+    assert beside == [], f"decoded beside the clip marked alone: {beside}"
+    assert decoding.most > 1  # c70 and d66 side by side after it
+
+
+def test_a_lane_that_dies_outside_any_clip_stops_the_stream_with_its_error(clips):
+    """A lane's thread ended by an error outside any clip (here its callback raising SystemExit: a bug,
+    CUDA failing to start) is raised in the encoder's thread instead of leaving it waiting for ever."""
+    tasks = [task_of(clips[name], uid) for uid, name in enumerate(("a60", "c70"))]
+
+    def dies(task: ClipTask) -> None:
+        raise SystemExit("the lane's callback")
+
+    with pytest.raises(RuntimeError, match="decode lane 0 stopped .SystemExit: the lane's callback"):
+        list(processor(1).stream(tasks, on_decoding=dies))
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ bytes it gets when processed alone.
 
 Memory: the decoded frames held between the decoders and the encoder are the batch's rows, the chunk
 being copied in, and upstream what each decode lane holds (`MotionBatches.peak_frames_held`, at most
-ClipProcessor.frames_bound: frame_batch + lanes x chunk_frames x (batch_chunks + 3), however long the
+ClipProcessor.frames_bound: frame_batch + max(1, lanes) x chunk_frames x (batch_chunks + 3), however long the
 clips); clips waiting for the batch that holds their last rows keep only their outputs (F + M floats a
 frame), and there are at most frame_batch of them (each owns at least one row of the batch being filled).
 """

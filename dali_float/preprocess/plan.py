@@ -247,6 +247,9 @@ class ClipTask:
     span_s: tuple[float, float] | None = None  # a segment of the video; None: the whole video
     info: media.VideoInfo | None = None  # None: not probed or probing failed (the worker says why)
     duration_s: float = 0.0  # weight for balancing; 0 for clips that will fail fast
+    # Decoded with no other clip beside it (a worker died while decoding it among others): whichever worker
+    # takes it, a second death then names it.
+    alone: bool = False
 
     def new_entry(self, status: str, **fields) -> cf.ClipEntry:
         """An entry of this clip (what identifies its source filled in) with `status` and `fields`."""

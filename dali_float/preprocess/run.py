@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 # A rank may wait for the others for as long as preprocessing a large data set takes.
 _BARRIER_TIMEOUT = datetime.timedelta(days=7)
 _POLL_S = 0.5  # how often the parent checks that its workers are alive while none reports
+_BARREN_DEATHS = 3  # a worker slot whose processes die this often in a row, none finishing a clip, stops the run
 _STOP_WAIT_S = 20.0  # how long stopped workers get to commit and exit (Slurm's KillWait is 30 s by default)
 
 
@@ -272,6 +273,8 @@ class _Worker:
         # death of the process may be blamed on.
         self.decoding: dict[str, None] = {}
         self.finished = 0  # clips its current process finished
+        self.started = False  # its current process started a clip
+        self.barren_deaths = 0  # its processes that died in a row without finishing a clip
 
 
 def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: PreprocessOptions,
@@ -299,7 +302,7 @@ def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: Prep
     deaths: dict[str, int] = defaultdict(int)  # clip id -> worker processes it was on when they died
     running: dict[int, _Worker] = {}
 
-    def launch(slot: _Worker, alone_first: int = 0) -> None:
+    def launch(slot: _Worker) -> None:
         slot.writer = writer_name(f"r{rank}w{slot.slot}")
         watch, slot.lifeline = ctx.Pipe(duplex=False)
         if slot.inbox is not None:
@@ -312,8 +315,8 @@ def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: Prep
         slot.proc = ctx.Process(target=worker_main, name=f"preprocess-worker{slot.slot}", daemon=True,
                                 args=(slot.slot, options.preset, options.sources, devices[slot.slot],
                                       options.frame_batch, options.crop, threads, str(layout.root), slot.writer,
-                                      tasks_in, outbox, level, watch, limits, options.clips_in_flight, alone_first))
-        slot.decoding, slot.finished, slot.closed = {}, 0, False
+                                      tasks_in, outbox, level, watch, limits, options.clips_in_flight))
+        slot.decoding, slot.finished, slot.closed, slot.started = {}, 0, False, False
         slot.proc.start()
         watch.close()  # the child has its copy; ours would keep the pipe open after we die
         outbox.close()  # the same: its end of file must mean that the worker is gone
@@ -337,6 +340,7 @@ def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: Prep
             hand_out(slot)
         elif kind == "start":
             slot.decoding[payload] = None
+            slot.started = True
             log.debug("worker %d (pid %d) on %s", w, slot.proc.pid, printable(payload))
             progress.start(w, payload)
         elif kind == "frames":
@@ -405,9 +409,12 @@ def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: Prep
                     del running[slot.slot]
                     continue
                 suspects = [c for c in slot.decoding if c in slot.remaining]  # not those its journal holds
-                if not suspects and not slot.finished and (slot.remaining or queue):
-                    raise RuntimeError(f"preprocessing worker {slot.slot} died ({_how(slot.proc)}) before "
-                                       f"processing any clip; run with --workers 1 -v to see why")
+                slot.barren_deaths = 0 if slot.finished else slot.barren_deaths + 1
+                if (not slot.started or slot.barren_deaths >= _BARREN_DEATHS) and (slot.remaining or queue):
+                    raise RuntimeError(f"preprocessing worker {slot.slot} died ({_how(slot.proc)}) "
+                                       + ("before processing any clip" if not slot.started else
+                                          f"{slot.barren_deaths} times in a row without finishing a clip")
+                                       + "; run with --workers 1 -v to see why")
                 for clip_id in suspects:
                     deaths[clip_id] += 1
                     if deaths[clip_id] >= 2:  # the second time it was decoded alone: it is the cause
@@ -416,6 +423,8 @@ def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: Prep
                                                  group_clips=1)
                         _worker_died(slot, clip_id, parent, progress)
                 retried = [c for c in suspects if c in slot.remaining]
+                for clip_id in retried:  # wherever it goes next, nothing decodes beside it
+                    slot.remaining[clip_id] = dataclasses.replace(slot.remaining[clip_id], alone=True)
                 if retried:
                     log.warning("worker %d died (%s) on %s; trying %s once more in a fresh worker, alone",
                                 slot.slot, _how(slot.proc), ", ".join(retried),
@@ -424,12 +433,12 @@ def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: Prep
                     log.warning("worker %d died (%s) between clips; a fresh worker takes its place", slot.slot,
                                 _how(slot.proc))
                 del running[slot.slot]
-                # The clips it was decoding first: the fresh process decodes each of them alone.
+                # The clips it was decoding first (each decoded alone by whichever worker takes it).
                 order = retried + [c for c in slot.remaining if c not in retried]
                 queue.give_back(slot.slot, [slot.remaining[c] for c in order])
                 slot.remaining.clear()
                 if queue:
-                    launch(slot, alone_first=len(retried))  # then it asks the queue as the others do
+                    launch(slot)  # they go first to it, then it asks the queue as the others do
     finally:
         for slot in running.values():
             slot.proc.terminate()

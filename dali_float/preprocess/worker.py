@@ -143,8 +143,8 @@ class _Handoff:
     chunks in order, then ("end", _InFlight) or ("error", exception). At most `depth` chunks wait here:
     a lane ahead of the encoder stops there (bounded memory)."""
 
-    def __init__(self, task: ClipTask, entry: cf.ClipEntry, depth: int, alone: bool) -> None:
-        self.task, self.entry, self.alone = task, entry, alone
+    def __init__(self, task: ClipTask, entry: cf.ClipEntry, depth: int) -> None:
+        self.task, self.entry = task, entry
         self.rows = ClipRows(task.clip_id)
         self.events: queue.Queue = queue.Queue(maxsize=depth)
         self.dropped = False  # the main thread gave up on it (its encoder batch failed): the lane stops
@@ -170,6 +170,7 @@ class _Lane:
         self.last_path: str | None = None  # the video of the clip given to it last (the main thread's view)
         self.given = 0  # when it was given a clip last (ClipProcessor._given then)
         self.handed_frames = 0  # frames it decoded that the main thread has not taken yet
+        self.error: BaseException | None = None  # what ended its thread outside any clip
         self._lock = threading.Lock()
 
     def count_handed(self, n: int) -> None:
@@ -248,7 +249,7 @@ class ClipProcessor:
 
     def stream(self, tasks: Iterable[ClipTask], on_frames: Callable[[int], None] | None = None,
                on_decoding: Callable[[ClipTask], None] | None = None,
-               on_decoded: Callable[[ClipTask], None] | None = None, alone_first: int = 0
+               on_decoded: Callable[[ClipTask], None] | None = None
                ) -> Iterator[tuple[ClipTask, cf.ClipEntry, cf.ClipFeatures | None]]:
         """Process `tasks` in order, their frames sharing the motion encoder's batches; yield each clip's
         (task, entry, features or None) once it is finished, in the order of `tasks`: a failed clip when
@@ -259,8 +260,8 @@ class ClipProcessor:
         batches; a lane keeps the segments of one video (its memos and open decoder serve them all).
         on_decoding(task) / on_decoded(task): a lane starts / ends preparing and decoding a clip (called
         on the lane's thread: what a death then could be blamed on); on_frames(n): after each encoder
-        call (n valid rows). The first `alone_first` clips are decoded each alone (nothing else decodes
-        meanwhile): clips a dead worker was decoding, so that a second death names its clip.
+        call (n valid rows). A task marked `alone` is decoded with nothing else decoding meanwhile (a clip
+        a dead worker was decoding among others: a second death names it).
         A clip that fails while its frames are queued takes its rows out of the batch (the others keep
         theirs). Closing the generator early (a stop) abandons the clips in flight.
         """
@@ -269,25 +270,26 @@ class ClipProcessor:
         waiting: deque[_InFlight] = deque()  # queued clips, in order; they finish in that order
         taken: deque[_Handoff] = deque()  # clips given to lanes whose frames are not all queued, in order
         cancel = threading.Event()
-        threads = [threading.Thread(target=self._lane_loop, args=(lane, cancel, on_decoding, on_decoded),
+        threads = [threading.Thread(target=self._lane_loop, args=(lane, lane.jobs, cancel, on_decoding, on_decoded),
                                     name=f"decode-lane{lane.index}", daemon=True)
                    for lane in self.lanes if self.threaded]
         for thread in threads:
             thread.start()
-        source, exhausted, count = iter(tasks), False, 0
+        source, exhausted, held = iter(tasks), False, None  # held: taken from `tasks`, not given to a lane
         most_taken = len(self.lanes) + 1 if self.threaded else 1
         try:
             while True:
                 while not exhausted and len(taken) < most_taken:
-                    alone = count < alone_first
-                    if taken and (alone or taken[-1].alone):
-                        break  # a clip decoded alone: nothing else is taken until its frames are all in
-                    task = next(source, None)
+                    task = held if held is not None else next(source, None)
                     if task is None:
                         exhausted = True
                         break
+                    if taken and (task.alone or taken[-1].task.alone):
+                        held = task  # decoded alone: it waits until the clips before it are all in
+                        break
+                    held = None
                     entry = task.new_entry(cf.STATUS_FAILED, fps=float(self.preset.timing.fps), crop=self.crop)
-                    job = _Handoff(task, entry, self.handoff_chunks, alone)
+                    job = _Handoff(task, entry, self.handoff_chunks)
                     lane = self._lane_for(task)
                     lane.assigned += 1
                     job.lane = lane
@@ -296,11 +298,10 @@ class ClipProcessor:
                     else:  # inline: this thread makes the clip's events as it takes them
                         job.inline = self._events(lane, job, on_decoding, on_decoded)
                     taken.append(job)
-                    count += 1
                 if not taken:
                     break
                 job = taken[0]
-                kind, value = next(job.inline) if job.inline is not None else job.events.get()
+                kind, value = next(job.inline) if job.inline is not None else self._next_event(job, threads)
                 if kind == "chunk":
                     job.lane.count_handed(-len(value))
                     if job.rows.error is None:
@@ -336,11 +337,15 @@ class ClipProcessor:
                     job.inline.close()
             for lane in self.lanes:
                 lane.jobs.put(None)
-            for thread in threads:
-                thread.join(timeout=_LANE_JOIN_S)  # one in a decoder run ends it, then sees the cancel
-            for lane, thread in itertools.zip_longest(self.lanes, threads):
-                if thread is None or not thread.is_alive():  # (a busy one keeps its decoder: a stop ends the process)
-                    lane.moving_to(None)
+            deadline = time.monotonic() + _LANE_JOIN_S
+            for thread in threads:  # one in a decoder run ends it, then sees the cancel
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            for i, thread in itertools.zip_longest(range(len(self.lanes)), threads):
+                if thread is not None and thread.is_alive():  # still busy: it keeps that lane; a new one here
+                    self.lanes[i] = _Lane(self, i)
+                    continue
+                lane = self.lanes[i]
+                lane.moving_to(None)
                 lane.jobs, lane.assigned, lane.handed_frames, lane.last_path = queue.SimpleQueue(), 0, 0, None
                 lane.given = 0
 
@@ -354,52 +359,73 @@ class ClipProcessor:
         lane.last_path, lane.given = task.path, self._given
         return lane
 
-    def _lane_loop(self, lane: _Lane, cancel: threading.Event, on_decoding, on_decoded) -> None:
-        """A lane's thread: its clips, one after the other, event by event into their handoffs."""
-        stream = None
-        if self.device.type == "cuda":  # the current device and stream are per thread
-            torch.cuda.set_device(self.device)
-            stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            while True:
-                job = lane.jobs.get()
-                if job is None or cancel.is_set():
-                    return
-                events = self._events(lane, job, on_decoding, on_decoded)
-                try:
-                    for event in events:
-                        self._hand(job, cancel, event)
-                except _Cancelled:
-                    events.close()
-                    return
+    def _lane_loop(self, lane: _Lane, jobs: queue.SimpleQueue, cancel: threading.Event, on_decoding,
+                   on_decoded) -> None:
+        """A lane's thread: its clips, one after the other, event by event into their handoffs. An error
+        outside any clip (a bug, CUDA failing) ends it with `lane.error` set: the main thread raises it."""
+        try:
+            stream = None
+            if self.device.type == "cuda":  # the current device and stream are per thread
+                torch.cuda.set_device(self.device)
+                stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                while True:
+                    job = jobs.get()
+                    if job is None or cancel.is_set():
+                        return
+                    events = self._events(lane, job, on_decoding, on_decoded)
+                    try:
+                        for event in events:
+                            self._hand(job, cancel, event)
+                    except _Cancelled:
+                        events.close()
+                        return
+        except BaseException as err:  # noqa: BLE001 - told to the main thread, which waits for this lane
+            lane.error = err
+
+    def _next_event(self, job: _Handoff, threads: list[threading.Thread]) -> tuple[str, object]:
+        """The next event of the clip the main thread is on; a RuntimeError if its lane's thread died."""
+        while True:
+            try:
+                return job.events.get(timeout=_HAND_POLL_S)
+            except queue.Empty:
+                if not threads[job.lane.index].is_alive():
+                    raise RuntimeError(f"decode lane {job.lane.index} stopped "
+                                       f"({type(job.lane.error).__name__}: {job.lane.error})") from job.lane.error
 
     def _events(self, lane: _Lane, job: _Handoff, on_decoding, on_decoded) -> Iterator[tuple[str, object]]:
         """A clip's events as its lane makes them: ("chunk", frames)..., then ("end", _InFlight) or
-        ("error", exception); a clip whose rows the main thread dropped stops at its next chunk."""
+        ("error", exception); a clip whose rows the main thread dropped stops at its next chunk. The lane
+        is done with the clip (on_decoded) before its last event goes out."""
+        decoding = False
+
+        def last(event: tuple[str, object]) -> tuple[str, object]:
+            nonlocal decoding
+            if decoding and on_decoded is not None:
+                decoding = False
+                on_decoded(job.task)
+            return event
+
         try:
             lane.moving_to(job.task.path)
             if on_decoding is not None:
                 on_decoding(job.task)
+            decoding = True
             prepared = self._prepare(lane, job)
             while True:
                 try:
                     chunk = next(prepared)
                 except StopIteration as done:
-                    yield "end", done.value
+                    yield last(("end", done.value))
                     return
                 lane.count_handed(len(chunk))
                 yield "chunk", chunk
                 if job.dropped:
                     prepared.close()
-                    yield "error", job.rows.error
+                    yield last(("error", job.rows.error))
                     return
-        except GeneratorExit:
-            raise
-        except BaseException as err:  # noqa: BLE001 - the main thread decides what it means
-            yield "error", err
-        finally:
-            if on_decoded is not None:
-                on_decoded(job.task)
+        except Exception as err:  # noqa: BLE001 - the main thread decides what it means (a stop goes through)
+            yield last(("error", err))
 
     @staticmethod
     def _hand(job: _Handoff, cancel: threading.Event, event: tuple) -> None:
@@ -617,7 +643,7 @@ class _BackgroundWrites:
 
 
 def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: Iterable[ClipTask], reporter: Reporter,
-              stop: Interrupts | None = None, alone_first: int = 0) -> None:
+              stop: Interrupts | None = None) -> None:
     """Process `tasks` in order (any iterable: a list, or a worker process's TaskFeed: the parent's queue,
     read as clips are taken), their frames sharing the motion encoder's batches (ClipProcessor.stream);
     report each clip's start and end of decoding (from its lane), frames, and entry (written through
@@ -625,7 +651,7 @@ def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: Iterable[Cli
 
     `stop`: a signal abandons the clips in flight (taken, not finished: their work is lost) and ends the
     loop; what was finished is written and committed before this returns. Records and commits are never
-    cut by it (they are not on this thread). alone_first: ClipProcessor.stream's."""
+    cut by it (they are not on this thread)."""
     stop = stop or Interrupts()
 
     def on_frames(n: int) -> None:
@@ -640,16 +666,18 @@ def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: Iterable[Cli
 
     def said(message: Callable[[], None]) -> None:
         """A message to the parent, never cut by a signal: deferred on the main thread (a lane's own thread
-        is never interrupted, and must not touch `stop`'s state)."""
-        if threading.current_thread() is threading.main_thread():
-            with stop.deferred():
+        is never interrupted, and must not touch `stop`'s state). A parent gone (a broken pipe) is not the
+        clip's failure: the lifeline ends this process."""
+        with contextlib.suppress(OSError):
+            if threading.current_thread() is threading.main_thread():
+                with stop.deferred():
+                    message()
+            else:
                 message()
-        else:
-            message()
 
     writes = _BackgroundWrites(writer, reporter)
     finished = processor.stream(taken(), on_frames, lambda task: said(lambda: reporter.start(task.clip_id)),
-                                lambda task: said(lambda: reporter.decoded(task.clip_id)), alone_first)
+                                lambda task: said(lambda: reporter.decoded(task.clip_id)))
     try:
         while True:
             try:
@@ -664,9 +692,10 @@ def run_tasks(processor: ClipProcessor, writer: ShardWriter, tasks: Iterable[Cli
             writes.put(entry, features)
     finally:
         try:
-            finished.close()  # the lanes let go of their clips
+            writes.close()  # every finished clip written,
+            writer.flush()  # and committed before the lanes are waited for (a stop has a deadline)
         finally:
-            writes.close()  # every finished clip written; the writer's close commits them
+            finished.close()  # the lanes let go of their clips
 
 
 # --------------------------------------------------------------------------------------------------
@@ -770,7 +799,7 @@ def die_with_parent(lifeline) -> None:
 def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: str, frame_batch: int | None,
                 crop: str, num_threads: int, root: str, writer: str, tasks_in, outbox,
                 log_level: int, lifeline=None, limits: ClipLimits = ClipLimits(),
-                clips_in_flight: int | None = None, alone_first: int = 0) -> None:
+                clips_in_flight: int | None = None) -> None:
     """Entry point of a worker process: process the clips the parent hands out (asked for on `outbox`, its
     pipe, answered on `tasks_in`: TaskFeed) until it has none left, then send ("exit", id) through `outbox`.
 
@@ -798,7 +827,7 @@ def worker_main(worker_id: int, preset: Preset, sources: ModelSources, device: s
             # With lanes no request ahead: the stream takes a clip as a lane can start it (clips_in_flight
             # + 1 taken) while the lanes still have work, so the round trip is hidden. Without, one ahead.
             feed = TaskFeed(tasks_in, reporter, stop, ahead=0 if processor.threaded else 1)
-            run_tasks(processor, shard_writer, feed, reporter, stop, alone_first)
+            run_tasks(processor, shard_writer, feed, reporter, stop)
     except Stopped:
         pass
     except DaliFloatError as err:
