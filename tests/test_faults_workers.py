@@ -313,16 +313,18 @@ def test_a_disk_that_fills_while_shards_are_appended_to_stops_with_one_line(tmp_
     assert out["rows"] == {f"clip{i}.mp4": cf.STATUS_CACHED for i in range(4)}
 
 
-@pytest.mark.parametrize("sig, to_the_group", [(signal.SIGTERM, True), (signal.SIGINT, False)])
-def test_a_signal_stops_preprocessing_and_loses_no_finished_clip(tmp_path, sig, to_the_group):
+@pytest.mark.parametrize("sig, to_the_group, lanes", [(signal.SIGTERM, True, 0), (signal.SIGINT, False, 0),
+                                                       (signal.SIGTERM, True, 2)])
+def test_a_signal_stops_preprocessing_and_loses_no_finished_clip(tmp_path, sig, to_the_group, lanes):
     """SIGTERM to every process of the run (what Slurm sends a job) or SIGINT to preprocess.py, once clips are
     committed: the workers stop, every clip committed by then and every one finished since is in the merged
     index and the training view, no journal is left, and the run exits 143 / 130 with one line saying what is
-    saved and the command to continue (the user's own), which then does the rest."""
+    saved and the command to continue (the user's own), which then does the rest. With 2 decode lanes a
+    worker also lets go of the clips its lanes are decoding."""
     data = make_corpus(tmp_path / "data", clips=12, num_frames=150)
     cache_dir = tmp_path / "cache"
     layout = layout_of(cache_dir)
-    args = [*common_args(data, cache_dir), "--workers", "2"]
+    args = [*common_args(data, cache_dir), "--workers", "2", *(["--clips_in_flight", str(lanes)] if lanes else [])]
     proc = subprocess.Popen([sys.executable, str(REPO / "preprocess.py"), *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
