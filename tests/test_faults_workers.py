@@ -160,6 +160,20 @@ def test_a_worker_killed_with_several_clips_in_flight_costs_only_the_clip_that_k
     assert beside and all(statuses(layout_of(cache_dir))[c] == "cached" for c in beside)
 
 
+def test_workers_that_keep_dying_without_finishing_a_clip_stop_the_run_with_one_line(tmp_path):
+    """Every worker dies (exit 86) at its first record append, a death no clip being decoded can be
+    certain to have caused: fresh workers take its place, and after 3 deaths in a row with no clip finished
+    the run stops with one line and exit 3 (a traceback before; without the count, workers could be
+    started for ever)."""
+    data = make_corpus(tmp_path / "data", clips=2)
+    out = run_script("preprocess.py", *common_args(data, tmp_path / "cache"),
+                     env={"DALI_FLOAT_CRASH_AT": "shard-append"})
+    assert out.returncode == 3 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: preprocessing worker 0 died (exit code 86) 3 times in a row without finishing "
+                           "a clip"), last
+
+
 def test_a_free_worker_takes_the_next_clip_longest_first(tmp_path):
     """--workers 2 take clips from one queue: they are handed out longest first, and while one worker is held
     on the long clip (SIGSTOP: a slow clip, a slow device) the other takes every clip but the one the held

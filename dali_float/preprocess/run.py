@@ -411,10 +411,12 @@ def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: Prep
                 suspects = [c for c in slot.decoding if c in slot.remaining]  # not those its journal holds
                 slot.barren_deaths = 0 if slot.finished else slot.barren_deaths + 1
                 if (not slot.started or slot.barren_deaths >= _BARREN_DEATHS) and (slot.remaining or queue):
-                    raise RuntimeError(f"preprocessing worker {slot.slot} died ({_how(slot.proc)}) "
-                                       + ("before processing any clip" if not slot.started else
-                                          f"{slot.barren_deaths} times in a row without finishing a clip")
-                                       + "; run with --workers 1 -v to see why")
+                    # The machine or a bug, not a clip (none was being decoded): one line, exit 3.
+                    raise errors.EnvironmentProblem(
+                        f"preprocessing worker {slot.slot} died ({_how(slot.proc)}) "
+                        + ("before processing any clip" if not slot.started else
+                           f"{slot.barren_deaths} times in a row without finishing a clip")
+                        + "; the clips it finished are kept; run with --workers 1 -v to see why")
                 for clip_id in suspects:
                     deaths[clip_id] += 1
                     if deaths[clip_id] >= 2:  # the second time it was decoded alone: it is the cause
