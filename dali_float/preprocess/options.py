@@ -33,7 +33,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 FRAME_BATCH_BY_DEVICE = {"cpu": 16, "cuda": 64}
 # Decode lanes per worker: on a GPU more than NVDEC's engines (7 on an H100/H200) so that they all have a
 # stream; on the CPU none: decoding and the encoder compute on the same cores there, and a lane beside the
-# encoder made 60-s clips 19% slower on 2 cores (docs/bench/cpu_lanes/output.txt).
+# encoder cost 60-s clips 18.5% of their frames/s on 2 cores (docs/bench/cpu_lanes/output.txt).
 CLIPS_IN_FLIGHT_BY_DEVICE = {"cpu": 0, "cuda": 8}
 _CUDA_DEVICE = re.compile(r"^cuda(:\d+)?$")
 
@@ -243,12 +243,17 @@ def resolve_worker_devices(device: str, gpus: tuple[int, ...], workers: int) -> 
 
 def frame_batch_for(device: str) -> int:
     """The frame batch that suits `device` ("cpu", "cuda[:N]"): what `--frame_batch auto` picks."""
-    return FRAME_BATCH_BY_DEVICE["cuda" if str(device).startswith("cuda") else "cpu"]
+    return FRAME_BATCH_BY_DEVICE[_device_kind(device)]
 
 
 def clips_in_flight_for(device: str) -> int:
     """The decode lanes that suit `device`: what `--clips_in_flight` defaults to."""
-    return CLIPS_IN_FLIGHT_BY_DEVICE["cuda" if str(device).startswith("cuda") else "cpu"]
+    return CLIPS_IN_FLIGHT_BY_DEVICE[_device_kind(device)]
+
+
+def _device_kind(device: str) -> str:
+    """"cuda" for "cuda[:N]", else "cpu": the keys of the per-device defaults."""
+    return "cuda" if str(device).startswith("cuda") else "cpu"
 
 
 def rank_and_world() -> tuple[int, int]:

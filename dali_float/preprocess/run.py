@@ -284,10 +284,10 @@ def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: Prep
 
     A worker that dies (a decoder crash, the OOM killer) costs at most the clips it had in flight: the
     clips its journal holds are done; those it was decoding (one per lane: --clips_in_flight) are each
-    tried once more in a fresh process, decoded alone there, and one that kills that one too is recorded
-    failed (with the signal); the clips it had been handed and not started go back to its slot, after
-    them, first in line for the fresh process that takes its place. A death while no clip was being
-    decoded (writing, committing) is no clip's fault.
+    tried once more, marked to be decoded alone by whichever worker takes them, and one that kills that
+    one too is recorded failed (with the signal); the clips it had been handed and not started go back
+    to its slot, after them, first in line for the fresh process that takes its place. A death while no
+    clip was being decoded (writing, committing) is no clip's fault; _BARREN_DEATHS in a row stop the run.
     A stop (`stop.requested`: SIGINT, SIGTERM) sends every worker SIGTERM: each abandons its clip in flight,
     commits the clips it finished and exits; none is started again. One that has not gone after
     _STOP_WAIT_S is killed (what it had not committed is lost, as with any kill).
@@ -411,7 +411,7 @@ def _run_processes(tasks: list[plan.ClipTask], devices: list[str], options: Prep
                 suspects = [c for c in slot.decoding if c in slot.remaining]  # not those its journal holds
                 slot.barren_deaths = 0 if slot.finished else slot.barren_deaths + 1
                 if (not slot.started or slot.barren_deaths >= _BARREN_DEATHS) and (slot.remaining or queue):
-                    # The machine or a bug, not a clip (none was being decoded): one line, exit 3.
+                    # The machine or a bug, not one clip (none kept dying alone): one line, exit 3.
                     raise errors.EnvironmentProblem(
                         f"preprocessing worker {slot.slot} died ({_how(slot.proc)}) "
                         + ("before processing any clip" if not slot.started else

@@ -189,6 +189,21 @@ class _Lane:
             self.decoder.release()
             self.video = path
 
+    def reset(self) -> None:
+        """After a stream (its thread gone): no video held, nothing given, a fresh queue for the next."""
+        self.moving_to(None)
+        self.jobs, self.assigned, self.last_path, self.given, self.handed_frames = queue.SimpleQueue(), 0, None, 0, 0
+
+    def content_hash(self, task: ClipTask) -> str:
+        """sha256 of the clip's video; "" when unreadable (probing says why, in one line)."""
+        key = (task.path, task.size_bytes, task.mtime_ns)
+        if self.hash_memo is None or self.hash_memo[0] != key:
+            try:
+                self.hash_memo = (key, sha256_file(Path(task.path)))
+            except OSError:
+                return ""
+        return self.hash_memo[1]
+
 
 class ClipProcessor:
     """The encoders and the decode lanes of one worker, on one device, reused for every clip.
@@ -343,11 +358,8 @@ class ClipProcessor:
             for i, thread in itertools.zip_longest(range(len(self.lanes)), threads):
                 if thread is not None and thread.is_alive():  # still busy: it keeps that lane; a new one here
                     self.lanes[i] = _Lane(self, i)
-                    continue
-                lane = self.lanes[i]
-                lane.moving_to(None)
-                lane.jobs, lane.assigned, lane.handed_frames, lane.last_path = queue.SimpleQueue(), 0, 0, None
-                lane.given = 0
+                else:
+                    self.lanes[i].reset()
 
     def _lane_for(self, task: ClipTask) -> _Lane:
         """The lane given the task's video last (its next segment: one demux, hash and track for all),
@@ -429,13 +441,7 @@ class ClipProcessor:
 
     @staticmethod
     def _hand(job: _Handoff, cancel: threading.Event, event: tuple) -> None:
-        while True:
-            try:
-                job.events.put(event, timeout=_HAND_POLL_S)
-                return
-            except queue.Full:
-                if cancel.is_set():
-                    raise _Cancelled from None
+        _put(job.events, event, lambda: _Cancelled() if cancel.is_set() else None)
 
     def _ready(self, waiting: deque[_InFlight]) -> Iterator[tuple[ClipTask, cf.ClipEntry, cf.ClipFeatures | None]]:
         """The queued clips whose rows have all run (or failed), in order."""
@@ -465,7 +471,7 @@ class ClipProcessor:
         timing = self.preset.timing
         path = Path(task.path)
         _check_regular_file(path)
-        entry.content_hash = self._content_hash(lane, task)
+        entry.content_hash = lane.content_hash(task)
         info = task.info if task.info is not None else media.probe_video(path)
         entry.source_fps = float(info.source_fps)
         entry.source_width, entry.source_height = info.width, info.height
@@ -546,17 +552,6 @@ class ClipProcessor:
 
     # -- helpers -------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _content_hash(lane: _Lane, task: ClipTask) -> str:
-        """sha256 of the clip's video; "" when unreadable (probing says why, in one line)."""
-        key = (task.path, task.size_bytes, task.mtime_ns)
-        if lane.hash_memo is None or lane.hash_memo[0] != key:
-            try:
-                lane.hash_memo = (key, sha256_file(Path(task.path)))
-            except OSError:
-                return ""
-        return lane.hash_memo[1]
-
     def _encode_batch(self, batch: torch.Tensor) -> MotionEncoding:
         out = encode_motion(self.encoders.motion, batch)  # always (frame_batch, 3, S, S)
         if self.device.type == "cuda":
@@ -594,6 +589,18 @@ def _check_regular_file(path: Path) -> None:
         raise MediaError(f"{path}: cannot be read ({err.strerror}); fix its permissions") from None
 
 
+def _put(into: queue.Queue, item: object, give_up: Callable[[], BaseException | None]) -> None:
+    """Put `item` into a bounded queue, waiting for room, unless give_up() names an error (the other
+    side stopped: a stream closed, a writer failed): then raise it."""
+    while (err := give_up()) is None:
+        try:
+            into.put(item, timeout=_HAND_POLL_S)
+            return
+        except queue.Full:
+            pass
+    raise err
+
+
 class _BackgroundWrites:
     """Finished clips written and committed by a thread of their own (ShardWriter: records, fsyncs, group
     commits, on time between writes too), so that none of it is on the encoder's path. At most `depth`
@@ -608,13 +615,7 @@ class _BackgroundWrites:
 
     def put(self, entry: cf.ClipEntry, features: cf.ClipFeatures | None) -> None:
         """Queue a finished clip (waits while `depth` are queued); raises what the writer raised."""
-        while self.error is None:
-            try:
-                self._items.put((entry, features), timeout=_HAND_POLL_S)
-                return
-            except queue.Full:
-                pass
-        raise self.error
+        _put(self._items, (entry, features), lambda: self.error)
 
     def close(self) -> None:
         """Write what is queued, then stop the thread; raises what the writer raised."""
